@@ -1,0 +1,109 @@
+"""Plain-PyTorch reference of everything in SPEC.md: the oracle of every test.
+
+Nothing here is fused, chunked or clever: each divergence is its textbook formula on full
+``[N, V]`` log-probabilities, and gradients come from autograd. Run it in float64 for ground truth.
+It computes in float32 (float64 when an input is float64), like the kernels' accumulators.
+
+The only subtlety is ``0 * log 0``: terms whose weight is 0 are dropped with ``torch.where``, and
+their inputs are replaced by 0 *before* the arithmetic so that autograd never multiplies a zero
+gradient by an infinite partial (the "double where" rule); the values are the textbook ones.
+"""
+import torch
+import torch.nn.functional as F
+
+from .options import check_kd_inputs, check_logits, check_temperature, make_options
+
+
+def _compute_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def softmax(x, temperature=1.0, dim=-1, backend="auto"):
+    """softmax(x / T) along ``dim``, in x's dtype (``backend`` is accepted and ignored)."""
+    check_logits("x", x)
+    T = check_temperature(temperature)
+    return torch.softmax(x.to(_compute_dtype(x)) / T, dim=dim).to(x.dtype)
+
+
+def log_softmax(x, temperature=1.0, dim=-1, backend="auto"):
+    """log_softmax(x / T) along ``dim``, in x's dtype (``backend`` is accepted and ignored)."""
+    check_logits("x", x)
+    T = check_temperature(temperature)
+    return torch.log_softmax(x.to(_compute_dtype(x)) / T, dim=dim).to(x.dtype)
+
+
+def _weighted_log_ratio(w, log_w, log_r):
+    """sum_j w_j (log w_j - log r_j) over the last dim, with 0 where w_j = 0."""
+    live = w > 0
+    log_w = torch.where(live, log_w, 0.0)
+    log_r = torch.where(live, log_r, 0.0)
+    return torch.where(live, w * (log_w - log_r), 0.0).sum(-1)
+
+
+def _log_mixture(log_a, weight_a, log_b, weight_b):
+    """log(weight_a * a + weight_b * b) from log a, log b, by a log-sum-exp."""
+    terms = torch.stack([log_a + torch.log(torch.tensor(weight_a, dtype=log_a.dtype)),
+                         log_b + torch.log(torch.tensor(weight_b, dtype=log_b.dtype))])
+    dead = (terms == float("-inf")).all(0)
+    return torch.where(dead, float("-inf"), torch.logsumexp(torch.where(dead, 0.0, terms), 0))
+
+
+def row_divergence(log_p, log_q, name="kl", beta=0.5, skew=0.1):
+    """Per-row divergence D between teacher p and student q given as log-probabilities ``[N, V]``."""
+    p, q = log_p.exp(), log_q.exp()
+    if name == "kl":
+        return _weighted_log_ratio(p, log_p, log_q)
+    if name == "reverse_kl":
+        return _weighted_log_ratio(q, log_q, log_p)
+    if name == "jsd":
+        log_m = _log_mixture(log_p, beta, log_q, 1.0 - beta)
+        return beta * _weighted_log_ratio(p, log_p, log_m) + (1.0 - beta) * _weighted_log_ratio(q, log_q, log_m)
+    if name == "skew_kl":
+        return _weighted_log_ratio(p, log_p, _log_mixture(log_p, skew, log_q, 1.0 - skew))
+    if name == "skew_reverse_kl":
+        return _weighted_log_ratio(q, log_q, _log_mixture(log_q, skew, log_p, 1.0 - skew))
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(f"unknown divergence {name!r}")
+
+
+def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1,
+            labels=None, ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True,
+            reduction="batchmean", inplace=False, backend="auto"):
+    """Hinton's KD loss as SPEC.md defines it, in plain PyTorch (``inplace``/``backend`` ignored).
+
+    loss = hard_weight * CE(z_s, labels) + soft_weight * (T**2 if t2_scale else 1) * D(p || q),
+    p = softmax(z_t / T), q = softmax(z_s / T), reduced over the rows whose label is not
+    ``ignore_index`` ("batchmean": / rows, "mean": / (rows * V), "sum", "none": per row).
+    """
+    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                        t2_scale=t2_scale, reduction=reduction)
+    check_kd_inputs(student_logits, teacher_logits, labels, opts)
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    V = student_logits.shape[-1]
+    z_s = student_logits.reshape(-1, V).to(dtype)
+    z_t = teacher_logits.reshape(-1, V).to(dtype)
+    if labels is None:
+        keep = torch.ones(z_s.shape[0], dtype=torch.bool, device=z_s.device)
+    else:
+        labels = labels.reshape(-1).long()
+        keep = labels != opts.ignore_index
+
+    z_s_kept, z_t_kept = z_s[keep], z_t[keep]
+    T = opts.temperature
+    soft = row_divergence(torch.log_softmax(z_t_kept / T, -1), torch.log_softmax(z_s_kept / T, -1),
+                         opts.divergence, opts.beta, opts.skew)
+    kept_loss = opts.soft_scale * soft
+    if opts.hard_weight > 0:
+        kept_loss = kept_loss + opts.hard_weight * F.cross_entropy(z_s_kept, labels[keep], reduction="none")
+    row_loss = torch.zeros(z_s.shape[0], dtype=dtype, device=z_s.device).masked_scatter(keep, kept_loss)
+
+    if opts.reduction == "none":
+        return row_loss.reshape(student_logits.shape[:-1])
+    total = row_loss.sum()
+    kept_rows = int(keep.sum())
+    if opts.reduction == "sum" or kept_rows == 0:
+        return total
+    return total / (kept_rows * (V if opts.reduction == "mean" else 1))
+

@@ -1,0 +1,28 @@
+"""Small jit helpers shared by the row kernels: online log-sum-exp and the log of a mixture."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_max_update(m, x):
+    """New running max of ``m`` and block ``x``, a finite stand-in for it, and the factor
+    ``exp(m - new)`` that rescales sums taken against the old max (0 when the old max was -inf)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, m_safe, tl.exp(m - m_safe)
+
+
+@triton.jit
+def online_logsumexp_update(m, d, x):
+    """Fold block ``x`` into running max ``m`` and ``d = sum exp(x - m)``; lse = m + log(d)."""
+    m_new, m_safe, alpha = online_max_update(m, x)
+    return m_new, d * alpha + tl.sum(tl.exp(x - m_safe), axis=0)
+
+
+@triton.jit
+def log_add_exp(a, b):
+    """log(exp(a) + exp(b)), exact when either side underflows and -inf when both are -inf."""
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
+    return tl.where(hi == float("-inf"), float("-inf"), hi + tl.log(1.0 + tl.exp(lo - hi_safe)))

@@ -1,0 +1,48 @@
+"""Test setup: the Triton interpreter on machines without CUDA, a seed, markers, small blocks.
+
+TRITON_INTERPRET must be set before any kernel module (or triton) is imported, so it is set here,
+at the top of the first file pytest loads.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastkd.launch  # noqa: E402
+import fastkd.torch_backend  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Force the multi-block kernel loops and multi-chunk torch backend at tiny V (GPU: real sizes)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(fastkd.launch, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(fastkd.torch_backend, "CHUNK_BYTES", 4 * 64 * 3)
