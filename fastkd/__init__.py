@@ -7,7 +7,13 @@
 """
 from . import reference
 from .functional import kd_loss, log_softmax, softmax
-from .modules import KDLoss
+from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
+from .modules import KDLoss, TopKKDLoss
+from .teacher_cache import TeacherCache, TeacherCacheError, TeacherCacheWriter
+from .topk import teacher_topk, topk_kd_loss
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "KDLoss", "softmax", "log_softmax", "reference", "__version__"]
+__all__ = ["kd_loss", "KDLoss", "softmax", "log_softmax", "reference", "__version__",
+           "fused_linear_kd_loss", "FusedLinearKDLoss",
+           "teacher_topk", "topk_kd_loss", "TopKKDLoss", "TeacherCache", "TeacherCacheWriter",
+           "TeacherCacheError"]

@@ -7,8 +7,20 @@ from .options import check_backend
 
 
 @functools.lru_cache(maxsize=None)
+def _find_triton():
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ImportError:
+        return False
+
+
 def triton_installed():
-    return importlib.util.find_spec("triton") is not None
+    return _find_triton()
+
+
+# What torch.compiler.assume_constant_result does (torch.compile takes the answer as a constant,
+# untraced), without importing torch._dynamo at ``import fastkd``.
+triton_installed._dynamo_marked_constant = True
 
 
 def interpreter_enabled():

@@ -1,5 +1,15 @@
-"""Output buffers shared by both backends."""
+"""Output buffers shared by both backends.
+
+Every output the launchers and the torch backend allocate comes from ``empty``. With
+``FASTKD_POISON_ALLOCATIONS=1`` in the environment (or ``POISON_ALLOCATIONS = True``, as the tests
+set it) fresh buffers are filled with NaN (integers with their minimum), so a kernel that reads or
+returns memory it never wrote shows up as a NaN instead of passing by luck.
+"""
+import os
+
 import torch
+
+POISON_ALLOCATIONS = os.environ.get("FASTKD_POISON_ALLOCATIONS", "0") == "1"
 
 
 def accumulation_dtype(*dtypes):
@@ -7,8 +17,16 @@ def accumulation_dtype(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def empty(shape, *, dtype, device):
+    """``torch.empty``, poisoned when ``POISON_ALLOCATIONS`` is on (a debug switch: it costs a fill)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_ALLOCATIONS:
+        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(dtype).min)
+    return out
+
+
 def gradient_buffer(student, inplace, need_grad):
     """Where the student gradient goes: nowhere, the student's own storage, or a fresh tensor."""
     if not need_grad:
         return None
-    return student if inplace else torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    return student if inplace else empty(student.shape, dtype=student.dtype, device=student.device)

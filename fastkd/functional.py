@@ -4,12 +4,13 @@ import torch
 from . import torch_backend
 from .autograd import KDLossFunction, SoftmaxFunction
 from .backends import resolve_backend
-from .options import check_kd_inputs, check_logits, check_temperature, make_options
+from .checks import check_values
+from .options import check_kd_inputs, check_logits, check_num_items_in_batch, check_temperature, make_options
 
 
 def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1,
             labels=None, ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True,
-            reduction="batchmean", inplace=False, backend="auto"):
+            reduction="batchmean", inplace=False, backend="auto", check_finite=False, num_items_in_batch=None):
     """Knowledge-distillation loss between student and teacher logits ``[..., V]`` (SPEC.md).
 
     loss = hard_weight * CE(student, labels) + soft_weight * (T**2 if t2_scale else 1) * D(p || q)
@@ -23,8 +24,24 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     The loss is float32 (float64 for float64 input); the student gradient, computed in the forward,
     has the student's dtype. ``inplace=True`` writes that gradient into ``student_logits``' storage:
     do not read those logits afterwards. ``backend``: ``"triton"``, ``"torch"`` or ``"auto"``.
-    A label outside [0, V) that is not ``ignore_index`` makes its row's loss NaN (checking values
-    would synchronise with the device).
+
+    Degenerate rows, as in PyTorch: a row whose student or teacher logits (over T) hold a NaN or a
+    +inf, or are entirely -inf, has a NaN loss and an all-NaN gradient row; so does, with
+    ``hard_weight > 0``, a label outside [0, V) that is not ``ignore_index`` (on CPU labels this
+    raises ValueError instead; on a GPU checking would synchronise). Nothing leaks into other rows;
+    ignored rows are never read. ``-inf`` logits (a masked vocabulary) are legal; a one-hot teacher
+    is fine; the loss is +inf where the divergence is (e.g. teacher mass on a -inf student logit).
+    ``check_finite=True`` (debug; synchronises) raises ValueError naming the first such row.
+
+    Gradient accumulation: ``num_items_in_batch`` (an int or a 0-d tensor, never read on the host)
+    replaces the kept-row count that ``"batchmean"`` divides by (``"mean"``: by it times V), so
+    that summing the losses of micro-batches, each given the kept-row count of the whole batch,
+    gives the whole batch's loss (the Hugging Face Trainer convention). A count of 0 acts as 1.
+    With ``"sum"`` or ``"none"`` it is a ValueError (they have no normaliser).
+
+    Works inside ``torch.compile(fullgraph=True)``: the fused call is a custom operator
+    (``fastkd.ops``). Under ``torch.autocast`` the logits keep their dtype and the statistics
+    stay float32.
     """
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
@@ -32,8 +49,10 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     check_kd_inputs(student_logits, teacher_logits, labels, opts)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    check_values(student_logits, teacher_logits, labels, opts, check_finite)
+    num_items_in_batch = check_num_items_in_batch(num_items_in_batch, opts.reduction)
     backend = resolve_backend(backend, student_logits)
-    return KDLossFunction.apply(student_logits, teacher_logits, labels, opts, backend, inplace)
+    return KDLossFunction.apply(student_logits, teacher_logits, labels, opts, backend, inplace, num_items_in_batch)
 
 
 def _softmax(x, temperature, dim, backend, log):

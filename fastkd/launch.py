@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .buffers import accumulation_dtype, gradient_buffer
+from .buffers import accumulation_dtype, empty, gradient_buffer
 from .options import DIVERGENCES, KDOptions
 
 MAX_BLOCK_V = 4096
@@ -40,7 +40,7 @@ def kd_forward(student, teacher, labels, opts: KDOptions, *, inplace=False, need
     tl, kd_loss, _, _ = _kernels()
     N, V = student.shape
     acc = accumulation_dtype(student.dtype, teacher.dtype)
-    loss = torch.empty(N, dtype=acc, device=student.device)
+    loss = empty(N, dtype=acc, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
     if N == 0:
         return loss, grad
@@ -63,7 +63,7 @@ def scale_rows(grad, scale, *, out=None, block_v=None):
     (which may be ``grad`` itself)."""
     tl, _, scale_kernels, _ = _kernels()
     N, V = grad.shape
-    out = torch.empty((N, V), dtype=grad.dtype, device=grad.device) if out is None else out
+    out = empty((N, V), dtype=grad.dtype, device=grad.device) if out is None else out
     if N == 0 or V == 0:
         return out
     block, warps = _block_and_warps(V, block_v)
@@ -77,7 +77,7 @@ def scale_rows(grad, scale, *, out=None, block_v=None):
 def softmax_forward(x, temperature, *, log, block_v=None):
     tl, _, _, softmax = _kernels()
     N, V = x.shape
-    y = torch.empty((N, V), dtype=x.dtype, device=x.device)
+    y = empty((N, V), dtype=x.dtype, device=x.device)
     if N == 0:
         return y
     block, warps = _block_and_warps(V, block_v)
@@ -91,7 +91,7 @@ def softmax_forward(x, temperature, *, log, block_v=None):
 def softmax_backward(y, dy, temperature, *, log, block_v=None):
     tl, _, _, softmax = _kernels()
     N, V = y.shape
-    dx = torch.empty((N, V), dtype=y.dtype, device=y.device)
+    dx = empty((N, V), dtype=y.dtype, device=y.device)
     if N == 0:
         return dx
     block, warps = _block_and_warps(V, block_v)

@@ -51,7 +51,7 @@ def _real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # not math.isfinite: comparisons trace under torch.compile
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
@@ -99,6 +99,13 @@ def make_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore
                      t2_scale, reduction, int(ignore_index))
 
 
+def check_dim(x, dim):
+    """``dim`` must index one of ``x``'s dimensions (negative counts from the end)."""
+    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim={dim!r} is not a dimension of a {x.dim()}-d tensor")
+    return dim
+
+
 def check_logits(name, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -121,6 +128,11 @@ def check_kd_inputs(student, teacher, labels, opts: KDOptions):
         raise ValueError("teacher_logits requires grad; the teacher is a constant: pass teacher_logits.detach()")
     if student.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
+    check_labels(student, labels, opts)
+
+
+def check_labels(student, labels, opts: KDOptions):
+    """Check ``labels`` (or None) against the student logits ``[..., V]`` and the options."""
     if labels is None:
         if opts.hard_weight > 0:
             raise ValueError(f"hard_weight={opts.hard_weight} needs labels")
@@ -134,3 +146,25 @@ def check_kd_inputs(student, teacher, labels, opts: KDOptions):
                          f"{tuple(student.shape[:-1])} of student_logits")
     if labels.device != student.device:
         raise ValueError(f"labels is on {labels.device} and student_logits on {student.device}")
+
+
+def check_num_items_in_batch(num_items_in_batch, reduction):
+    """``num_items_in_batch``: None, a real number >= 0, or a one-element real tensor (never read,
+    so no synchronisation), returned as a number or a 0-d tensor. It replaces the kept-row count
+    that ``"batchmean"`` (and ``"mean"``, times V) divides by; other reductions have no normaliser."""
+    if num_items_in_batch is None:
+        return None
+    if reduction not in ("batchmean", "mean"):
+        raise ValueError(f"num_items_in_batch replaces the normaliser of reduction='batchmean' (or 'mean'); "
+                         f"reduction={reduction!r} has none: drop num_items_in_batch or change the reduction")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+            raise TypeError(f"num_items_in_batch must hold a real number, got {num_items_in_batch.dtype}")
+        return num_items_in_batch.detach().reshape(())
+    value = _real("num_items_in_batch", num_items_in_batch)
+    if value < 0:
+        raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}")
+    return num_items_in_batch

@@ -8,10 +8,15 @@ The only subtlety is ``0 * log 0``: terms whose weight is 0 are dropped with ``t
 their inputs are replaced by 0 *before* the arithmetic so that autograd never multiplies a zero
 gradient by an infinite partial (the "double where" rule); the values are the textbook ones.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .options import check_kd_inputs, check_logits, check_temperature, make_options
+from .checks import check_values
+from .options import (check_dim, check_kd_inputs, check_labels, check_logits, check_num_items_in_batch,
+                      check_temperature, make_options)
+from .topk_options import check_index_values, check_tail, check_topk_inputs
 
 
 def _compute_dtype(*tensors):
@@ -22,6 +27,7 @@ def softmax(x, temperature=1.0, dim=-1, backend="auto"):
     """softmax(x / T) along ``dim``, in x's dtype (``backend`` is accepted and ignored)."""
     check_logits("x", x)
     T = check_temperature(temperature)
+    check_dim(x, dim)
     return torch.softmax(x.to(_compute_dtype(x)) / T, dim=dim).to(x.dtype)
 
 
@@ -29,6 +35,7 @@ def log_softmax(x, temperature=1.0, dim=-1, backend="auto"):
     """log_softmax(x / T) along ``dim``, in x's dtype (``backend`` is accepted and ignored)."""
     check_logits("x", x)
     T = check_temperature(temperature)
+    check_dim(x, dim)
     return torch.log_softmax(x.to(_compute_dtype(x)) / T, dim=dim).to(x.dtype)
 
 
@@ -40,10 +47,14 @@ def _weighted_log_ratio(w, log_w, log_r):
     return torch.where(live, w * (log_w - log_r), 0.0).sum(-1)
 
 
+def _log_weight(w):
+    return math.log(w) if w > 0 else float("-inf")
+
+
 def _log_mixture(log_a, weight_a, log_b, weight_b):
-    """log(weight_a * a + weight_b * b) from log a, log b, by a log-sum-exp."""
-    terms = torch.stack([log_a + torch.log(torch.tensor(weight_a, dtype=log_a.dtype)),
-                         log_b + torch.log(torch.tensor(weight_b, dtype=log_b.dtype))])
+    """log(weight_a * a + weight_b * b) from log a, log b, by a log-sum-exp. The log weights are
+    taken in Python (float64): a weight below float32's range must not become log 0."""
+    terms = torch.stack([log_a + _log_weight(weight_a), log_b + _log_weight(weight_b)])
     dead = (terms == float("-inf")).all(0)
     return torch.where(dead, float("-inf"), torch.logsumexp(torch.where(dead, 0.0, terms), 0))
 
@@ -67,19 +78,29 @@ def row_divergence(log_p, log_q, name="kl", beta=0.5, skew=0.1):
     raise ValueError(f"unknown divergence {name!r}")
 
 
+def _has_distribution(x):
+    """Per row of ``x``, whether softmax(x) exists: a finite log-sum-exp."""
+    return torch.isfinite(torch.logsumexp(x, -1))
+
+
 def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1,
             labels=None, ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True,
-            reduction="batchmean", inplace=False, backend="auto"):
+            reduction="batchmean", inplace=False, backend="auto", check_finite=False, num_items_in_batch=None):
     """Hinton's KD loss as SPEC.md defines it, in plain PyTorch (``inplace``/``backend`` ignored).
 
     loss = hard_weight * CE(z_s, labels) + soft_weight * (T**2 if t2_scale else 1) * D(p || q),
     p = softmax(z_t / T), q = softmax(z_s / T), reduced over the rows whose label is not
-    ``ignore_index`` ("batchmean": / rows, "mean": / (rows * V), "sum", "none": per row).
+    ``ignore_index`` ("batchmean": / rows, "mean": / (rows * V), "sum", "none": per row);
+    ``num_items_in_batch`` (0 counts as 1) replaces the kept-row count.
+    Degenerate rows are NaN and the value checks raise, as in ``fastkd.kd_loss`` (its gradient on a
+    NaN row is whatever autograd gives).
     """
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                         t2_scale=t2_scale, reduction=reduction)
     check_kd_inputs(student_logits, teacher_logits, labels, opts)
+    check_values(student_logits, teacher_logits, labels, opts, check_finite)
+    num_items_in_batch = check_num_items_in_batch(num_items_in_batch, opts.reduction)
     dtype = _compute_dtype(student_logits, teacher_logits)
     V = student_logits.shape[-1]
     z_s = student_logits.reshape(-1, V).to(dtype)
@@ -95,9 +116,80 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     soft = row_divergence(torch.log_softmax(z_t_kept / T, -1), torch.log_softmax(z_s_kept / T, -1),
                          opts.divergence, opts.beta, opts.skew)
     kept_loss = opts.soft_scale * soft
+    # A row with no student or teacher distribution (all -inf, or a NaN or +inf in it) is NaN.
+    defined = _has_distribution(z_s_kept / T) & _has_distribution(z_t_kept / T)
     if opts.hard_weight > 0:
-        kept_loss = kept_loss + opts.hard_weight * F.cross_entropy(z_s_kept, labels[keep], reduction="none")
+        kept_labels = labels[keep]
+        in_range = (kept_labels >= 0) & (kept_labels < V)
+        kept_loss = kept_loss + opts.hard_weight * F.cross_entropy(
+            z_s_kept, torch.where(in_range, kept_labels, 0), reduction="none")
+        defined = defined & in_range  # a label outside [0, V) makes its row NaN, as in the kernels
+    kept_loss = kept_loss + torch.where(defined, 0.0, float("nan")).to(dtype)
     row_loss = torch.zeros(z_s.shape[0], dtype=dtype, device=z_s.device).masked_scatter(keep, kept_loss)
+
+    if opts.reduction == "none":
+        return row_loss.reshape(student_logits.shape[:-1])
+    total = row_loss.sum()
+    kept_rows = int(keep.sum()) if num_items_in_batch is None else float(num_items_in_batch) or 1
+    if opts.reduction == "sum" or kept_rows == 0:
+        return total
+    return total / (kept_rows * (V if opts.reduction == "mean" else 1))
+
+
+def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="bucket", temperature=1.0,
+                 divergence="kl", beta=0.5, skew=0.1, labels=None, ignore_index=-100, hard_weight=0.0,
+                 soft_weight=1.0, t2_scale=True, reduction="batchmean", inplace=False, backend="auto",
+                 validate_indices=None):
+    """``fastkd.topk_kd_loss`` built densely (``inplace``/``backend``/``validate_indices`` ignored:
+    the indices are always checked).
+
+    The listed columns are scattered into a ``[N, V]`` mask over the student's full log-softmax; the
+    student's points are its log-probabilities at the listed columns and (``tail="bucket"``) the
+    log of its summed probability over the unlisted columns. The teacher's points are the given
+    log-probabilities, renormalised over the k (``"renormalize"``), and (``"bucket"``) the log of
+    max(0, 1 - their total) (0 when k = V). ``row_divergence`` of the two, autograd for gradients.
+    """
+    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                        t2_scale=t2_scale, reduction=reduction)
+    tail = check_tail(tail)
+    check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
+    check_labels(student_logits, labels, opts)
+    dtype = _compute_dtype(student_logits, teacher_logprobs)
+    V, k = student_logits.shape[-1], teacher_logprobs.shape[-1]
+    z = student_logits.reshape(-1, V).to(dtype)
+    log_p = teacher_logprobs.reshape(-1, k).to(dtype)
+    index = teacher_indices.reshape(-1, k).long()
+    keep = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    if labels is not None:
+        labels = labels.reshape(-1).long()
+        keep = labels != opts.ignore_index
+    z, log_p, index = z[keep], log_p[keep], index[keep]
+    check_index_values(index, V)
+
+    log_q_full = torch.log_softmax(z / opts.temperature, -1)
+    log_q = log_q_full.gather(1, index)
+    if tail == "bucket":
+        listed = torch.zeros_like(log_q_full, dtype=torch.bool).scatter(1, index, True)
+        empty_tail = listed.all(-1)
+        unlisted = torch.where(listed, float("-inf"), log_q_full)
+        unlisted = torch.where(empty_tail[:, None], 0.0, unlisted)  # finite input: no NaN gradient
+        log_q_tail = torch.where(empty_tail, float("-inf"), torch.logsumexp(unlisted, -1))
+        p_tail = (1 - log_p.exp().sum(-1)).clamp_min(0) if k < V else torch.zeros_like(log_p[:, 0])
+        log_p = torch.cat([log_p, p_tail.log()[:, None]], 1)
+        log_q = torch.cat([log_q, log_q_tail[:, None]], 1)
+    elif tail == "renormalize":
+        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
+    kept_loss = opts.soft_scale * row_divergence(log_p, log_q, opts.divergence, opts.beta, opts.skew)
+    defined = _has_distribution(z / opts.temperature)
+    if opts.hard_weight > 0:
+        kept_labels = labels[keep]
+        in_range = (kept_labels >= 0) & (kept_labels < V)
+        kept_loss = kept_loss + opts.hard_weight * F.cross_entropy(
+            z, torch.where(in_range, kept_labels, 0), reduction="none")
+        defined = defined & in_range
+    kept_loss = kept_loss + torch.where(defined, 0.0, float("nan")).to(dtype)
+    row_loss = torch.zeros(keep.shape[0], dtype=dtype, device=z.device).masked_scatter(keep, kept_loss)
 
     if opts.reduction == "none":
         return row_loss.reshape(student_logits.shape[:-1])
@@ -106,4 +198,3 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     if opts.reduction == "sum" or kept_rows == 0:
         return total
     return total / (kept_rows * (V if opts.reduction == "mean" else 1))
-

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# GPU check for an H200 (or any CUDA machine) with no network: install fastkd from this checkout
+# without build isolation or dependencies, run the GPU tests, then `fastkd bench` on the headline
+# cases of issue 5. Everything lands flat in OUTDIR (at most 8 files), in under 8 minutes:
+#   gpu_check.log    versions, nvidia-smi, install, tests and the bench's progress and table
+#   env.json         GPU, torch, triton, python, date, commit, exit status of each step
+#   <gpu>_<date>.csv / .json / .md / _*.png   the bench's results (see bench/results/README.md)
+# Optional wheels (e.g. liger-kernel) placed in .whl/ are installed into /tmp/site first.
+# Usage: bash bench/gpu_check.sh OUTDIR
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: bash bench/gpu_check.sh OUTDIR" >&2
+    exit 2
+fi
+OUT=$1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+START=$(date +%s)
+BUDGET_S=430 # bench ends by then (+30 s to write its files on SIGTERM): under 8 minutes in all
+PY=${PYTHON:-python3}
+
+log() { echo "== $* ($(($(date +%s) - START)) s)" | tee -a "$LOG"; }
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+
+# Commit of the checkout, for copies that may lack .git.
+FASTKD_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ "$FASTKD_COMMIT" != unknown ] && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+    FASTKD_COMMIT="$FASTKD_COMMIT-dirty"
+fi
+export FASTKD_COMMIT
+
+log "machine"
+{
+    nvidia-smi 2>&1 || echo "nvidia-smi failed"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+    "$PY" --version 2>&1
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)" 2>&1
+    echo "commit $FASTKD_COMMIT"
+} >>"$LOG" 2>&1
+
+WHEEL_RC=skipped
+if compgen -G ".whl/*.whl" >/dev/null; then
+    log "optional wheels: $(cd .whl && echo ./*.whl)"
+    timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
+    WHEEL_RC=$?
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+log "install fastkd (editable, no build isolation, no deps)"
+PIP_BREAK_SYSTEM_PACKAGES=1 timeout 120 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >>"$LOG" 2>&1
+INSTALL_RC=$?
+if ! (cd /tmp && "$PY" -c "import fastkd.bench, fastkd.kernels.kd_loss") >>"$LOG" 2>&1; then
+    # No setuptools or a read-only site-packages: lay the package out by hand (fastkd.kernels is
+    # kernels/ in the checkout) and put it on the path.
+    log "pip install did not give an importable fastkd (rc $INSTALL_RC): using a copy on PYTHONPATH"
+    rm -rf /tmp/fastkd_pkg && mkdir -p /tmp/fastkd_pkg
+    cp -r fastkd /tmp/fastkd_pkg/fastkd && rm -rf /tmp/fastkd_pkg/fastkd/kernels
+    cp -r kernels /tmp/fastkd_pkg/fastkd/kernels
+    export PYTHONPATH=/tmp/fastkd_pkg${PYTHONPATH:+:$PYTHONPATH}
+    INSTALL_RC="fallback:$INSTALL_RC"
+fi
+(cd /tmp && "$PY" -c "import importlib.util, fastkd; print('fastkd from', fastkd.__file__, '| liger_kernel:',
+    importlib.util.find_spec('liger_kernel') is not None)") >>"$LOG" 2>&1
+
+log "GPU tests"
+# The tests marked gpu (compiled kernels on CUDA tensors against the float64 reference, compile,
+# autocast); the rest of the suite drives CPU tensors through the interpreter, which CI covers.
+timeout -k 10 150 "$PY" -m pytest -q tests bench -m "gpu and not slow" --benchmark-disable -p no:cacheprovider >>"$LOG" 2>&1
+TESTS_RC=$?
+[ "$TESTS_RC" = 124 ] && log "tests stopped by their 150 s timeout"
+
+BENCH_S=$(left)
+[ "$BENCH_S" -gt 300 ] && BENCH_S=300
+[ "$BENCH_S" -lt 60 ] && BENCH_S=60 # (timeout 0 would mean none)
+log "fastkd bench --preset headline (timeout ${BENCH_S} s)"
+# `fastkd bench` through this interpreter (the console script may be missing or another Python's).
+timeout -k 30 "$BENCH_S" "$PY" -m fastkd.cli bench --preset headline --out "$OUT" >>"$LOG" 2>&1
+BENCH_RC=$?
+[ "$BENCH_RC" = 124 ] && log "bench stopped by its timeout (SIGTERM): its files hold the cases it finished"
+
+log "environment record"
+TESTS_RC=$TESTS_RC BENCH_RC=$BENCH_RC INSTALL_RC=$INSTALL_RC WHEEL_RC=$WHEEL_RC timeout 60 "$PY" - "$OUT/env.json" <<'EOF' >>"$LOG" 2>&1
+import datetime, json, os, platform, sys
+import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = "none"
+info = {
+    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+    "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+    "python": platform.python_version(),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    "commit": os.environ.get("FASTKD_COMMIT", "unknown"),
+    "exit_status": {k.lower(): os.environ[k] for k in ("WHEEL_RC", "INSTALL_RC", "TESTS_RC", "BENCH_RC")},
+}
+with open(sys.argv[1], "w") as f:
+    json.dump(info, f, indent=2)
+print(json.dumps(info))
+EOF
+
+# The device tool returns at most 8 files: pack the plots if there are more.
+if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+    (cd "$OUT" && tar -cf plots.tar ./*.png && rm -f ./*.png)
+    log "more than 8 files: plots packed into plots.tar"
+fi
+log "done: tests rc $TESTS_RC, bench rc $BENCH_RC; files: $(cd "$OUT" && echo ./*)"
+[ "$TESTS_RC" = 0 ] && [ "$BENCH_RC" = 0 ]

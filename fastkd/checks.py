@@ -1,0 +1,95 @@
+"""Checks that read tensor values, kept apart from ``options`` (which never does).
+
+Two kinds, both outside the hot path:
+- labels on the CPU are range-checked for the hard CE on every call (host memory: no device sync);
+  on a GPU an out-of-range label instead makes its row NaN, which ``check_finite=True`` reports.
+- ``check_finite=True`` (a debug option: it synchronises with the device) scans every row that is
+  not ignored and raises ``ValueError`` naming the argument and the first row that would come out
+  NaN: a NaN or +inf logit, a row that is entirely -inf (after the temperature), or a label outside
+  [0, V) when ``hard_weight > 0``.
+Ignored rows are never read by the kernels, so they are never checked either.
+"""
+import torch
+
+from .options import KDOptions
+
+CHECK_CHUNK_ELEMENTS = 2**24  # rows are scanned in chunks of about this many elements
+
+
+def _leading_index(row, shape):
+    """Flat row number -> index into the leading dims ``shape``, for the error message."""
+    index = []
+    for size in reversed(shape):
+        index.append(row % size)
+        row //= size
+    return tuple(reversed(index))
+
+
+def _describe_row(name, row, shape, reason):
+    where = f"row {row}" if len(shape) <= 1 else f"row {row} (index {_leading_index(row, shape)})"
+    return f"{name} {where} {reason}"
+
+
+def check_label_range(labels, V, opts: KDOptions):
+    """ValueError for a CPU label outside [0, V) that is not ignore_index, when the hard CE uses it."""
+    if labels is None or opts.hard_weight == 0 or labels.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    flat = labels.reshape(-1)
+    bad = (flat != opts.ignore_index) & ((flat < 0) | (flat >= V))
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        reason = f"is {int(flat[row])}, outside [0, {V}) and not ignore_index={opts.ignore_index}"
+        raise ValueError(_describe_row("labels", row, labels.shape, reason))
+
+
+def _first_bad_row(x, keep, temperature):
+    """(row, reason) of the first kept row of ``x`` ``[N, V]`` that has no finite softmax, or None."""
+    rows = max(1, CHECK_CHUNK_ELEMENTS // max(1, x.shape[-1]))
+    for r0 in range(0, x.shape[0], rows):
+        s = x[r0:r0 + rows].detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32) / temperature
+        reasons = (("contains NaN", torch.isnan(s).any(-1)),
+                   ("contains +inf (after dividing by the temperature)", torch.isposinf(s).any(-1)),
+                   ("is entirely -inf (after dividing by the temperature)", torch.isneginf(s).all(-1)))
+        bad = torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
+        for _, flags in reasons:
+            bad |= flags
+        bad &= keep[r0:r0 + rows]
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            return r0 + row, next(reason for reason, flags in reasons if flags[row])
+    return None
+
+
+def check_finite_inputs(student, teacher, labels, opts: KDOptions):
+    """ValueError naming the first kept row whose loss would be NaN (see the module docstring)."""
+    V = student.shape[-1]
+    shape = student.shape[:-1]
+    s, t = student.reshape(-1, V), teacher.reshape(-1, V)
+    if labels is None:
+        keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    else:
+        flat = labels.reshape(-1)
+        keep = flat != opts.ignore_index
+    found = []
+    for name, x in (("student_logits", s), ("teacher_logits", t)):
+        bad = _first_bad_row(x, keep, opts.temperature)
+        if bad is not None:
+            found.append((bad[0], name, bad[1]))
+    if labels is not None and opts.hard_weight > 0:
+        out_of_range = keep & ((flat < 0) | (flat >= V))
+        if out_of_range.any():
+            row = int(out_of_range.nonzero()[0, 0])
+            found.append((row, "labels", f"is {int(flat[row])}, outside [0, {V}) and not "
+                                         f"ignore_index={opts.ignore_index}"))
+    if found:
+        row, name, reason = min(found, key=lambda f: f[0])
+        raise ValueError("check_finite: " + _describe_row(name, row, shape, reason))
+
+
+def check_values(student, teacher, labels, opts: KDOptions, check_finite):
+    """All value checks of one ``kd_loss`` call (after ``options.check_kd_inputs``)."""
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    check_label_range(labels, student.shape[-1], opts)
+    if check_finite:
+        check_finite_inputs(student, teacher, labels, opts)

@@ -1,0 +1,312 @@
+"""An on-disk cache of a teacher's top-k log-probabilities, written once, memory-mapped to train.
+
+Layout of a cache directory (no pickle; raw little-endian arrays that ``numpy.memmap`` opens):
+
+    index.json                      format, version, k, vocab_size, temperature, dtype, tokens,
+                                    bytes_per_token and, per shard, its files, token count,
+                                    byte sizes and CRC-32 checksums (plus any user metadata)
+    shard-00000.logprobs.bin        [tokens, k] float16 / bfloat16 / float32 log-probabilities
+    shard-00000.indices.bin         [tokens, k] int32 vocabulary indices
+    ...
+
+Bytes per token: k * (2 + 4) for float16 / bfloat16 log-probabilities (6 k: 384 B at k = 64, 6 KiB
+at k = 1024), k * 8 for float32. float16 is the default: log-probabilities lie in [-inf, 0], where
+it keeps 11 significant bits to bfloat16's 8 (the tail mass 1 - sum p is sensitive to them).
+
+Opening a cache reads ``index.json`` and checks every shard's size (a truncated or missing shard
+raises ``TeacherCacheError``); ``verify=True`` / ``verify()`` also recomputes the checksums (reads
+everything); every read checks that its indices lie in [0, vocab_size). The index is written last,
+atomically, by ``close()``: a writer that never closed leaves no index, hence no readable cache.
+
+    with TeacherCache.writer("cache/", k=64, vocab_size=V, temperature=2.0) as w:
+        for batch in data:
+            w.append(*fastkd.teacher_topk(teacher(batch), 64, temperature=2.0))
+    cache = TeacherCache("cache/")
+    logprobs, indices = cache[1000:1512]          # tokens 1000..1511, torch tensors
+"""
+import bisect
+import itertools
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "fastkd-teacher-cache"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+# name -> (numpy storage dtype, torch dtype); bfloat16 is stored as its raw 16 bits.
+DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16),
+          "float32": (np.float32, torch.float32)}
+_CRC_CHUNK = 64 * 2**20
+
+
+class TeacherCacheError(ValueError):
+    """A cache directory that is missing, truncated, corrupted or of an unknown format."""
+
+
+def _dtype_name(dtype):
+    for name, (_, torch_dtype) in DTYPES.items():
+        if dtype in (name, torch_dtype):
+            return name
+    raise ValueError(f"dtype must be one of torch.float16, torch.bfloat16, torch.float32, got {dtype!r}")
+
+
+def _to_numpy(logprobs, name):
+    """CPU numpy array of ``logprobs`` in the storage dtype ``name`` (bfloat16: its raw bits)."""
+    x = logprobs.detach().to(DTYPES[name][1]).cpu().contiguous()
+    return x.view(torch.int16).numpy().view(np.uint16) if name == "bfloat16" else x.numpy()
+
+
+def _file_crc32(path):
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CRC_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+class TeacherCacheWriter:
+    """Appends tokens' top-k log-probabilities and indices to shards of ``tokens_per_shard`` tokens
+    (the last one shorter); ``close()`` (or leaving the ``with`` block) writes the index."""
+
+    def __init__(self, path, *, k, vocab_size, temperature, dtype=torch.float16, tokens_per_shard=2**20,
+                 overwrite=False, metadata=None):
+        for name, value in (("k", k), ("vocab_size", vocab_size), ("tokens_per_shard", tokens_per_shard)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if k > vocab_size:
+            raise ValueError(f"k={k} exceeds vocab_size={vocab_size}")
+        if vocab_size > 2**31 - 1:
+            raise ValueError(f"vocab_size={vocab_size} does not fit the int32 indices")
+        temperature = float(temperature)
+        if not temperature > 0 or temperature == float("inf"):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        self.path = Path(path)
+        if (self.path / INDEX_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{self.path} already holds a teacher cache; pass overwrite=True to replace it")
+        self.path.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            (self.path / INDEX_FILE).unlink(missing_ok=True)
+            for old in self.path.glob("shard-*.bin"):
+                old.unlink()
+        self.k, self.vocab_size, self.temperature = k, vocab_size, temperature
+        self.dtype = _dtype_name(dtype)
+        self.tokens_per_shard = tokens_per_shard
+        self.metadata = dict(metadata or {})
+        json.dumps(self.metadata)  # fail now, not at close(), on metadata JSON cannot hold
+        self._shards = []
+        self._open = None  # the shard being written: its files, name, token count and checksums
+        self._closed = False
+
+    def append(self, logprobs, indices):
+        """Append tokens: ``logprobs`` (any float dtype, stored as ``dtype``) and ``indices``
+        (integers in [0, vocab_size)), both ``[..., k]``, on any device."""
+        if self._closed:
+            raise ValueError("this TeacherCacheWriter is closed")
+        if not isinstance(logprobs, torch.Tensor) or not isinstance(indices, torch.Tensor):
+            raise TypeError("logprobs and indices must be torch.Tensors")
+        if logprobs.shape != indices.shape or logprobs.dim() == 0 or logprobs.shape[-1] != self.k:
+            raise ValueError(f"logprobs {tuple(logprobs.shape)} and indices {tuple(indices.shape)} must both "
+                             f"be [..., k] with k={self.k}")
+        if not logprobs.is_floating_point() or indices.is_floating_point() or indices.dtype == torch.bool:
+            raise TypeError(f"logprobs must be floating point and indices integer, "
+                            f"got {logprobs.dtype} and {indices.dtype}")
+        lp = _to_numpy(logprobs.reshape(-1, self.k), self.dtype)
+        idx = indices.reshape(-1, self.k).cpu()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.vocab_size):
+            raise ValueError(f"indices must lie in [0, vocab_size) = [0, {self.vocab_size})")
+        idx = idx.to(torch.int32).contiguous().numpy()
+        start = 0
+        while start < len(lp):
+            if self._open is None:
+                self._start_shard()
+            take = min(len(lp) - start, self.tokens_per_shard - self._open["tokens"])
+            self._write(lp[start:start + take], idx[start:start + take])
+            start += take
+            if self._open["tokens"] == self.tokens_per_shard:
+                self._finish_shard()
+
+    def _start_shard(self):
+        name = f"shard-{len(self._shards):05d}"
+        self._open = {"name": name, "tokens": 0, "logprobs_crc32": 0, "indices_crc32": 0,
+                      "files": (open(self.path / f"{name}.logprobs.bin", "wb"),
+                                open(self.path / f"{name}.indices.bin", "wb"))}
+
+    def _write(self, lp, idx):
+        shard = self._open
+        for f, key, array in zip(shard["files"], ("logprobs_crc32", "indices_crc32"), (lp, idx)):
+            data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            f.write(data)
+            shard[key] = zlib.crc32(data, shard[key])
+        shard["tokens"] += len(lp)
+
+    def _finish_shard(self):
+        shard, self._open = self._open, None
+        for f in shard["files"]:
+            f.close()
+        n, name = shard["tokens"], shard["name"]
+        self._shards.append({
+            "logprobs": f"{name}.logprobs.bin", "indices": f"{name}.indices.bin", "tokens": n,
+            "logprobs_bytes": n * self.k * np.dtype(DTYPES[self.dtype][0]).itemsize,
+            "indices_bytes": n * self.k * 4,
+            "logprobs_crc32": shard["logprobs_crc32"], "indices_crc32": shard["indices_crc32"],
+        })
+
+    def close(self):
+        """Finish the last shard and write ``index.json`` (atomically). Returns the cache path."""
+        if self._closed:
+            return self.path
+        if self._open is not None:
+            self._finish_shard()
+        item = np.dtype(DTYPES[self.dtype][0]).itemsize
+        index = {"format": FORMAT, "format_version": FORMAT_VERSION, "k": self.k,
+                 "vocab_size": self.vocab_size, "temperature": self.temperature, "dtype": self.dtype,
+                 "index_dtype": "int32", "tokens": sum(s["tokens"] for s in self._shards),
+                 "bytes_per_token": self.k * (item + 4), "shards": self._shards, "metadata": self.metadata}
+        tmp = self.path / (INDEX_FILE + ".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, self.path / INDEX_FILE)
+        self._closed = True
+        return self.path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        elif self._open is not None:  # leave no index: a half-written cache must not look complete
+            for f in self._open["files"]:
+                f.close()
+            self._open, self._closed = None, True
+
+
+class TeacherCache:
+    """Reads a cache written by ``TeacherCache.writer``: ``cache[start:stop]`` (or ``read``) gives
+    ``(logprobs [n, k] in the stored dtype, indices [n, k] int32)`` as torch tensors, copied from
+    memory-mapped shards, for any token range (across shard boundaries too).
+
+    Attributes: ``k``, ``vocab_size``, ``temperature`` (pass it to ``topk_kd_loss``), ``dtype``,
+    ``bytes_per_token``, ``shard_tokens``, ``metadata``; ``len(cache)`` is the token count.
+    Picklable (e.g. into DataLoader workers): each process maps the shards on first use.
+    """
+
+    writer = TeacherCacheWriter
+
+    def __init__(self, path, *, verify=False):
+        self.path = Path(path)
+        index_path = self.path / INDEX_FILE
+        if not index_path.is_file():
+            raise TeacherCacheError(f"{self.path} has no {INDEX_FILE}: not a teacher cache, or its writer never closed")
+        try:
+            index = json.loads(index_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TeacherCacheError(f"{index_path} is corrupted: {e}") from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise TeacherCacheError(f"{index_path} is not a {FORMAT} index")
+        if index.get("format_version") != FORMAT_VERSION:
+            raise TeacherCacheError(f"{index_path} has format_version {index.get('format_version')!r}; "
+                                    f"this fastkd reads version {FORMAT_VERSION}")
+        try:
+            self.k, self.vocab_size = int(index["k"]), int(index["vocab_size"])
+            self.temperature = float(index["temperature"])
+            self._dtype_name = _dtype_name(index["dtype"])
+            self.shards = list(index["shards"])
+            tokens = int(index["tokens"])
+            self.bytes_per_token = int(index["bytes_per_token"])
+            self.metadata = dict(index.get("metadata", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TeacherCacheError(f"{index_path} is corrupted: {type(e).__name__}: {e}") from None
+        self.dtype = DTYPES[self._dtype_name][1]
+        self.shard_tokens = [int(s["tokens"]) for s in self.shards]
+        if sum(self.shard_tokens) != tokens:
+            raise TeacherCacheError(f"{index_path} is corrupted: its shards hold {sum(self.shard_tokens)} tokens, "
+                                    f"its header says {tokens}")
+        self._starts = [0, *itertools.accumulate(self.shard_tokens)]
+        for shard in self.shards:
+            for part in ("logprobs", "indices"):
+                file = self.path / shard[part]
+                if not file.is_file():
+                    raise TeacherCacheError(f"shard file {file} is missing")
+                size, expected = file.stat().st_size, int(shard[f"{part}_bytes"])
+                if size != expected:
+                    raise TeacherCacheError(f"shard file {file} is truncated or corrupted: {size} bytes, "
+                                            f"expected {expected}")
+        self._maps = {}
+        if verify:
+            self.verify()
+
+    def __len__(self):
+        return self._starts[-1]
+
+    def __repr__(self):
+        return (f"TeacherCache({str(self.path)!r}, tokens={len(self)}, k={self.k}, vocab_size={self.vocab_size}, "
+                f"temperature={self.temperature}, dtype={self._dtype_name}, shards={len(self.shards)})")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = {}  # memory maps are per process
+        return state
+
+    def verify(self):
+        """Recompute every shard's CRC-32 (reads the whole cache); TeacherCacheError on a mismatch."""
+        for shard in self.shards:
+            for part in ("logprobs", "indices"):
+                file = self.path / shard[part]
+                if _file_crc32(file) != int(shard[f"{part}_crc32"]):
+                    raise TeacherCacheError(f"shard file {file} is corrupted: its CRC-32 does not match the index")
+
+    def _shard_maps(self, i):
+        if i not in self._maps:
+            shape = (self.shard_tokens[i], self.k)
+            storage = np.dtype(DTYPES[self._dtype_name][0]).newbyteorder("<")
+            self._maps[i] = (np.memmap(self.path / self.shards[i]["logprobs"], dtype=storage, mode="r", shape=shape),
+                             np.memmap(self.path / self.shards[i]["indices"], dtype="<i4", mode="r", shape=shape))
+        return self._maps[i]
+
+    def read(self, start, stop):
+        """Tokens ``start`` to ``stop - 1``: ``(logprobs [n, k], indices [n, k] int32)``."""
+        n = len(self)
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"token range [{start}, {stop}) is outside [0, {n})")
+        lps, idxs = [], []
+        shard = bisect.bisect_right(self._starts, start) - 1
+        at = start
+        while at < stop:
+            lo = self._starts[shard]
+            take = min(stop, self._starts[shard + 1]) - at
+            lp_map, idx_map = self._shard_maps(shard)
+            lps.append(np.array(lp_map[at - lo:at - lo + take]))
+            idxs.append(np.array(idx_map[at - lo:at - lo + take]))
+            at += take
+            shard += 1
+        storage = DTYPES[self._dtype_name][0]
+        lp = np.concatenate(lps) if lps else np.empty((0, self.k), storage)
+        idx = np.concatenate(idxs) if idxs else np.empty((0, self.k), np.int32)
+        if self._dtype_name == "bfloat16":
+            lp = torch.from_numpy(lp.view(np.int16)).view(torch.bfloat16)
+        else:
+            lp = torch.from_numpy(lp.astype(storage, copy=False))
+        idx = torch.from_numpy(idx.astype(np.int32, copy=False))
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.vocab_size):
+            raise TeacherCacheError(f"{self.path} is corrupted: an index in tokens [{start}, {stop}) "
+                                    f"lies outside [0, {self.vocab_size})")
+        return lp, idx
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            start, stop, step = item.indices(len(self))
+            if step != 1:
+                raise IndexError("TeacherCache slices take step 1 (read contiguous token ranges)")
+            lp, idx = self.read(start, max(start, stop))
+            return lp, idx
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            i = int(item) + (len(self) if item < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"token {item} is outside a cache of {len(self)} tokens")
+            lp, idx = self.read(i, i + 1)
+            return lp[0], idx[0]
+        raise TypeError(f"TeacherCache indices are ints or slices, got {type(item).__name__}")

@@ -1,0 +1,90 @@
+"""The divergences, per element: the math shared by the row kernels (kd_loss.py, vocab_parallel.py).
+
+Notation (one row): z student logits, s = z / T, t = teacher logits / T, V columns.
+    ls = log q = s - lse(s)      lt = log p = t - lse(t)
+    computed as (s - max s) - log(sum exp(s - max s)): rounding lse(s), which is as large as the
+    logits, would put an error of eps |s| on every log-probability, and through q = exp(ls) on D
+    (times |ls - lt|, up to 1e4 / T for skew 0 at scaled logits); the max cancels exactly instead.
+For D(q) any divergence, dD/ds_j = q_j (g_j - sum_i q_i g_i) with g_i = dD/dq_i; the table is that
+identity worked out. M is the mixture, log M = log_add_exp(log w_p + lt, log w_q + ls).
+
+divergence        D                              w_p, w_q       dD/ds_j
+kl                sum p (lt - ls)                -              q_j - p_j
+reverse_kl        sum q (ls - lt)                -              q_j (ls_j - lt_j - D) = q_j (s_j - t_j - E)
+                  E = sum q (s - t), free of the large lse terms that would cancel
+jsd (beta)        beta A1 + (1-beta) A2          beta, 1-beta   (1-beta) q_j (ls_j - lM_j - A2)
+                  A1 = sum p (lt - lM), A2 = sum q (ls - lM)
+skew_kl (a)       A1 = sum p (lt - lM)           a, 1-a         (1-a) (q_j A2 - r_j)
+                  r_j = p_j q_j / M_j, A2 = sum r
+skew_reverse_kl   A1 = sum q (ls - lM)           1-a, a         q_j (ls_j - lM_j - a q_j / M_j - (A1 - A2))
+ (a)              A2 = sum a q^2 / M  (a q / M <= 1 is taken as exp(log a + ls - lM): no 0 * inf at a = 0)
+tvd               A1 / 2, A1 = sum |p - q|       -              q_j (A2 - sign(p_j - q_j)) / 2
+                  A2 = sum q sign(p - q)                        (subgradient 0 where p = q)
+
+row_scalar_terms gives the per-element terms of A1, A2 (the caller sums them over a row, or over a
+shard and then across ranks); divergence_grad gives dD/ds_j from ls, lt, s - t and the row's A1, A2
+(reverse_kl passes E as A1).
+"""
+import triton
+import triton.language as tl
+
+from .row_stats import log_add_exp
+
+KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SKEW_KL = tl.constexpr(3)
+SKEW_REVERSE_KL = tl.constexpr(4)
+TVD = tl.constexpr(5)
+
+
+@triton.jit
+def sign(p, q):
+    return tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
+
+
+@triton.jit
+def row_scalar_terms(ls, lt, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
+    """Per-element terms of A1 and A2 for jsd, skew_kl, skew_reverse_kl and tvd."""
+    q = tl.exp(ls)
+    p = tl.exp(lt)
+    if DIVERGENCE == TVD:
+        a1 = tl.abs(p - q)
+        a2 = q * sign(p, q)
+    else:
+        lm = log_add_exp(log_weight_p + lt, log_weight_q + ls)
+        if DIVERGENCE == JSD:
+            a1 = tl.where(p > 0, p * (lt - lm), 0.0)
+            a2 = tl.where(q > 0, q * (ls - lm), 0.0)
+        elif DIVERGENCE == SKEW_KL:
+            a1 = tl.where(p > 0, p * (lt - lm), 0.0)
+            # r = p q / M in log space, guarded by ls (not q): with a tiny skew, r ~ 1 where q underflows.
+            a2 = tl.where(ls > float("-inf"), tl.exp(lt + ls - lm), tl.where(mix_weight == 0, p, 0.0))
+        else:
+            a1 = tl.where(q > 0, q * (ls - lm), 0.0)
+            a2 = tl.where(q > 0, tl.exp(log_weight_q + 2.0 * ls - lm), 0.0)
+    return a1, a2
+
+
+@triton.jit
+def divergence_grad(ls, lt, s_minus_t, A1, A2, mix_weight, log_weight_p, log_weight_q,
+                    DIVERGENCE: tl.constexpr):
+    """dD/ds_j per element from log q, log p, s - t and the row scalars A1, A2 (E for reverse_kl)."""
+    q = tl.exp(ls)
+    p = tl.exp(lt)
+    if DIVERGENCE == KL:
+        g = q - p
+    elif DIVERGENCE == REVERSE_KL:
+        g = tl.where(q > 0, q * (s_minus_t - A1), 0.0)
+    elif DIVERGENCE == TVD:
+        g = 0.5 * q * (A2 - sign(p, q))
+    else:
+        lm = log_add_exp(log_weight_p + lt, log_weight_q + ls)
+        if DIVERGENCE == JSD:
+            g = (1.0 - mix_weight) * tl.where(q > 0, q * (ls - lm - A2), 0.0)
+        elif DIVERGENCE == SKEW_KL:
+            r = tl.where(ls > float("-inf"), tl.exp(lt + ls - lm), tl.where(mix_weight == 0, p, 0.0))
+            g = (1.0 - mix_weight) * (q * A2 - r)
+        else:
+            g = tl.where(q > 0, q * (ls - lm - tl.exp(log_weight_q + ls - lm) - (A1 - A2)), 0.0)
+    return g

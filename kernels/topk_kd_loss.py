@@ -1,0 +1,271 @@
+"""KD loss against a sparse top-k teacher: per-row loss and the dense student gradient in one kernel.
+
+Notation (one row): z student logits, s = z / T, V columns, ls = log q = s - lse(s) over the full
+vocabulary. The teacher is k listed columns j_1..j_k with log-probabilities lt_i (already at
+temperature T, as ``teacher_topk`` returns them). The divergence is taken between two distributions
+on a few points b, with log-masses lp_b (teacher) and lq_b (student):
+
+tail          points b                          lp_b                       lq_b
+bucket        the k listed, and one tail        lt_i; log(1 - sum exp lt)  ls_{j_i}; log(1 - sum q_{j_i})
+renormalize   the k listed                      lt_i - lse_i(lt)           ls_{j_i}   (mass < 1)
+ignore        the k listed                      lt_i                       ls_{j_i}   (mass < 1)
+
+D = sum_b term_b with the textbook formulas of the dense table (kernels/kd_loss.py), M the mixture:
+divergence        term_b                                   g_b = dD/dq_b (p fixed)
+kl                p (lp - lq)                              -p / q
+reverse_kl        q (lq - lp)                              lq - lp + 1
+jsd (beta)        beta p (lp - lM) + (1-beta) q (lq - lM)  (1-beta) (lq - lM)
+skew_kl (a)       p (lp - lM),  M = a p + (1-a) q          -(1-a) p / M
+skew_reverse_kl   q (lq - lM),  M = a q + (1-a) p          lq - lM + 1 - a q / M
+tvd               |p - q| / 2                              -sign(p - q) / 2   (0 where p = q)
+
+Gradient. Each point's q_b is softmax(s) summed over its columns (the tail bucket: the unlisted
+ones), so the chain rule gives, with h_b = q_b g_b (its limit where q_b = 0: -p for kl, -(1-a) p
+for skew_kl with a = 0, else 0) and S = sum_b h_b:
+    listed column j = j_i:   dD/ds_j = h_i - q_j S
+    any other column:        dD/ds_j = q_j (g_tail - S)        (g_tail = 0 without a tail point)
+In the bucket mode the points form a distribution and h_b - q_b S is the dense table's gradient of
+the (k+1)-point distributions. The renormalize / ignore student is not normalised on its points
+(sum q < 1), where the dense table (which uses sum q = 1) does not apply but this does.
+
+Row loss = soft_scale * D + hard_weight * (lse(z) - z_y)                 (hard CE at T = 1)
+Gradient = soft_scale / T * dD/ds + hard_weight * (softmax(z) - onehot(y))  at every column.
+
+Tail masses. The teacher's is 1 - sum exp lt by log1mexp (expm1 when the sum is near 1), 0 if the
+sum rounds above 1, and 0 when k = V. The student's is 1 - sum q_{j_i}, computed so that it does
+not cancel to 0 when the listed columns hold nearly all the mass: pass 1 also sums exp(s) over the
+columns below the smallest listed s (surely unlisted), d_low; then
+    tail = (d_low + max(0, d - d_low - sum_i exp(s_{j_i} - m))) / d    (d = sum exp(s - m))
+which equals 1 - sum q in exact arithmetic and keeps the small-logit part of the tail to full
+relative precision.
+
+Order of work per row: (A) gather the k listed logits: smallest listed s, lse over the listed s
+and over lt, and the index check; (1) one pass over the row: lse(s), d_low (bucket), lse(z) (CE);
+(B) the k-point terms: D and S; (C) the listed gradients, to a [N, k] scratch row (read before
+pass 2, so that in-place gradients never read overwritten logits); (2) one pass writing the
+unlisted-column gradient q_j (g_tail - S) everywhere; a CTA barrier; (D) the listed gradients
+scattered over it. Bytes per row, b_s the student element size: 2 b_s V read (the second read
+mostly from L2 on a GPU), b_s V written, plus about 3 k (4 + 4 + b_s) gathered and 8 k of scratch.
+Undefined rows get a NaN loss and an all-NaN gradient row, as in kernels/kd_loss.py: a student row
+with no finite lse(s), an index outside [0, V) (never an out-of-bounds access) and, with the hard
+CE, a label outside [0, V). Repeated indices are not detected here (see ``validate_indices``).
+Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading anything else.
+"""
+import triton
+import triton.language as tl
+
+from .row_stats import log_add_exp, online_max_update
+
+KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SKEW_KL = tl.constexpr(3)
+SKEW_REVERSE_KL = tl.constexpr(4)
+TVD = tl.constexpr(5)
+
+BUCKET = tl.constexpr(0)
+RENORMALIZE = tl.constexpr(1)
+IGNORE = tl.constexpr(2)
+
+
+@triton.jit
+def point_terms(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
+    """(term_b, h_b, g_b) of the table above, elementwise, from log-masses ``lp`` and ``lq``."""
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    if DIVERGENCE == KL:
+        term = tl.where(p > 0, p * (lp - lq), 0.0)
+        g = -tl.exp(lp - lq)
+        h = -p
+    elif DIVERGENCE == REVERSE_KL:
+        term = tl.where(q > 0, q * (lq - lp), 0.0)
+        g = lq - lp + 1.0
+        h = tl.where(q > 0, q * g, 0.0)
+    elif DIVERGENCE == TVD:
+        term = 0.5 * tl.abs(p - q)
+        g = -0.5 * tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
+        h = q * g
+    else:
+        lm = log_add_exp(log_weight_p + lp, log_weight_q + lq)
+        if DIVERGENCE == JSD:
+            term = mix_weight * tl.where(p > 0, p * (lp - lm), 0.0) + \
+                (1.0 - mix_weight) * tl.where(q > 0, q * (lq - lm), 0.0)
+            g = (1.0 - mix_weight) * (lq - lm)
+            h = tl.where(q > 0, q * g, 0.0)
+        elif DIVERGENCE == SKEW_KL:
+            term = tl.where(p > 0, p * (lp - lm), 0.0)
+            g = -(1.0 - mix_weight) * tl.exp(lp - lm)
+            h = -(1.0 - mix_weight) * tl.where(q > 0, tl.exp(lp + lq - lm), tl.where(mix_weight == 0, p, 0.0))
+        else:
+            term = tl.where(q > 0, q * (lq - lm), 0.0)
+            g = lq - lm + 1.0 - mix_weight * tl.exp(lq - lm)
+            h = tl.where(q > 0, q * g, 0.0)
+    return term, h, g
+
+
+@triton.jit
+def log1mexp(x):
+    """log(1 - exp(x)) for x < 0, -inf for x >= 0; near 0 through expm1(x) = (u - 1) x / log u,
+    u = exp(x) (Kahan), which keeps full relative precision where 1 - u would cancel."""
+    u = tl.exp(x)
+    log_u = tl.where(u == 1.0, 1.0, tl.log(u))
+    expm1 = tl.where(u == 1.0, x, (u - 1.0) * x / log_u)
+    value = tl.where(x > -0.6931471805599453, tl.log(-expm1), tl.log(1.0 - u))
+    return tl.where(x >= 0, float("-inf"), value)
+
+
+@triton.jit
+def _listed(z_row, lt_row, idx_row, k0, lanes, K, V, inv_temperature, ACC_DTYPE: tl.constexpr):
+    """One block of the listed points: lane mask, index (0 where out of range), the out-of-range
+    lanes, and z, s = z / T and lt at them."""
+    live = k0 + lanes < K
+    index = tl.load(idx_row + k0 + lanes, mask=live, other=0).to(tl.int64)
+    bad = live & ((index < 0) | (index >= V))
+    index = tl.where(bad, 0, index)
+    z = tl.load(z_row + index, mask=live, other=float("-inf")).to(ACC_DTYPE)
+    lt = tl.load(lt_row + k0 + lanes, mask=live, other=float("-inf")).to(ACC_DTYPE)
+    return live, index, bad, z, z * inv_temperature, lt
+
+
+@triton.jit
+def topk_kd_forward_kernel(
+    z_ptr, z_row_stride, lt_ptr, lt_row_stride, idx_ptr, idx_row_stride, labels_ptr,
+    grad_ptr, grad_row_stride, scratch_ptr, loss_ptr,
+    V, K, inv_temperature, mix_weight, log_weight_p, log_weight_q,
+    soft_scale, hard_weight, ignore_index,
+    DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * z_row_stride
+    lt_row = lt_ptr + row * lt_row_stride
+    idx_row = idx_ptr + row * idx_row_stride
+    g_row = grad_ptr + row * grad_row_stride
+    scratch_row = scratch_ptr + row * K
+    cols = tl.arange(0, BLOCK_V)
+    lanes = tl.arange(0, BLOCK_K)
+
+    valid = True
+    label = 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        valid = label != ignore_index
+
+    if valid:
+        # (A) The listed points: smallest s, lse over the listed s and over lt, index check.
+        s_floor = tl.full((), float("inf"), ACC_DTYPE)
+        m_ks = tl.full((), float("-inf"), ACC_DTYPE)
+        m_kt = tl.full((), float("-inf"), ACC_DTYPE)
+        d_ks = tl.zeros((), ACC_DTYPE)
+        d_kt = tl.zeros((), ACC_DTYPE)
+        n_bad = tl.zeros((), tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            live, index, bad, z, s, lt = _listed(z_row, lt_row, idx_row, k0, lanes, K, V, inv_temperature, ACC_DTYPE)
+            s_floor = tl.minimum(s_floor, tl.min(tl.where(live, s, float("inf")), axis=0))
+            m_ks, safe_ks, alpha_ks = online_max_update(m_ks, s)
+            d_ks = d_ks * alpha_ks + tl.sum(tl.exp(s - safe_ks), axis=0)
+            m_kt, safe_kt, alpha_kt = online_max_update(m_kt, lt)
+            d_kt = d_kt * alpha_kt + tl.sum(tl.exp(lt - safe_kt), axis=0)
+            n_bad += tl.sum(bad.to(tl.int32), axis=0)
+        lse_ks = m_ks + tl.log(d_ks)
+        lse_kt = m_kt + tl.log(d_kt)
+
+        # (1) One pass over the row: lse(s), the surely-unlisted mass d_low, lse(z).
+        m_s = tl.full((), float("-inf"), ACC_DTYPE)
+        m_z = tl.full((), float("-inf"), ACC_DTYPE)
+        d_s = tl.zeros((), ACC_DTYPE)
+        d_low = tl.zeros((), ACC_DTYPE)
+        d_z = tl.zeros((), ACC_DTYPE)
+        for start in range(0, V, BLOCK_V):
+            mask = start + cols < V
+            z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
+            s = z * inv_temperature
+            m_s, safe_s, alpha_s = online_max_update(m_s, s)
+            e_s = tl.exp(s - safe_s)
+            d_s = d_s * alpha_s + tl.sum(e_s, axis=0)
+            if TAIL == BUCKET:
+                d_low = d_low * alpha_s + tl.sum(tl.where(s < s_floor, e_s, 0.0), axis=0)
+            if HAS_CE:
+                m_z, safe_z, alpha_z = online_max_update(m_z, z)
+                d_z = d_z * alpha_z + tl.sum(tl.exp(z - safe_z), axis=0)
+        lse_s = m_s + tl.log(d_s)
+        lse_z = m_z + tl.log(d_z)
+
+        # The teacher's shift (renormalize) and the tail point (bucket).
+        lt_shift = 0.0
+        if TAIL == RENORMALIZE:
+            lt_shift = lse_kt
+        lp_tail = tl.full((), float("-inf"), ACC_DTYPE)
+        lq_tail = tl.full((), float("-inf"), ACC_DTYPE)
+        if TAIL == BUCKET:
+            if K < V:
+                lp_tail = log1mexp(lse_kt)
+                m_s_safe = tl.where(m_s == float("-inf"), 0.0, m_s)
+                d_listed = tl.exp(lse_ks - m_s_safe)
+                d_tail = d_low + tl.maximum(d_s - d_low - d_listed, 0.0)
+                lq_tail = tl.log(d_tail) - tl.log(d_s)
+
+        # (B) The k-point terms: D and S.
+        D = tl.zeros((), ACC_DTYPE)
+        S = tl.zeros((), ACC_DTYPE)
+        for k0 in range(0, K, BLOCK_K):
+            live, index, bad, z, s, lt = _listed(z_row, lt_row, idx_row, k0, lanes, K, V, inv_temperature, ACC_DTYPE)
+            term, h, g = point_terms(lt - lt_shift, s - lse_s, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+            D += tl.sum(tl.where(live, term, 0.0), axis=0)
+            S += tl.sum(tl.where(live, h, 0.0), axis=0)
+        g_tail = 0.0
+        if TAIL == BUCKET:
+            term, h, g = point_terms(lp_tail, lq_tail, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+            D += term
+            S += h
+            g_tail = tl.where(lq_tail > float("-inf"), g, 0.0)
+        c_tail = g_tail - S
+
+        loss = soft_scale * D
+        defined = (tl.abs(lse_s) < float("inf")) & (n_bad == 0)
+        if HAS_CE:
+            in_range = (label >= 0) & (label < V)
+            z_label = tl.load(z_row + label, mask=in_range, other=float("nan")).to(ACC_DTYPE)
+            loss += hard_weight * (lse_z - z_label)
+            defined = defined & in_range
+        row_nan = tl.where(defined, 0.0, float("nan"))  # added to the loss and every gradient element
+        loss += row_nan
+        tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+
+        soft_grad_scale = soft_scale * inv_temperature
+        if WRITE_GRAD:
+            # (C) The listed gradients, to scratch (before pass 2 may overwrite the logits in place).
+            for k0 in range(0, K, BLOCK_K):
+                live, index, bad, z, s, lt = _listed(
+                    z_row, lt_row, idx_row, k0, lanes, K, V, inv_temperature, ACC_DTYPE)
+                lq = s - lse_s
+                term, h, g = point_terms(lt - lt_shift, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+                q = tl.exp(lq)
+                grad = soft_grad_scale * (h - tl.where(q > 0, q * S, 0.0)) + row_nan
+                if HAS_CE:
+                    grad += hard_weight * (tl.exp(z - lse_z) - tl.where(index == label, 1.0, 0.0))
+                tl.store(scratch_row + k0 + lanes, grad.to(scratch_ptr.dtype.element_ty), mask=live)
+
+            # (2) The unlisted-column gradient at every column.
+            for start in range(0, V, BLOCK_V):
+                mask = start + cols < V
+                z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
+                q = tl.exp(z * inv_temperature - lse_s)
+                grad = soft_grad_scale * tl.where(q > 0, q * c_tail, 0.0) + row_nan
+                if HAS_CE:
+                    grad += hard_weight * (tl.exp(z - lse_z) - tl.where(start + cols == label, 1.0, 0.0))
+                tl.store(g_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+            # (D) The listed gradients over it: every store of pass 2 lands first.
+            tl.debug_barrier()
+            for k0 in range(0, K, BLOCK_K):
+                live = k0 + lanes < K
+                index = tl.load(idx_row + k0 + lanes, mask=live, other=0).to(tl.int64)
+                ok = live & (index >= 0) & (index < V)
+                grad = tl.load(scratch_row + k0 + lanes, mask=ok, other=0.0)
+                tl.store(g_row + index, grad.to(grad_ptr.dtype.element_ty), mask=ok)
+    else:
+        for start in range(0, V if WRITE_GRAD else 0, BLOCK_V):
+            mask = start + cols < V
+            tl.store(g_row + start + cols, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(loss_ptr + row, tl.zeros((), loss_ptr.dtype.element_ty))

@@ -1,0 +1,181 @@
+"""torch.compile(fullgraph=True): no graph break, one graph for every temperature, same numbers.
+
+The fused calls are custom operators (``fastkd.ops``), so dynamo keeps them whole. CPU tests use
+the torch backend, and the Triton kernels in the interpreter; inductor where it matters (the
+recompile count, the in-place backward), the cheaper ``aot_eager`` backend elsewhere.
+"""
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import fastkd
+from helpers import logits
+
+W_SHAPE = (6, 37)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _student_step(backend, **kw):
+    """A tiny "model": logits = h @ w, then the KD loss (so the logits are a graph intermediate)."""
+    def step(h, w, t, labels, T, hard_weight):
+        return fastkd.kd_loss(h @ w, t, temperature=T, labels=labels, hard_weight=hard_weight,
+                              backend=backend, **kw)
+    return step
+
+
+def _inputs(N=5, dtype=torch.float32):
+    h = logits(N, W_SHAPE[0], dtype=dtype, scale=1.0)
+    w = logits(*W_SHAPE, dtype=dtype, scale=1.0).requires_grad_(True)
+    t = logits(N, W_SHAPE[1], dtype=dtype)
+    labels = torch.randint(0, W_SHAPE[1], (N,))
+    labels[1] = -100
+    return h, w, t, labels
+
+
+def _value_and_grad(fn, h, w, *args):
+    loss = fn(h, w, *args)
+    (grad,) = torch.autograd.grad(loss, w)
+    return loss.detach(), grad
+
+
+def test_kd_loss_one_graph_for_every_temperature_with_inductor():
+    step = _student_step("torch")
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    h, w, t, labels = _inputs()
+    schedule = [(2.0, 0.5), (3.0, 0.25), (0.7, 0.125)]  # annealed T and hard weight
+    for T, hard_weight in schedule:
+        loss, grad = _value_and_grad(compiled, h, w, t, labels, T, hard_weight)
+        expected_loss, expected_grad = _value_and_grad(step, h, w, t, labels, T, hard_weight)
+        torch.testing.assert_close(loss, expected_loss)
+        torch.testing.assert_close(grad, expected_grad)
+    # Dynamo compiles the first call with the floats as constants and, when they change, once more
+    # with them symbolic (its automatic-dynamic rule); after that no value recompiles.
+    assert counter.frame_count == 2
+
+
+def test_dynamic_true_compiles_once_for_all_temperatures():
+    step = _student_step("torch")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter, dynamic=True)
+    h, w, t, labels = _inputs()
+    for T in (2.0, 3.0, 5.0):
+        loss, _ = _value_and_grad(compiled, h, w, t, labels, T, 0.5)
+        torch.testing.assert_close(loss, step(h, w, t, labels, T, 0.5).detach())
+    assert counter.frame_count == 1
+
+
+def test_explain_reports_no_graph_break():
+    h, w, t, labels = _inputs()
+    explanation = torch._dynamo.explain(_student_step("torch"))(h, w, t, labels, 2.0, 0.5)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    ops = [str(node.target) for graph in explanation.graphs for module in graph.modules()
+           if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes]
+    assert ops.count("fastkd.kd_forward") == 1  # one opaque op, not a trace of the backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_kd_loss_compiled_matches_eager(backend, inplace, reduction):
+    kw = dict(divergence="jsd", beta=0.3, reduction=reduction, inplace=inplace)
+    step = _student_step(backend, **kw)
+    reduced = (lambda *a: step(*a).sum() * 3.0) if reduction == "none" else step  # upstream gradient != 1
+    compiled = torch.compile(reduced, fullgraph=True, backend="aot_eager")
+    h, w, t, labels = _inputs()
+    loss, grad = _value_and_grad(compiled, h, w, t, labels, 1.5, 0.25)
+    expected_loss, expected_grad = _value_and_grad(reduced, h, w, t, labels, 1.5, 0.25)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_num_items_in_batch_tensor_under_compile():
+    def f(h, w, t, labels, n):
+        return fastkd.kd_loss(h @ w, t, labels=labels, num_items_in_batch=n, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    h, w, t, labels = _inputs()
+    loss, grad = _value_and_grad(compiled, h, w, t, labels, torch.tensor(11))
+    expected_loss, expected_grad = _value_and_grad(
+        lambda h, w: fastkd.kd_loss(h @ w, t, labels=labels, reduction="sum", backend="torch") / 11, h, w)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_compiled_inplace_backward_reuses_the_saved_gradient():
+    """Inductor writes the scaled gradient over the saved one (a donated buffer): no second [N, V]."""
+    from torch._inductor.utils import run_and_get_code
+
+    h, w, t, labels = _inputs()
+    compiled = torch.compile(_student_step("torch"), fullgraph=True, backend="inductor")
+
+    def forward_backward():
+        return _value_and_grad(compiled, h, w, t, labels, 2.0, 0.5)
+
+    _, codes = run_and_get_code(forward_backward)
+    backward = codes[-1]
+    assert "fastkd.kd_forward" in codes[0] and "# reuse" in backward
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_compiles_fullgraph(backend, log):
+    fn = fastkd.log_softmax if log else fastkd.softmax
+
+    def f(x, T, dy):
+        return (fn(x, temperature=T, dim=0, backend=backend) * dy).sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    x, dy = logits(9, 4).requires_grad_(True), torch.randn(9, 4)
+    for T in (0.5, 2.0, 3.0):
+        (g,) = torch.autograd.grad(compiled(x, T, dy), x)
+        (g_eager,) = torch.autograd.grad(f(x, T, dy), x)
+        torch.testing.assert_close(g, g_eager)
+    assert counter.frame_count == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_on_gpu_with_triton_kernels(dtype):
+    step = _student_step("triton")
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    h, w, t, labels = (x.cuda() for x in _inputs(N=64, dtype=dtype))
+    w = w.detach().requires_grad_(True)
+    for T in (1.0, 2.0, 4.0):
+        loss, grad = _value_and_grad(compiled, h, w, t, labels, T, 0.5)
+        expected_loss, expected_grad = _value_and_grad(step, h, w, t, labels, T, 0.5)
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad, expected_grad, rtol=2e-2 if dtype != torch.float32 else 1e-4,
+                                   atol=1e-3 if dtype != torch.float32 else 1e-5)
+    assert counter.frame_count == 2
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_fused_linear_compiles_fullgraph(reduction):
+    H, V, N = 8, 37, 10
+    w, b = logits(V, H, scale=0.5).requires_grad_(True), logits(V, scale=0.5).requires_grad_(True)
+    w_t, h, h_t = logits(V, H, scale=0.5), logits(N, H, scale=1.0).requires_grad_(True), logits(N, H, scale=1.0)
+    labels = torch.randint(0, V, (N,))
+    labels[3] = -100
+
+    def f(h, T):
+        loss = fastkd.fused_linear_kd_loss(h, w, h_t, w_t, student_bias=b, labels=labels, temperature=T,
+                                           hard_weight=0.5, reduction=reduction, chunk_size=4, backend="torch")
+        return loss.sum() * 2.0 if reduction == "none" else loss
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    for T in (1.0, 2.0, 3.0):
+        got = torch.autograd.grad(compiled(h, T), (h, w, b))
+        expected = torch.autograd.grad(f(h, T), (h, w, b))
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+    assert counter.frame_count == 2

@@ -1,0 +1,147 @@
+"""Bad input gets a clear ValueError / TypeError that names the argument (SPEC.md's list, plus labels
+out of range for the hard CE, tensors on different devices and 0-d tensors), from the functional
+API, the module and the reference alike."""
+import pytest
+import torch
+
+import fastkd
+from fastkd import backends, reference
+
+S, T = torch.randn(4, 10), torch.randn(4, 10)
+LABELS = torch.tensor([1, 2, -100, 9])
+
+# (keyword overrides or positional replacements, exception, message fragment)
+KD_ERRORS = [
+    (dict(teacher_logits=torch.randn(4, 11)), ValueError,
+     r"student_logits shape \(4, 10\) and teacher_logits shape \(4, 11\)"),
+    (dict(student_logits=torch.randn(2, 2, 10)), ValueError, "teacher_logits shape"),
+    (dict(student_logits=torch.randint(0, 5, (4, 10))), TypeError, "student_logits must be float16"),
+    (dict(teacher_logits=torch.randint(0, 5, (4, 10))), TypeError, "teacher_logits must be float16"),
+    (dict(student_logits=S.tolist()), TypeError, "student_logits must be a torch.Tensor"),
+    (dict(teacher_logits=None), TypeError, "teacher_logits must be a torch.Tensor"),
+    (dict(student_logits=torch.tensor(1.0), teacher_logits=torch.tensor(1.0)), ValueError,
+     "student_logits must have a vocabulary dimension, got a 0-d tensor"),
+    (dict(teacher_logits=torch.tensor(1.0)), ValueError, "teacher_logits must have a vocabulary dimension"),
+    (dict(student_logits=torch.randn(4, 0), teacher_logits=torch.randn(4, 0)), ValueError, r"V = 0"),
+    (dict(teacher_logits=T.clone().requires_grad_(True)), ValueError, r"teacher_logits requires grad.*detach"),
+    (dict(labels=torch.tensor([1, 2, 3])), ValueError, r"labels shape \(3,\) does not match"),
+    (dict(labels=torch.tensor(1)), ValueError, r"labels shape \(\) does not match"),
+    (dict(labels=LABELS.float()), TypeError, "labels must be int64"),
+    (dict(labels=[1, 2, 3, 4]), TypeError, "labels must be a torch.Tensor or None"),
+    (dict(labels=torch.tensor([1, 10, 0, 0]), hard_weight=1.0), ValueError, r"labels row 1 is 10, outside \[0, 10\)"),
+    (dict(labels=torch.tensor([1, -1, 0, 0]), hard_weight=1.0), ValueError, "labels row 1 is -1"),
+    (dict(hard_weight=0.5), ValueError, "hard_weight=0.5 needs labels"),
+    (dict(hard_weight=-1.0, labels=LABELS), ValueError, "hard_weight and soft_weight must be >= 0"),
+    (dict(soft_weight=-0.1), ValueError, "soft_weight must be >= 0"),
+    (dict(soft_weight="1"), TypeError, "soft_weight must be a real number"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=-2.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
+    (dict(temperature="2"), TypeError, "temperature must be a real number"),
+    (dict(temperature=True), TypeError, "temperature must be a real number"),
+    (dict(divergence="kld"), ValueError, "unknown divergence 'kld'"),
+    (dict(reduction="avg"), ValueError, "unknown reduction 'avg'"),
+    (dict(backend="cuda"), ValueError, "unknown backend 'cuda'"),
+    (dict(divergence="jsd", beta=0.0), ValueError, "beta=0.0.*divergence='kl'"),
+    (dict(divergence="jsd", beta=1.0), ValueError, "beta=1.0.*divergence='reverse_kl'"),
+    (dict(divergence="jsd", beta=1.5), ValueError, r"beta must be in \(0, 1\)"),
+    (dict(divergence="jsd", beta=float("nan")), ValueError, "beta must be finite"),
+    (dict(divergence="skew_kl", skew=1.0), ValueError, r"skew must be in \[0, 1\)"),
+    (dict(divergence="skew_reverse_kl", skew=-0.1), ValueError, r"skew must be in \[0, 1\)"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (dict(t2_scale=1), TypeError, "t2_scale must be a bool"),
+    (dict(inplace="yes"), TypeError, "inplace must be a bool"),
+    (dict(check_finite=None), TypeError, "check_finite must be a bool"),
+]
+
+
+def _call(fn, overrides):
+    kw = dict(student_logits=S, teacher_logits=T)
+    kw.update(overrides)
+    s, t = kw.pop("student_logits"), kw.pop("teacher_logits")
+    return fn(s, t, **kw)
+
+
+@pytest.mark.parametrize("overrides,error,message", KD_ERRORS, ids=[m for _, _, m in KD_ERRORS])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_kd_loss_errors(overrides, error, message, backend):
+    overrides = {"backend": backend, **overrides}
+    with pytest.raises(error, match=message):
+        _call(fastkd.kd_loss, overrides)
+
+
+REFERENCE_ERRORS = [case for case in KD_ERRORS if not {"inplace", "backend"} & set(case[0])]  # ignored there
+
+
+@pytest.mark.parametrize("overrides,error,message", REFERENCE_ERRORS, ids=[m for _, _, m in REFERENCE_ERRORS])
+def test_reference_raises_the_same_errors(overrides, error, message):
+    with pytest.raises(error, match=message):
+        _call(reference.kd_loss, overrides)
+
+
+MODULE_OPTION_ERRORS = [
+    (dict(temperature=0), ValueError, "temperature"), (dict(divergence="x"), ValueError, "divergence"),
+    (dict(reduction="x"), ValueError, "reduction"), (dict(backend="x"), ValueError, "backend"),
+    (dict(divergence="jsd", beta=2.0), ValueError, "beta"), (dict(skew=1.0, divergence="skew_kl"), ValueError, "skew"),
+    (dict(ignore_index="a"), TypeError, "ignore_index"), (dict(hard_weight=-1), ValueError, "hard_weight"),
+]
+
+
+@pytest.mark.parametrize("options,error,message", MODULE_OPTION_ERRORS)
+def test_kdloss_module_checks_options_at_construction(options, error, message):
+    with pytest.raises(error, match=message):
+        fastkd.KDLoss(**options)
+
+
+def test_kdloss_module_checks_tensors_at_call():
+    with pytest.raises(ValueError, match="teacher_logits shape"):
+        fastkd.KDLoss()(S, torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"labels row 0 is 99"):
+        fastkd.KDLoss(hard_weight=1.0)(S, T, torch.tensor([99, 0, 0, 0]))
+
+
+SOFTMAX_ERRORS = [
+    (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+    (dict(x=torch.arange(5)), TypeError, "x must be float16"),
+    (dict(x=torch.tensor(2.0)), ValueError, "x must have a vocabulary dimension, got a 0-d tensor"),
+    (dict(temperature=0), ValueError, "temperature must be > 0"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+    (dict(temperature=None), TypeError, "temperature must be a real number"),
+    (dict(dim=2), ValueError, r"dim=2 is not a dimension of a 2-d tensor"),
+    (dict(dim=-3), ValueError, r"dim=-3"),
+    (dict(dim=0.5), ValueError, r"dim=0.5"),
+    (dict(backend="gpu"), ValueError, "unknown backend 'gpu'"),
+]
+
+
+@pytest.mark.parametrize("fn", [fastkd.softmax, fastkd.log_softmax, reference.softmax, reference.log_softmax])
+@pytest.mark.parametrize("overrides,error,message", SOFTMAX_ERRORS, ids=[m for _, _, m in SOFTMAX_ERRORS])
+def test_softmax_errors(fn, overrides, error, message):
+    kw = dict(x=S, temperature=1.0, dim=-1, backend="torch")
+    kw.update(overrides)
+    if fn in (reference.softmax, reference.log_softmax) and "backend" in overrides:
+        pytest.skip("the reference accepts and ignores backend")
+    with pytest.raises(error, match=message):
+        fn(kw.pop("x"), **kw)
+
+
+def test_triton_backend_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(backends, "interpreter_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run here"):
+        fastkd.kd_loss(S, T, backend="triton")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run here"):
+        fastkd.softmax(S, backend="triton")
+
+
+@pytest.mark.gpu
+def test_tensors_on_different_devices():
+    s, t = torch.randn(4, 10, device="cuda"), torch.randn(4, 10)
+    with pytest.raises(ValueError, match="student_logits is on cuda:0 and teacher_logits on cpu"):
+        fastkd.kd_loss(s, t)
+    with pytest.raises(ValueError, match="labels is on cpu and student_logits on cuda:0"):
+        fastkd.kd_loss(s, t.cuda(), labels=LABELS)
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices for the cuda:0 / cuda:1 case")
+    with pytest.raises(ValueError, match="student_logits is on cuda:0 and teacher_logits on cuda:1"):
+        fastkd.kd_loss(s, t.to("cuda:1"))

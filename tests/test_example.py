@@ -1,0 +1,25 @@
+"""examples/distill_causal_lm.py in its --smoke mode: runs, and the fastkd and eager curves coincide."""
+import importlib.util
+import os
+
+import pytest
+
+pytest.importorskip("transformers", reason="transformers is not installed (pip install fastkd[hf])")
+pytest.importorskip("tokenizers", reason="tokenizers is not installed (pip install fastkd[hf])")
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "distill_causal_lm.py")
+
+
+def test_smoke_run(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("distill_causal_lm", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(example.fastkd.torch_backend, "CHUNK_BYTES", 32 * 2**20)  # undo conftest's tiny chunks
+    results = example.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
+    fastkd_losses, eager_losses = results["fastkd"]["losses"], results["eager"]["losses"]
+    assert len(fastkd_losses) == len(eager_losses) == example.SMOKE["steps"]
+    assert results["max_rel_difference"] < 1e-5, (fastkd_losses, eager_losses)
+    assert eager_losses[-1] < eager_losses[0]  # it learns
+    assert (tmp_path / "distill_causal_lm.json").exists()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "distill_causal_lm.png").stat().st_size > 0

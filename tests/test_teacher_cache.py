@@ -1,0 +1,147 @@
+"""The on-disk teacher cache: bit-exact round trips, uneven shards, and clear errors on damage."""
+import json
+import pickle
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import TeacherCache, TeacherCacheError
+
+
+def teacher_outputs(tokens, k, V, *, dtype=torch.float32):
+    lp = -torch.rand(tokens, k).mul(20).sort(-1).values.flip(-1)
+    lp[0, -1] = float("-inf")  # a teacher with a masked vocabulary
+    idx = torch.stack([torch.randperm(V)[:k] for _ in range(tokens)]).to(torch.int32)
+    return lp.to(dtype), idx
+
+
+def bits(x):
+    """The raw bits of float tensor ``x``, as integers of its size (an exact comparison, NaN included)."""
+    return x.view({2: torch.int16, 4: torch.int32}[x.element_size()])
+
+
+def write(path, chunks, **kw):
+    with TeacherCache.writer(path, **kw) as w:
+        for lp, idx in chunks:
+            w.append(lp, idx)
+    return TeacherCache(path)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32))
+def test_round_trip_is_bit_exact_across_uneven_shards(tmp_path, dtype):
+    k, V = 5, 1000
+    lp, idx = teacher_outputs(23, k, V, dtype=dtype)
+    # appends of 4, 11 and 8 tokens into shards of 7: shards of 7, 7, 7, 2 tokens
+    chunks = [(lp[:4], idx[:4]), (lp[4:15], idx[4:15]), (lp[15:], idx[15:])]
+    cache = write(tmp_path, chunks, k=k, vocab_size=V, temperature=2.5, dtype=dtype, tokens_per_shard=7)
+    assert cache.shard_tokens == [7, 7, 7, 2] and len(cache) == 23
+    assert (cache.k, cache.vocab_size, cache.temperature, cache.dtype) == (k, V, 2.5, dtype)
+    assert cache.bytes_per_token == k * (dtype.itemsize + 4)
+    got_lp, got_idx = cache[:]
+    assert got_lp.dtype == dtype and got_idx.dtype == torch.int32
+    assert torch.equal(bits(got_lp), bits(lp))
+    assert torch.equal(got_idx, idx)
+    for start, stop in [(0, 1), (5, 16), (6, 7), (13, 23), (21, 23), (9, 9)]:  # within and across shards
+        part_lp, part_idx = cache.read(start, stop)
+        assert torch.equal(bits(part_lp), bits(lp[start:stop]))
+        assert torch.equal(part_idx, idx[start:stop])
+    one_lp, one_idx = cache[-1]
+    assert torch.equal(one_idx, idx[22]) and one_lp.shape == (k,)
+    cache.verify()
+
+
+def test_float32_input_is_stored_as_the_cache_dtype_and_leading_dims_flatten(tmp_path):
+    lp, idx = teacher_outputs(12, 3, 50)
+    cache = write(tmp_path, [(lp.view(3, 4, 3), idx.view(3, 4, 3))], k=3, vocab_size=50, temperature=1.0)
+    got_lp, got_idx = cache[:]
+    assert cache.dtype == torch.float16 and torch.equal(got_lp, lp.to(torch.float16))
+    assert torch.equal(got_idx, idx)
+
+
+def test_cache_feeds_topk_kd_loss(tmp_path):
+    V, k, T = 40, 6, 2.0
+    teacher = torch.randn(10, V) * 3
+    student = torch.randn(10, V) * 3
+    lp, idx = fastkd.teacher_topk(teacher, k, temperature=T)
+    cache = write(tmp_path, [(lp, idx)], k=k, vocab_size=V, temperature=T, dtype=torch.float32)
+    cached_lp, cached_idx = cache[2:8]
+    loss = fastkd.topk_kd_loss(student[2:8], cached_lp, cached_idx, temperature=cache.temperature)
+    torch.testing.assert_close(loss, fastkd.topk_kd_loss(student[2:8], lp[2:8], idx[2:8], temperature=T))
+
+
+def test_pickled_reader_reopens_its_maps(tmp_path):
+    lp, idx = teacher_outputs(9, 2, 30)
+    cache = write(tmp_path, [(lp, idx)], k=2, vocab_size=30, temperature=1.0, tokens_per_shard=4)
+    cache[0:9]
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone._maps == {} and torch.equal(clone[3:6][1], idx[3:6])
+
+
+def test_truncated_missing_and_corrupted_shards_are_clear_errors(tmp_path):
+    lp, idx = teacher_outputs(20, 4, 100)
+    write(tmp_path, [(lp, idx)], k=4, vocab_size=100, temperature=1.0, tokens_per_shard=8)
+    shard = tmp_path / "shard-00001.logprobs.bin"
+    good = shard.read_bytes()
+
+    shard.write_bytes(good[:-3])
+    with pytest.raises(TeacherCacheError, match="shard-00001.logprobs.bin is truncated"):
+        TeacherCache(tmp_path)
+
+    flipped = bytearray(good)
+    flipped[5] ^= 0x40
+    shard.write_bytes(bytes(flipped))
+    TeacherCache(tmp_path)  # sizes are right: only the checksum can tell
+    with pytest.raises(TeacherCacheError, match="shard-00001.logprobs.bin is corrupted: its CRC-32"):
+        TeacherCache(tmp_path, verify=True)
+    shard.write_bytes(good)
+    TeacherCache(tmp_path, verify=True)
+
+    indices = tmp_path / "shard-00002.indices.bin"
+    bad_index = bytearray(indices.read_bytes())
+    bad_index[0:4] = (1000).to_bytes(4, "little")
+    indices.write_bytes(bytes(bad_index))
+    with pytest.raises(TeacherCacheError, match=r"outside \[0, 100\)"):
+        TeacherCache(tmp_path)[15:20]
+
+    indices.unlink()
+    with pytest.raises(TeacherCacheError, match="shard-00002.indices.bin is missing"):
+        TeacherCache(tmp_path)
+
+
+def test_damaged_or_missing_index(tmp_path):
+    lp, idx = teacher_outputs(5, 2, 10)
+    with pytest.raises(TeacherCacheError, match="no index.json"):
+        TeacherCache(tmp_path)
+    write(tmp_path, [(lp, idx)], k=2, vocab_size=10, temperature=1.0)
+    index = tmp_path / "index.json"
+    header = json.loads(index.read_text())
+    index.write_text(index.read_text()[:40])
+    with pytest.raises(TeacherCacheError, match="index.json is corrupted"):
+        TeacherCache(tmp_path)
+    index.write_text(json.dumps({**header, "format_version": 99}))
+    with pytest.raises(TeacherCacheError, match="format_version 99"):
+        TeacherCache(tmp_path)
+    index.write_text(json.dumps({**header, "tokens": 6}))
+    with pytest.raises(TeacherCacheError, match="header says 6"):
+        TeacherCache(tmp_path)
+
+
+def test_writer_errors_and_unfinished_writes(tmp_path):
+    lp, idx = teacher_outputs(4, 3, 10)
+    with pytest.raises(ValueError, match=r"\[..., k\] with k=2"):
+        with TeacherCache.writer(tmp_path / "a", k=2, vocab_size=10, temperature=1.0) as w:
+            w.append(lp, idx)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, vocab_size\)"):
+        with TeacherCache.writer(tmp_path / "b", k=3, vocab_size=5, temperature=1.0) as w:
+            w.append(lp, idx)
+    with pytest.raises(TeacherCacheError, match="never closed"):  # the failed writer left no index
+        TeacherCache(tmp_path / "b")
+    write(tmp_path / "c", [(lp, idx)], k=3, vocab_size=10, temperature=1.0)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        TeacherCache.writer(tmp_path / "c", k=3, vocab_size=10, temperature=1.0)
+    assert len(write(tmp_path / "c", [], k=3, vocab_size=10, temperature=1.0, overwrite=True)) == 0
+    with pytest.raises(ValueError, match="dtype"):
+        TeacherCache.writer(tmp_path / "d", k=3, vocab_size=10, temperature=1.0, dtype=torch.int8)
+    with pytest.raises(ValueError, match="temperature"):
+        TeacherCache.writer(tmp_path / "d", k=3, vocab_size=10, temperature=0.0)

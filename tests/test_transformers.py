@@ -1,0 +1,134 @@
+"""DistillationTrainer: two Trainer steps on tiny random Llamas equal the same steps done by hand
+with full logits and the plain-PyTorch loss (loss values, the gradient-accumulation count, the
+updated weights), and the student's LM head never runs (no [tokens, V] logits are built)."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install fastkd[hf])")
+pytest.importorskip("accelerate", reason="accelerate is not installed (pip install fastkd[hf])")
+
+from fastkd import reference  # noqa: E402
+from fastkd.integrations.transformers import DistillationTrainer  # noqa: E402
+
+V, SEQ = 64, 9
+KD = dict(temperature=2.0, hard_weight=0.5, soft_weight=1.0, divergence="kl")
+LR = 0.5
+
+
+def _llama(hidden, layers, seed):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _dataset(n=8):
+    rows = []
+    for i in range(n):
+        ids = torch.randint(3, V, (SEQ,))
+        mask = torch.ones(SEQ, dtype=torch.long)
+        mask[SEQ - (i % 3):] = 0  # right padding of 0, 1 or 2 tokens
+        labels = torch.where(mask.bool(), ids, -100)
+        labels[: i % 2] = -100  # and an ignored prompt token
+        rows.append(dict(input_ids=torch.where(mask.bool(), ids, 0), attention_mask=mask, labels=labels))
+    return rows
+
+
+class RecordingTrainer(DistillationTrainer):
+    """Keeps each micro-batch, the count the Trainer passed, and the loss it got back."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        self.calls.append(({k: v.clone() for k, v in inputs.items()}, num_items_in_batch, loss.detach().clone()))
+        return out
+
+
+def _manual_micro_batch_loss(student, teacher, batch, num_items):
+    """Full logits and the float32 reference loss, shifted and masked by hand."""
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    s = student(**inputs).logits[:, :-1]
+    with torch.no_grad():
+        t = teacher(**inputs).logits[:, :-1]
+    return reference.kd_loss(s, t, labels=batch["labels"][:, 1:], reduction="sum", **KD) / num_items
+
+
+def test_two_steps_equal_the_manual_computation(tmp_path):
+    student, teacher = _llama(16, 1, seed=1), _llama(32, 2, seed=2)
+    initial_student = copy.deepcopy(student)
+    initial_head = student.lm_head.weight.detach().clone()
+    head_calls = []
+    student.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True)
+    trainer = RecordingTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_dataset(),
+                               data_collator=transformers.default_data_collator, **KD)
+    trainer.train()
+    assert head_calls == []  # the student's logits were never built
+    assert len(trainer.calls) == 4  # 2 steps x 2 micro-batches
+
+    manual = initial_student
+    optimizer = torch.optim.SGD(manual.parameters(), lr=LR)
+    for step in range(2):
+        micro = trainer.calls[2 * step: 2 * step + 2]
+        count = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch, _, _ in micro)
+        for batch, num_items, loss in micro:
+            assert int(num_items) == count  # the whole step's kept (shifted) labels
+            expected = _manual_micro_batch_loss(manual, teacher, batch, count)
+            torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+            expected.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for (name, trained), hand in zip(student.named_parameters(), manual.parameters()):
+        torch.testing.assert_close(trained, hand, rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.equal(student.lm_head.weight, initial_head)  # it did train
+
+    # evaluation: one batch of 8, normalised by its own kept-label count
+    trainer.calls.clear()
+    metrics = trainer.evaluate(_dataset())
+    (batch, num_items, loss), = trainer.calls
+    with torch.no_grad():
+        expected = _manual_micro_batch_loss(student, teacher, batch, int((batch["labels"][:, 1:] != -100).sum()))
+    torch.testing.assert_close(torch.tensor(metrics["eval_loss"]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_options_fail_at_construction(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="temperature"):
+        DistillationTrainer(model=_llama(16, 1, 0), teacher_model=_llama(16, 1, 1), args=args, temperature=0.0)
+    with pytest.raises(TypeError, match="teacher_model"):
+        DistillationTrainer(model=_llama(16, 1, 0), teacher_model="gpt2", args=args)
+
+
+def test_a_wrapped_model_runs_through_its_wrapper_with_the_head_on_one_position():
+    """DDP and friends must see the forward; the hook catches the backbone's output on the way."""
+    from fastkd.integrations.transformers import final_hidden_states
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, **kwargs):
+            self.calls += 1
+            return self.module(**kwargs)
+
+    model = _llama(16, 1, seed=3)
+    head_inputs = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_inputs.append(args[0].shape))
+    batch = transformers.default_data_collator(_dataset(2))
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    wrapper = Wrapper(model)
+    hidden = final_hidden_states(wrapper, model, inputs)
+    assert wrapper.calls == 1 and head_inputs == [torch.Size([2, 1, 16])]
+    torch.testing.assert_close(hidden, model.base_model(**inputs).last_hidden_state)
+    assert hidden.requires_grad
