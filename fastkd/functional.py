@@ -1,6 +1,4 @@
 """The functional API: validate arguments, pick the backend, call the autograd Function."""
-import torch
-
 from . import torch_backend
 from .autograd import KDLossFunction, SoftmaxFunction
 from .backends import resolve_backend

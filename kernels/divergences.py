@@ -21,14 +21,14 @@ skew_reverse_kl   A1 = sum q (ls - lM)           1-a, a         q_j (ls_j - lM_j
 tvd               A1 / 2, A1 = sum |p - q|       -              q_j (A2 - sign(p_j - q_j)) / 2
                   A2 = sum q sign(p - q)                        (subgradient 0 where p = q)
 
-row_scalar_terms gives the per-element terms of A1, A2 (the caller sums them over a row, or over a
+fold_row_statistics is the first pass over a row (or a shard of it); row_scalar_terms gives the per-element terms of A1, A2 (the caller sums them over a row, or over a
 shard and then across ranks); divergence_grad gives dD/ds_j from ls, lt, s - t and the row's A1, A2
 (reverse_kl passes E as A1).
 """
 import triton
 import triton.language as tl
 
-from .row_stats import log_add_exp
+from .row_stats import log_add_exp, online_max_update
 
 KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -36,6 +36,36 @@ JSD = tl.constexpr(2)
 SKEW_KL = tl.constexpr(3)
 SKEW_REVERSE_KL = tl.constexpr(4)
 TVD = tl.constexpr(5)
+
+
+@triton.jit
+def load_scaled_block(z_row, t_row, start, cols, width, inv_temperature, ACC_DTYPE: tl.constexpr):
+    """One block of a row: raw student logits z, s = z / T, t = teacher / T (-inf past ``width``)."""
+    mask = start + cols < width
+    z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
+    t = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE) * inv_temperature
+    return z, z * inv_temperature, t, mask
+
+
+@triton.jit
+def fold_row_statistics(m_s, d_s, m_t, d_t, m_z, d_z, cross, z, s, t,
+                        DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr):
+    """Fold one block into the running maxima m and sums of exps d of s, t (and z for the hard CE),
+    and into kl's cross term sum e^(t - m_t) (t - s) or reverse_kl's sum e^(s - m_s) (s - t)."""
+    m_s, safe_s, alpha_s = online_max_update(m_s, s)
+    m_t, safe_t, alpha_t = online_max_update(m_t, t)
+    e_s = tl.exp(s - safe_s)
+    e_t = tl.exp(t - safe_t)
+    d_s = d_s * alpha_s + tl.sum(e_s, axis=0)
+    d_t = d_t * alpha_t + tl.sum(e_t, axis=0)
+    if DIVERGENCE == KL:
+        cross = cross * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (t - s), 0.0), axis=0)
+    if DIVERGENCE == REVERSE_KL:
+        cross = cross * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (s - t), 0.0), axis=0)
+    if HAS_CE:
+        m_z, safe_z, alpha_z = online_max_update(m_z, z)
+        d_z = d_z * alpha_z + tl.sum(tl.exp(z - safe_z), axis=0)
+    return m_s, d_s, m_t, d_t, m_z, d_z, cross
 
 
 @triton.jit

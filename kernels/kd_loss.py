@@ -24,16 +24,8 @@ Rows that fit on chip re-read from cache, so on a GPU the repeat reads mostly hi
 import triton
 import triton.language as tl
 
-from .divergences import JSD, KL, REVERSE_KL, TVD, divergence_grad, row_scalar_terms
-from .row_stats import online_max_update
-
-
-@triton.jit
-def _load_row_block(z_row, t_row, start, cols, V, inv_temperature, ACC_DTYPE: tl.constexpr):
-    mask = start + cols < V
-    z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
-    t = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE) * inv_temperature
-    return z, z * inv_temperature, t, mask
+from .divergences import (JSD, KL, REVERSE_KL, TVD, divergence_grad, fold_row_statistics, load_scaled_block,
+                          row_scalar_terms)
 
 
 @triton.jit
@@ -75,20 +67,9 @@ def kd_forward_kernel(
         d_z = tl.zeros((), ACC_DTYPE)
         cross = tl.zeros((), ACC_DTYPE)
         for start in range(0, V, BLOCK_V):
-            z, s, t, mask = _load_row_block(z_row, t_row, start, cols, V, inv_temperature, ACC_DTYPE)
-            m_s, safe_s, alpha_s = online_max_update(m_s, s)
-            m_t, safe_t, alpha_t = online_max_update(m_t, t)
-            e_s = tl.exp(s - safe_s)
-            e_t = tl.exp(t - safe_t)
-            d_s = d_s * alpha_s + tl.sum(e_s, axis=0)
-            d_t = d_t * alpha_t + tl.sum(e_t, axis=0)
-            if DIVERGENCE == KL:
-                cross = cross * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (t - s), 0.0), axis=0)
-            if DIVERGENCE == REVERSE_KL:
-                cross = cross * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (s - t), 0.0), axis=0)
-            if HAS_CE:
-                m_z, safe_z, alpha_z = online_max_update(m_z, z)
-                d_z = d_z * alpha_z + tl.sum(tl.exp(z - safe_z), axis=0)
+            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, V, inv_temperature, ACC_DTYPE)
+            m_s, d_s, m_t, d_t, m_z, d_z, cross = fold_row_statistics(
+                m_s, d_s, m_t, d_t, m_z, d_z, cross, z, s, t, DIVERGENCE, HAS_CE)
         log_d_s, log_d_t, log_d_z = tl.log(d_s), tl.log(d_t), tl.log(d_z)
         lse_s = m_s + log_d_s
         lse_t = m_t + log_d_t
@@ -99,7 +80,7 @@ def kd_forward_kernel(
         a2 = tl.zeros((BLOCK_V,), ACC_DTYPE)
         if DIVERGENCE >= JSD:
             for start in range(0, V, BLOCK_V):
-                z, s, t, mask = _load_row_block(z_row, t_row, start, cols, V, inv_temperature, ACC_DTYPE)
+                z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, V, inv_temperature, ACC_DTYPE)
                 ls = (s - m_s) - log_d_s
                 lt = (t - m_t) - log_d_t
                 b1, b2 = row_scalar_terms(ls, lt, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
@@ -134,7 +115,7 @@ def kd_forward_kernel(
         # Pass 3: the gradient.
         soft_grad_scale = soft_scale * inv_temperature
         for start in range(0, V if WRITE_GRAD else 0, BLOCK_V):
-            z, s, t, mask = _load_row_block(z_row, t_row, start, cols, V, inv_temperature, ACC_DTYPE)
+            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, V, inv_temperature, ACC_DTYPE)
             ls = (s - m_s) - log_d_s
             lt = (t - m_t) - log_d_t
             g = divergence_grad(ls, lt, s - t, A1, A2, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)

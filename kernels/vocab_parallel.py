@@ -30,8 +30,7 @@ without reading the logits. Bytes moved per element are those of the fused singl
 import triton
 import triton.language as tl
 
-from .divergences import JSD, KL, REVERSE_KL, divergence_grad, row_scalar_terms
-from .row_stats import online_max_update
+from .divergences import divergence_grad, fold_row_statistics, load_scaled_block, row_scalar_terms
 
 # Columns of STATS [N, 8] and ROW [N, 7]; fastkd/launch_vocab_parallel.py names the same order.
 # (constexpr: jit code may read only constexpr globals.)
@@ -39,14 +38,6 @@ M_S, M_T, M_Z, D_S, D_T, D_Z, CROSS, Z_Y = (tl.constexpr(i) for i in range(8))
 LSE_S, LSE_T, LSE_Z, DIV, A1, A2, NAN_ROW = (tl.constexpr(i) for i in range(7))
 STATS_WIDTH = tl.constexpr(8)
 ROW_WIDTH = tl.constexpr(7)
-
-
-@triton.jit
-def _load_shard_block(z_row, t_row, start, cols, W, inv_temperature, ACC_DTYPE: tl.constexpr):
-    mask = start + cols < W
-    z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
-    t = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE) * inv_temperature
-    return z, z * inv_temperature, t, mask
 
 
 @triton.jit
@@ -77,20 +68,9 @@ def partial_stats_kernel(
     z_y = tl.zeros((), ACC_DTYPE)
     if kept:
         for start in range(0, W, BLOCK_V):
-            z, s, t, mask = _load_shard_block(z_row, t_row, start, cols, W, inv_temperature, ACC_DTYPE)
-            m_s, safe_s, alpha_s = online_max_update(m_s, s)
-            m_t, safe_t, alpha_t = online_max_update(m_t, t)
-            e_s = tl.exp(s - safe_s)
-            e_t = tl.exp(t - safe_t)
-            d_s = d_s * alpha_s + tl.sum(e_s, axis=0)
-            d_t = d_t * alpha_t + tl.sum(e_t, axis=0)
-            if DIVERGENCE == KL:
-                cross = cross * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (t - s), 0.0), axis=0)
-            if DIVERGENCE == REVERSE_KL:
-                cross = cross * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (s - t), 0.0), axis=0)
-            if HAS_CE:
-                m_z, safe_z, alpha_z = online_max_update(m_z, z)
-                d_z = d_z * alpha_z + tl.sum(tl.exp(z - safe_z), axis=0)
+            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature, ACC_DTYPE)
+            m_s, d_s, m_t, d_t, m_z, d_z, cross = fold_row_statistics(
+                m_s, d_s, m_t, d_t, m_z, d_z, cross, z, s, t, DIVERGENCE, HAS_CE)
         if HAS_CE:
             local_label = label - vocab_start
             owned = (local_label >= 0) & (local_label < W)
@@ -126,7 +106,7 @@ def row_scalars_kernel(
         lse_s = tl.load(row_ptr + row * ROW_WIDTH + LSE_S)
         lse_t = tl.load(row_ptr + row * ROW_WIDTH + LSE_T)
         for start in range(0, W, BLOCK_V):
-            z, s, t, mask = _load_shard_block(z_row, t_row, start, cols, W, inv_temperature, ACC_DTYPE)
+            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature, ACC_DTYPE)
             b1, b2 = row_scalar_terms(s - lse_s, t - lse_t, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
             a1 += tl.where(mask, b1, 0.0)
             a2 += tl.where(mask, b2, 0.0)
@@ -163,7 +143,7 @@ def shard_gradient_kernel(
         A2_row = tl.load(values + A2)
         nan_row = tl.load(values + NAN_ROW)
         for start in range(0, W, BLOCK_V):
-            z, s, t, mask = _load_shard_block(z_row, t_row, start, cols, W, inv_temperature, ACC_DTYPE)
+            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature, ACC_DTYPE)
             g = soft_grad_scale * divergence_grad(s - lse_s, t - lse_t, s - t, A1_row, A2_row,
                                                   mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
             g += nan_row
