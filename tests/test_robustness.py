@@ -171,9 +171,19 @@ def test_inplace_keeps_no_reference_to_the_overwritten_logits(backend):
     del logits, loss
     gc.collect()
     assert ref() is None
-    aliases = [o for o in gc.get_objects()
-               if issubclass(type(o), torch.Tensor) and o.untyped_storage().data_ptr() == ptr]
-    assert not aliases, "a tensor still holds the overwritten logits' storage"
+    assert not any(_storage_ptr(o) == ptr for o in gc.get_objects()), \
+        "a tensor still holds the overwritten logits' storage"
+
+
+def _storage_ptr(obj):
+    """The data pointer of a real tensor's storage; None for anything else (fake tensors that
+    other tests' torch.compile runs leave behind have none)."""
+    if not issubclass(type(obj), torch.Tensor):
+        return None
+    try:
+        return obj.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
 
 
 @pytest.mark.gpu
