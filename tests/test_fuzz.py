@@ -170,16 +170,16 @@ def _row_error_scales(s, t, c, scale_eps):
     return soft * soft_scale + hard, soft * soft_scale / c["temperature"] + hard
 
 
-def _assert_close(actual, oracle, same, dtype, absolute, what, relative=0.0):
+def _assert_close(actual, oracle, same, dtype, absolute, what, relative=0.0, roundings=1.0):
     """|actual - oracle| <= the same-dtype reference's error + 2 ulp of ``dtype`` + ``absolute``
-    (+ ``relative`` * |oracle|)."""
+    (+ ``relative`` * |oracle|). ``roundings`` counts the subnormal spacings a result may be off."""
     actual, oracle, same = actual.double(), oracle.double(), same.double()
     assert actual.shape == oracle.shape, (what, actual.shape, oracle.shape)
     assert torch.isfinite(oracle).all(), f"{what}: the case generator made a non-finite oracle"
     assert torch.isfinite(actual).all(), f"{what}: not finite where the oracle is: {actual}"
     err = (actual - oracle).abs()
     smallest = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the subnormal spacing
-    allowed = (same - oracle).abs() + (2 * EPS[dtype] + relative) * oracle.abs() + absolute + smallest
+    allowed = (same - oracle).abs() + (2 * EPS[dtype] + relative) * oracle.abs() + absolute + smallest * roundings
     assert (err <= allowed).all(), (
         f"{what}: error {err.max():.3g} exceeds allowance by {(err - allowed).max():.3g}")
 
@@ -220,8 +220,11 @@ def run_case(c, backend):
         rows = torch.ones(c["lead"], dtype=torch.bool)
         if c["divergence"] == "tvd":
             rows = ~_tvd_near_ties(s_in, teacher, c)
-        _assert_close(grad[rows], grad64[rows], grad_same[rows], c["student_dtype"],
-                      (row_grad_err * grad_factor * up.expand(grad.shape))[rows], "gradient")
+        # The gradient is stored in the student dtype in the forward and scaled in the backward: in
+        # fp16's subnormal range the first rounding's absolute error grows with the upstream scale.
+        scale = (grad_factor * up).expand(grad.shape)[rows]
+        _assert_close(grad[rows], grad64[rows], grad_same[rows], c["student_dtype"], row_grad_err * scale,
+                      "gradient", roundings=1 + scale)
 
 
 def _tvd_near_ties(s, t, c):
@@ -282,6 +285,10 @@ FOUND = {
     "skew_reverse_kl_at_skew_0_scaled_logits": dict(
         seed=2**31 - 1, lead=(5,), V=32, scale=1e4, divergence="skew_reverse_kl", skew=0.0, labels="some_ignored",
         hard_weight=0.5, t2_scale=False, upstream=-0.7),
+    # fp16 gradient in the subnormal range, rounded once unscaled (forward), once scaled (backward).
+    "float16_subnormal_gradient_double_rounding": dict(
+        lead=(3,), V=17, student_dtype=torch.float16, teacher_dtype=torch.float64, temperature=0.0625, scale=1.0,
+        divergence="reverse_kl", skew=0.0, reduction="none", upstream=3.0),
     # float64 student, Triton: 1 / T = 1 / 3 is a float32 kernel scalar, so s carries float32 rounding
     # (a documented limit; the fix was to the tolerance, which had assumed float64 scalars).
     "float64_path_float32_inv_temperature": dict(
