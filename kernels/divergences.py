@@ -21,9 +21,10 @@ skew_reverse_kl   A1 = sum q (ls - lM)           1-a, a         q_j (ls_j - lM_j
 tvd               A1 / 2, A1 = sum |p - q|       -              q_j (A2 - sign(p_j - q_j)) / 2
                   A2 = sum q sign(p - q)                        (subgradient 0 where p = q)
 
-fold_row_statistics is the first pass over a row (or a shard of it); row_scalar_terms gives the per-element terms of A1, A2 (the caller sums them over a row, or over a
-shard and then across ranks); divergence_grad gives dD/ds_j from ls, lt, s - t and the row's A1, A2
-(reverse_kl passes E as A1).
+fold_row_statistics is the first pass over a row (or a shard of it); row_scalar_terms gives the
+per-element terms of A1, A2 (the caller sums them over a row, or over a shard and then across
+ranks); divergence_grad gives dD/ds_j from ls, lt, s - t and the row's A1, A2 (reverse_kl passes E
+as A1).
 """
 import triton
 import triton.language as tl
