@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .divergences import (JSD, KL, REVERSE_KL, TVD, divergence_grad, fold_row_statistics, load_scaled_block,
                           row_scalar_terms)
+from .row_stats import row_label
 
 
 @triton.jit
@@ -51,11 +52,7 @@ def kd_forward_kernel(
     g_row = grad_ptr + row * grad_row_stride
     cols = tl.arange(0, BLOCK_V)
 
-    valid = True
-    label = 0
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        valid = label != ignore_index
+    label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
 
     if valid:
         # Pass 1: log-sum-exps (and the kl / reverse_kl cross term).

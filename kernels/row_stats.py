@@ -26,3 +26,14 @@ def log_add_exp(a, b):
     lo = tl.minimum(a, b)
     hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
     return tl.where(hi == float("-inf"), float("-inf"), hi + tl.log(1.0 + tl.exp(lo - hi_safe)))
+
+
+@triton.jit
+def row_label(labels_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
+    """This row's label (0 without labels) and whether the row counts (its label is not ignore_index)."""
+    kept = True
+    label = 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        kept = label != ignore_index
+    return label, kept

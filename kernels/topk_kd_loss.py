@@ -54,14 +54,8 @@ Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading anyth
 import triton
 import triton.language as tl
 
-from .row_stats import log_add_exp, online_max_update
-
-KL = tl.constexpr(0)
-REVERSE_KL = tl.constexpr(1)
-JSD = tl.constexpr(2)
-SKEW_KL = tl.constexpr(3)
-SKEW_REVERSE_KL = tl.constexpr(4)
-TVD = tl.constexpr(5)
+from .divergences import JSD, KL, REVERSE_KL, SKEW_KL, TVD
+from .row_stats import log_add_exp, online_max_update, row_label
 
 BUCKET = tl.constexpr(0)
 RENORMALIZE = tl.constexpr(1)
@@ -145,11 +139,7 @@ def topk_kd_forward_kernel(
     cols = tl.arange(0, BLOCK_V)
     lanes = tl.arange(0, BLOCK_K)
 
-    valid = True
-    label = 0
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        valid = label != ignore_index
+    label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
 
     if valid:
         # (A) The listed points: smallest s, lse over the listed s and over lt, index check.

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .divergences import divergence_grad, fold_row_statistics, load_scaled_block, row_scalar_terms
+from .row_stats import row_label
 
 # Columns of STATS [N, 8] and ROW [N, 7]; fastkd/launch_vocab_parallel.py names the same order.
 # (constexpr: jit code may read only constexpr globals.)
@@ -52,11 +53,7 @@ def partial_stats_kernel(
     t_row = t_ptr + row * t_row_stride
     out = stats_ptr + row * STATS_WIDTH
     cols = tl.arange(0, BLOCK_V)
-    kept = True
-    label = 0
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        kept = label != ignore_index
+    label, kept = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
 
     m_s = tl.full((), float("-inf"), ACC_DTYPE)
     m_t = tl.full((), float("-inf"), ACC_DTYPE)
@@ -127,11 +124,7 @@ def shard_gradient_kernel(
     t_row = t_ptr + row * t_row_stride
     g_row = grad_ptr + row * grad_row_stride
     cols = tl.arange(0, BLOCK_V)
-    kept = True
-    label = 0
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        kept = label != ignore_index
+    label, kept = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
 
     if kept:
         local_label = label - vocab_start
