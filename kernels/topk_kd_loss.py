@@ -205,10 +205,11 @@ def topk_kd_forward_kernel(
             S += tl.sum(tl.where(live, h, 0.0), axis=0)
         g_tail = 0.0
         if TAIL == BUCKET:
-            term, h, g = point_terms(lp_tail, lq_tail, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
-            D += term
-            S += h
-            g_tail = tl.where(lq_tail > float("-inf"), g, 0.0)
+            term_tail, h_tail, g_at_tail = point_terms(lp_tail, lq_tail, mix_weight, log_weight_p, log_weight_q,
+                                                       DIVERGENCE)
+            D += term_tail
+            S += h_tail
+            g_tail = tl.where(lq_tail > float("-inf"), g_at_tail, 0.0)
         c_tail = g_tail - S
 
         loss = soft_scale * D
