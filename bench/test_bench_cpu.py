@@ -178,6 +178,7 @@ def test_python_dash_m_fastkd_bench_lists_the_default_cases(monkeypatch, capsys)
     assert "kd_loss/kl fp32 fwd+bwd N=4096 V=32000" in capsys.readouterr().out
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="liger_kernel needs a CUDA device")
 @pytest.mark.parametrize("case", [Case("kd_loss", "kl", "fp32", 64, 4096, "fwd+bwd"),
                                   Case("kd_loss", "jsd", "fp32", 64, 4096, "fwd+bwd")], ids=["kl", "jsd"])

@@ -169,6 +169,29 @@ def test_degenerate_rows_are_nan_as_in_kd_loss(divergence, backend, monkeypatch)
     torch.testing.assert_close(torch.cat([g[good] for _, g, _ in results], 1), grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("divergence, skew", [("skew_kl", 1e-300), ("skew_reverse_kl", 0.0)])
+def test_underflowed_probabilities_with_extreme_skews(divergence, skew, backend, monkeypatch):
+    """float32 at T = 0.05: q underflows to 0 at columns whose log q is finite. There skew_kl's
+    r = p q / M tends to p / (1 - a) when a << q (a one-hot teacher on the student's least likely
+    column), and skew_reverse_kl's a q / M at a = 0 must stay 0, never 0 * inf."""
+    monkeypatch.setattr(fastkd.launch, "MAX_BLOCK_V", 4)
+    widths = (6, 5)
+    student, teacher, labels, starts = make_case(widths, seed=6, n_rows=5)
+    if divergence == "skew_kl":
+        least = student.masked_fill(student == float("-inf"), float("inf")).argmin(1)
+        teacher = torch.full_like(teacher, float("-inf")).scatter_(1, least[:, None], 0.0)
+    kw = dict(divergence=divergence, temperature=0.05, skew=skew, hard_weight=0.5)
+    log_q = (student.double() / 0.05).log_softmax(-1)
+    assert ((log_q > -700) & (log_q.exp().float() == 0)).any(), "no q underflowed"
+    results, _ = simulate(student, teacher, labels, starts, widths, make_options(**kw), backend)
+    rows, grad = oracle_rows(student, teacher, labels, **kw)
+    assert rows.isfinite().all() and grad.isfinite().all()
+    for row_loss, _, _ in results:
+        torch.testing.assert_close(row_loss.double(), rows, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat([g for _, g, _ in results], 1).double(), grad, rtol=1e-4, atol=1e-4)
+
+
 def test_partial_stats_kernel_matches_torch_peer(monkeypatch):
     monkeypatch.setattr(fastkd.launch, "MAX_BLOCK_V", 4)
     student, teacher, labels, _ = make_case((6, 9), seed=4, n_rows=6)
