@@ -61,6 +61,7 @@ import torch.distributed as dist  # importing it initialises nothing
 from . import launch_vocab_parallel, torch_vocab_parallel
 from .autograd import _rows, scaled_student_grad
 from .backends import resolve_backend
+from .buffers import empty
 from .checks import check_label_range
 from .launch_vocab_parallel import ROW, STATS
 from .options import check_kd_inputs, make_options
@@ -94,7 +95,7 @@ def forward_steps(student, teacher, labels, opts, backend, vocab_start, *, need_
     stats = impl.partial_stats(student, teacher, labels, opts, vocab_start)
 
     # Exchange 1, MAX: the row maxima of s and t, and the layout check values (end, -start).
-    maxima = stats.new_empty(2 * N + 2)
+    maxima = empty(2 * N + 2, dtype=stats.dtype, device=stats.device)
     maxima[: 2 * N].view(N, 2).copy_(stats[:, M_S: M_T + 1])  # adjacent columns: a slice, no index tensor
     maxima[2 * N] = vocab_start + W
     maxima[2 * N + 1] = -vocab_start
@@ -110,7 +111,7 @@ def forward_steps(student, teacher, labels, opts, backend, vocab_start, *, need_
     if has_ce:
         columns += [_rescaled(stats, D_Z, M_Z, T * max_s), stats[:, Z_Y]]
     k = len(columns)
-    sums = stats.new_empty(N * k + 1)
+    sums = empty(N * k + 1, dtype=stats.dtype, device=stats.device)
     sums[: N * k].view(N, k).copy_(torch.stack(columns, 1))
     sums[N * k] = W
     yield sums, "sum"

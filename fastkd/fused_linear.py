@@ -40,7 +40,7 @@ from torch import Tensor
 from . import launch, torch_backend
 from .autograd import _graph_is_kept, items_normaliser
 from .backends import resolve_backend
-from .buffers import accumulation_dtype
+from .buffers import accumulation_dtype, empty
 from .ops import autocast_off, pack_kd_scalars, unpack_kd_options
 from .options import FLOAT_DTYPES, check_backend, check_logits, check_num_items_in_batch, make_options
 
@@ -95,13 +95,13 @@ def _chunked_pass(hidden, weight, bias, teacher, labels, opts, backend, chunk, *
     device = hidden.device
     t_dtype = teacher[1].dtype
     row_loss = torch.zeros(N, dtype=accumulation_dtype(hidden.dtype, t_dtype), device=device)
-    grad_hidden = torch.empty((N, hidden.shape[1]), dtype=hidden.dtype, device=device) if want_hidden else None
+    grad_hidden = empty((N, hidden.shape[1]), dtype=hidden.dtype, device=device) if want_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=device) if want_weight else None
     grad_bias = torch.zeros(V, dtype=acc, device=device) if want_bias else None
 
     rows = min(chunk, N)
-    z_buffer = torch.empty((rows, V), dtype=hidden.dtype, device=device)
-    t_buffer = torch.empty((rows, V), dtype=t_dtype, device=device) if teacher[0] == "linear" else None
+    z_buffer = empty((rows, V), dtype=hidden.dtype, device=device)
+    t_buffer = empty((rows, V), dtype=t_dtype, device=device) if teacher[0] == "linear" else None
     impl = _impl(backend)
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)

@@ -15,17 +15,20 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore_index=-100,
                  hard_weight=0.0, soft_weight=1.0, t2_scale=True, reduction="batchmean",
-                 inplace=False, backend="auto"):
+                 inplace=False, backend="auto", check_finite=False):
         super().__init__()
         self.options = dict(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                             ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                             t2_scale=t2_scale, reduction=reduction)
         make_options(**self.options)
-        self.inplace, self.backend = inplace, check_backend(backend)
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+        self.inplace, self.backend, self.check_finite = inplace, check_backend(backend), check_finite
 
     def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
         return kd_loss(student_logits, teacher_logits, labels=labels, inplace=self.inplace,
-                       backend=self.backend, num_items_in_batch=num_items_in_batch, **self.options)
+                       backend=self.backend, check_finite=self.check_finite,
+                       num_items_in_batch=num_items_in_batch, **self.options)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

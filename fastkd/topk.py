@@ -64,8 +64,8 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="buc
     Index checks read the indices (a device synchronisation), so they run on the torch backend,
     and on the Triton path only with ``validate_indices=True`` or ``FASTKD_DEBUG=1`` in the
     environment; they raise ValueError for an index outside [0, V) or repeated in a row. Unchecked,
-    an index outside [0, V) makes its row NaN (loss and gradient) and a repeated index gives a
-    wrong loss. ``validate_indices=False`` skips the checks everywhere.
+    either makes its row NaN (loss and gradient). ``validate_indices=False`` skips the checks
+    everywhere.
     """
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,

@@ -24,10 +24,6 @@ def _where_live(live, x):
     return torch.where(live, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _sign(p, q):
-    return torch.sign(p - q)
-
-
 def _finite_products(x):
     """``x`` with the NaNs of ``0 * inf`` (a zero probability times an infinite log-ratio) set to 0."""
     return x.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
@@ -35,8 +31,8 @@ def _finite_products(x):
 
 def divergence_and_grad(s, t, q, p, lse_s, lse_t, opts: KDOptions):
     """Per-row divergence D(p || q) ``[rows]`` and dD/ds ``[rows, V]`` from the tempered logits
-    ``s``, ``t``, their softmaxes ``q``, ``p`` and log-sum-exps ``[rows, 1]``. kl and reverse_kl work
-    in place: they overwrite ``s`` and ``q`` (kl) or ``s`` and ``t`` (reverse_kl)."""
+    ``s``, ``t``, their softmaxes ``q``, ``p`` and log-sum-exps ``[rows, 1]``. Works in place where
+    it can: overwrites ``s`` and ``t``, and ``q`` for kl; ``p`` is left alone."""
     name = opts.divergence
     if name == "kl":
         cross = _finite_products(torch.sub(t, s, out=s).mul_(p)).sum(-1)  # sum p (t - s)
@@ -47,11 +43,13 @@ def divergence_and_grad(s, t, q, p, lse_s, lse_t, opts: KDOptions):
         diff = torch.sub(s, t, out=s)
         E = _finite_products(torch.mul(diff, q, out=t)).sum(-1, keepdim=True)
         return (E - (lse_s - lse_t))[:, 0], _finite_products(diff.sub_(E).mul_(q))
-    ls, lt = s - lse_s, t - lse_t
     if name == "tvd":
-        sign = _sign(p, q)
-        A2 = (q * sign).sum(-1, keepdim=True)
-        return 0.5 * (p - q).abs().sum(-1), 0.5 * q * (A2 - sign)
+        diff = torch.sub(p, q, out=t)
+        D = 0.5 * torch.linalg.vector_norm(diff, 1, dim=-1)
+        sign = diff.sign_()
+        A2 = torch.mul(q, sign, out=s).sum(-1, keepdim=True)
+        return D, sign.sub_(A2).mul_(q).mul_(-0.5)  # q (A2 - sign) / 2
+    ls, lt = s.sub_(lse_s), t.sub_(lse_t)
     mix, log_wp, log_wq = opts.mixture_weights()
     lm = torch.logaddexp(lt + log_wp, ls + log_wq)
     if name == "jsd":
@@ -102,7 +100,7 @@ def kd_forward(student, teacher, labels, opts: KDOptions, *, inplace=False, need
     grad = gradient_buffer(student, inplace, need_grad)
     inv_T = 1.0 / opts.temperature
     rows = max(1, min(N, chunk_rows(V, chunk_bytes or CHUNK_BYTES)))
-    ws_s, ws_t, ws_q, ws_p = (torch.empty((rows, V), dtype=acc, device=student.device) for _ in range(4))
+    ws_s, ws_t, ws_q, ws_p = (empty((rows, V), dtype=acc, device=student.device) for _ in range(4))
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         s, t, q, p = ws_s[: r1 - r0], ws_t[: r1 - r0], ws_q[: r1 - r0], ws_p[: r1 - r0]

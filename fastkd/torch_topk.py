@@ -59,7 +59,8 @@ def point_terms(lp, lq, opts: KDOptions):
         g = (1 - mix) * (lq - lm)
         return term, _where_live(q > 0, q * g), g
     if name == "skew_kl":
-        r = torch.where(q > 0, (lp + lq - lm).exp(), p if mix == 0 else torch.zeros_like(p))
+        # r = p q / M, guarded by lq (not q): with a tiny skew, r ~ p where q underflows.
+        r = torch.where(lq > float("-inf"), (lp + lq - lm).exp(), p if mix == 0 else torch.zeros_like(p))
         return _where_live(p > 0, p * (lp - lm)), -(1 - mix) * r, -(1 - mix) * (lp - lm).exp()
     if name == "skew_reverse_kl":
         g = lq - lm + 1 - mix * (lq - lm).exp()
@@ -84,8 +85,8 @@ def _hard_ce(z, labels, need_grad):
 
 def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, opts: KDOptions, tail, *,
                     inplace=False, need_grad=True, chunk_bytes=None):
-    """Per-row loss ``[N]`` and student gradient ``[N, V]``, as ``fastkd.launch_topk.topk_kd_forward``.
-    Indices must be valid (distinct, in [0, V)) in the rows that are not ignored: the caller checks."""
+    """Per-row loss ``[N]`` and student gradient ``[N, V]``, as ``fastkd.launch_topk.topk_kd_forward``:
+    a row with an index outside [0, V) is NaN; repeated indices must not occur (the caller sees to it)."""
     N, V = student.shape
     K = teacher_logprobs.shape[1]
     acc = accumulation_dtype(student.dtype, teacher_logprobs.dtype)
@@ -97,20 +98,21 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, opts: KD
         z = student[r0:r1]
         index = teacher_indices[r0:r1].long()
         label = None if labels is None else labels[r0:r1]
-        if label is not None:  # ignored rows may hold anything: give them valid indices
-            dummy = torch.arange(K, device=index.device).expand_as(index)
-            index = torch.where((label != opts.ignore_index)[:, None], index, dummy)
+        # A row with an index outside [0, V) is NaN, as in the kernel; it and the ignored rows (which
+        # may hold anything) compute on valid stand-in indices.
+        defined = ((index >= 0) & (index < V)).all(-1)
+        index = torch.where(defined[:, None], index, torch.arange(K, device=index.device).expand_as(index))
         lt = teacher_logprobs[r0:r1].to(acc)
         row_loss = torch.zeros(r1 - r0, dtype=acc, device=student.device)
-        defined = torch.ones(r1 - r0, dtype=torch.bool, device=student.device)
         if label is not None and opts.hard_weight != 0:  # before z's storage may become the gradient
-            ce, ce_grad, defined = _hard_ce(z.to(acc), label, grad is not None)
+            ce, ce_grad, label_in_range = _hard_ce(z.to(acc), label, grad is not None)
+            defined = defined & label_in_range
             row_loss += opts.hard_weight * ce
 
         # One [rows, V] buffer, the gradient's own rows when they are in the accumulation dtype:
         # s = z / T, then e = exp(s - max s), then e at the unlisted columns, then the gradient.
         rows = None if grad is None else grad[r0:r1]
-        e = rows if rows is not None and rows.dtype == acc else torch.empty_like(z, dtype=acc)
+        e = rows if rows is not None and rows.dtype == acc else empty(z.shape, dtype=acc, device=z.device)
         torch.mul(z, 1.0 / T, out=e)
         s_listed = e.gather(1, index)
         m = e.amax(-1, keepdim=True)

@@ -48,7 +48,8 @@ scattered over it. Bytes per row, b_s the student element size: 2 b_s V read (th
 mostly from L2 on a GPU), b_s V written, plus about 3 k (4 + 4 + b_s) gathered and 8 k of scratch.
 Undefined rows get a NaN loss and an all-NaN gradient row, as in kernels/kd_loss.py: a student row
 with no finite lse(s), an index outside [0, V) (never an out-of-bounds access) and, with the hard
-CE, a label outside [0, V). Repeated indices are not detected here (see ``validate_indices``).
+CE, a label outside [0, V). Repeated indices are not detected here: fastkd.autograd_topk sets a
+row that repeats one out of range first.
 Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading anything else.
 """
 import triton
@@ -89,7 +90,9 @@ def point_terms(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.c
         elif DIVERGENCE == SKEW_KL:
             term = tl.where(p > 0, p * (lp - lm), 0.0)
             g = -(1.0 - mix_weight) * tl.exp(lp - lm)
-            h = -(1.0 - mix_weight) * tl.where(q > 0, tl.exp(lp + lq - lm), tl.where(mix_weight == 0, p, 0.0))
+            # p q / M guarded by lq (not q): with a tiny skew, it is ~ p where q underflows.
+            h = -(1.0 - mix_weight) * tl.where(lq > float("-inf"), tl.exp(lp + lq - lm),
+                                               tl.where(mix_weight == 0, p, 0.0))
         else:
             term = tl.where(q > 0, q * (lq - lm), 0.0)
             g = lq - lm + 1.0 - mix_weight * tl.exp(lq - lm)

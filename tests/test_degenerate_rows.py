@@ -214,6 +214,16 @@ def test_check_finite_out_of_range_label_and_type():
     assert torch.isfinite(fastkd.kd_loss(s, t, labels=labels, hard_weight=1.0, check_finite=True))
 
 
+def test_kd_loss_module_takes_check_finite():
+    s, t = torch.randn(3, 8), torch.randn(3, 8)
+    s[2, 1] = NAN
+    assert torch.isnan(fastkd.KDLoss()(s, t))
+    with pytest.raises(ValueError, match="^check_finite: student_logits row 2 contains NaN"):
+        fastkd.KDLoss(check_finite=True)(s, t)
+    with pytest.raises(TypeError, match="check_finite must be a bool"):
+        fastkd.KDLoss(check_finite="yes")
+
+
 # Softmax and log-softmax: a row without a distribution is NaN, as in torch; other rows untouched.
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -120,6 +120,41 @@ def test_poisoned_buffers_never_reach_results(poisoned, backend, reduction):
         assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_poisoned_buffers_never_reach_fused_linear_or_topk_results(poisoned, backend):
+    """The same for the fused linear loss (chunks that do not divide N, ignored rows, the teacher as
+    hidden + weight and as logits) and the top-k ops (k = V, k = 1, the three tails)."""
+    hidden, weight, bias = torch.randn(7, 8).requires_grad_(True), torch.randn(21, 8), torch.randn(21)
+    t_hidden, t_weight = torch.randn(7, 6), torch.randn(21, 6)
+    labels = torch.tensor([0, -100, 20, 5, -100, 6, 7])
+    for teacher in (dict(teacher_hidden=t_hidden, teacher_weight=t_weight),
+                    dict(teacher_logits=t_hidden @ t_weight.T)):
+        for reduction in ("none", "batchmean"):
+            kw = dict(labels=labels, hard_weight=0.5, reduction=reduction, temperature=1.5)
+            w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+            loss = fastkd.fused_linear_kd_loss(hidden, w, student_bias=b, backend=backend, chunk_size=3,
+                                               **teacher, **kw)
+            grads = torch.autograd.grad(loss.sum(), (hidden, w, b))
+            logits = (hidden.double() @ w.double().T + b.double()).detach().requires_grad_(True)
+            t_logits = (t_hidden @ t_weight.T).double()
+            expected = reference.kd_loss(logits, t_logits, **kw)
+            (g_logits,) = torch.autograd.grad(expected.sum(), logits)
+            torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5)
+            for got, want in zip(grads, (g_logits @ w.double(), g_logits.T @ hidden.double(), g_logits.sum(0))):
+                torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    s, t = torch.randn(3, 23), torch.randn(3, 23)
+    for k in (1, 5, 23):
+        logprobs, indices = fastkd.teacher_topk(t, k, temperature=2.0, backend=backend)
+        assert torch.isfinite(logprobs).all() and ((indices >= 0) & (indices < 23)).all()
+        for tail in ("bucket", "renormalize", "ignore"):
+            x = s.clone().requires_grad_(True)
+            loss = fastkd.topk_kd_loss(x, logprobs, indices, tail=tail, temperature=2.0, labels=labels[:3],
+                                       hard_weight=0.5, reduction="none", backend=backend)
+            loss.sum().backward()
+            assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all(), (k, tail)
+            assert (loss[1] == 0) and (x.grad[1] == 0).all(), "an ignored row"
+
+
 # Memory
 
 def _live_tensors():

@@ -231,14 +231,33 @@ def test_minus_inf_student_logits_and_empty_input(device, backend):
     assert empty.shape == (0,)
 
 
-def test_out_of_range_index_unchecked_is_a_nan_row(device, monkeypatch):
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+def test_out_of_range_index_unchecked_is_a_nan_row(device, monkeypatch, backend):
     monkeypatch.delenv("FASTKD_DEBUG", raising=False)
     lp, idx, _ = sparse_teacher(3, 12, 3, device=device)
     idx[1, 2] = 12
     s = logits(3, 12, dtype=torch.float64, device=device)
-    loss, grad = loss_and_grad(fastkd.topk_kd_loss, s, lp, idx, reduction="none", backend="triton")
+    loss, grad = loss_and_grad(fastkd.topk_kd_loss, s, lp, idx, reduction="none", backend=backend,
+                               validate_indices=False)
     assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
     assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+@pytest.mark.parametrize("tail", ("bucket", "renormalize", "ignore"))
+def test_repeated_index_unchecked_is_a_nan_row(device, monkeypatch, backend, tail):
+    monkeypatch.delenv("FASTKD_DEBUG", raising=False)
+    lp, idx, _ = sparse_teacher(3, 12, 3, device=device)
+    idx[1, 2] = idx[1, 0]
+    s = logits(3, 12, dtype=torch.float64, device=device)
+    loss, grad = loss_and_grad(fastkd.topk_kd_loss, s, lp, idx, tail=tail, reduction="none", backend=backend,
+                               validate_indices=False)
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+    expected, expected_grad = loss_and_grad(reference.topk_kd_loss, s[[0, 2]], lp[[0, 2]], idx[[0, 2]], tail=tail,
+                                            reduction="none")
+    torch.testing.assert_close(loss[[0, 2]], expected)
+    torch.testing.assert_close(grad[[0, 2]], expected_grad)
 
 
 @pytest.mark.parametrize("how", ("torch_backend", "argument", "environment"))
