@@ -72,7 +72,10 @@ fi
 log "GPU tests"
 # The tests marked gpu (compiled kernels on CUDA tensors against the float64 reference, compile,
 # autocast); the rest of the suite drives CPU tensors through the interpreter, which CI covers.
-timeout -k 10 150 "$PY" -m pytest -q tests bench -m "gpu and not slow" --benchmark-disable -p no:cacheprovider >>"$LOG" 2>&1
+# pytest-xdist, where installed, spreads the kernels' compilation over 8 workers.
+PARALLEL=$("$PY" -c "import xdist" >/dev/null 2>&1 && echo "-n 8")
+timeout -k 10 150 "$PY" -m pytest -q tests bench -m "gpu and not slow" $PARALLEL --benchmark-disable \
+    -p no:cacheprovider >>"$LOG" 2>&1
 TESTS_RC=$?
 [ "$TESTS_RC" = 124 ] && log "tests stopped by their 150 s timeout"
 

@@ -24,6 +24,8 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
     for item in items:
+        if torch.cuda.is_available() and "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gpu)  # runs on CUDA tensors there: part of the GPU check
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not config.getoption("--run-slow"):
