@@ -8,7 +8,7 @@
 #   fused_linear_cuda.csv / .json              bench/bench_fused_linear.py --device cuda
 #   <gpu>_<date>.csv / .json / .md / _*.png   the bench's results (see bench/results/README.md)
 # Optional wheels (e.g. liger-kernel) placed in .whl/ are installed into /tmp/site first.
-# Usage: bash bench/gpu_check.sh OUTDIR
+# Usage: bash bench/gpu_check.sh OUTDIR      (BENCH_PRESET=smoke: a dry run of the plumbing on a CPU)
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -87,9 +87,10 @@ FUSED_RC=$?
 BENCH_S=$(left)
 [ "$BENCH_S" -gt 300 ] && BENCH_S=300
 [ "$BENCH_S" -lt 60 ] && BENCH_S=60 # (timeout 0 would mean none)
-log "fastkd bench --preset headline (timeout ${BENCH_S} s)"
+PRESET=${BENCH_PRESET:-headline}
+log "fastkd bench --preset $PRESET (timeout ${BENCH_S} s)"
 # `fastkd bench` through this interpreter (the console script may be missing or another Python's).
-timeout -k 30 "$BENCH_S" "$PY" -m fastkd.cli bench --preset headline --out "$OUT" >>"$LOG" 2>&1
+timeout -k 30 "$BENCH_S" "$PY" -m fastkd.cli bench --preset "$PRESET" --out "$OUT" >>"$LOG" 2>&1
 BENCH_RC=$?
 [ "$BENCH_RC" = 124 ] && log "bench stopped by its timeout (SIGTERM): its files hold the cases it finished"
 
