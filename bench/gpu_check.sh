@@ -7,7 +7,8 @@
 #   env.json         GPU, torch, triton, python, date, commit, exit status of each step
 #   fused_linear_cuda.csv / .json              bench/bench_fused_linear.py --device cuda
 #   <gpu>_<date>.csv / .json / .md / _*.png   the bench's results (see bench/results/README.md)
-# Optional wheels (e.g. liger-kernel) placed in .whl/ are installed into /tmp/site first.
+# Optional wheels (e.g. liger-kernel) placed in .whl/ are installed into /tmp/site first; .whl/ is
+# git-ignored, so a remote run must carry it (the device tool: carry=[".whl"]).
 # Usage: bash bench/gpu_check.sh OUTDIR      (BENCH_PRESET=smoke: a dry run of the plumbing on a CPU)
 set -uo pipefail
 

@@ -156,7 +156,7 @@ def test_reductions_and_module(device, backend):
     torch.testing.assert_close(module(s, lp, idx, labels), expected)
     # gradient accumulation: num_items_in_batch replaces the kept-row count of "batchmean"
     summed = reference.topk_kd_loss(s, lp, idx, labels=labels, reduction="sum")
-    accumulated = fastkd.topk_kd_loss(s, lp, idx, labels=labels, num_items_in_batch=torch.tensor(7),
+    accumulated = fastkd.topk_kd_loss(s, lp, idx, labels=labels, num_items_in_batch=torch.tensor(7, device=device),
                                       backend=backend)
     torch.testing.assert_close(accumulated, summed / 7)
 
@@ -179,7 +179,7 @@ def test_ignored_rows_may_hold_anything(device, backend):
     """Ignored rows get loss 0 and gradient 0, and their (invalid) indices are never read."""
     N, V, k = 3, 17, 4
     lp, idx, _ = sparse_teacher(N, V, k, device=device)
-    idx[0] = torch.tensor([-7, 3, 3, 99])
+    idx[0] = torch.tensor([-7, 3, 3, 99], device=device)
     s = logits(N, V, dtype=torch.float64, device=device)
     labels = torch.tensor([-100, 4, -100], device=device)
     expected, expected_grad = loss_and_grad(reference.topk_kd_loss, s, lp, idx, labels=labels, reduction="sum")
@@ -284,8 +284,9 @@ def test_argument_errors(device):
         ((s, lp, idx[:, :2]), {}, ValueError, "teacher_indices shape"),
         ((s, lp[:1], idx[:1]), {}, ValueError, "leading dims"),
         ((s, lp.clone().requires_grad_(), idx), {}, ValueError, "detach"),
-        ((s, torch.zeros(2, 11), torch.arange(11).expand(2, 11)), {}, ValueError, "k must be in"),
-        ((s, lp, idx), dict(labels=torch.zeros(3, dtype=torch.long)), ValueError, "labels shape"),
+        ((s, torch.zeros(2, 11, device=device), torch.arange(11, device=device).expand(2, 11)), {}, ValueError,
+         "k must be in"),
+        ((s, lp, idx), dict(labels=torch.zeros(3, dtype=torch.long, device=device)), ValueError, "labels shape"),
         ((s, lp, idx), dict(hard_weight=1.0), ValueError, "needs labels"),
         ((s, lp, idx), dict(validate_indices="yes"), TypeError, "validate_indices must be a bool"),
         ((s, lp, idx), dict(divergence="jsd", beta=1.0), ValueError, "beta"),
