@@ -198,8 +198,10 @@ def cpu_main(args, write):
 # GPU: CUDA memory statistics and events, in one process
 
 
-def _cuda_measure(torch, loss_fn, inputs, repeats):
+def _cuda_measure(loss_fn, inputs, repeats):
     """(extra peak MiB, [step seconds], loss) of one provider on CUDA."""
+    import torch
+
     _step(loss_fn, inputs)  # compiles and autotunes
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -251,8 +253,9 @@ def cuda_main(args, write, device="cuda"):
                                chunk_size=chunk if provider == "fused" else "", threads="",
                                device=torch.cuda.get_device_name())
                     try:
-                        extra, times, loss = _cuda_measure(torch, loss_fn, inputs, args.repeats)
+                        extra, times, loss = _cuda_measure(loss_fn, inputs, args.repeats)
                     except torch.cuda.OutOfMemoryError:
+                        inputs[0].grad = inputs[1].grad = None
                         torch.cuda.empty_cache()
                         print(f"{N:>6}{V:>8} {divergence:<11}{provider:<9} out of memory")
                         write(dict(row, metric="out_of_memory", unit="", value=1))

@@ -41,15 +41,13 @@ class Compiler:
     """Stands in for ``JITFunction.run``: compiles each distinct (kernel, types, constexprs,
     options) once for the target and returns without launching."""
 
-    def __init__(self, arch, verbose=True):
+    def __init__(self, arch):
         import triton
         from triton.backends.compiler import GPUTarget
 
         self.triton = triton
         self.target = GPUTarget("cuda", arch, 32)
         self.seen = set()
-        self.verbose = verbose
-        self.seconds = 0.0
 
     def run(self, fn, *args, grid, warmup, **kwargs):
         from triton.compiler import ASTSource
@@ -65,7 +63,6 @@ class Compiler:
         if key in self.seen:
             return None
         self.seen.add(key)
-        start = time.perf_counter()
         try:
             compiled = self.triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                            target=self.target, options=options)
@@ -73,10 +70,8 @@ class Compiler:
         except Exception as error:
             raise RuntimeError(f"{fn.__name__} does not compile for sm_{self.target.arch} with "
                                f"signature {signature}, constexprs {constexprs}, options {options}") from error
-        self.seconds += time.perf_counter() - start
-        if self.verbose:
-            shown = {k: v for k, v in constexprs.items() if k != "ACC_DTYPE"}
-            print(f"ok {fn.__name__} {signature.get(next(iter(signature)))} {shown} {options}", flush=True)
+        shown = {k: v for k, v in constexprs.items() if k != "ACC_DTYPE"}
+        print(f"ok {fn.__name__} {signature[next(iter(signature))]} {shown} {options}", flush=True)
         return None
 
     def install(self):
