@@ -42,7 +42,8 @@ from .autograd import _graph_is_kept, items_normaliser
 from .backends import resolve_backend
 from .buffers import accumulation_dtype, empty
 from .ops import autocast_off, pack_kd_scalars, unpack_kd_options
-from .options import FLOAT_DTYPES, check_backend, check_logits, check_num_items_in_batch, make_options
+from .options import (FLOAT_DTYPES, check_backend, check_labels, check_logits, check_num_items_in_batch,
+                      make_options)
 
 MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 1024
@@ -342,19 +343,7 @@ def check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hid
         for name, x in tensors:
             _check_teacher_constant(name, x)
 
-    if labels is None:
-        if opts.hard_weight > 0:
-            raise ValueError(f"hard_weight={opts.hard_weight} needs labels")
-        return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
-    if tuple(labels.shape) != lead:
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match the leading dims {lead} "
-                         "of student_hidden")
-    if labels.device != device:
-        raise ValueError(f"labels is on {labels.device} and student_hidden on {device}")
+    check_labels(student_hidden, labels, opts, name="student_hidden")
 
 
 def check_chunk_size(chunk_size):

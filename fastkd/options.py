@@ -131,8 +131,9 @@ def check_kd_inputs(student, teacher, labels, opts: KDOptions):
     check_labels(student, labels, opts)
 
 
-def check_labels(student, labels, opts: KDOptions):
-    """Check ``labels`` (or None) against the student logits ``[..., V]`` and the options."""
+def check_labels(student, labels, opts: KDOptions, *, name="student_logits"):
+    """Check ``labels`` (or None) against the leading dims and device of ``student`` (the logits
+    ``[..., V]``, or ``name``d another ``[..., X]`` tensor of the same rows) and the options."""
     if labels is None:
         if opts.hard_weight > 0:
             raise ValueError(f"hard_weight={opts.hard_weight} needs labels")
@@ -143,9 +144,9 @@ def check_labels(student, labels, opts: KDOptions):
         raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
     if labels.shape != student.shape[:-1]:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match the leading dims "
-                         f"{tuple(student.shape[:-1])} of student_logits")
+                         f"{tuple(student.shape[:-1])} of {name}")
     if labels.device != student.device:
-        raise ValueError(f"labels is on {labels.device} and student_logits on {student.device}")
+        raise ValueError(f"labels is on {labels.device} and {name} on {student.device}")
 
 
 def check_num_items_in_batch(num_items_in_batch, reduction):
