@@ -41,11 +41,18 @@ def _to_element_type(x, ptr):
 @triton.jit
 def kd_forward_kernel(
     z_ptr, z_row_stride, t_ptr, t_row_stride, labels_ptr, grad_ptr, grad_row_stride, loss_ptr,
-    V, inv_temperature, mix_weight, log_weight_p, log_weight_q,
-    soft_scale, hard_weight, ignore_index,
+    V, inv_temperature: tl.float64, mix_weight: tl.float64, log_weight_p: tl.float64, log_weight_q: tl.float64,
+    soft_scale: tl.float64, hard_weight: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
+    inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
+    mix_weight = tl.full((), mix_weight, ACC_DTYPE)
+    log_weight_p = tl.full((), log_weight_p, ACC_DTYPE)
+    log_weight_q = tl.full((), log_weight_q, ACC_DTYPE)
+    soft_scale = tl.full((), soft_scale, ACC_DTYPE)
+    hard_weight = tl.full((), hard_weight, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride

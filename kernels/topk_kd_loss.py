@@ -128,11 +128,18 @@ def _listed(z_row, lt_row, idx_row, k0, lanes, K, V, inv_temperature, ACC_DTYPE:
 def topk_kd_forward_kernel(
     z_ptr, z_row_stride, lt_ptr, lt_row_stride, idx_ptr, idx_row_stride, labels_ptr,
     grad_ptr, grad_row_stride, scratch_ptr, loss_ptr,
-    V, K, inv_temperature, mix_weight, log_weight_p, log_weight_q,
-    soft_scale, hard_weight, ignore_index,
+    V, K, inv_temperature: tl.float64, mix_weight: tl.float64, log_weight_p: tl.float64, log_weight_q: tl.float64,
+    soft_scale: tl.float64, hard_weight: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
+    inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
+    mix_weight = tl.full((), mix_weight, ACC_DTYPE)
+    log_weight_p = tl.full((), log_weight_p, ACC_DTYPE)
+    log_weight_q = tl.full((), log_weight_q, ACC_DTYPE)
+    soft_scale = tl.full((), soft_scale, ACC_DTYPE)
+    hard_weight = tl.full((), hard_weight, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     lt_row = lt_ptr + row * lt_row_stride

@@ -44,10 +44,12 @@ ROW_WIDTH = tl.constexpr(7)
 @triton.jit
 def partial_stats_kernel(
     z_ptr, z_row_stride, t_ptr, t_row_stride, labels_ptr, stats_ptr,
-    W, vocab_start, inv_temperature, ignore_index,
+    W, vocab_start, inv_temperature: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
+    inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride
@@ -86,9 +88,15 @@ def partial_stats_kernel(
 @triton.jit
 def row_scalars_kernel(
     z_ptr, z_row_stride, t_ptr, t_row_stride, labels_ptr, row_ptr, scalars_ptr,
-    W, inv_temperature, mix_weight, log_weight_p, log_weight_q, ignore_index,
+    W, inv_temperature: tl.float64, mix_weight: tl.float64, log_weight_p: tl.float64, log_weight_q: tl.float64,
+    ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
+    inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
+    mix_weight = tl.full((), mix_weight, ACC_DTYPE)
+    log_weight_p = tl.full((), log_weight_p, ACC_DTYPE)
+    log_weight_q = tl.full((), log_weight_q, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride
@@ -114,11 +122,18 @@ def row_scalars_kernel(
 @triton.jit
 def shard_gradient_kernel(
     z_ptr, z_row_stride, t_ptr, t_row_stride, labels_ptr, row_ptr, grad_ptr, grad_row_stride,
-    W, vocab_start, inv_temperature, mix_weight, log_weight_p, log_weight_q,
-    soft_grad_scale, hard_weight, ignore_index,
+    W, vocab_start, inv_temperature: tl.float64, mix_weight: tl.float64, log_weight_p: tl.float64,
+    log_weight_q: tl.float64, soft_grad_scale: tl.float64, hard_weight: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
+    inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
+    mix_weight = tl.full((), mix_weight, ACC_DTYPE)
+    log_weight_p = tl.full((), log_weight_p, ACC_DTYPE)
+    log_weight_q = tl.full((), log_weight_q, ACC_DTYPE)
+    hard_weight = tl.full((), hard_weight, ACC_DTYPE)
+    soft_grad_scale = tl.full((), soft_grad_scale, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride

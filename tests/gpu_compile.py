@@ -58,7 +58,9 @@ class Compiler:
         constexprs = {p.name: bound[p.name] for p in fn.params
                       if p.is_constexpr or (type(bound[p.name]) is int and bound[p.name] == 1
                                             and not p.do_not_specialize)}
-        signature = {name: "constexpr" if name in constexprs else _type_of(value) for name, value in bound.items()}
+        annotated = {p.name: p.annotation_type for p in fn.params if p.annotation_type and not p.is_constexpr}
+        signature = {name: "constexpr" if name in constexprs else annotated.get(name) or _type_of(value)
+                     for name, value in bound.items()}
         key = (fn.__name__, tuple(signature.items()), tuple(map(str, constexprs.items())), tuple(options.items()))
         if key in self.seen:
             return None
