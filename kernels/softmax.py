@@ -22,7 +22,6 @@ def softmax_forward_kernel(
     x_ptr, x_row_stride, y_ptr, y_row_stride, V, inv_temperature: tl.float64,
     LOG: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
@@ -51,7 +50,6 @@ def softmax_backward_kernel(
     y_ptr, y_row_stride, dy_ptr, dy_row_stride, dx_ptr, dx_row_stride, V, inv_temperature: tl.float64,
     LOG: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     y_row = y_ptr + row * y_row_stride

@@ -42,7 +42,6 @@ def teacher_topk_kernel(
     x_ptr, x_row_stride, logprobs_ptr, indices_ptr, out_row_stride, V, K, inv_temperature: tl.float64,
     ACC_DTYPE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride

@@ -133,7 +133,6 @@ def topk_kd_forward_kernel(
     DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     mix_weight = tl.full((), mix_weight, ACC_DTYPE)
     log_weight_p = tl.full((), log_weight_p, ACC_DTYPE)

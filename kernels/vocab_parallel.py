@@ -48,7 +48,6 @@ def partial_stats_kernel(
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
@@ -92,7 +91,6 @@ def row_scalars_kernel(
     ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     mix_weight = tl.full((), mix_weight, ACC_DTYPE)
     log_weight_p = tl.full((), log_weight_p, ACC_DTYPE)
@@ -127,7 +125,6 @@ def shard_gradient_kernel(
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # float64 scalars (exact for float64 input), in the accumulation dtype from here on.
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     mix_weight = tl.full((), mix_weight, ACC_DTYPE)
     log_weight_p = tl.full((), log_weight_p, ACC_DTYPE)
