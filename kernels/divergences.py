@@ -40,6 +40,13 @@ TVD = tl.constexpr(5)
 
 
 @triton.jit
+def divergence_scalars(inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE: tl.constexpr):
+    """1 / T and the mixture weights (float64 kernel arguments) in the accumulation dtype."""
+    return (tl.full((), inv_temperature, ACC_DTYPE), tl.full((), mix_weight, ACC_DTYPE),
+            tl.full((), log_weight_p, ACC_DTYPE), tl.full((), log_weight_q, ACC_DTYPE))
+
+
+@triton.jit
 def load_scaled_block(z_row, t_row, start, cols, width, inv_temperature, ACC_DTYPE: tl.constexpr):
     """One block of a row: raw student logits z, s = z / T, t = teacher / T (-inf past ``width``)."""
     mask = start + cols < width

@@ -24,8 +24,8 @@ Rows that fit on chip re-read from cache, so on a GPU the repeat reads mostly hi
 import triton
 import triton.language as tl
 
-from .divergences import (JSD, KL, REVERSE_KL, TVD, divergence_grad, fold_row_statistics, load_scaled_block,
-                          row_scalar_terms)
+from .divergences import (JSD, KL, REVERSE_KL, TVD, divergence_grad, divergence_scalars, fold_row_statistics,
+                          load_scaled_block, row_scalar_terms)
 from .row_stats import row_label
 
 
@@ -46,10 +46,8 @@ def kd_forward_kernel(
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
-    mix_weight = tl.full((), mix_weight, ACC_DTYPE)
-    log_weight_p = tl.full((), log_weight_p, ACC_DTYPE)
-    log_weight_q = tl.full((), log_weight_q, ACC_DTYPE)
+    inv_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
+        inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
     soft_scale = tl.full((), soft_scale, ACC_DTYPE)
     hard_weight = tl.full((), hard_weight, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)

@@ -55,7 +55,7 @@ Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading anyth
 import triton
 import triton.language as tl
 
-from .divergences import JSD, KL, REVERSE_KL, SKEW_KL, TVD
+from .divergences import JSD, KL, REVERSE_KL, SKEW_KL, TVD, divergence_scalars
 from .row_stats import log_add_exp, online_max_update, row_label
 
 BUCKET = tl.constexpr(0)
@@ -133,10 +133,8 @@ def topk_kd_forward_kernel(
     DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
-    mix_weight = tl.full((), mix_weight, ACC_DTYPE)
-    log_weight_p = tl.full((), log_weight_p, ACC_DTYPE)
-    log_weight_q = tl.full((), log_weight_q, ACC_DTYPE)
+    inv_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
+        inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
     soft_scale = tl.full((), soft_scale, ACC_DTYPE)
     hard_weight = tl.full((), hard_weight, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)

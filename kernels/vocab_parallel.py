@@ -30,7 +30,8 @@ without reading the logits. Bytes moved per element are those of the fused singl
 import triton
 import triton.language as tl
 
-from .divergences import divergence_grad, fold_row_statistics, load_scaled_block, row_scalar_terms
+from .divergences import (divergence_grad, divergence_scalars, fold_row_statistics, load_scaled_block,
+                          row_scalar_terms)
 from .row_stats import row_label
 
 # Columns of STATS [N, 8] and ROW [N, 7]; fastkd/launch_vocab_parallel.py names the same order.
@@ -91,10 +92,8 @@ def row_scalars_kernel(
     ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
-    mix_weight = tl.full((), mix_weight, ACC_DTYPE)
-    log_weight_p = tl.full((), log_weight_p, ACC_DTYPE)
-    log_weight_q = tl.full((), log_weight_q, ACC_DTYPE)
+    inv_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
+        inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride
@@ -125,10 +124,8 @@ def shard_gradient_kernel(
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
-    mix_weight = tl.full((), mix_weight, ACC_DTYPE)
-    log_weight_p = tl.full((), log_weight_p, ACC_DTYPE)
-    log_weight_q = tl.full((), log_weight_q, ACC_DTYPE)
+    inv_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
+        inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
     hard_weight = tl.full((), hard_weight, ACC_DTYPE)
     soft_grad_scale = tl.full((), soft_grad_scale, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
