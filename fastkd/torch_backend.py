@@ -29,6 +29,12 @@ def _finite_products(x):
     return x.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
 
 
+def skew_kl_ratio(ls, lt, lm, p, mix):
+    """r = p q / M of skew_kl from log q, log p and log M, guarded by log q (not q): with a tiny
+    skew, r ~ p / (1 - skew) where q underflows. At skew 0 with q = 0 its limit p."""
+    return torch.where(ls > float("-inf"), (lt + ls - lm).exp(), p if mix == 0 else torch.zeros_like(p))
+
+
 def divergence_and_grad(s, t, q, p, lse_s, lse_t, opts: KDOptions):
     """Per-row divergence D(p || q) ``[rows]`` and dD/ds ``[rows, V]`` from the tempered logits
     ``s``, ``t``, their softmaxes ``q``, ``p`` and log-sum-exps ``[rows, 1]``. Works in place where
@@ -57,8 +63,7 @@ def divergence_and_grad(s, t, q, p, lse_s, lse_t, opts: KDOptions):
         A2 = _where_live(q > 0, q * (ls - lm)).sum(-1, keepdim=True)
         return mix * A1 + (1 - mix) * A2[:, 0], (1 - mix) * _where_live(q > 0, q * (ls - lm - A2))
     if name == "skew_kl":
-        # r = p q / M in log space, guarded by ls (not q): with a tiny skew, r ~ 1 where q underflows.
-        r = torch.where(ls > float("-inf"), (lt + ls - lm).exp(), p if mix == 0 else torch.zeros_like(p))
+        r = skew_kl_ratio(ls, lt, lm, p, mix)
         D = _where_live(p > 0, p * (lt - lm)).sum(-1)
         return D, (1 - mix) * (q * r.sum(-1, keepdim=True) - r)
     if name == "skew_reverse_kl":

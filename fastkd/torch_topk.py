@@ -59,8 +59,7 @@ def point_terms(lp, lq, opts: KDOptions):
         g = (1 - mix) * (lq - lm)
         return term, _where_live(q > 0, q * g), g
     if name == "skew_kl":
-        # r = p q / M, guarded by lq (not q): with a tiny skew, r ~ p where q underflows.
-        r = torch.where(lq > float("-inf"), (lp + lq - lm).exp(), p if mix == 0 else torch.zeros_like(p))
+        r = torch_backend.skew_kl_ratio(lq, lp, lm, p, mix)
         return _where_live(p > 0, p * (lp - lm)), -(1 - mix) * r, -(1 - mix) * (lp - lm).exp()
     if name == "skew_reverse_kl":
         g = lq - lm + 1 - mix * (lq - lm).exp()

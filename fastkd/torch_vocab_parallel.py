@@ -75,13 +75,8 @@ def _row_scalar_terms(ls, lt, opts):
     if opts.divergence == "jsd":
         return _zero_where_not(p > 0, p * (lt - lm)), _zero_where_not(q > 0, q * (ls - lm))
     if opts.divergence == "skew_kl":
-        return _zero_where_not(p > 0, p * (lt - lm)), _skew_kl_ratio(ls, lt, lm, p, mix)
+        return _zero_where_not(p > 0, p * (lt - lm)), torch_backend.skew_kl_ratio(ls, lt, lm, p, mix)
     return _zero_where_not(q > 0, q * (ls - lm)), _zero_where_not(q > 0, (log_wq + 2 * ls - lm).exp())
-
-
-def _skew_kl_ratio(ls, lt, lm, p, mix):
-    """r = p q / M in log space, guarded by ls (not q): with a tiny skew, r ~ 1 where q underflows."""
-    return torch.where(ls > float("-inf"), (lt + ls - lm).exp(), p if mix == 0 else torch.zeros_like(p))
 
 
 def _divergence_grad(s, t, row, opts):
@@ -101,7 +96,7 @@ def _divergence_grad(s, t, row, opts):
     if name == "jsd":
         return (1 - mix) * _zero_where_not(q > 0, q * (ls - lm - A2))
     if name == "skew_kl":
-        return (1 - mix) * (q * A2 - _skew_kl_ratio(ls, lt, lm, p, mix))
+        return (1 - mix) * (q * A2 - torch_backend.skew_kl_ratio(ls, lt, lm, p, mix))
     # a q / M as exp(log a + ls - lm): 0 at a = 0, not 0 * inf.
     return _zero_where_not(q > 0, q * (ls - lm - (log_wq + ls - lm).exp() - (A1 - A2)))
 

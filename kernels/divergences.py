@@ -82,6 +82,13 @@ def sign(p, q):
 
 
 @triton.jit
+def skew_kl_ratio(ls, lt, lm, p, mix_weight):
+    """r = p q / M of skew_kl from log q, log p and log M, guarded by log q (not q): with a tiny
+    skew, r ~ p / (1 - skew) where q underflows. At skew 0 with q = 0 its limit p."""
+    return tl.where(ls > float("-inf"), tl.exp(lt + ls - lm), tl.where(mix_weight == 0, p, 0.0))
+
+
+@triton.jit
 def row_scalar_terms(ls, lt, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
     """Per-element terms of A1 and A2 for jsd, skew_kl, skew_reverse_kl and tvd."""
     q = tl.exp(ls)
@@ -96,8 +103,7 @@ def row_scalar_terms(ls, lt, mix_weight, log_weight_p, log_weight_q, DIVERGENCE:
             a2 = tl.where(q > 0, q * (ls - lm), 0.0)
         elif DIVERGENCE == SKEW_KL:
             a1 = tl.where(p > 0, p * (lt - lm), 0.0)
-            # r = p q / M in log space, guarded by ls (not q): with a tiny skew, r ~ 1 where q underflows.
-            a2 = tl.where(ls > float("-inf"), tl.exp(lt + ls - lm), tl.where(mix_weight == 0, p, 0.0))
+            a2 = skew_kl_ratio(ls, lt, lm, p, mix_weight)
         else:
             a1 = tl.where(q > 0, q * (ls - lm), 0.0)
             a2 = tl.where(q > 0, tl.exp(log_weight_q + 2.0 * ls - lm), 0.0)
@@ -121,8 +127,7 @@ def divergence_grad(ls, lt, s_minus_t, A1, A2, mix_weight, log_weight_p, log_wei
         if DIVERGENCE == JSD:
             g = (1.0 - mix_weight) * tl.where(q > 0, q * (ls - lm - A2), 0.0)
         elif DIVERGENCE == SKEW_KL:
-            r = tl.where(ls > float("-inf"), tl.exp(lt + ls - lm), tl.where(mix_weight == 0, p, 0.0))
-            g = (1.0 - mix_weight) * (q * A2 - r)
+            g = (1.0 - mix_weight) * (q * A2 - skew_kl_ratio(ls, lt, lm, p, mix_weight))
         else:
             g = tl.where(q > 0, q * (ls - lm - tl.exp(log_weight_q + ls - lm) - (A1 - A2)), 0.0)
     return g

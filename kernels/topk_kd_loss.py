@@ -55,7 +55,7 @@ Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading anyth
 import triton
 import triton.language as tl
 
-from .divergences import JSD, KL, REVERSE_KL, SKEW_KL, TVD, divergence_scalars
+from .divergences import JSD, KL, REVERSE_KL, SKEW_KL, TVD, divergence_scalars, skew_kl_ratio
 from .row_stats import log_add_exp, online_max_update, row_label
 
 BUCKET = tl.constexpr(0)
@@ -90,9 +90,7 @@ def point_terms(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.c
         elif DIVERGENCE == SKEW_KL:
             term = tl.where(p > 0, p * (lp - lm), 0.0)
             g = -(1.0 - mix_weight) * tl.exp(lp - lm)
-            # p q / M guarded by lq (not q): with a tiny skew, it is ~ p where q underflows.
-            h = -(1.0 - mix_weight) * tl.where(lq > float("-inf"), tl.exp(lp + lq - lm),
-                                               tl.where(mix_weight == 0, p, 0.0))
+            h = -(1.0 - mix_weight) * skew_kl_ratio(lq, lp, lm, p, mix_weight)
         else:
             term = tl.where(q > 0, q * (lq - lm), 0.0)
             g = lq - lm + 1.0 - mix_weight * tl.exp(lq - lm)
