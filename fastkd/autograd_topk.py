@@ -1,9 +1,7 @@
 """autograd Function of the top-k KD loss: gradient computed in the forward, as ``KDLossFunction``.
 
 The reduction and the backward (scale the saved gradient, in place unless the graph is kept) are
-``KDLossFunction``'s, shared through ``fastkd.autograd``. A row whose indices repeat one is NaN
-(loss and gradient), found on the device without a synchronisation, so an unvalidated call never
-returns a wrong number for it.
+``KDLossFunction``'s, shared through ``fastkd.autograd``.
 """
 import torch
 
@@ -11,22 +9,12 @@ from . import launch_topk, torch_topk
 from .autograd import _rows, reduce_and_save, scaled_student_grad
 
 
-def without_repeated_indices(indices):
-    """``indices`` ``[N, k]`` with every index of a row that lists a column twice set to -1, out of
-    range, which makes the kernels' row NaN; ``indices`` itself where k = 1."""
-    if indices.shape[-1] < 2:
-        return indices
-    ordered = indices.sort(-1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(-1, keepdim=True)
-    return indices.masked_fill(repeated, -1)
-
-
 class TopKKDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher_logprobs, teacher_indices, labels, opts, tail, backend, inplace,
                 num_items_in_batch=None):
         s2 = _rows(student.detach())
-        lp2, idx2 = _rows(teacher_logprobs), without_repeated_indices(_rows(teacher_indices))
+        lp2, idx2 = _rows(teacher_logprobs), _rows(teacher_indices)
         labels1 = None if labels is None else labels.reshape(-1)
         need_grad = ctx.needs_input_grad[0]
         impl = launch_topk if backend == "triton" else torch_topk

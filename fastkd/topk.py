@@ -9,7 +9,8 @@ from .autograd_topk import TopKKDLossFunction
 from .backends import resolve_backend
 from .checks import check_label_range
 from .options import check_labels, check_logits, check_num_items_in_batch, check_temperature, make_options
-from .topk_options import check_index_values, check_k, check_tail, check_topk_inputs, debug_enabled
+from .topk_options import (check_index_values, check_k, check_tail, check_topk_inputs, debug_enabled,
+                           without_repeated_indices)
 
 
 def teacher_topk(teacher_logits, k, *, temperature=1.0, backend="auto"):
@@ -83,5 +84,7 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="buc
     if validate_indices or (validate_indices is None and (backend == "torch" or debug_enabled())):
         keep = None if labels is None else labels.reshape(-1) != opts.ignore_index
         check_index_values(_rows(teacher_indices), V, keep)
+    else:
+        teacher_indices = without_repeated_indices(teacher_indices)
     return TopKKDLossFunction.apply(student_logits, teacher_logprobs, teacher_indices, labels, opts,
                                     tail, backend, inplace, num_items_in_batch)

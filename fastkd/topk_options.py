@@ -81,3 +81,15 @@ def check_index_values(indices, V, keep=None):
         r = int(repeated.any(-1).nonzero()[0, 0])
         raise ValueError(f"teacher_indices row {int(rows[r])} lists index {int(ordered[r, 1:][repeated[r]][0])} "
                          "more than once; the k indices of a row must be distinct")
+
+
+def without_repeated_indices(indices):
+    """``indices`` ``[..., k]`` with every index of a row that lists a column twice set to -1, out
+    of range, which makes that row NaN in both implementations; computed on the device (a sort of
+    the indices), no synchronisation. The unvalidated path's guard against a wrong value."""
+    if indices.shape[-1] < 2:
+        return indices
+    ordered = indices.sort(-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1, keepdim=True)
+    return indices.masked_fill(repeated, -1)
+

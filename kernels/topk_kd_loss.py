@@ -48,8 +48,8 @@ scattered over it. Bytes per row, b_s the student element size: 2 b_s V read (th
 mostly from L2 on a GPU), b_s V written, plus about 3 k (4 + 4 + b_s) gathered and 8 k of scratch.
 Undefined rows get a NaN loss and an all-NaN gradient row, as in kernels/kd_loss.py: a student row
 with no finite lse(s), an index outside [0, V) (never an out-of-bounds access) and, with the hard
-CE, a label outside [0, V). Repeated indices are not detected here: fastkd.autograd_topk sets a
-row that repeats one out of range first.
+CE, a label outside [0, V). Repeated indices are not detected here: unvalidated, topk_kd_loss sets
+a row that repeats one out of range first.
 Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading anything else.
 """
 import triton
