@@ -247,19 +247,12 @@ def test_fuzz_triton_backend(divergence, data):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @settings(LONG)
 @given(data=st.data())
-def test_fuzz_torch_backend_long(divergence, data):
-    run_case(data.draw(kd_cases(divergence), label="case"), "torch")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-@settings(LONG)
-@given(data=st.data())
-def test_fuzz_triton_backend_long(divergence, data):
-    run_case(data.draw(kd_cases(divergence), label="case"), "triton")
+def test_fuzz_long(divergence, backend, data):
+    run_case(data.draw(kd_cases(divergence), label="case"), backend)
 
 
 # Cases the fuzzer found, pinned (each failed before its fix).
