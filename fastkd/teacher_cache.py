@@ -184,6 +184,17 @@ class TeacherCacheWriter:
             self._open, self._closed = None, True
 
 
+def _shard_file(directory, name, index_path):
+    """The shard file ``name`` of the cache in ``directory``: a plain file name (no folder, no
+    ``..``) that resolves inside the directory (no link out of it), so that a cache from elsewhere
+    can open nothing outside its own directory; TeacherCacheError otherwise."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    if not plain or (directory / name).resolve().parent != directory.resolve():
+        raise TeacherCacheError(f"{index_path} names the shard file {name!r}; shard files must be plain file "
+                                "names inside the cache directory")
+    return directory / name
+
+
 class TeacherCache:
     """Reads a cache written by ``TeacherCache.writer``: ``cache[start:stop]`` (or ``read``) gives
     ``(logprobs [n, k] in the stored dtype, indices [n, k] int32)`` as torch tensors, copied from
@@ -228,7 +239,7 @@ class TeacherCache:
         self._starts = [0, *itertools.accumulate(self.shard_tokens)]
         for shard in self.shards:
             for part in ("logprobs", "indices"):
-                file = self.path / shard[part]
+                file = _shard_file(self.path, shard[part], index_path)
                 if not file.is_file():
                     raise TeacherCacheError(f"shard file {file} is missing")
                 size, expected = file.stat().st_size, int(shard[f"{part}_bytes"])

@@ -145,3 +145,21 @@ def test_writer_errors_and_unfinished_writes(tmp_path):
         TeacherCache.writer(tmp_path / "d", k=3, vocab_size=10, temperature=1.0, dtype=torch.int8)
     with pytest.raises(ValueError, match="temperature"):
         TeacherCache.writer(tmp_path / "d", k=3, vocab_size=10, temperature=0.0)
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/passwd", "sub/shard.bin", "..", "", 7, "link.bin"])
+def test_shard_names_cannot_reach_outside_the_cache(tmp_path, name):
+    """A cache from elsewhere names its shard files in index.json: only plain file names inside the
+    cache directory are opened (a crafted name, or a link out of the folder, is a clear error)."""
+    lp, idx = teacher_outputs(5, 2, 10)
+    cache = tmp_path / "cache"
+    write(cache, [(lp, idx)], k=2, vocab_size=10, temperature=1.0)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes((cache / "shard-00000.logprobs.bin").read_bytes())
+    (cache / "link.bin").symlink_to(outside)
+    index = cache / "index.json"
+    header = json.loads(index.read_text())
+    header["shards"][0]["logprobs"] = name
+    index.write_text(json.dumps(header))
+    with pytest.raises(TeacherCacheError, match="plain file names inside the cache directory"):
+        TeacherCache(cache)
