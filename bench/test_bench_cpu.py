@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastkd
-import fastkd.torch_backend
+import fastkd.backends.torch
 from fastkd.bench.cases import BETA, PRESETS, SKEW, TEMPERATURE, Case, select_cases
 from fastkd.bench.min_bytes import min_bytes
 from fastkd.bench.providers import PROVIDERS, T2_SCALE, eager_kd_loss, eager_softmax
@@ -81,7 +81,7 @@ def test_torch_backend_memory_is_one_gradient_plus_a_bounded_chunk(monkeypatch):
     """Issue 2 item 5: forward + backward holds one [N, V] gradient plus a chunk of temporaries
     whose size is set by CHUNK_BYTES, not by N; the eager idiom holds several [N, V] tensors."""
     chunk_bytes = 2 * 2**20
-    monkeypatch.setattr(fastkd.torch_backend, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(fastkd.backends.torch, "CHUNK_BYTES", chunk_bytes)
     n, v = 1024, 16000  # 32 chunks
     s, t = _kd_inputs(n, v)
     grad_bytes = s.numel() * s.element_size()

@@ -6,14 +6,14 @@
 ``import fastkd`` needs neither triton nor a GPU: kernels are compiled on first use.
 """
 from . import reference
-from .functional import kd_loss, log_softmax, softmax
+from .distributed import vocab_shard_layout
+from .functional import kd_loss, log_softmax, softmax, teacher_topk, topk_kd_loss, vocab_parallel_kd_loss
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from .modules import KDLoss, TopKKDLoss
 from .teacher_cache import TeacherCache, TeacherCacheError, TeacherCacheWriter
-from .topk import teacher_topk, topk_kd_loss
 
 __version__ = "0.1.0"
 __all__ = ["kd_loss", "KDLoss", "softmax", "log_softmax", "reference", "__version__",
            "fused_linear_kd_loss", "FusedLinearKDLoss",
            "teacher_topk", "topk_kd_loss", "TopKKDLoss", "TeacherCache", "TeacherCacheWriter",
-           "TeacherCacheError"]
+           "TeacherCacheError", "vocab_parallel_kd_loss", "vocab_shard_layout"]

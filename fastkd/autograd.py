@@ -1,28 +1,25 @@
-"""autograd Functions: the KD loss (gradient computed in the forward) and tempered (log-)softmax.
+"""autograd Functions: the KD losses (gradient computed in the forward) and tempered (log-)softmax.
 
-No kernel code here: each Function calls the launchers in ``fastkd.launch`` or their pure-PyTorch
-peers in ``fastkd.torch_backend``, picked by the ``backend`` string the functional API resolved,
-through the custom operators of ``fastkd.ops`` (opaque to ``torch.compile``). The reduction and the
-backward's scaling are plain torch ops.
+No kernel code here: each Function calls the custom operators of ``fastkd.ops`` (opaque to
+``torch.compile``), which run the backend the functional API resolved. Every loss reduces through
+``fastkd.reduction`` (one normaliser, applied to the gradient inside the kernels), and every
+backward is ``scaled_student_grad``: the saved gradient times the upstream gradient, in place
+unless the graph is retained (a kernel that returns at once for an upstream gradient of 1).
 
-Memory: the backward scales the saved gradient in place unless the graph is retained. Under
-``torch.compile`` the backward is traced ahead of time, so it is written out of place, and inductor
-reuses the saved gradient's buffer for the result (the backward graph owns it: a donated buffer),
-which keeps the same single ``[N, V]`` buffer; torch then refuses ``retain_graph=True`` for that
-graph unless ``torch._functorch.config.donated_buffer`` is turned off.
+Under ``torch.compile`` the backward is traced ahead of time, so it is written out of place, and
+inductor reuses the saved gradient's buffer for the result (the backward graph owns it: a donated
+buffer), which keeps the same single ``[N, V]`` buffer; torch then refuses ``retain_graph=True`` for
+that graph unless ``torch._functorch.config.donated_buffer`` is turned off.
 """
 import torch
 
-from . import launch, ops, torch_backend
+from . import ops
+from .backends import flat_labels, implementation, rows
+from .buffers import accumulation_dtype
+from .reduction import grad_scale, normaliser, reduce
 
 
-def _rows(x):
-    """``x`` as ``[N, V]`` with a unit column stride, without a copy where a view exists."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-def _graph_is_kept():
+def graph_is_kept():
     """True when the running backward was asked to retain the graph (it may run again), and while
     ``torch.compile`` traces a backward ahead of time (so callers take their out-of-place path)."""
     if torch.compiler.is_compiling():
@@ -31,79 +28,80 @@ def _graph_is_kept():
     return True if keep_graph is None else keep_graph()
 
 
-def _impl(backend):
-    return launch if backend == "triton" else torch_backend
+def _normalise(student, teacher_dtype, labels1, opts, reduction):
+    """(normaliser or None, the kernels' grad_scale [1]) of ``student`` [..., V]'s rows."""
+    acc = accumulation_dtype(student.dtype, teacher_dtype)
+    N, V = student.numel() // max(student.shape[-1], 1), student.shape[-1]
+    norm = normaliser(reduction, labels1, N, V, opts.ignore_index, device=student.device, dtype=acc)
+    return norm, grad_scale(norm, device=student.device, dtype=acc)
 
 
-def items_normaliser(num_items_in_batch, device):
-    """``num_items_in_batch`` as a divisor: 0 counts as 1 (no kept row: the loss is 0, not NaN).
-    A tensor stays on its device (a CPU one acts as a scalar); nothing is read on the host."""
-    if not isinstance(num_items_in_batch, torch.Tensor):
-        return num_items_in_batch or 1
-    items = num_items_in_batch
-    if items.device != device and items.device.type != "cpu":
-        items = items.to(device)
-    return torch.where(items == 0, torch.ones_like(items), items)
-
-
-def reduce_and_save(ctx, row_loss, grad, labels1, opts, backend, shape, num_items_in_batch=None):
-    """The reduced loss from the per-row loss (SPEC.md), keeping on ``ctx`` what
-    ``scaled_student_grad`` needs. Shared by every loss whose gradient is computed in the forward.
-    ``num_items_in_batch`` (validated: an int or a 0-d tensor) replaces the kept-row count."""
-    V = shape[-1]
-    if opts.reduction == "none":
-        loss, denominator = row_loss.reshape(shape[:-1]), None
-    else:
-        if opts.reduction == "sum":
-            denominator = None
-        elif num_items_in_batch is not None:
-            items = items_normaliser(num_items_in_batch, row_loss.device)
-            denominator = items * V if opts.reduction == "mean" else items
-        elif labels1 is None:
-            denominator = row_loss.shape[0] * (V if opts.reduction == "mean" else 1) or 1
-        else:
-            kept = (labels1 != opts.ignore_index).sum().clamp_min(1)
-            denominator = kept * V if opts.reduction == "mean" else kept
-        loss = row_loss.sum() if denominator is None else row_loss.sum() / denominator
+def _save_and_reduce(ctx, row_loss, grad, norm, reduction, shape, backend):
     if grad is not None:
         ctx.save_for_backward(grad)
-    ctx.denominator, ctx.backend, ctx.shape = denominator, backend, shape
-    return loss
+    ctx.backend, ctx.shape = backend, shape
+    return reduce(row_loss, norm, reduction, shape[:-1])
 
 
 def scaled_student_grad(ctx, grad_loss):
-    """The saved student gradient times the upstream gradient over the reduction's denominator."""
+    """The saved student gradient (already divided by the normaliser) times the upstream gradient."""
     (grad,) = ctx.saved_tensors
-    scale = grad_loss.reshape(-1).to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-    if ctx.denominator is not None:
-        scale = scale / ctx.denominator
+    upstream = grad_loss.reshape(-1)
     if torch.compiler.is_compiling():  # traced: plain torch ops (see the module docstring)
-        return torch_backend.scale_rows(grad, scale).view(ctx.shape)
+        return (grad * upstream[:, None]).to(grad.dtype).view(ctx.shape)
     # The saved gradient is ours: scale it in place unless this graph may be run backward again.
-    out = None if _graph_is_kept() else grad
-    return _impl(ctx.backend).scale_rows(grad, scale, out=out).view(ctx.shape)
+    out = None if graph_is_kept() else grad
+    return implementation(ctx.backend).scale_rows(grad, upstream, out=out).view(ctx.shape)
 
 
 class KDLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, labels, opts, backend, inplace, num_items_in_batch=None):
+    def forward(ctx, student, teacher, labels, opts, reduction, backend, inplace):
         # Detached, so that an in-place gradient is a plain write into storage, not an autograd op.
-        s2, t2 = _rows(student.detach()), _rows(teacher)
-        labels1 = None if labels is None else labels.reshape(-1)
+        s2, t2 = rows(student.detach()), rows(teacher)
+        labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
-        scalars = ops.pack_kd_scalars(opts)
-        static = (opts.divergence, opts.t2_scale, opts.ignore_index, backend)
-        if inplace and need_grad:
-            row_loss = torch.ops.fastkd.kd_forward_inplace(s2, t2, labels1, scalars, *static)
-            grad = s2
-        else:
-            row_loss, grad = torch.ops.fastkd.kd_forward(s2, t2, labels1, scalars, *static, need_grad)
-            grad = grad if need_grad else None
-        return reduce_and_save(ctx, row_loss, grad, labels1, opts, backend, student.shape, num_items_in_batch)
+        norm, scale = _normalise(student, teacher.dtype, labels1, opts, reduction)
+        row_loss, grad = ops.kd_forward(s2, t2, labels1, scale, opts, backend, inplace=inplace and need_grad,
+                                        need_grad=need_grad)
+        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return scaled_student_grad(ctx, grad_loss), None, None, None, None, None, None
+        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 6
+
+
+class TopKKDLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher_logprobs, teacher_indices, labels, opts, tail, reduction, backend, inplace):
+        s2 = rows(student.detach())
+        lp2, idx2 = rows(teacher_logprobs), rows(teacher_indices)
+        labels1 = flat_labels(labels)
+        need_grad = ctx.needs_input_grad[0]
+        norm, scale = _normalise(student, teacher_logprobs.dtype, labels1, opts, reduction)
+        row_loss, grad = ops.topk_kd_forward(s2, lp2, idx2, labels1, scale, opts, tail, backend,
+                                             inplace=inplace and need_grad, need_grad=need_grad)
+        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 8
+
+
+class VocabParallelKDLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, labels, opts, reduction, backend, inplace, group_name, vocab_start):
+        s2, t2 = rows(student.detach()), rows(teacher)
+        need_grad = ctx.needs_input_grad[0]
+        row_loss, grad, norm = ops.vocab_parallel_forward(
+            s2, t2, flat_labels(labels), opts, reduction, backend, group_name, vocab_start,
+            inplace=inplace and need_grad, need_grad=need_grad)
+        norm = None if reduction.kind in ("sum", "none") else norm
+        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 8
 
 
 class SoftmaxFunction(torch.autograd.Function):
@@ -113,7 +111,7 @@ class SoftmaxFunction(torch.autograd.Function):
     def forward(ctx, x, temperature, log, dim):
         x_last = x.movedim(dim, -1)
         scalars = ops.pack_scalars(temperature)
-        y2 = torch.ops.fastkd.softmax_forward(_rows(x_last), scalars, log)
+        y2 = torch.ops.fastkd.softmax_forward(rows(x_last), scalars, log)
         ctx.save_for_backward(y2, scalars)
         ctx.log, ctx.dim, ctx.shape = log, dim, x_last.shape
         return y2.view(ctx.shape).movedim(-1, dim).contiguous()
@@ -121,5 +119,5 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         y2, scalars = ctx.saved_tensors
-        dx2 = torch.ops.fastkd.softmax_backward(y2, _rows(dy.movedim(ctx.dim, -1)), scalars, ctx.log)
+        dx2 = torch.ops.fastkd.softmax_backward(y2, rows(dy.movedim(ctx.dim, -1)), scalars, ctx.log)
         return dx2.view(ctx.shape).movedim(-1, ctx.dim).contiguous(), None, None, None

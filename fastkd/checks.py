@@ -1,17 +1,23 @@
 """Checks that read tensor values, kept apart from ``options`` (which never does).
 
-Two kinds, both outside the hot path:
+Three kinds, all outside the hot path:
 - labels on the CPU are range-checked for the hard CE on every call (host memory: no device sync);
   on a GPU an out-of-range label instead makes its row NaN, which ``check_finite=True`` reports.
 - ``check_finite=True`` (a debug option: it synchronises with the device) scans every row that is
   not ignored and raises ``ValueError`` naming the argument and the first row that would come out
   NaN: a NaN or +inf logit, a row that is entirely -inf (after the temperature), or a label outside
   [0, V) when ``hard_weight > 0``.
+- the top-k teacher's indices (``check_index_values``: distinct, in [0, V)) on the torch backend,
+  or on the Triton path when asked (``validate_indices=True`` or ``FASTKD_DEBUG=1``): reading them
+  synchronises with the device. Unchecked, ``without_repeated_indices`` makes a row that repeats an
+  index NaN on the device instead (no synchronisation).
 Ignored rows are never read by the kernels, so they are never checked either.
 """
+import os
+
 import torch
 
-from .options import KDOptions
+from .options import KDOptions, check_bool
 
 CHECK_CHUNK_ELEMENTS = 2**24  # rows are scanned in chunks of about this many elements
 
@@ -88,8 +94,44 @@ def check_finite_inputs(student, teacher, labels, opts: KDOptions):
 
 def check_values(student, teacher, labels, opts: KDOptions, check_finite):
     """All value checks of one ``kd_loss`` call (after ``options.check_kd_inputs``)."""
-    if not isinstance(check_finite, bool):
-        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    check_bool("check_finite", check_finite)
     check_label_range(labels, student.shape[-1], opts)
     if check_finite:
         check_finite_inputs(student, teacher, labels, opts)
+
+
+def debug_enabled():
+    return os.environ.get("FASTKD_DEBUG", "0") == "1"
+
+
+def check_index_values(indices, V, keep=None):
+    """Raise ValueError unless every row of ``indices`` ``[N, k]`` (every row where ``keep``, when
+    given: ignored rows are never read) holds distinct values in [0, V). Reads the values (a device
+    synchronisation on GPU)."""
+    rows = torch.arange(indices.shape[0], device=indices.device)
+    if keep is not None:
+        rows, indices = rows[keep], indices[keep]
+    if indices.numel() == 0:
+        return
+    bad = (indices < 0) | (indices >= V)
+    if bool(bad.any()):
+        r = int(bad.any(-1).nonzero()[0, 0])
+        raise ValueError(f"teacher_indices row {int(rows[r])} holds {int(indices[r][bad[r]][0])}, "
+                         f"outside [0, V) = [0, {V})")
+    ordered = indices.sort(-1).values
+    repeated = ordered[:, 1:] == ordered[:, :-1]
+    if bool(repeated.any()):
+        r = int(repeated.any(-1).nonzero()[0, 0])
+        raise ValueError(f"teacher_indices row {int(rows[r])} lists index {int(ordered[r, 1:][repeated[r]][0])} "
+                         "more than once; the k indices of a row must be distinct")
+
+
+def without_repeated_indices(indices):
+    """``indices`` ``[..., k]`` with every index of a row that lists a column twice set to -1, out
+    of range, which makes that row NaN in both backends; computed on the device (a sort of the
+    indices), no synchronisation. The unvalidated path's guard against a wrong value."""
+    if indices.shape[-1] < 2:
+        return indices
+    ordered = indices.sort(-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1, keepdim=True)
+    return indices.masked_fill(repeated, -1)

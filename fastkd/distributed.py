@@ -58,19 +58,14 @@ import numbers
 import torch
 import torch.distributed as dist  # importing it initialises nothing
 
-from . import launch_vocab_parallel, torch_vocab_parallel
-from .autograd import _rows, scaled_student_grad
-from .backends import resolve_backend
+from .backends import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS, implementation
 from .buffers import empty
 from .checks import check_label_range
-from .launch_vocab_parallel import ROW, STATS
-from .options import check_kd_inputs, make_options
+from .options import CROSS_TERM_SIDE, KDOptions, Reduction
+from .reduction import grad_scale, normaliser
 
-__all__ = ["vocab_parallel_kd_loss", "vocab_shard_layout"]
-
-M_S, M_T, M_Z, D_S, D_T, D_Z, CROSS, Z_Y = range(len(STATS))
-LSE_S, LSE_T, LSE_Z, DIV, A1, A2, NAN_ROW = range(len(ROW))
-ROW_SCALAR_DIVERGENCES = ("jsd", "skew_kl", "skew_reverse_kl", "tvd")
+STATS = {name: i for i, name in enumerate(VOCAB_PARALLEL_STATS)}
+ROW = {name: i for i, name in enumerate(VOCAB_PARALLEL_ROW)}
 
 
 def _finite(m):
@@ -80,129 +75,98 @@ def _finite(m):
 
 def _rescaled(stats, sum_column, max_column, global_max):
     """A shard's sum of exps taken against its own maximum, rescaled to the global maximum."""
-    return stats[:, sum_column] * torch.exp(stats[:, max_column] - _finite(global_max))
+    return stats[:, STATS[sum_column]] * torch.exp(stats[:, STATS[max_column]] - _finite(global_max))
 
 
-def forward_steps(student, teacher, labels, opts, backend, vocab_start, *, need_grad=True, inplace=False):
+def forward_steps(student, teacher, labels, opts: KDOptions, backend, vocab_start, *, reduction=Reduction("sum"),
+                  need_grad=True, inplace=False):
     """One rank's forward, as a generator that yields ``(tensor, "max" | "sum")`` for each in-place
-    all-reduce over the vocab group and returns ``(row_loss [N], shard gradient or None, V)``.
+    all-reduce over the vocab group and returns ``(row_loss [N], shard gradient or None, V,
+    normaliser)``, the gradient already divided by the normaliser of ``reduction``.
 
-    ``_run`` drives it with ``torch.distributed``; the tests drive several in one process."""
-    impl = launch_vocab_parallel if backend == "triton" else torch_vocab_parallel
+    ``run_rank`` drives it with ``torch.distributed``; the tests drive several in one process."""
+    impl = implementation(backend)
     N, W = student.shape
-    T = opts.temperature
     has_ce = opts.hard_weight != 0
     stats = impl.partial_stats(student, teacher, labels, opts, vocab_start)
 
     # Exchange 1, MAX: the row maxima of s and t, and the layout check values (end, -start).
     maxima = empty(2 * N + 2, dtype=stats.dtype, device=stats.device)
-    maxima[: 2 * N].view(N, 2).copy_(stats[:, M_S: M_T + 1])  # adjacent columns: a slice, no index tensor
+    maxima[: 2 * N].view(N, 2).copy_(stats[:, STATS["m_s"]: STATS["m_t"] + 1])  # adjacent: a slice
     maxima[2 * N] = vocab_start + W
     maxima[2 * N + 1] = -vocab_start
     yield maxima, "max"
     max_s, max_t = maxima[: 2 * N].view(N, 2).unbind(1)
 
     # Exchange 2, SUM: the sums of exps rescaled to the global maxima (and this shard's W).
-    columns = [_rescaled(stats, D_S, M_S, max_s), _rescaled(stats, D_T, M_T, max_t)]
-    if opts.divergence == "kl":
-        columns.append(_rescaled(stats, CROSS, M_T, max_t))
-    if opts.divergence == "reverse_kl":
-        columns.append(_rescaled(stats, CROSS, M_S, max_s))
+    columns = {"d_s": _rescaled(stats, "d_s", "m_s", max_s), "d_t": _rescaled(stats, "d_t", "m_t", max_t)}
+    if opts.has_cross_term:
+        side = CROSS_TERM_SIDE[opts.divergence]
+        columns["cross"] = _rescaled(stats, "cross", *(("m_t", max_t) if side == "teacher" else ("m_s", max_s)))
     if has_ce:
-        columns += [_rescaled(stats, D_Z, M_Z, T * max_s), stats[:, Z_Y]]
+        columns["d_z"] = _rescaled(stats, "d_z", "m_z", opts.temperature * max_s)  # max z = T_s max s
+        columns["z_y"] = stats[:, STATS["z_y"]]
     k = len(columns)
     sums = empty(N * k + 1, dtype=stats.dtype, device=stats.device)
-    sums[: N * k].view(N, k).copy_(torch.stack(columns, 1))
+    sums[: N * k].view(N, k).copy_(torch.stack(list(columns.values()), 1))
     sums[N * k] = W
     yield sums, "sum"
-    summed, V = sums[: N * k].view(N, k), sums[N * k]
+    summed = dict(zip(columns, sums[: N * k].view(N, k).unbind(1)))
+    V = sums[N * k]
 
     row = stats.new_zeros(N, len(ROW))
-    lse_s = row[:, LSE_S] = max_s + summed[:, 0].log()
-    lse_t = row[:, LSE_T] = max_t + summed[:, 1].log()
-    if opts.divergence == "kl":
-        row[:, DIV] = summed[:, 2] / summed[:, 1] - (lse_t - lse_s)
-    if opts.divergence == "reverse_kl":
-        row[:, A1] = summed[:, 2] / summed[:, 0]  # E = sum q (s - t), which its gradient uses
-        row[:, DIV] = row[:, A1] - (lse_s - lse_t)
+    row[:, ROW["lse_s"]] = max_s + summed["d_s"].log()
+    row[:, ROW["lse_t"]] = max_t + summed["d_t"].log()
+    row[:, ROW["shift"]] = (max_s - max_t) + torch.log(summed["d_s"] / summed["d_t"])
+    for name in ("d_s", "d_t", "cross", "z_y"):
+        if name in summed:
+            row[:, ROW[name]] = summed[name]
     # NaN rows, as kd_loss: no student or teacher distribution, a label outside [0, V), a bad layout.
-    defined = torch.isfinite(lse_s) & torch.isfinite(lse_t) & (maxima[2 * N] == V) & (maxima[2 * N + 1] == 0)
+    defined = torch.isfinite(row[:, ROW["lse_s"]]) & torch.isfinite(row[:, ROW["lse_t"]])
+    defined &= (maxima[2 * N] == V) & (maxima[2 * N + 1] == 0)
     if has_ce:
-        row[:, LSE_Z] = T * max_s + summed[:, k - 2].log()
+        row[:, ROW["lse_z"]] = opts.temperature * max_s + summed["d_z"].log()
         defined &= (labels >= 0) & (labels < V)
-    row[:, NAN_ROW] = torch.where(defined, 0.0, float("nan"))
+    row[:, ROW["nan_row"]] = torch.where(defined, 0.0, float("nan"))
 
-    if opts.divergence in ROW_SCALAR_DIVERGENCES:
+    if not opts.has_cross_term:
         # Exchange 3, SUM: the row scalars A1, A2, which need the global lse's.
         scalars = impl.row_scalars(student, teacher, labels, row, opts)
         yield scalars, "sum"
-        row[:, A1], row[:, A2] = scalars[:, 0], scalars[:, 1]
-        mix = opts.mixture_weights()[0]
-        if opts.divergence == "jsd":
-            row[:, DIV] = mix * scalars[:, 0] + (1.0 - mix) * scalars[:, 1]
-        elif opts.divergence == "tvd":
-            row[:, DIV] = 0.5 * scalars[:, 0]
-        else:
-            row[:, DIV] = scalars[:, 0]
+        row[:, ROW["A1"]], row[:, ROW["A2"]] = scalars[:, 0], scalars[:, 1]
 
-    row_loss = opts.soft_scale * row[:, DIV] + row[:, NAN_ROW]
-    if has_ce:
-        row_loss = row_loss + opts.hard_weight * (row[:, LSE_Z] - summed[:, k - 1])
-    if labels is not None:
-        row_loss = torch.where(labels != opts.ignore_index, row_loss, 0.0)
-    grad = impl.shard_gradient(student, teacher, labels, row, opts, vocab_start, inplace=inplace) if need_grad else None
-    return row_loss, grad, V
+    norm = normaliser(reduction, labels, N, V, opts.ignore_index, device=row.device, dtype=row.dtype)
+    row_loss, grad = impl.shard_finish(student, teacher, labels, row,
+                                       grad_scale(norm, device=row.device, dtype=row.dtype), opts, vocab_start,
+                                       inplace=inplace, need_grad=need_grad)
+    return row_loss, grad, V, torch.ones((), dtype=row.dtype, device=row.device) if norm is None else norm
 
 
 _OPS = {"max": "MAX", "sum": "SUM"}
 
 
-def _run(steps, group):
-    """Drive ``forward_steps`` with ``torch.distributed.all_reduce`` over ``group``."""
+def run_rank(student, teacher, labels, opts: KDOptions, reduction: Reduction, backend, group_name, vocab_start, *,
+             inplace, need_grad):
+    """``forward_steps`` driven with ``torch.distributed.all_reduce`` over the group named
+    ``group_name``: ``(row_loss, shard gradient or None, normaliser)``. CPU labels outside [0, V)
+    raise ValueError, as in ``kd_loss`` (reading V there is no device synchronisation)."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    steps = forward_steps(student, teacher, labels, opts, backend, vocab_start, reduction=reduction,
+                          need_grad=need_grad, inplace=inplace)
     try:
         tensor, op = next(steps)
         while True:
             dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
             tensor, op = steps.send(None)
     except StopIteration as done:
-        return done.value
+        row_loss, grad, V, norm = done.value
+    if labels is not None and labels.device.type == "cpu":
+        check_label_range(labels, int(V), opts)
+    return row_loss, grad, norm
 
 
-def _reduce(row_loss, labels, opts, V, leading_shape):
-    """(loss, denominator of the gradient or None) for ``opts.reduction``, as ``kd_loss``."""
-    if opts.reduction == "none":
-        return row_loss.reshape(leading_shape), None
-    if opts.reduction == "sum":
-        return row_loss.sum(), None
-    rows = row_loss.new_full((), row_loss.shape[0]) if labels is None else (labels != opts.ignore_index).sum()
-    denominator = rows.clamp_min(1) * (V if opts.reduction == "mean" else 1)
-    return row_loss.sum() / denominator, denominator
-
-
-class VocabParallelKDLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student, teacher, labels, opts, backend, inplace, group, vocab_start):
-        # Detached, so that an in-place gradient is a plain write into storage, not an autograd op.
-        s2, t2 = _rows(student.detach()), _rows(teacher)
-        labels1 = None if labels is None else labels.reshape(-1)
-        need_grad = ctx.needs_input_grad[0]
-        steps = forward_steps(s2, t2, labels1, opts, backend, vocab_start,
-                              need_grad=need_grad, inplace=inplace and need_grad)
-        row_loss, grad, V = _run(steps, group)
-        if labels1 is not None and labels1.device.type == "cpu":
-            check_label_range(labels1, int(V), opts)  # as kd_loss: CPU labels raise (no device sync)
-        loss, denominator = _reduce(row_loss, labels1, opts, V, student.shape[:-1])
-        if need_grad:
-            ctx.save_for_backward(grad)
-        ctx.denominator, ctx.backend, ctx.shape = denominator, backend, student.shape
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return scaled_student_grad(ctx, grad_loss), None, None, None, None, None, None, None
-
-
-def _check_group(group):
+def check_group(group):
+    """(rank, world size) of this process in ``group`` (None: the default group), with clear errors."""
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this PyTorch build")
     if not dist.is_initialized():
@@ -214,7 +178,7 @@ def _check_group(group):
     return rank, dist.get_world_size(group)
 
 
-def _check_vocab_start(vocab_start):
+def check_vocab_start(vocab_start):
     if vocab_start is None:
         return None
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral):
@@ -224,37 +188,9 @@ def _check_vocab_start(vocab_start):
     return int(vocab_start)
 
 
-def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_start=None, labels=None,
-                           temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore_index=-100,
-                           hard_weight=0.0, soft_weight=1.0, t2_scale=True, reduction="batchmean",
-                           inplace=False, backend="auto"):
-    """``fastkd.kd_loss`` of the logits sharded by vocabulary over the ranks of ``group``.
-
-    ``student_shard``, ``teacher_shard``: ``[..., W]``, this rank's columns [vocab_start,
-    vocab_start + W) of the ``[..., V]`` logits; the same rows on every rank. ``vocab_start``
-    defaults to ``rank * W`` (rank within ``group``, equal widths); pass it when the widths differ.
-    ``labels``: ``[...]`` global vocabulary ids, the same on every rank (the rank that owns a label
-    supplies its logit to the hard CE). ``group``: the vocab-parallel process group (None: the
-    default group). Every other option is ``kd_loss``'s, with the same meaning; "mean" divides by
-    the full V (the sum of the widths).
-
-    Returns the same loss on every rank; its backward gives each rank the gradient of its own shard
-    (in the shard's dtype, in its storage with ``inplace=True``). Collectives: 2 all-reduces for
-    kl / reverse_kl, 3 for the other divergences; see the module docstring for the bytes.
-    """
-    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, reduction=reduction)
-    check_kd_inputs(student_shard, teacher_shard, labels, opts)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    vocab_start = _check_vocab_start(vocab_start)
-    backend = resolve_backend(backend, student_shard)
-    rank, _ = _check_group(group)
-    if vocab_start is None:
-        vocab_start = rank * student_shard.shape[-1]
-    return VocabParallelKDLossFunction.apply(student_shard, teacher_shard, labels, opts, backend, inplace,
-                                             group, vocab_start)
+def group_name(group):
+    """The name under which the custom operator finds ``group`` again (None: the default group)."""
+    return (group if group is not None else dist.group.WORLD).group_name
 
 
 def vocab_shard_layout(width, vocab_start=None, *, group=None):
@@ -264,8 +200,8 @@ def vocab_shard_layout(width, vocab_start=None, *, group=None):
     ranks whose shards overlap or leave a gap. Call it on every rank of ``group``."""
     if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
         raise ValueError(f"width must be a positive int, got {width!r}")
-    vocab_start = _check_vocab_start(vocab_start)
-    rank, size = _check_group(group)
+    vocab_start = check_vocab_start(vocab_start)
+    rank, size = check_group(group)
     mine = (rank * int(width) if vocab_start is None else vocab_start, int(width))
     layout = [None] * size
     dist.all_gather_object(layout, mine, group=group)
@@ -278,3 +214,12 @@ def vocab_shard_layout(width, vocab_start=None, *, group=None):
             raise ValueError(f"rank {r}'s shard [{start}, {start + w}) {what}; layout {layout}")
         end = start + w
     return layout
+
+
+def __getattr__(name):
+    """``fastkd.distributed.vocab_parallel_kd_loss``, as before: the function lives in
+    ``fastkd.functional`` (imported on first use, so this driver depends on nothing above it)."""
+    if name == "vocab_parallel_kd_loss":
+        from .functional import vocab_parallel_kd_loss
+        return vocab_parallel_kd_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

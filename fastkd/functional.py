@@ -1,20 +1,32 @@
-"""The functional API: validate arguments, pick the backend, call the autograd Function."""
-from . import torch_backend
-from .autograd import KDLossFunction, SoftmaxFunction
-from .backends import resolve_backend
-from .checks import check_values
-from .options import check_kd_inputs, check_logits, check_num_items_in_batch, check_temperature, make_options
+"""The functional API: validate arguments, pick the backend, call the autograd Function.
+
+    kd_loss                 the KD loss between student and teacher logits [..., V]
+    softmax, log_softmax    tempered, differentiable
+    teacher_topk            a sparse teacher: its top-k log-probabilities and where they are
+    topk_kd_loss            the KD loss against such a teacher
+    vocab_parallel_kd_loss  kd_loss of logits sharded by vocabulary over torch.distributed ranks
+"""
+from .autograd import KDLossFunction, SoftmaxFunction, TopKKDLossFunction, VocabParallelKDLossFunction
+from .backends import implementation, resolve_backend, rows
+from .distributed import check_group, check_vocab_start, group_name
+from .checks import (check_index_values, check_label_range, check_values, debug_enabled,
+                     without_repeated_indices)
+from .options import (check_bool, check_dim, check_k, check_kd_inputs, check_labels, check_logits, check_tail,
+                      check_temperature, check_topk_inputs, make_options, make_reduction)
 
 
 def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1,
             labels=None, ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True,
-            reduction="batchmean", inplace=False, backend="auto", check_finite=False, num_items_in_batch=None):
-    """Knowledge-distillation loss between student and teacher logits ``[..., V]`` (SPEC.md).
+            reduction="batchmean", inplace=False, backend="auto", check_finite=False, num_items_in_batch=None,
+            teacher_temperature=None):
+    """Knowledge-distillation loss between student and teacher logits ``[..., V]``.
 
     loss = hard_weight * CE(student, labels) + soft_weight * (T**2 if t2_scale else 1) * D(p || q)
-    with p = softmax(teacher / T), q = softmax(student / T) and D one of ``"kl"`` (default),
+    with p = softmax(teacher / T_t), q = softmax(student / T) and D one of ``"kl"`` (default),
     ``"reverse_kl"``, ``"jsd"`` (``beta`` in (0, 1)), ``"skew_kl"``, ``"skew_reverse_kl"``
-    (``skew`` in [0, 1)), ``"tvd"``. CE is taken at T = 1. Rows whose label is ``ignore_index``
+    (``skew`` in [0, 1)), ``"tvd"``. T is ``temperature``; the teacher's T_t is
+    ``teacher_temperature``, which defaults to T (the T**2 factor is always the student's T,
+    whose 1 / T every gradient carries). CE is taken at T = 1. Rows whose label is ``ignore_index``
     count for nothing. ``reduction``: ``"batchmean"`` (sum / kept rows; equals
     ``nn.KLDivLoss(reduction="batchmean")`` on 2-D input), ``"sum"``, ``"mean"`` (sum / (kept rows * V))
     or ``"none"`` (per-row loss, 0 on ignored rows). With no kept row every reduction is 0.
@@ -22,6 +34,8 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     The loss is float32 (float64 for float64 input); the student gradient, computed in the forward,
     has the student's dtype. ``inplace=True`` writes that gradient into ``student_logits``' storage:
     do not read those logits afterwards. ``backend``: ``"triton"``, ``"torch"`` or ``"auto"``.
+    Every tensor may be a non-contiguous view (``labels[:, 1:]``, a column, a ``tensor_split``
+    chunk): the result is that of its contiguous copy.
 
     Degenerate rows, as in PyTorch: a row whose student or teacher logits (over T) hold a NaN or a
     +inf, or are entirely -inf, has a NaN loss and an all-NaN gradient row; so does, with
@@ -43,24 +57,22 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     """
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, reduction=reduction)
+                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     check_kd_inputs(student_logits, teacher_logits, labels, opts)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    check_bool("inplace", inplace)
     check_values(student_logits, teacher_logits, labels, opts, check_finite)
-    num_items_in_batch = check_num_items_in_batch(num_items_in_batch, opts.reduction)
+    reduction = make_reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_logits)
-    return KDLossFunction.apply(student_logits, teacher_logits, labels, opts, backend, inplace, num_items_in_batch)
+    return KDLossFunction.apply(student_logits, teacher_logits, labels, opts, reduction, backend, inplace)
 
 
 def _softmax(x, temperature, dim, backend, log):
     check_logits("x", x)
     temperature = check_temperature(temperature)
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim={dim!r} is not a dimension of a {x.dim()}-d tensor")
+    check_dim(x, dim)
     if resolve_backend(backend, x) == "triton":
         return SoftmaxFunction.apply(x, temperature, log, dim)
-    return torch_backend.softmax(x, temperature, dim, log=log)
+    return implementation("torch").softmax(x, temperature, dim, log=log)
 
 
 def softmax(x, temperature=1.0, dim=-1, backend="auto"):
@@ -71,3 +83,116 @@ def softmax(x, temperature=1.0, dim=-1, backend="auto"):
 def log_softmax(x, temperature=1.0, dim=-1, backend="auto"):
     """log_softmax(x / temperature) along ``dim``, differentiable, in x's dtype (float32 statistics)."""
     return _softmax(x, temperature, dim, backend, log=True)
+
+
+def teacher_topk(teacher_logits, k, *, temperature=1.0, backend="auto"):
+    """The k largest log-probabilities of ``softmax(teacher_logits / temperature)`` over the last
+    dimension, and where they are: ``(logprobs, indices)``, both ``[..., k]``.
+
+    ``logprobs`` is float32 (float64 for float64 logits), sorted descending; ``indices`` is int32.
+    These are what ``topk_kd_loss`` takes, at the same temperature. Not differentiable (the
+    teacher is a constant). Ties: the Triton kernel lists equal values lowest index first (float64
+    logits are ranked by their float32 rounding); ``torch.topk`` (torch backend, and the Triton
+    backend for k > 1024) leaves their order unspecified. ``backend``: ``"triton"``, ``"torch"``,
+    ``"auto"``. The Triton kernel reads the logits once (online log-sum-exp and a running top-k).
+    """
+    check_logits("teacher_logits", teacher_logits)
+    V = teacher_logits.shape[-1]
+    if V == 0:
+        raise ValueError("teacher_logits has an empty vocabulary dimension (V = 0)")
+    k = check_k(k, V)
+    temperature = check_temperature(temperature)
+    backend = resolve_backend(backend, teacher_logits)
+    x = rows(teacher_logits.detach())
+    triton_backend = implementation("triton") if backend == "triton" else None
+    if triton_backend is not None and k <= triton_backend.MAX_TOPK_K:
+        logprobs, indices = triton_backend.teacher_topk(x, k, temperature)
+    else:
+        logprobs, indices = implementation("torch").teacher_topk(x, k, temperature)
+    lead = teacher_logits.shape[:-1]
+    return logprobs.view(*lead, k), indices.view(*lead, k)
+
+
+def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="bucket", temperature=1.0,
+                 divergence="kl", beta=0.5, skew=0.1, labels=None, ignore_index=-100, hard_weight=0.0,
+                 soft_weight=1.0, t2_scale=True, reduction="batchmean", inplace=False, backend="auto",
+                 validate_indices=None, num_items_in_batch=None):
+    """KD loss of a student ``[..., V]`` against a sparse teacher: its top-k log-probabilities
+    ``teacher_logprobs`` ``[..., k]`` at ``temperature`` (as ``teacher_topk`` returns them) at
+    columns ``teacher_indices`` ``[..., k]`` (int32 or int64, distinct, in [0, V)).
+
+    The student is softmax(student_logits / T) over its full vocabulary. ``tail`` says what
+    becomes of the mass outside the k listed tokens:
+    - ``"bucket"`` (default): both sides become k + 1 points, the k listed tokens and one tail
+      holding 1 - (their sum); D is taken between these two distributions. With k = V it is
+      ``kd_loss`` exactly (the tail is empty).
+    - ``"renormalize"``: the teacher is renormalised over its k tokens, the student is not; D over
+      the k tokens.
+    - ``"ignore"``: D over the k tokens, neither renormalised.
+    D (``divergence``, ``beta``, ``skew``), ``temperature``, ``t2_scale``, ``labels`` /
+    ``hard_weight`` (hard CE at T = 1), ``ignore_index``, ``reduction`` (``"mean"`` divides by kept
+    rows * V), ``inplace``, ``backend`` and ``num_items_in_batch`` (gradient accumulation) are as in
+    ``kd_loss``. The gradient reaches every student logit (through the normalisation), so it is a
+    dense ``[..., V]`` tensor in the student's dtype, computed in the forward.
+
+    Index checks read the indices (a device synchronisation), so they run on the torch backend,
+    and on the Triton path only with ``validate_indices=True`` or ``FASTKD_DEBUG=1`` in the
+    environment; they raise ValueError for an index outside [0, V) or repeated in a row. Unchecked,
+    either makes its row NaN (loss and gradient). ``validate_indices=False`` skips the checks
+    everywhere.
+    """
+    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                        t2_scale=t2_scale)
+    tail = check_tail(tail)
+    check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
+    check_labels(student_logits, labels, opts)
+    check_bool("inplace", inplace)
+    if validate_indices is not None:
+        check_bool("validate_indices", validate_indices)
+    V = student_logits.shape[-1]
+    check_label_range(labels, V, opts)
+    reduction = make_reduction(reduction, num_items_in_batch)
+    backend = resolve_backend(backend, student_logits)
+    if validate_indices or (validate_indices is None and (backend == "torch" or debug_enabled())):
+        keep = None if labels is None else labels.reshape(-1) != opts.ignore_index
+        check_index_values(rows(teacher_indices), V, keep)
+    else:
+        teacher_indices = without_repeated_indices(teacher_indices)
+    return TopKKDLossFunction.apply(student_logits, teacher_logprobs, teacher_indices, labels, opts, tail,
+                                    reduction, backend, inplace)
+
+
+def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_start=None, labels=None,
+                           temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore_index=-100,
+                           hard_weight=0.0, soft_weight=1.0, t2_scale=True, reduction="batchmean",
+                           inplace=False, backend="auto", num_items_in_batch=None, teacher_temperature=None):
+    """``kd_loss`` of the logits sharded by vocabulary over the ranks of ``group``.
+
+    ``student_shard``, ``teacher_shard``: ``[..., W]``, this rank's columns [vocab_start,
+    vocab_start + W) of the ``[..., V]`` logits; the same rows on every rank. ``vocab_start``
+    defaults to ``rank * W`` (rank within ``group``, equal widths); pass it when the widths differ.
+    ``labels``: ``[...]`` global vocabulary ids, the same on every rank (the rank that owns a label
+    supplies its logit to the hard CE). ``group``: the vocab-parallel process group (None: the
+    default group). Every other option is ``kd_loss``'s, with the same meaning; "mean" divides by
+    the full V (the sum of the widths).
+
+    Returns the same loss on every rank; its backward gives each rank the gradient of its own shard
+    (in the shard's dtype, in its storage with ``inplace=True``). Collectives: 2 all-reduces for
+    kl / reverse_kl, 3 for the other divergences (``fastkd.distributed`` has the bytes). Works inside
+    ``torch.compile(fullgraph=True)``: the rank's whole forward, collectives included, is one custom
+    operator.
+    """
+    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
+    check_kd_inputs(student_shard, teacher_shard, labels, opts)
+    check_bool("inplace", inplace)
+    vocab_start = check_vocab_start(vocab_start)
+    reduction = make_reduction(reduction, num_items_in_batch)
+    backend = resolve_backend(backend, student_shard)
+    rank, _ = check_group(group)
+    if vocab_start is None:
+        vocab_start = rank * student_shard.shape[-1]
+    return VocabParallelKDLossFunction.apply(student_shard, teacher_shard, labels, opts, reduction, backend,
+                                             inplace, group_name(group), vocab_start)

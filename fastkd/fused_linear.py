@@ -37,13 +37,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import launch, torch_backend
-from .autograd import _graph_is_kept, items_normaliser
-from .backends import resolve_backend
+from .autograd import graph_is_kept
+from .backends import flat_labels, implementation, resolve_backend
 from .buffers import accumulation_dtype, empty
 from .ops import autocast_off, pack_kd_scalars, unpack_kd_options
-from .options import (FLOAT_DTYPES, check_backend, check_labels, check_logits, check_num_items_in_batch,
-                      make_options)
+from .options import FLOAT_DTYPES, check_backend, check_labels, check_logits, make_options, make_reduction
+from .reduction import normaliser
 
 MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 1024
@@ -58,16 +57,14 @@ def default_chunk_size(V, H):
     return rows
 
 
-def _impl(backend):
-    return launch if backend == "triton" else torch_backend
-
-
 def _kd_forward(backend, z, z_t, labels, opts, need_grad):
     """Row losses and the logits gradient, written over ``z``."""
+    one = torch.ones(1, dtype=accumulation_dtype(z.dtype, z_t.dtype), device=z.device)
     if backend == "triton":
-        return launch.kd_forward(z, z_t, labels, opts, inplace=True, need_grad=need_grad)
+        return implementation("triton").kd_forward(z, z_t, labels, one, opts, inplace=True, need_grad=need_grad)
     # The chunk is already bounded; small work buffers keep the torch backend's share of it small.
-    return torch_backend.kd_forward(z, z_t, labels, opts, inplace=True, need_grad=need_grad, chunk_bytes=4 * 2**20)
+    return implementation("torch").kd_forward(z, z_t, labels, one, opts, inplace=True, need_grad=need_grad,
+                                              chunk_bytes=4 * 2**20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +100,7 @@ def _chunked_pass(hidden, weight, bias, teacher, labels, opts, backend, chunk, *
     rows = min(chunk, N)
     z_buffer = empty((rows, V), dtype=hidden.dtype, device=device)
     t_buffer = empty((rows, V), dtype=t_dtype, device=device) if teacher[0] == "linear" else None
-    impl = _impl(backend)
+    impl = implementation(backend)
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)
         h = hidden[r0:r1]
@@ -185,16 +182,6 @@ def _autocast_inputs(*tensors):
     return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x for x in tensors)
 
 
-def _normaliser(labels, N, V, opts):
-    """What the row losses' sum is divided by: None ("sum", "none"), a number, or a device tensor."""
-    if opts.reduction in ("sum", "none"):
-        return None
-    if labels is None:
-        return N * (V if opts.reduction == "mean" else 1) or 1
-    kept = (labels != opts.ignore_index).sum().clamp_min(1)
-    return kept * V if opts.reduction == "mean" else kept
-
-
 def _scaled(grad, scale, dtype, in_place):
     """``grad * scale`` in ``dtype``, overwriting ``grad`` when allowed and the dtype matches."""
     if grad is None:
@@ -208,16 +195,16 @@ class FusedLinearKDFunction(torch.autograd.Function):
     """Inputs are 2-D (``[N, H]`` hidden, ``[N, V]`` teacher logits, ``[N]`` labels), validated."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, opts, backend,
-                chunk, out_shape, num_items_in_batch=None):
+    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, opts, reduction, backend,
+                chunk, out_shape):
         want = tuple(ctx.needs_input_grad[:3])
         want = (want[0], want[1], want[2] and bias is not None)
         teacher = ("logits", t_logits) if t_logits is not None else ("linear", t_hidden, t_weight, t_bias)
         N, V = hidden.shape[0], weight.shape[0]
-        ctx.opts, ctx.backend, ctx.chunk, ctx.want = opts, backend, chunk, want
+        ctx.opts, ctx.reduction, ctx.backend, ctx.chunk, ctx.want = opts, reduction, backend, chunk, want
         ctx.dtypes = (hidden.dtype, weight.dtype)
 
-        if opts.reduction == "none":
+        if reduction.kind == "none":
             row_loss, *_ = _chunked_pass_op(hidden, weight, bias, teacher, labels, opts, backend, chunk,
                                          want=(False, False, False))
             if any(want):
@@ -225,10 +212,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
             return row_loss.reshape(out_shape)
 
         row_loss, *grads = _chunked_pass_op(hidden, weight, bias, teacher, labels, opts, backend, chunk, want=want)
-        denominator = _normaliser(labels, N, V, opts)
-        if num_items_in_batch is not None and denominator is not None:  # replaces the kept-row count
-            items = items_normaliser(num_items_in_batch, hidden.device)
-            denominator = items * V if opts.reduction == "mean" else items
+        denominator = normaliser(reduction, labels, N, V, opts.ignore_index, device=hidden.device,
+                                 dtype=row_loss.dtype)
         loss = row_loss.sum() if denominator is None else row_loss.sum() / denominator
         if any(want):
             ctx.save_for_backward(*grads)
@@ -240,7 +225,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
         opts, want = ctx.opts, ctx.want
         hidden_dtype, weight_dtype = ctx.dtypes
         acc = accumulation_dtype(weight_dtype)
-        if opts.reduction == "none":
+        if ctx.reduction.kind == "none":
             hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels = ctx.saved_tensors
             teacher = ("logits", t_logits) if t_logits is not None else ("linear", t_hidden, t_weight, t_bias)
             row_scale = grad_loss.reshape(-1).to(accumulation_dtype(hidden.dtype, teacher[1].dtype))
@@ -255,7 +240,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
             if ctx.denominator is not None:
                 scale = scale / ctx.denominator
             # The saved gradients are ours: scale them in place unless the graph may run backward again.
-            in_place = not _graph_is_kept()
+            in_place = not graph_is_kept()
             grad_hidden = _scaled(grad_hidden, scale, hidden_dtype, in_place)
             grad_weight = _scaled(grad_weight, scale, weight_dtype, in_place)
             grad_bias = _scaled(grad_bias, scale, weight_dtype, in_place)
@@ -395,13 +380,13 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
                                       teacher_weight, teacher_bias)
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, reduction=reduction)
+                        t2_scale=t2_scale)
     check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                        teacher_bias, teacher_logits, labels, opts)
     chunk_size = check_chunk_size(chunk_size)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    num_items_in_batch = check_num_items_in_batch(num_items_in_batch, opts.reduction)
+    reduction = make_reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_hidden)
 
     V, H = student_weight.shape
@@ -409,11 +394,10 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     hidden2 = student_hidden.reshape(-1, H)
     t_hidden2 = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     t_logits2 = None if teacher_logits is None else teacher_logits.reshape(-1, V)
-    labels1 = None if labels is None else labels.reshape(-1)
+    labels1 = flat_labels(labels)
     chunk = chunk_size or default_chunk_size(V, H)
     return FusedLinearKDFunction.apply(hidden2, student_weight, student_bias, t_hidden2, teacher_weight,
-                                       teacher_bias, t_logits2, labels1, opts, backend, chunk, lead,
-                                       num_items_in_batch)
+                                       teacher_bias, t_logits2, labels1, opts, reduction, backend, chunk, lead)
 
 
 class FusedLinearKDLoss(torch.nn.Module):
@@ -432,7 +416,8 @@ class FusedLinearKDLoss(torch.nn.Module):
         self.options = dict(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                             ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                             t2_scale=t2_scale, reduction=reduction)
-        make_options(**self.options)
+        make_options(**{k: v for k, v in self.options.items() if k != "reduction"})
+        make_reduction(reduction)
         if not isinstance(inplace, bool):
             raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
         self.inplace, self.backend = inplace, check_backend(backend)

@@ -1,10 +1,16 @@
-"""``nn.Module`` wrappers of the functional API."""
+"""``nn.Module`` wrappers of the functional API: each checks its options once, at construction."""
 import torch
 
-from .functional import kd_loss
-from .options import check_backend, make_options
-from .topk import topk_kd_loss
-from .topk_options import check_tail
+from .functional import kd_loss, topk_kd_loss
+from .options import check_backend, check_bool, check_tail, make_options, make_reduction
+
+
+def _kd_options(**options):
+    """Check the KD options of a module (those of ``kd_loss``) and return them as a dict."""
+    reduction = options.pop("reduction")
+    make_options(**options)
+    make_reduction(reduction)
+    return dict(options, reduction=reduction)
 
 
 class KDLoss(torch.nn.Module):
@@ -15,15 +21,13 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore_index=-100,
                  hard_weight=0.0, soft_weight=1.0, t2_scale=True, reduction="batchmean",
-                 inplace=False, backend="auto", check_finite=False):
+                 inplace=False, backend="auto", check_finite=False, teacher_temperature=None):
         super().__init__()
-        self.options = dict(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                            ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                            t2_scale=t2_scale, reduction=reduction)
-        make_options(**self.options)
-        if not isinstance(check_finite, bool):
-            raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
-        self.inplace, self.backend, self.check_finite = inplace, check_backend(backend), check_finite
+        self.options = _kd_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                                   ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                                   t2_scale=t2_scale, reduction=reduction, teacher_temperature=teacher_temperature)
+        self.inplace, self.backend = check_bool("inplace", inplace), check_backend(backend)
+        self.check_finite = check_bool("check_finite", check_finite)
 
     def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
         return kd_loss(student_logits, teacher_logits, labels=labels, inplace=self.inplace,
@@ -45,10 +49,9 @@ class TopKKDLoss(torch.nn.Module):
                  ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True, reduction="batchmean",
                  inplace=False, backend="auto", validate_indices=None):
         super().__init__()
-        self.options = dict(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                            ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                            t2_scale=t2_scale, reduction=reduction)
-        make_options(**self.options)
+        self.options = _kd_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                                   ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                                   t2_scale=t2_scale, reduction=reduction)
         self.tail = check_tail(tail)
         self.inplace, self.backend, self.validate_indices = inplace, check_backend(backend), validate_indices
 

@@ -1,22 +1,26 @@
-"""PyTorch custom operators around the backends' fused calls, so that ``torch.compile`` sees each
-call as one opaque op.
+"""PyTorch custom operators around every fused call, so that ``torch.compile`` sees each as one
+opaque op.
 
-Dynamo cannot trace a Triton launch or the torch backend's loop over row chunks, and need not:
-each call is a ``torch.library.custom_op`` ("fastkd::...") with a fake (meta) implementation that
-gives only the output shapes. The autograd Functions in ``fastkd.autograd`` call these ops; the
-reduction and the backward's scaling stay plain torch ops that inductor fuses (and, for a saved
-gradient that the backward graph owns, runs in place: inductor's donated buffers).
+Dynamo cannot trace a Triton launch, the torch backend's loop over row chunks or the collectives
+of the vocabulary-parallel loss, and need not: each call is a ``torch.library.custom_op``
+("fastkd::...") with a fake (meta) implementation that gives only the output shapes. The autograd
+Functions in ``fastkd.autograd`` call the Python wrappers below; the reduction and the backward's
+scaling stay plain torch ops that inductor fuses (and, for a saved gradient that the backward
+graph owns, runs in place: inductor's donated buffers).
 
-    fastkd::kd_forward          (student, teacher, labels?, scalars, ...) -> (row loss [N], grad [N, V])
-    fastkd::kd_forward_inplace  the same, the gradient written into ``student`` (mutates it)
-    fastkd::softmax_forward     tempered (log-)softmax with the Triton kernel
-    fastkd::softmax_backward    its vector-Jacobian product
-    fastkd::fused_linear_pass   the chunk loop of ``fastkd.fused_linear`` (registered there)
+    fastkd::kd_forward               (student, teacher, labels?, grad_scale, scalars, ...) -> (row loss, grad)
+    fastkd::kd_forward_inplace       the same, the gradient written into ``student`` (mutates it)
+    fastkd::topk_kd_forward          the top-k loss, likewise (and its _inplace twin)
+    fastkd::vocab_parallel_forward   one rank's vocabulary-parallel loss, collectives included
+                                     (and its _inplace twin)
+    fastkd::softmax_forward          tempered (log-)softmax with the Triton kernel
+    fastkd::softmax_backward         its vector-Jacobian product
+    fastkd::fused_linear_pass        the chunk loop of ``fastkd.fused_linear`` (registered there)
 
 Scalars. A Python float given to an op is a constant of the compiled graph: dynamo guards on its
-value and recompiles when it changes. So the float options (temperature, beta, skew, hard and soft
-weights) travel as one float64 CPU tensor (``pack_scalars``) that the op reads on the host (a CPU
-tensor: no device synchronisation). Dynamo still compiles its first call with those values as
+value and recompiles when it changes. So the float options (temperatures, beta, skew, hard and
+soft weights) travel as one float64 CPU tensor (``pack_scalars``) that the op reads on the host (a
+CPU tensor: no device synchronisation). Dynamo still compiles its first call with those values as
 constants and recompiles once when one changes (its automatic-dynamic rule, applied to every
 Python scalar); every later value reuses that graph. ``torch.compile(dynamic=True)`` skips even the
 one recompile. Strings, bools and ints (divergence, flags, ignore_index, backend) are ordinary op
@@ -31,13 +35,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import launch, torch_backend
+from .backends import implementation
 from .buffers import accumulation_dtype
-from .options import KDOptions
-
-
-def _impl(backend):
-    return launch if backend == "triton" else torch_backend
+from .options import KDOptions, Reduction
 
 
 def pack_scalars(*values):
@@ -49,13 +49,19 @@ def pack_scalars(*values):
 
 
 def pack_kd_scalars(opts: KDOptions):
-    return pack_scalars(opts.temperature, opts.beta, opts.skew, opts.hard_weight, opts.soft_weight)
+    return pack_scalars(opts.temperature, opts.teacher_T, opts.beta, opts.skew, opts.hard_weight, opts.soft_weight)
 
 
 def unpack_kd_options(scalars, divergence, t2_scale, ignore_index):
     """The ``KDOptions`` of one op call (already validated by the functional API)."""
-    temperature, beta, skew, hard_weight, soft_weight = scalars.tolist()
-    return KDOptions(temperature, divergence, beta, skew, hard_weight, soft_weight, t2_scale, "sum", ignore_index)
+    temperature, teacher_temperature, beta, skew, hard_weight, soft_weight = scalars.tolist()
+    return KDOptions(temperature, divergence, beta, skew, hard_weight, soft_weight, t2_scale, ignore_index,
+                     teacher_temperature)
+
+
+def _static(opts: KDOptions):
+    """The options that are op arguments of their own (changing one recompiles)."""
+    return opts.divergence, opts.t2_scale, opts.ignore_index
 
 
 def autocast_off(device):
@@ -68,50 +74,180 @@ def _fake_row_loss(student, teacher):
     return student.new_empty(student.shape[0], dtype=accumulation_dtype(student.dtype, teacher.dtype))
 
 
-# ---------------------------------------------------------------------------------------------
-# KD loss forward (per-row loss and student gradient)
+def _fake_grad(student, need_grad):
+    return torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else student.new_empty(0)
+
+
+def _grad_or_empty(student, grad):
+    return student.new_empty(0) if grad is None else grad
+
+
+# ---------------------------------------------------------------------------------------------- dense
 
 
 @torch.library.custom_op("fastkd::kd_forward", mutates_args=())
-def kd_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], scalars: Tensor, divergence: str,
-               t2_scale: bool, ignore_index: int, backend: str, need_grad: bool) -> tuple[Tensor, Tensor]:
-    """``backend``'s ``kd_forward`` on ``[N, V]`` rows; the gradient is ``[0]`` unless ``need_grad``."""
+def _kd_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad_scale: Tensor, scalars: Tensor,
+                divergence: str, t2_scale: bool, ignore_index: int, backend: str,
+                need_grad: bool) -> tuple[Tensor, Tensor]:
     opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
     with autocast_off(student.device):
-        row_loss, grad = _impl(backend).kd_forward(student, teacher, labels, opts, need_grad=need_grad)
-    return row_loss, student.new_empty(0) if grad is None else grad
+        row_loss, grad = implementation(backend).kd_forward(student, teacher, labels, grad_scale, opts,
+                                                            need_grad=need_grad)
+    return row_loss, _grad_or_empty(student, grad)
 
 
-@kd_forward.register_fake
-def _(student, teacher, labels, scalars, divergence, t2_scale, ignore_index, backend, need_grad):
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else student.new_empty(0)
-    return _fake_row_loss(student, teacher), grad
+@_kd_forward.register_fake
+def _(student, teacher, labels, grad_scale, scalars, divergence, t2_scale, ignore_index, backend, need_grad):
+    return _fake_row_loss(student, teacher), _fake_grad(student, need_grad)
 
 
 @torch.library.custom_op("fastkd::kd_forward_inplace", mutates_args=("student",))
-def kd_forward_inplace(student: Tensor, teacher: Tensor, labels: Optional[Tensor], scalars: Tensor,
-                       divergence: str, t2_scale: bool, ignore_index: int, backend: str) -> Tensor:
-    """``kd_forward`` writing the student gradient over ``student``; returns the per-row loss."""
+def _kd_forward_inplace(student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad_scale: Tensor,
+                        scalars: Tensor, divergence: str, t2_scale: bool, ignore_index: int, backend: str) -> Tensor:
     opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
     with autocast_off(student.device):
-        row_loss, _ = _impl(backend).kd_forward(student, teacher, labels, opts, inplace=True, need_grad=True)
+        row_loss, _ = implementation(backend).kd_forward(student, teacher, labels, grad_scale, opts, inplace=True)
     return row_loss
 
 
-@kd_forward_inplace.register_fake
-def _(student, teacher, labels, scalars, divergence, t2_scale, ignore_index, backend):
+@_kd_forward_inplace.register_fake
+def _(student, teacher, labels, grad_scale, scalars, divergence, t2_scale, ignore_index, backend):
     return _fake_row_loss(student, teacher)
 
 
-# ---------------------------------------------------------------------------------------------
-# Tempered (log-)softmax with the Triton kernels (the torch backend is plain, traceable torch ops)
+def kd_forward(student, teacher, labels, grad_scale, opts: KDOptions, backend, *, inplace, need_grad):
+    """Per-row loss ``[N]`` and the student gradient ``[N, V]`` (times ``grad_scale``; None unless
+    ``need_grad``; ``student`` itself, overwritten, with ``inplace``) of ``[N, V]`` rows."""
+    scalars = pack_kd_scalars(opts)
+    if inplace:
+        return torch.ops.fastkd.kd_forward_inplace(student, teacher, labels, grad_scale, scalars, *_static(opts),
+                                                   backend), student
+    row_loss, grad = torch.ops.fastkd.kd_forward(student, teacher, labels, grad_scale, scalars, *_static(opts),
+                                                 backend, need_grad)
+    return row_loss, grad if need_grad else None
+
+
+# ---------------------------------------------------------------------------------------------- top-k
+
+
+@torch.library.custom_op("fastkd::topk_kd_forward", mutates_args=())
+def _topk_kd_forward(student: Tensor, logprobs: Tensor, indices: Tensor, labels: Optional[Tensor],
+                     grad_scale: Tensor, scalars: Tensor, divergence: str, t2_scale: bool, ignore_index: int,
+                     tail: str, backend: str, need_grad: bool) -> tuple[Tensor, Tensor]:
+    opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
+    with autocast_off(student.device):
+        row_loss, grad = implementation(backend).topk_kd_forward(student, logprobs, indices, labels, grad_scale,
+                                                                 opts, tail, need_grad=need_grad)
+    return row_loss, _grad_or_empty(student, grad)
+
+
+@_topk_kd_forward.register_fake
+def _(student, logprobs, indices, labels, grad_scale, scalars, divergence, t2_scale, ignore_index, tail, backend,
+      need_grad):
+    return _fake_row_loss(student, logprobs), _fake_grad(student, need_grad)
+
+
+@torch.library.custom_op("fastkd::topk_kd_forward_inplace", mutates_args=("student",))
+def _topk_kd_forward_inplace(student: Tensor, logprobs: Tensor, indices: Tensor, labels: Optional[Tensor],
+                             grad_scale: Tensor, scalars: Tensor, divergence: str, t2_scale: bool,
+                             ignore_index: int, tail: str, backend: str) -> Tensor:
+    opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
+    with autocast_off(student.device):
+        row_loss, _ = implementation(backend).topk_kd_forward(student, logprobs, indices, labels, grad_scale,
+                                                              opts, tail, inplace=True)
+    return row_loss
+
+
+@_topk_kd_forward_inplace.register_fake
+def _(student, logprobs, indices, labels, grad_scale, scalars, divergence, t2_scale, ignore_index, tail, backend):
+    return _fake_row_loss(student, logprobs)
+
+
+def topk_kd_forward(student, logprobs, indices, labels, grad_scale, opts: KDOptions, tail, backend, *, inplace,
+                    need_grad):
+    """``kd_forward`` of the top-k loss."""
+    scalars = pack_kd_scalars(opts)
+    if inplace:
+        return torch.ops.fastkd.topk_kd_forward_inplace(student, logprobs, indices, labels, grad_scale, scalars,
+                                                        *_static(opts), tail, backend), student
+    row_loss, grad = torch.ops.fastkd.topk_kd_forward(student, logprobs, indices, labels, grad_scale, scalars,
+                                                      *_static(opts), tail, backend, need_grad)
+    return row_loss, grad if need_grad else None
+
+
+# -------------------------------------------------------------------------------- vocabulary-parallel
+
+
+def _vocab_parallel(student, teacher, labels, scalars, divergence, t2_scale, ignore_index, reduction,
+                    num_items, backend, group_name, vocab_start, inplace, need_grad):
+    from .distributed import run_rank
+
+    opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
+    with autocast_off(student.device):
+        row_loss, grad, norm = run_rank(student, teacher, labels, opts, Reduction(reduction, num_items), backend,
+                                        group_name, vocab_start, inplace=inplace, need_grad=need_grad)
+    return row_loss, _grad_or_empty(student, grad), norm
+
+
+@torch.library.custom_op("fastkd::vocab_parallel_forward", mutates_args=())
+def _vocab_parallel_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], scalars: Tensor,
+                            divergence: str, t2_scale: bool, ignore_index: int, reduction: str,
+                            num_items: Optional[Tensor], backend: str, group_name: str, vocab_start: int,
+                            need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _vocab_parallel(student, teacher, labels, scalars, divergence, t2_scale, ignore_index, reduction,
+                           num_items, backend, group_name, vocab_start, False, need_grad)
+
+
+@_vocab_parallel_forward.register_fake
+def _(student, teacher, labels, scalars, divergence, t2_scale, ignore_index, reduction, num_items, backend,
+      group_name, vocab_start, need_grad):
+    row_loss = _fake_row_loss(student, teacher)
+    return row_loss, _fake_grad(student, need_grad), row_loss.new_empty(())
+
+
+@torch.library.custom_op("fastkd::vocab_parallel_forward_inplace", mutates_args=("student",))
+def _vocab_parallel_forward_inplace(student: Tensor, teacher: Tensor, labels: Optional[Tensor], scalars: Tensor,
+                                    divergence: str, t2_scale: bool, ignore_index: int, reduction: str,
+                                    num_items: Optional[Tensor], backend: str, group_name: str,
+                                    vocab_start: int) -> tuple[Tensor, Tensor]:
+    row_loss, _, norm = _vocab_parallel(student, teacher, labels, scalars, divergence, t2_scale, ignore_index,
+                                        reduction, num_items, backend, group_name, vocab_start, True, True)
+    return row_loss, norm
+
+
+@_vocab_parallel_forward_inplace.register_fake
+def _(student, teacher, labels, scalars, divergence, t2_scale, ignore_index, reduction, num_items, backend,
+      group_name, vocab_start):
+    row_loss = _fake_row_loss(student, teacher)
+    return row_loss, row_loss.new_empty(())
+
+
+def vocab_parallel_forward(student, teacher, labels, opts: KDOptions, reduction: Reduction, backend, group_name,
+                           vocab_start, *, inplace, need_grad):
+    """One rank's per-row loss ``[N]``, shard gradient ``[N, W]`` (or None) and the reduction's
+    normaliser (0-d; 1 for "sum" and "none"), the collectives over the group ``group_name`` included."""
+    scalars = pack_kd_scalars(opts)
+    items = reduction.num_items_in_batch
+    if items is not None and not isinstance(items, torch.Tensor):
+        items = torch.tensor(float(items), dtype=torch.float64)
+    args = (student, teacher, labels, scalars, *_static(opts), reduction.kind, items, backend, group_name,
+            vocab_start)
+    if inplace:
+        row_loss, norm = torch.ops.fastkd.vocab_parallel_forward_inplace(*args)
+        return row_loss, student, norm
+    row_loss, grad, norm = torch.ops.fastkd.vocab_parallel_forward(*args, need_grad)
+    return row_loss, grad if need_grad else None, norm
+
+
+# ------------------------------------------------------------------------------ tempered (log-)softmax
+# (Triton kernels only: the torch backend is plain, traceable torch ops.)
 
 
 @torch.library.custom_op("fastkd::softmax_forward", mutates_args=())
 def softmax_forward(x: Tensor, scalars: Tensor, log: bool) -> Tensor:
-    """``launch.softmax_forward`` on ``[N, V]`` rows; ``scalars`` holds the temperature."""
+    """``backends.triton.softmax_forward`` on ``[N, V]`` rows; ``scalars`` holds the temperature."""
     (temperature,) = scalars.tolist()
-    return launch.softmax_forward(x, temperature, log=log)
+    return implementation("triton").softmax_forward(x, temperature, log=log)
 
 
 @softmax_forward.register_fake
@@ -122,7 +258,7 @@ def _(x, scalars, log):
 @torch.library.custom_op("fastkd::softmax_backward", mutates_args=())
 def softmax_backward(y: Tensor, dy: Tensor, scalars: Tensor, log: bool) -> Tensor:
     (temperature,) = scalars.tolist()
-    return launch.softmax_backward(y, dy, temperature, log=log)
+    return implementation("triton").softmax_backward(y, dy, temperature, log=log)
 
 
 @softmax_backward.register_fake

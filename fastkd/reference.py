@@ -13,10 +13,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .checks import check_values
-from .options import (check_dim, check_kd_inputs, check_labels, check_logits, check_num_items_in_batch,
-                      check_temperature, make_options)
-from .topk_options import check_index_values, check_tail, check_topk_inputs
+from .checks import check_index_values, check_values
+from .options import (check_dim, check_kd_inputs, check_labels, check_logits, check_tail, check_temperature,
+                      check_topk_inputs, make_options, make_reduction)
 
 
 def _compute_dtype(*tensors):
@@ -83,13 +82,27 @@ def _has_distribution(x):
     return torch.isfinite(torch.logsumexp(x, -1))
 
 
+def _reduce(row_loss, keep, V, reduction, leading_shape):
+    """The reduction: per row ("none"), sum, or sum / (kept rows, or num_items_in_batch; 0 counts
+    as 1; times V for "mean")."""
+    if reduction.kind == "none":
+        return row_loss.reshape(leading_shape)
+    total = row_loss.sum()
+    if reduction.kind == "sum":
+        return total
+    items = reduction.num_items_in_batch
+    count = int(keep.sum()) if items is None else float(items)
+    return total / ((count or 1) * (V if reduction.kind == "mean" else 1))
+
+
 def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1,
             labels=None, ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True,
-            reduction="batchmean", inplace=False, backend="auto", check_finite=False, num_items_in_batch=None):
-    """Hinton's KD loss as SPEC.md defines it, in plain PyTorch (``inplace``/``backend`` ignored).
+            reduction="batchmean", inplace=False, backend="auto", check_finite=False, num_items_in_batch=None,
+            teacher_temperature=None):
+    """Hinton's KD loss, in plain PyTorch (``inplace``/``backend`` ignored).
 
     loss = hard_weight * CE(z_s, labels) + soft_weight * (T**2 if t2_scale else 1) * D(p || q),
-    p = softmax(z_t / T), q = softmax(z_s / T), reduced over the rows whose label is not
+    p = softmax(z_t / T_t), q = softmax(z_s / T), reduced over the rows whose label is not
     ``ignore_index`` ("batchmean": / rows, "mean": / (rows * V), "sum", "none": per row);
     ``num_items_in_batch`` (0 counts as 1) replaces the kept-row count.
     Degenerate rows are NaN and the value checks raise, as in ``fastkd.kd_loss`` (its gradient on a
@@ -97,10 +110,10 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     """
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, reduction=reduction)
+                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     check_kd_inputs(student_logits, teacher_logits, labels, opts)
     check_values(student_logits, teacher_logits, labels, opts, check_finite)
-    num_items_in_batch = check_num_items_in_batch(num_items_in_batch, opts.reduction)
+    reduction = make_reduction(reduction, num_items_in_batch)
     dtype = _compute_dtype(student_logits, teacher_logits)
     V = student_logits.shape[-1]
     z_s = student_logits.reshape(-1, V).to(dtype)
@@ -112,12 +125,12 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
         keep = labels != opts.ignore_index
 
     z_s_kept, z_t_kept = z_s[keep], z_t[keep]
-    T = opts.temperature
-    soft = row_divergence(torch.log_softmax(z_t_kept / T, -1), torch.log_softmax(z_s_kept / T, -1),
+    T, T_t = opts.temperature, opts.teacher_T
+    soft = row_divergence(torch.log_softmax(z_t_kept / T_t, -1), torch.log_softmax(z_s_kept / T, -1),
                          opts.divergence, opts.beta, opts.skew)
     kept_loss = opts.soft_scale * soft
     # A row with no student or teacher distribution (all -inf, or a NaN or +inf in it) is NaN.
-    defined = _has_distribution(z_s_kept / T) & _has_distribution(z_t_kept / T)
+    defined = _has_distribution(z_s_kept / T) & _has_distribution(z_t_kept / T_t)
     if opts.hard_weight > 0:
         kept_labels = labels[keep]
         in_range = (kept_labels >= 0) & (kept_labels < V)
@@ -126,20 +139,13 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
         defined = defined & in_range  # a label outside [0, V) makes its row NaN, as in the kernels
     kept_loss = kept_loss + torch.where(defined, 0.0, float("nan")).to(dtype)
     row_loss = torch.zeros(z_s.shape[0], dtype=dtype, device=z_s.device).masked_scatter(keep, kept_loss)
-
-    if opts.reduction == "none":
-        return row_loss.reshape(student_logits.shape[:-1])
-    total = row_loss.sum()
-    kept_rows = int(keep.sum()) if num_items_in_batch is None else float(num_items_in_batch) or 1
-    if opts.reduction == "sum" or kept_rows == 0:
-        return total
-    return total / (kept_rows * (V if opts.reduction == "mean" else 1))
+    return _reduce(row_loss, keep, V, reduction, student_logits.shape[:-1])
 
 
 def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="bucket", temperature=1.0,
                  divergence="kl", beta=0.5, skew=0.1, labels=None, ignore_index=-100, hard_weight=0.0,
                  soft_weight=1.0, t2_scale=True, reduction="batchmean", inplace=False, backend="auto",
-                 validate_indices=None):
+                 validate_indices=None, num_items_in_batch=None):
     """``fastkd.topk_kd_loss`` built densely (``inplace``/``backend``/``validate_indices`` ignored:
     the indices are always checked).
 
@@ -151,7 +157,8 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="buc
     """
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, reduction=reduction)
+                        t2_scale=t2_scale)
+    reduction = make_reduction(reduction, num_items_in_batch)
     tail = check_tail(tail)
     check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
     check_labels(student_logits, labels, opts)
@@ -190,11 +197,4 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="buc
         defined = defined & in_range
     kept_loss = kept_loss + torch.where(defined, 0.0, float("nan")).to(dtype)
     row_loss = torch.zeros(keep.shape[0], dtype=dtype, device=z.device).masked_scatter(keep, kept_loss)
-
-    if opts.reduction == "none":
-        return row_loss.reshape(student_logits.shape[:-1])
-    total = row_loss.sum()
-    kept_rows = int(keep.sum())
-    if opts.reduction == "sum" or kept_rows == 0:
-        return total
-    return total / (kept_rows * (V if opts.reduction == "mean" else 1))
+    return _reduce(row_loss, keep, V, reduction, student_logits.shape[:-1])

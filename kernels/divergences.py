@@ -1,36 +1,49 @@
-"""The divergences, per element: the math shared by the row kernels (kd_loss.py, vocab_parallel.py).
+"""The divergences: every kernel's per-element math and the value from the row scalars.
 
-Notation (one row): z student logits, s = z / T, t = teacher logits / T, V columns.
+The one table of the Triton side; ``fastkd/backends/torch_divergences.py`` is its torch mirror
+(same functions, same order). Used by the dense kernel (kd_loss.py), the top-k kernel
+(topk_kd_loss.py) and the vocabulary-parallel kernels (vocab_parallel.py).
+
+Notation (one row): z student logits, s = z / T_s, t = teacher logits / T_t, V columns.
     ls = log q = s - lse(s)      lt = log p = t - lse(t)
     computed as (s - max s) - log(sum exp(s - max s)): rounding lse(s), which is as large as the
-    logits, would put an error of eps |s| on every log-probability, and through q = exp(ls) on D
-    (times |ls - lt|, up to 1e4 / T for skew 0 at scaled logits); the max cancels exactly instead.
+    logits, would put an error of eps |s| on every log-probability; the max cancels exactly instead.
+    s_minus_t and shift: ls - lt = s_minus_t - shift, with shift a row constant. Single-teacher
+    kernels pass s_minus_t = s - t and shift = lse(s) - lse(t) = (max s - max t) + log(d_s / d_t):
+    both exact to a few ulps of their own size, so log-ratios near 0 (a converged student) and the
+    sign of p - q are not lost under the eps |lse| of ls - lt. Top-k passes ls - lt and 0.
 For D(q) any divergence, dD/ds_j = q_j (g_j - sum_i q_i g_i) with g_i = dD/dq_i; the table is that
 identity worked out. M is the mixture, log M = log_add_exp(log w_p + lt, log w_q + ls).
 
-divergence        D                              w_p, w_q       dD/ds_j
-kl                sum p (lt - ls)                -              q_j - p_j
-reverse_kl        sum q (ls - lt)                -              q_j (ls_j - lt_j - D) = q_j (s_j - t_j - E)
-                  E = sum q (s - t), free of the large lse terms that would cancel
-jsd (beta)        beta A1 + (1-beta) A2          beta, 1-beta   (1-beta) q_j (ls_j - lM_j - A2)
-                  A1 = sum p (lt - lM), A2 = sum q (ls - lM)
-skew_kl (a)       A1 = sum p (lt - lM)           a, 1-a         (1-a) (q_j A2 - r_j)
-                  r_j = p_j q_j / M_j, A2 = sum r
-skew_reverse_kl   A1 = sum q (ls - lM)           1-a, a         q_j (ls_j - lM_j - a q_j / M_j - (A1 - A2))
- (a)              A2 = sum a q^2 / M  (a q / M <= 1 is taken as exp(log a + ls - lM): no 0 * inf at a = 0)
-tvd               A1 / 2, A1 = sum |p - q|       -              q_j (A2 - sign(p_j - q_j)) / 2
-                  A2 = sum q sign(p - q)                        (subgradient 0 where p = q)
+divergence        a1 (summed: A1)        a2 (summed: A2)    D from A1, A2      dD/ds_j
+kl                -p s_minus_t           -p shift           A1 - A2            q_j - p_j
+reverse_kl        q s_minus_t            q shift            A1 - A2            q_j (s_minus_t_j - A1)
+jsd (beta)        p (lt - lM)            q (ls - lM)        b A1 + (1-b) A2    (1-b) q_j (ls_j - lM_j - A2)
+skew_kl (a)       p (lt - lM)            r = p q / M        A1                 (1-a) (q_j A2 - r_j)
+skew_reverse_kl   q (ls - lM)            a q^2 / M          A1                 q_j (ls_j - lM_j - a q_j / M_j - (A1 - A2))
+tvd               |p - q|                q sign(p - q)      A1 / 2             q_j (A2 - sign(p_j - q_j)) / 2
+mixture weights: jsd (w_p, w_q) = (b, 1-b); skew_kl (a, 1-a); skew_reverse_kl (1-a, a).
+(kl and reverse_kl need no element pass in a single-teacher kernel: A1 is the cross term
+sum e^(t - m_t) (t - s) / d_t (kl) or sum e^(s - m_s) (s - t) / d_s (reverse_kl, which is the
+E = sum q (s - t) its gradient uses), A2 = -shift (kl) or shift, known after the first pass.
+a q / M <= 1 is taken as exp(log a + ls - lM): no 0 * inf at a = 0; tvd's sign is 0 where p = q.)
 
-fold_row_statistics is the first pass over a row (or a shard of it); row_scalar_terms gives the
-per-element terms of A1, A2 (the caller sums them over a row, or over a shard and then across
-ranks); divergence_grad gives dD/ds_j from ls, lt, s - t and the row's A1, A2 (reverse_kl passes E
-as A1).
+Top-k (topk_kd_loss.py) takes D between two distributions on a few points with log-masses lp, lq,
+the student's not necessarily normalised there, so its gradient needs the derivatives one level
+down, per point (``point_grad``): g = dD/dq (p fixed) and h = q g (its limit where q = 0):
+kl                g = -p / q                      h = -p
+reverse_kl        g = lq - lp + 1                 h = q g
+jsd (beta)        g = (1-b) (lq - lM)             h = q g
+skew_kl (a)       g = -(1-a) p / M                h = -(1-a) r
+skew_reverse_kl   g = lq - lM + 1 - a q / M       h = q g
+tvd               g = -sign(p - q) / 2            h = q g
 """
 import triton
 import triton.language as tl
 
 from .row_stats import log_add_exp, online_max_update
 
+# Codes of fastkd.options.DIVERGENCES, in its order (a test checks the correspondence).
 KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
 JSD = tl.constexpr(2)
@@ -40,18 +53,21 @@ TVD = tl.constexpr(5)
 
 
 @triton.jit
-def divergence_scalars(inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE: tl.constexpr):
-    """1 / T and the mixture weights (float64 kernel arguments) in the accumulation dtype."""
-    return (tl.full((), inv_temperature, ACC_DTYPE), tl.full((), mix_weight, ACC_DTYPE),
-            tl.full((), log_weight_p, ACC_DTYPE), tl.full((), log_weight_q, ACC_DTYPE))
+def divergence_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q,
+                       ACC_DTYPE: tl.constexpr):
+    """1 / T_s, 1 / T_t and the mixture weights (float64 kernel arguments) in the accumulation dtype."""
+    return (tl.full((), inv_temperature, ACC_DTYPE), tl.full((), inv_teacher_temperature, ACC_DTYPE),
+            tl.full((), mix_weight, ACC_DTYPE), tl.full((), log_weight_p, ACC_DTYPE),
+            tl.full((), log_weight_q, ACC_DTYPE))
 
 
 @triton.jit
-def load_scaled_block(z_row, t_row, start, cols, width, inv_temperature, ACC_DTYPE: tl.constexpr):
-    """One block of a row: raw student logits z, s = z / T, t = teacher / T (-inf past ``width``)."""
+def load_scaled_block(z_row, t_row, start, cols, width, inv_temperature, inv_teacher_temperature,
+                      ACC_DTYPE: tl.constexpr):
+    """One block of a row: raw student logits z, s = z / T_s, t = teacher / T_t (-inf past ``width``)."""
     mask = start + cols < width
     z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
-    t = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE) * inv_temperature
+    t = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE) * inv_teacher_temperature
     return z, z * inv_temperature, t, mask
 
 
@@ -77,8 +93,32 @@ def fold_row_statistics(m_s, d_s, m_t, d_t, m_z, d_z, cross, z, s, t,
 
 
 @triton.jit
-def sign(p, q):
-    return tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
+def log_ratio_shift(m_s, d_s, m_t, d_t):
+    """shift = lse(s) - lse(t) from the row statistics, exact to a few ulps of its own size."""
+    return (m_s - m_t) + tl.log(d_s / d_t)
+
+
+@triton.jit
+def cross_term_scalars(cross, d_s, d_t, shift, DIVERGENCE: tl.constexpr):
+    """A1, A2 of kl and reverse_kl from the first pass: the cross term summed against the row's
+    maximum of t (kl) or s (reverse_kl), the sums of exps d_s, d_t and the shift."""
+    if DIVERGENCE == KL:
+        A1 = cross / d_t
+        A2 = -shift
+    else:
+        A1 = cross / d_s
+        A2 = shift
+    return A1, A2
+
+
+@triton.jit
+def log_mixture(ls, lt, log_weight_p, log_weight_q):
+    return log_add_exp(log_weight_p + lt, log_weight_q + ls)
+
+
+@triton.jit
+def sign(x):
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
 
 
 @triton.jit
@@ -89,15 +129,21 @@ def skew_kl_ratio(ls, lt, lm, p, mix_weight):
 
 
 @triton.jit
-def row_scalar_terms(ls, lt, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
-    """Per-element terms of A1 and A2 for jsd, skew_kl, skew_reverse_kl and tvd."""
+def element_terms(ls, lt, s_minus_t, shift, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
+    """The per-element terms a1, a2 of the row scalars A1, A2 (the table above)."""
     q = tl.exp(ls)
     p = tl.exp(lt)
-    if DIVERGENCE == TVD:
+    if DIVERGENCE == KL:
+        a1 = tl.where(p > 0, -p * s_minus_t, 0.0)
+        a2 = -p * shift
+    elif DIVERGENCE == REVERSE_KL:
+        a1 = tl.where(q > 0, q * s_minus_t, 0.0)
+        a2 = q * shift
+    elif DIVERGENCE == TVD:
         a1 = tl.abs(p - q)
-        a2 = q * sign(p, q)
+        a2 = q * sign(shift - s_minus_t)
     else:
-        lm = log_add_exp(log_weight_p + lt, log_weight_q + ls)
+        lm = log_mixture(ls, lt, log_weight_p, log_weight_q)
         if DIVERGENCE == JSD:
             a1 = tl.where(p > 0, p * (lt - lm), 0.0)
             a2 = tl.where(q > 0, q * (ls - lm), 0.0)
@@ -111,23 +157,64 @@ def row_scalar_terms(ls, lt, mix_weight, log_weight_p, log_weight_q, DIVERGENCE:
 
 
 @triton.jit
-def divergence_grad(ls, lt, s_minus_t, A1, A2, mix_weight, log_weight_p, log_weight_q,
+def divergence_value(A1, A2, mix_weight, DIVERGENCE: tl.constexpr):
+    """D from the row scalars (elementwise on blocks too: the terms are linear)."""
+    if DIVERGENCE == KL or DIVERGENCE == REVERSE_KL:
+        value = A1 - A2
+    elif DIVERGENCE == JSD:
+        value = mix_weight * A1 + (1.0 - mix_weight) * A2
+    elif DIVERGENCE == TVD:
+        value = 0.5 * A1
+    else:
+        value = A1
+    return value
+
+
+@triton.jit
+def divergence_grad(ls, lt, s_minus_t, shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
                     DIVERGENCE: tl.constexpr):
-    """dD/ds_j per element from log q, log p, s - t and the row scalars A1, A2 (E for reverse_kl)."""
+    """dD/ds_j per element for a normalised student (the table above)."""
     q = tl.exp(ls)
-    p = tl.exp(lt)
     if DIVERGENCE == KL:
-        g = q - p
+        g = q - tl.exp(lt)
     elif DIVERGENCE == REVERSE_KL:
         g = tl.where(q > 0, q * (s_minus_t - A1), 0.0)
     elif DIVERGENCE == TVD:
-        g = 0.5 * q * (A2 - sign(p, q))
+        g = 0.5 * q * (A2 - sign(shift - s_minus_t))
     else:
-        lm = log_add_exp(log_weight_p + lt, log_weight_q + ls)
+        lm = log_mixture(ls, lt, log_weight_p, log_weight_q)
         if DIVERGENCE == JSD:
             g = (1.0 - mix_weight) * tl.where(q > 0, q * (ls - lm - A2), 0.0)
         elif DIVERGENCE == SKEW_KL:
-            g = (1.0 - mix_weight) * (q * A2 - skew_kl_ratio(ls, lt, lm, p, mix_weight))
+            g = (1.0 - mix_weight) * (q * A2 - skew_kl_ratio(ls, lt, lm, tl.exp(lt), mix_weight))
         else:
             g = tl.where(q > 0, q * (ls - lm - tl.exp(log_weight_q + ls - lm) - (A1 - A2)), 0.0)
     return g
+
+
+@triton.jit
+def point_grad(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
+    """(h, g) per point of a top-k distribution: g = dD/dq (p fixed), h = q g (its limit at q = 0)."""
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    if DIVERGENCE == KL:
+        g = -tl.exp(lp - lq)
+        h = -p
+    elif DIVERGENCE == REVERSE_KL:
+        g = lq - lp + 1.0
+        h = tl.where(q > 0, q * g, 0.0)
+    elif DIVERGENCE == TVD:
+        g = -0.5 * sign(lp - lq)
+        h = q * g
+    else:
+        lm = log_mixture(lq, lp, log_weight_p, log_weight_q)
+        if DIVERGENCE == JSD:
+            g = (1.0 - mix_weight) * (lq - lm)
+            h = tl.where(q > 0, q * g, 0.0)
+        elif DIVERGENCE == SKEW_KL:
+            g = -(1.0 - mix_weight) * tl.exp(lp - lm)
+            h = -(1.0 - mix_weight) * skew_kl_ratio(lq, lp, lm, p, mix_weight)
+        else:
+            g = lq - lm + 1.0 - mix_weight * tl.exp(lq - lm)
+            h = tl.where(q > 0, q * g, 0.0)
+    return h, g

@@ -1,4 +1,5 @@
-"""Small jit helpers shared by the row kernels: online log-sum-exp and the log of a mixture."""
+"""Small jit helpers shared by the row kernels: online log-sum-exp, the log of a mixture, a row's
+label, and the one way every kernel stores a result."""
 import triton
 import triton.language as tl
 
@@ -29,11 +30,22 @@ def log_add_exp(a, b):
 
 
 @triton.jit
-def row_label(labels_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
-    """This row's label (0 without labels) and whether the row counts (its label is not ignore_index)."""
+def row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS: tl.constexpr):
+    """This row's label (0 without labels) from labels ``[N]`` with stride ``labels_stride`` (a view
+    such as ``labels[:, j]`` is read in place), and whether the row counts (label != ignore_index)."""
     kept = True
     label = 0
     if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
+        label = tl.load(labels_ptr + row * labels_stride).to(tl.int64)
         kept = label != ignore_index
     return label, kept
+
+
+@triton.jit
+def store(ptr, x, mask=None):
+    """Store ``x`` in ``ptr``'s element type: every kernel's results go through here. float64 ->
+    bfloat16 goes through float32 (the interpreter's direct cast returns 0; on a GPU the double
+    rounding can move a bf16 result by one ulp at most)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        x = x.to(tl.float32)
+    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)

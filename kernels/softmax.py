@@ -14,7 +14,7 @@ a row fits in L2) and writes y once; backward reads y and dy twice and writes dx
 import triton
 import triton.language as tl
 
-from .row_stats import online_logsumexp_update
+from .row_stats import online_logsumexp_update, store
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def softmax_forward_kernel(
         out = s - lse
         if not LOG:
             out = tl.exp(out)
-        tl.store(y_row + start + cols, out.to(y_ptr.dtype.element_ty), mask=mask)
+        store(y_row + start + cols, out, mask=mask)
 
 
 @triton.jit
@@ -76,4 +76,4 @@ def softmax_backward_kernel(
             dx = dy - tl.exp(y) * total
         else:
             dx = y * (dy - total)
-        tl.store(dx_row + start + cols, (dx * inv_temperature).to(dx_ptr.dtype.element_ty), mask=mask)
+        store(dx_row + start + cols, dx * inv_temperature, mask=mask)

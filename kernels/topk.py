@@ -22,7 +22,7 @@ chip per block that is not skipped: compute, not bandwidth, bounds large k.
 import triton
 import triton.language as tl
 
-from .row_stats import online_logsumexp_update
+from .row_stats import online_logsumexp_update, store
 
 SMALLEST_KEY = tl.constexpr(-9223372036854775807 - 1)
 LOW_32_BITS = tl.constexpr(0xFFFFFFFF)
@@ -65,5 +65,5 @@ def teacher_topk_kernel(
     index = LOW_32_BITS - (running & LOW_32_BITS)
     t_top = tl.load(x_row + index, mask=keep, other=0.0).to(ACC_DTYPE) * inv_temperature
     out = row * out_row_stride + lanes
-    tl.store(logprobs_ptr + out, (t_top - lse).to(logprobs_ptr.dtype.element_ty), mask=keep)
-    tl.store(indices_ptr + out, index.to(tl.int32), mask=keep)
+    store(logprobs_ptr + out, t_top - lse, mask=keep)
+    store(indices_ptr + out, index, mask=keep)

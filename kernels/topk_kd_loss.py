@@ -10,18 +10,12 @@ bucket        the k listed, and one tail        lt_i; log(1 - sum exp lt)  ls_{j
 renormalize   the k listed                      lt_i - lse_i(lt)           ls_{j_i}   (mass < 1)
 ignore        the k listed                      lt_i                       ls_{j_i}   (mass < 1)
 
-D = sum_b term_b with the textbook formulas of the dense table (kernels/kd_loss.py), M the mixture:
-divergence        term_b                                   g_b = dD/dq_b (p fixed)
-kl                p (lp - lq)                              -p / q
-reverse_kl        q (lq - lp)                              lq - lp + 1
-jsd (beta)        beta p (lp - lM) + (1-beta) q (lq - lM)  (1-beta) (lq - lM)
-skew_kl (a)       p (lp - lM),  M = a p + (1-a) q          -(1-a) p / M
-skew_reverse_kl   q (lq - lM),  M = a q + (1-a) p          lq - lM + 1 - a q / M
-tvd               |p - q| / 2                              -sign(p - q) / 2   (0 where p = q)
+D = sum_b term_b, term_b = divergence_value of the point's element terms a1, a2 (the table of
+divergences.py, with ls, lt the points' lq, lp), and g_b = dD/dq_b (p fixed) and h_b = q_b g_b
+(its limit where q_b = 0) from divergences.point_grad.
 
 Gradient. Each point's q_b is softmax(s) summed over its columns (the tail bucket: the unlisted
-ones), so the chain rule gives, with h_b = q_b g_b (its limit where q_b = 0: -p for kl, -(1-a) p
-for skew_kl with a = 0, else 0) and S = sum_b h_b:
+ones), so the chain rule gives, with S = sum_b h_b:
     listed column j = j_i:   dD/ds_j = h_i - q_j S
     any other column:        dD/ds_j = q_j (g_tail - S)        (g_tail = 0 without a tail point)
 In the bucket mode the points form a distribution and h_b - q_b S is the dense table's gradient of
@@ -29,7 +23,8 @@ the (k+1)-point distributions. The renormalize / ignore student is not normalise
 (sum q < 1), where the dense table (which uses sum q = 1) does not apply but this does.
 
 Row loss = soft_scale * D + hard_weight * (lse(z) - z_y)                 (hard CE at T = 1)
-Gradient = soft_scale / T * dD/ds + hard_weight * (softmax(z) - onehot(y))  at every column.
+Gradient = grad_scale * (soft_scale / T * dD/ds + hard_weight * (softmax(z) - onehot(y))) at every
+column, grad_scale (read from device memory) 1 / the reduction's normaliser.
 
 Tail masses. The teacher's is 1 - sum exp lt by log1mexp (expm1 when the sum is near 1), 0 if the
 sum rounds above 1, and 0 when k = V. The student's is 1 - sum q_{j_i}, computed so that it does
@@ -55,8 +50,8 @@ Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading anyth
 import triton
 import triton.language as tl
 
-from .divergences import JSD, KL, REVERSE_KL, SKEW_KL, TVD, divergence_scalars, skew_kl_ratio
-from .row_stats import log_add_exp, online_max_update, row_label
+from .divergences import divergence_scalars, divergence_value, element_terms, point_grad
+from .row_stats import online_max_update, row_label, store
 
 BUCKET = tl.constexpr(0)
 RENORMALIZE = tl.constexpr(1)
@@ -65,37 +60,11 @@ IGNORE = tl.constexpr(2)
 
 @triton.jit
 def point_terms(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
-    """(term_b, h_b, g_b) of the table above, elementwise, from log-masses ``lp`` and ``lq``."""
-    p = tl.exp(lp)
-    q = tl.exp(lq)
-    if DIVERGENCE == KL:
-        term = tl.where(p > 0, p * (lp - lq), 0.0)
-        g = -tl.exp(lp - lq)
-        h = -p
-    elif DIVERGENCE == REVERSE_KL:
-        term = tl.where(q > 0, q * (lq - lp), 0.0)
-        g = lq - lp + 1.0
-        h = tl.where(q > 0, q * g, 0.0)
-    elif DIVERGENCE == TVD:
-        term = 0.5 * tl.abs(p - q)
-        g = -0.5 * tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
-        h = q * g
-    else:
-        lm = log_add_exp(log_weight_p + lp, log_weight_q + lq)
-        if DIVERGENCE == JSD:
-            term = mix_weight * tl.where(p > 0, p * (lp - lm), 0.0) + \
-                (1.0 - mix_weight) * tl.where(q > 0, q * (lq - lm), 0.0)
-            g = (1.0 - mix_weight) * (lq - lm)
-            h = tl.where(q > 0, q * g, 0.0)
-        elif DIVERGENCE == SKEW_KL:
-            term = tl.where(p > 0, p * (lp - lm), 0.0)
-            g = -(1.0 - mix_weight) * tl.exp(lp - lm)
-            h = -(1.0 - mix_weight) * skew_kl_ratio(lq, lp, lm, p, mix_weight)
-        else:
-            term = tl.where(q > 0, q * (lq - lm), 0.0)
-            g = lq - lm + 1.0 - mix_weight * tl.exp(lq - lm)
-            h = tl.where(q > 0, q * g, 0.0)
-    return term, h, g
+    """(term_b, h_b, g_b) per point: D's term (divergences.py's element terms, whose value is linear
+    in them) and divergences.point_grad."""
+    a1, a2 = element_terms(lq, lp, lq - lp, 0.0, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+    h, g = point_grad(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+    return divergence_value(a1, a2, mix_weight, DIVERGENCE), h, g
 
 
 @triton.jit
@@ -124,15 +93,21 @@ def _listed(z_row, lt_row, idx_row, k0, lanes, K, V, inv_temperature, ACC_DTYPE:
 
 @triton.jit
 def topk_kd_forward_kernel(
-    z_ptr, z_row_stride, lt_ptr, lt_row_stride, idx_ptr, idx_row_stride, labels_ptr,
-    grad_ptr, grad_row_stride, scratch_ptr, loss_ptr,
+    z_ptr, z_row_stride,            # student logits [N, V], any float dtype
+    lt_ptr, lt_row_stride,          # teacher log-probabilities [N, K], any float dtype
+    idx_ptr, idx_row_stride,        # their columns [N, K], int32 / int64
+    labels_ptr, labels_stride,      # labels [N] int32 / int64 (HAS_LABELS)
+    grad_ptr, grad_row_stride,      # student gradient [N, V], student dtype (WRITE_GRAD)
+    grad_scale_ptr,                 # [1] float: 1 / the reduction's normaliser
+    scratch_ptr,                    # [N, K] accumulation dtype: the listed gradients between passes
+    loss_ptr,                       # per-row loss [N], accumulation dtype
     V, K, inv_temperature: tl.float64, mix_weight: tl.float64, log_weight_p: tl.float64, log_weight_q: tl.float64,
     soft_scale: tl.float64, hard_weight: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    inv_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
-        inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
+    inv_temperature, _, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
+        inv_temperature, inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
     soft_scale = tl.full((), soft_scale, ACC_DTYPE)
     hard_weight = tl.full((), hard_weight, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
@@ -144,7 +119,7 @@ def topk_kd_forward_kernel(
     cols = tl.arange(0, BLOCK_V)
     lanes = tl.arange(0, BLOCK_K)
 
-    label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+    label, valid = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     if valid:
         # (A) The listed points: smallest s, lse over the listed s and over lt, index check.
@@ -226,10 +201,12 @@ def topk_kd_forward_kernel(
             defined = defined & in_range
         row_nan = tl.where(defined, 0.0, float("nan"))  # added to the loss and every gradient element
         loss += row_nan
-        tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+        store(loss_ptr + row, loss)
 
-        soft_grad_scale = soft_scale * inv_temperature
         if WRITE_GRAD:
+            grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
+            soft_grad_scale = grad_scale * soft_scale * inv_temperature
+            hard_grad_scale = grad_scale * hard_weight
             # (C) The listed gradients, to scratch (before pass 2 may overwrite the logits in place).
             for k0 in range(0, K, BLOCK_K):
                 live, index, bad, z, s, lt = _listed(
@@ -239,8 +216,8 @@ def topk_kd_forward_kernel(
                 q = tl.exp(lq)
                 grad = soft_grad_scale * (h - tl.where(q > 0, q * S, 0.0)) + row_nan
                 if HAS_CE:
-                    grad += hard_weight * (tl.exp(z - lse_z) - tl.where(index == label, 1.0, 0.0))
-                tl.store(scratch_row + k0 + lanes, grad.to(scratch_ptr.dtype.element_ty), mask=live)
+                    grad += hard_grad_scale * (tl.exp(z - lse_z) - tl.where(index == label, 1.0, 0.0))
+                store(scratch_row + k0 + lanes, grad, mask=live)
 
             # (2) The unlisted-column gradient at every column.
             for start in range(0, V, BLOCK_V):
@@ -249,8 +226,8 @@ def topk_kd_forward_kernel(
                 q = tl.exp(z * inv_temperature - lse_s)
                 grad = soft_grad_scale * tl.where(q > 0, q * c_tail, 0.0) + row_nan
                 if HAS_CE:
-                    grad += hard_weight * (tl.exp(z - lse_z) - tl.where(start + cols == label, 1.0, 0.0))
-                tl.store(g_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                    grad += hard_grad_scale * (tl.exp(z - lse_z) - tl.where(start + cols == label, 1.0, 0.0))
+                store(g_row + start + cols, grad, mask=mask)
 
             # (D) The listed gradients over it: every store of pass 2 lands first.
             tl.debug_barrier()
@@ -259,9 +236,9 @@ def topk_kd_forward_kernel(
                 index = tl.load(idx_row + k0 + lanes, mask=live, other=0).to(tl.int64)
                 ok = live & (index >= 0) & (index < V)
                 grad = tl.load(scratch_row + k0 + lanes, mask=ok, other=0.0)
-                tl.store(g_row + index, grad.to(grad_ptr.dtype.element_ty), mask=ok)
+                store(g_row + index, grad, mask=ok)
     else:
-        for start in range(0, V if WRITE_GRAD else 0, BLOCK_V):
-            mask = start + cols < V
-            tl.store(g_row + start + cols, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty), mask=mask)
-        tl.store(loss_ptr + row, tl.zeros((), loss_ptr.dtype.element_ty))
+        if WRITE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                store(g_row + start + cols, tl.zeros((BLOCK_V,), ACC_DTYPE), mask=start + cols < V)
+        store(loss_ptr + row, tl.zeros((), ACC_DTYPE))

@@ -1,61 +1,66 @@
 """Vocabulary-parallel KD loss: the kernels that run on one rank's shard of the vocabulary.
 
 A rank holds columns [c0, c0 + W) of the student logits z and teacher logits (V = the sum of the
-ranks' W). Notation and the divergence table are those of divergences.py: s = z / T, t = teacher / T,
-ls = s - lse(s), lt = t - lse(t), q = exp(ls), p = exp(lt), M the mixture, lse over all V columns.
+ranks' W). Notation and the divergence table are those of divergences.py, with every lse over all
+V columns.
 
 partial_stats_kernel (one pass over the shard; one row of STATS per row):
     m_s, m_t, m_z    shard maxima of s, t and z
     d_s, d_t, d_z    sum e^(s - m_s), sum e^(t - m_t), sum e^(z - m_z) over the shard
     cross            kl: sum e^(t - m_t) (t - s); reverse_kl: sum e^(s - m_s) (s - t); else 0
     z_y              z at the label when this shard owns it, else 0
-The host combines these across ranks (fastkd/distributed.py): with M = max over ranks of m,
-    d = sum_r d_r e^(m_r - M),  lse = M + log d,  kl: D = cross / d_t - (lse_t - lse_s)
-and reverse_kl: D = cross / d_s - (lse_s - lse_t), cross rescaled like d_t (kl) or d_s.
+The host combines these across ranks (fastkd/distributed.py) into ROW: with M the maximum over
+ranks, d = sum_r d_r e^(m_r - M), lse = M + log d, shift = (M_s - M_t) + log(d_s / d_t), and the
+cross term rescaled like its sum of exps.
 
 row_scalars_kernel (jsd, skew_kl, skew_reverse_kl, tvd, after the global lse's are known):
-    the shard's part of the row scalars A1, A2 of divergences.py's table; the host sums them.
+    the shard's part of the row scalars A1, A2; the host sums them across ranks into ROW.
 
-shard_gradient_kernel: the shard's columns of the gradient of kd_loss.py,
-    soft_scale / T * dD/ds_j + nan_row + hard_weight * (e^(z_j - lse_z) - [j == y]),
-from the global row values ROW = (lse_s, lse_t, lse_z, D, A1, A2, nan_row). reverse_kl keeps
-E = sum q (s - t) = cross / d_s in A1 and uses dD/ds_j = q_j (s_j - t_j - E), as kd_loss.py does
-(the large lse's never enter the gradient). nan_row is 0, or NaN for a row kd_loss makes NaN (no
-finite lse_s or lse_t, a label outside [0, V), or an inconsistent shard layout).
+shard_finish_kernel: the row loss (the same on every rank) and the shard's columns of the gradient
+of kd_loss.py, from ROW: D = divergence_value(A1, A2) (kl and reverse_kl take A1, A2 from the cross
+term, as kd_loss.py does), loss = soft_scale D + hard_weight (lse_z - z_y) + nan_row, gradient
+grad_scale (soft_scale / T_s dD/ds_j + hard_weight (e^(z_j - lse_z) - [j == y])) + nan_row.
+nan_row is 0, or NaN for a row kd_loss makes NaN (no finite lse_s or lse_t, a label outside [0, V),
+or an inconsistent shard layout).
 
-Ignored rows (y == ignore_index) get neutral statistics (maxima -inf, sums 0) and a zero gradient
-without reading the logits. Bytes moved per element are those of the fused single-GPU kernel:
-2 (b_s + b_t) + b_s for kl and reverse_kl, 3 (b_s + b_t) + b_s for the others.
+Ignored rows (y == ignore_index) get neutral statistics (maxima -inf, sums 0), loss 0 and a zero
+gradient without reading the logits. Bytes moved per element are those of the fused single-GPU
+kernel: 2 (b_s + b_t) + b_s for kl and reverse_kl, 3 (b_s + b_t) + b_s for the others.
 """
 import triton
 import triton.language as tl
 
-from .divergences import (divergence_grad, divergence_scalars, fold_row_statistics, load_scaled_block,
-                          row_scalar_terms)
-from .row_stats import row_label
+from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, divergence_value,
+                          element_terms, fold_row_statistics, load_scaled_block)
+from .row_stats import row_label, store
 
-# Columns of STATS [N, 8] and ROW [N, 7]; fastkd/launch_vocab_parallel.py names the same order.
-# (constexpr: jit code may read only constexpr globals.)
+# Columns of STATS [N, 8] and ROW [N, 11], in the order of fastkd.backends.VOCAB_PARALLEL_STATS and
+# VOCAB_PARALLEL_ROW (a test checks the correspondence). (constexpr: jit code reads only those.)
 M_S, M_T, M_Z, D_S, D_T, D_Z, CROSS, Z_Y = (tl.constexpr(i) for i in range(8))
-LSE_S, LSE_T, LSE_Z, DIV, A1, A2, NAN_ROW = (tl.constexpr(i) for i in range(7))
+LSE_S, LSE_T, LSE_Z, SHIFT, ROW_D_S, ROW_D_T, ROW_CROSS, ROW_Z_Y, A1, A2, NAN_ROW = (
+    tl.constexpr(i) for i in range(11))
 STATS_WIDTH = tl.constexpr(8)
-ROW_WIDTH = tl.constexpr(7)
+ROW_WIDTH = tl.constexpr(11)
 
 
 @triton.jit
 def partial_stats_kernel(
-    z_ptr, z_row_stride, t_ptr, t_row_stride, labels_ptr, stats_ptr,
-    W, vocab_start, inv_temperature: tl.float64, ignore_index,
+    z_ptr, z_row_stride,            # student shard [N, W], any float dtype
+    t_ptr, t_row_stride,            # teacher shard [N, W], any float dtype
+    labels_ptr, labels_stride,      # global labels [N] int32 / int64 (HAS_LABELS)
+    stats_ptr,                      # STATS [N, 8], float32 (float64 for float64 input)
+    W, vocab_start, inv_temperature: tl.float64, inv_teacher_temperature: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
+    inv_teacher_temperature = tl.full((), inv_teacher_temperature, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride
     out = stats_ptr + row * STATS_WIDTH
     cols = tl.arange(0, BLOCK_V)
-    label, kept = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+    label, kept = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     m_s = tl.full((), float("-inf"), ACC_DTYPE)
     m_t = tl.full((), float("-inf"), ACC_DTYPE)
@@ -67,7 +72,8 @@ def partial_stats_kernel(
     z_y = tl.zeros((), ACC_DTYPE)
     if kept:
         for start in range(0, W, BLOCK_V):
-            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature, ACC_DTYPE)
+            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature,
+                                              inv_teacher_temperature, ACC_DTYPE)
             m_s, d_s, m_t, d_t, m_z, d_z, cross = fold_row_statistics(
                 m_s, d_s, m_t, d_t, m_z, d_z, cross, z, s, t, DIVERGENCE, HAS_CE)
         if HAS_CE:
@@ -75,84 +81,111 @@ def partial_stats_kernel(
             owned = (local_label >= 0) & (local_label < W)
             z_y = tl.load(z_row + local_label, mask=owned, other=0.0).to(ACC_DTYPE)
 
-    tl.store(out + M_S, m_s)
-    tl.store(out + M_T, m_t)
-    tl.store(out + M_Z, m_z)
-    tl.store(out + D_S, d_s)
-    tl.store(out + D_T, d_t)
-    tl.store(out + D_Z, d_z)
-    tl.store(out + CROSS, cross)
-    tl.store(out + Z_Y, z_y)
+    store(out + M_S, m_s)
+    store(out + M_T, m_t)
+    store(out + M_Z, m_z)
+    store(out + D_S, d_s)
+    store(out + D_T, d_t)
+    store(out + D_Z, d_z)
+    store(out + CROSS, cross)
+    store(out + Z_Y, z_y)
 
 
 @triton.jit
 def row_scalars_kernel(
-    z_ptr, z_row_stride, t_ptr, t_row_stride, labels_ptr, row_ptr, scalars_ptr,
-    W, inv_temperature: tl.float64, mix_weight: tl.float64, log_weight_p: tl.float64, log_weight_q: tl.float64,
-    ignore_index,
+    z_ptr, z_row_stride,            # student shard [N, W]
+    t_ptr, t_row_stride,            # teacher shard [N, W]
+    labels_ptr, labels_stride,      # global labels [N] (HAS_LABELS)
+    row_ptr,                        # ROW [N, 11] (lse_s, lse_t, shift read), accumulation dtype
+    scalars_ptr,                    # the shard's A1, A2 [N, 2], accumulation dtype
+    W, inv_temperature: tl.float64, inv_teacher_temperature: tl.float64, mix_weight: tl.float64,
+    log_weight_p: tl.float64, log_weight_q: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    inv_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
-        inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
+    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
+        inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride
     cols = tl.arange(0, BLOCK_V)
-    kept = True
-    if HAS_LABELS:
-        kept = tl.load(labels_ptr + row).to(tl.int64) != ignore_index
+    label, kept = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     a1 = tl.zeros((BLOCK_V,), ACC_DTYPE)
     a2 = tl.zeros((BLOCK_V,), ACC_DTYPE)
     if kept:
-        lse_s = tl.load(row_ptr + row * ROW_WIDTH + LSE_S)
-        lse_t = tl.load(row_ptr + row * ROW_WIDTH + LSE_T)
+        values = row_ptr + row * ROW_WIDTH
+        lse_s = tl.load(values + LSE_S)
+        lse_t = tl.load(values + LSE_T)
+        shift = tl.load(values + SHIFT)
         for start in range(0, W, BLOCK_V):
-            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature, ACC_DTYPE)
-            b1, b2 = row_scalar_terms(s - lse_s, t - lse_t, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature,
+                                              inv_teacher_temperature, ACC_DTYPE)
+            b1, b2 = element_terms(s - lse_s, t - lse_t, s - t, shift, mix_weight, log_weight_p, log_weight_q,
+                                   DIVERGENCE)
             a1 += tl.where(mask, b1, 0.0)
             a2 += tl.where(mask, b2, 0.0)
-    tl.store(scalars_ptr + row * 2, tl.sum(a1, axis=0))
-    tl.store(scalars_ptr + row * 2 + 1, tl.sum(a2, axis=0))
+    store(scalars_ptr + row * 2, tl.sum(a1, axis=0))
+    store(scalars_ptr + row * 2 + 1, tl.sum(a2, axis=0))
 
 
 @triton.jit
-def shard_gradient_kernel(
-    z_ptr, z_row_stride, t_ptr, t_row_stride, labels_ptr, row_ptr, grad_ptr, grad_row_stride,
-    W, vocab_start, inv_temperature: tl.float64, mix_weight: tl.float64, log_weight_p: tl.float64,
-    log_weight_q: tl.float64, soft_grad_scale: tl.float64, hard_weight: tl.float64, ignore_index,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+def shard_finish_kernel(
+    z_ptr, z_row_stride,            # student shard [N, W]
+    t_ptr, t_row_stride,            # teacher shard [N, W]
+    labels_ptr, labels_stride,      # global labels [N] (HAS_LABELS)
+    row_ptr,                        # ROW [N, 11], accumulation dtype
+    grad_ptr, grad_row_stride,      # shard gradient [N, W], student dtype (WRITE_GRAD)
+    grad_scale_ptr,                 # [1] float: 1 / the reduction's normaliser
+    loss_ptr,                       # per-row loss [N], accumulation dtype
+    W, vocab_start, inv_temperature: tl.float64, inv_teacher_temperature: tl.float64, mix_weight: tl.float64,
+    log_weight_p: tl.float64, log_weight_q: tl.float64, soft_scale: tl.float64, hard_weight: tl.float64,
+    ignore_index,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    inv_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
-        inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
+    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
+        inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
+    soft_scale = tl.full((), soft_scale, ACC_DTYPE)
     hard_weight = tl.full((), hard_weight, ACC_DTYPE)
-    soft_grad_scale = tl.full((), soft_grad_scale, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride
     g_row = grad_ptr + row * grad_row_stride
     cols = tl.arange(0, BLOCK_V)
-    label, kept = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+    label, kept = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     if kept:
-        local_label = label - vocab_start
         values = row_ptr + row * ROW_WIDTH
         lse_s = tl.load(values + LSE_S)
         lse_t = tl.load(values + LSE_T)
         lse_z = tl.load(values + LSE_Z)
+        shift = tl.load(values + SHIFT)
+        nan_row = tl.load(values + NAN_ROW)
         A1_row = tl.load(values + A1)
         A2_row = tl.load(values + A2)
-        nan_row = tl.load(values + NAN_ROW)
-        for start in range(0, W, BLOCK_V):
-            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature, ACC_DTYPE)
-            g = soft_grad_scale * divergence_grad(s - lse_s, t - lse_t, s - t, A1_row, A2_row,
-                                                  mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
-            g += nan_row
-            if HAS_CE:
-                g += hard_weight * (tl.exp(z - lse_z) - tl.where(start + cols == local_label, 1.0, 0.0))
-            tl.store(g_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        if DIVERGENCE < JSD:
+            A1_row, A2_row = cross_term_scalars(tl.load(values + ROW_CROSS), tl.load(values + ROW_D_S),
+                                                tl.load(values + ROW_D_T), shift, DIVERGENCE)
+        loss = soft_scale * divergence_value(A1_row, A2_row, mix_weight, DIVERGENCE) + nan_row
+        if HAS_CE:
+            loss += hard_weight * (lse_z - tl.load(values + ROW_Z_Y))
+        store(loss_ptr + row, loss)
+        if WRITE_GRAD:
+            grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
+            soft_grad_scale = grad_scale * soft_scale * inv_temperature
+            hard_grad_scale = grad_scale * hard_weight
+            local_label = label - vocab_start
+            for start in range(0, W, BLOCK_V):
+                z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature,
+                                                  inv_teacher_temperature, ACC_DTYPE)
+                g = soft_grad_scale * divergence_grad(s - lse_s, t - lse_t, s - t, shift, A1_row, A2_row,
+                                                      mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+                g += nan_row
+                if HAS_CE:
+                    g += hard_grad_scale * (tl.exp(z - lse_z) - tl.where(start + cols == local_label, 1.0, 0.0))
+                store(g_row + start + cols, g, mask=mask)
     else:
-        for start in range(0, W, BLOCK_V):
-            mask = start + cols < W
-            tl.store(g_row + start + cols, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty), mask=mask)
+        store(loss_ptr + row, tl.zeros((), ACC_DTYPE))
+        if WRITE_GRAD:
+            for start in range(0, W, BLOCK_V):
+                store(g_row + start + cols, tl.zeros((BLOCK_V,), ACC_DTYPE), mask=start + cols < W)

@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import fastkd.launch  # noqa: E402
-import fastkd.torch_backend  # noqa: E402
+import fastkd.backends.torch  # noqa: E402
+import fastkd.backends.triton  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -46,5 +46,5 @@ def device():
 def small_blocks(monkeypatch):
     """Force the multi-block kernel loops and multi-chunk torch backend at tiny V (GPU: real sizes)."""
     if not torch.cuda.is_available():
-        monkeypatch.setattr(fastkd.launch, "MAX_BLOCK_V", 16)
-    monkeypatch.setattr(fastkd.torch_backend, "CHUNK_BYTES", 4 * 64 * 3)
+        monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(fastkd.backends.torch, "CHUNK_BYTES", 4 * 64 * 3)

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import launch, reference, torch_backend
+from fastkd import reference
+from fastkd.backends import torch as torch_backend
+from fastkd.backends import triton as launch
 from fastkd.options import make_options
 from helpers import DIVERGENCES
 
@@ -148,7 +150,7 @@ def test_label_out_of_range_is_a_nan_row_on_the_device_path(impl):
     """What a GPU call gets (no host sync to check): that row NaN, loss and whole gradient row."""
     s, t = torch.randn(4, 19), torch.randn(4, 19)
     labels = torch.tensor([3, 19, -5, -100])
-    loss, grad = impl.kd_forward(s, t, labels, make_options(hard_weight=0.5))
+    loss, grad = impl.kd_forward(s, t, labels, torch.ones(1), make_options(hard_weight=0.5))
     assert torch.isnan(loss[[1, 2]]).all() and torch.isnan(grad[[1, 2]]).all()
     assert torch.isfinite(loss[0]) and torch.isfinite(grad[0]).all()
     assert loss[3] == 0 and (grad[3] == 0).all()

@@ -14,7 +14,7 @@ def test_smoke_run(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("distill_causal_lm", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    monkeypatch.setattr(example.fastkd.torch_backend, "CHUNK_BYTES", 32 * 2**20)  # undo conftest's tiny chunks
+    monkeypatch.setattr(example.fastkd.backends.torch, "CHUNK_BYTES", 32 * 2**20)  # undo conftest's tiny chunks
     results = example.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
     fastkd_losses, eager_losses = results["fastkd"]["losses"], results["eager"]["losses"]
     assert len(fastkd_losses) == len(eager_losses) == example.SMOKE["steps"]

@@ -18,7 +18,7 @@ import torch
 
 import fastkd
 import fastkd.buffers
-import fastkd.launch
+import fastkd.backends.triton
 from fastkd import reference
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -184,7 +184,7 @@ def _assert_close(actual, oracle, same, dtype, absolute, what, roundings=1.0):
 
 
 def run_case(c, backend):
-    fastkd.launch.MAX_BLOCK_V = c["block"]  # restored by the small_blocks fixture
+    fastkd.backends.triton.MAX_BLOCK_V = c["block"]  # restored by the small_blocks fixture
     master, teacher, labels = build_inputs(c)
     master = master.to(c["student_dtype"]).double()  # the oracle sees exactly the student's values
     N, V = math.prod(c["lead"]), c["V"]

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import buffers, launch, reference, torch_backend
+from fastkd import buffers, reference
+from fastkd.backends import torch as torch_backend
+from fastkd.backends import triton as launch
 from fastkd.options import make_options
 from helpers import DIVERGENCES
 
@@ -86,7 +88,7 @@ def test_every_launcher_output_comes_from_the_poisonable_helper(monkeypatch, imp
     s, t = torch.randn(3, 20), torch.randn(3, 20)
     # Buffers that are filled piecewise (by kernels, or chunk by chunk); a plain torch op's result,
     # such as the torch backend's scale_rows, is written whole by torch.
-    outputs = list(impl.kd_forward(s, t, torch.tensor([1, -100, 3]), make_options(hard_weight=0.5)))
+    outputs = list(impl.kd_forward(s, t, torch.tensor([1, -100, 3]), torch.ones(1), make_options(hard_weight=0.5)))
     if impl is launch:
         outputs.append(launch.scale_rows(outputs[1], torch.full((3,), 0.5)))
         y = launch.softmax_forward(s, 1.3, log=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastkd
-import fastkd.launch_topk
+import fastkd.backends.triton
 from fastkd import reference
 
 from helpers import DIVERGENCES, assert_close_to_oracle, logits
@@ -17,7 +17,7 @@ BACKENDS = ("triton", "torch")
 def small_k_blocks(monkeypatch):
     """Force the kernel's loops over the k listed points to take several blocks."""
     if not torch.cuda.is_available():
-        monkeypatch.setattr(fastkd.launch_topk, "MAX_BLOCK_K", 2)
+        monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_K", 2)
 
 
 def sparse_teacher(N, V, k, *, temperature=1.0, dtype=torch.float64, device="cpu"):
@@ -334,7 +334,7 @@ def test_teacher_topk_ties_lowest_index_first_and_shapes(device):
 
 
 def test_teacher_topk_above_the_kernels_k_uses_torch_topk(device, monkeypatch):
-    monkeypatch.setattr(fastkd.launch_topk, "MAX_TOPK_K", 4)
+    monkeypatch.setattr(fastkd.backends.triton, "MAX_TOPK_K", 4)
     t = logits(2, 30, device=device)
     lp, idx = fastkd.teacher_topk(t, 6, backend="triton")
     values, expected_idx = torch.topk(t, 6)

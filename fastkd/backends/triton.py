@@ -1,0 +1,240 @@
+"""The one place that launches Triton kernels: allocates outputs, picks block sizes and grids.
+
+Every launcher takes 2-D tensors whose last dimension is contiguous (any row stride), labels
+``[N]`` of any stride, and an optional ``block_v`` override so tests can force the multi-block
+paths at tiny V. ``fastkd.backends.torch`` has the same functions with the same results. Triton
+and the kernels are imported on first use, never at ``import fastkd``.
+"""
+import math
+
+import torch
+
+from ..buffers import accumulation_dtype, empty, gradient_buffer
+from ..options import TAILS, KDOptions
+
+MAX_BLOCK_V = 4096
+MAX_TOPK_K = 1024  # teacher_topk keeps k keys on chip; larger k uses torch.topk (fastkd.functional)
+MAX_BLOCK_K = 1024
+
+
+def _tl_dtype(dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _pow2(n):
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _block_and_warps(V, block_v):
+    block = max(block_v or min(MAX_BLOCK_V, _pow2(V)), 16)
+    warps = 16 if block >= 4096 else 8 if block >= 2048 else 4
+    return block, warps
+
+
+def _labels(labels, stand_in):
+    """The labels pointer and stride for a kernel (any tensor stands in when there are none)."""
+    return (stand_in, 0) if labels is None else (labels, labels.stride(0))
+
+
+def _kd_scalars(opts: KDOptions):
+    """The float scalars every KD kernel takes, in its order: 1 / T_s, 1 / T_t, the mixture weights."""
+    return (1.0 / opts.temperature, 1.0 / opts.teacher_T, *opts.mixture_weights())
+
+
+# ---------------------------------------------------------------------------------------------- dense
+
+
+def kd_forward(student, teacher, labels, grad_scale, opts: KDOptions, *, inplace=False, need_grad=True, block_v=None):
+    """Per-row loss ``[N]`` (float32; float64 for float64 input) and the student gradient ``[N, V]``
+    (student dtype, times ``grad_scale`` ``[1]``; None unless ``need_grad``), written into
+    ``student``'s storage with ``inplace``."""
+    from ..kernels import kd_loss
+
+    N, V = student.shape
+    acc = accumulation_dtype(student.dtype, teacher.dtype)
+    loss = empty(N, dtype=acc, device=student.device)
+    grad = gradient_buffer(student, inplace, need_grad)
+    if N == 0:
+        return loss, grad
+    block, warps = _block_and_warps(V, block_v)
+    kd_loss.kd_forward_kernel[(N,)](
+        student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, loss),
+        loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
+        V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
+        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
+        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
+    )
+    return loss, grad
+
+
+def scale_rows(grad, scale, *, out=None, block_v=None):
+    """``grad * scale[:, None]`` (``scale``: one value per row, or one value, read on the device),
+    written to ``out``, which may be ``grad`` itself: then an upstream gradient of 1 costs nothing."""
+    from ..kernels import scale as scale_kernels
+
+    N, V = grad.shape
+    out = empty((N, V), dtype=grad.dtype, device=grad.device) if out is None else out
+    if N == 0 or V == 0:
+        return out
+    block, warps = _block_and_warps(V, block_v)
+    scale_kernels.scale_rows_kernel[(N,)](
+        grad, grad.stride(0), out, out.stride(0), scale, 0 if scale.numel() == 1 else scale.stride(0), V,
+        IN_PLACE=out is grad, ACC_DTYPE=_tl_dtype(accumulation_dtype(grad.dtype)), BLOCK_V=block,
+        num_warps=warps,
+    )
+    return out
+
+
+# -------------------------------------------------------------------------------------------- softmax
+
+
+def softmax_forward(x, temperature, *, log, block_v=None):
+    from ..kernels import softmax
+
+    N, V = x.shape
+    y = empty((N, V), dtype=x.dtype, device=x.device)
+    if N == 0:
+        return y
+    block, warps = _block_and_warps(V, block_v)
+    softmax.softmax_forward_kernel[(N,)](
+        x, x.stride(0), y, y.stride(0), V, 1.0 / temperature,
+        LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)), BLOCK_V=block, num_warps=warps,
+    )
+    return y
+
+
+def softmax_backward(y, dy, temperature, *, log, block_v=None):
+    from ..kernels import softmax
+
+    N, V = y.shape
+    dx = empty((N, V), dtype=y.dtype, device=y.device)
+    if N == 0:
+        return dx
+    block, warps = _block_and_warps(V, block_v)
+    softmax.softmax_backward_kernel[(N,)](
+        y, y.stride(0), dy, dy.stride(0), dx, dx.stride(0), V, 1.0 / temperature,
+        LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(y.dtype, dy.dtype)), BLOCK_V=block, num_warps=warps,
+    )
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------- top-k
+
+
+def teacher_topk(logits, k, temperature, *, block_v=None):
+    """Top-k log-probabilities of softmax(logits / T) ``[N, k]`` (float32; float64 for float64
+    logits), sorted descending, and their columns ``[N, k]`` int32. Needs k <= ``MAX_TOPK_K``."""
+    from ..kernels import topk
+
+    N, V = logits.shape
+    acc = accumulation_dtype(logits.dtype)
+    logprobs = empty((N, k), dtype=acc, device=logits.device)
+    indices = empty((N, k), dtype=torch.int32, device=logits.device)
+    if N == 0:
+        return logprobs, indices
+    if k > MAX_TOPK_K:
+        raise ValueError(f"the Triton top-k kernel takes k <= {MAX_TOPK_K}, got k={k}")
+    k_pad = max(2, _pow2(k))
+    block, warps = _block_and_warps(V, block_v)
+    block = max(block, k_pad)
+    topk.teacher_topk_kernel[(N,)](
+        logits, logits.stride(0), logprobs, indices, k, V, k, 1.0 / temperature,
+        ACC_DTYPE=_tl_dtype(acc), K_PAD=k_pad, BLOCK_V=block, num_warps=warps,
+    )
+    return logprobs, indices
+
+
+def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_scale, opts: KDOptions, tail, *,
+                    inplace=False, need_grad=True, block_v=None, block_k=None):
+    """Per-row loss ``[N]`` and the dense student gradient ``[N, V]`` of the top-k KD loss, as
+    ``kd_forward`` (the math is at the top of ``kernels/topk_kd_loss.py``)."""
+    from ..kernels import topk_kd_loss
+
+    N, V = student.shape
+    K = teacher_logprobs.shape[1]
+    acc = accumulation_dtype(student.dtype, teacher_logprobs.dtype)
+    loss = empty(N, dtype=acc, device=student.device)
+    grad = gradient_buffer(student, inplace, need_grad)
+    if N == 0:
+        return loss, grad
+    # The listed columns' gradients, parked between the kernel's passes (see its docstring).
+    scratch = loss if grad is None else empty((N, K), dtype=acc, device=student.device)
+    block, warps = _block_and_warps(V, block_v)
+    block_k = block_k or min(MAX_BLOCK_K, max(2, _pow2(K)))
+    inv_temperature, _, mix, log_wp, log_wq = _kd_scalars(opts)
+    topk_kd_loss.topk_kd_forward_kernel[(N,)](
+        student, student.stride(0), teacher_logprobs, teacher_logprobs.stride(0),
+        teacher_indices, teacher_indices.stride(0), *_labels(labels, loss),
+        loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, scratch, loss,
+        V, K, inv_temperature, mix, log_wp, log_wq, opts.soft_scale, opts.hard_weight, opts.ignore_index,
+        DIVERGENCE=opts.divergence_code, TAIL=TAILS.index(tail),
+        HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0, WRITE_GRAD=grad is not None,
+        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, BLOCK_K=block_k, num_warps=warps,
+    )
+    return loss, grad
+
+
+# ----------------------------------------------------------------------- vocabulary-parallel shards
+
+
+def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start, *, block_v=None):
+    """The shard's per-row statistics ``[N, len(VOCAB_PARALLEL_STATS)]`` (accumulation dtype)."""
+    from ..kernels import vocab_parallel
+    from . import VOCAB_PARALLEL_STATS
+
+    N, W = student.shape
+    acc = accumulation_dtype(student.dtype, teacher.dtype)
+    stats = empty((N, len(VOCAB_PARALLEL_STATS)), dtype=acc, device=student.device)
+    if N == 0:
+        return stats
+    block, warps = _block_and_warps(W, block_v)
+    inv_temperature, inv_teacher_temperature, *_ = _kd_scalars(opts)
+    vocab_parallel.partial_stats_kernel[(N,)](
+        student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, stats), stats,
+        W, vocab_start, inv_temperature, inv_teacher_temperature, opts.ignore_index,
+        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
+        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
+    )
+    return stats
+
+
+def row_scalars(student, teacher, labels, row, opts: KDOptions, *, block_v=None):
+    """The shard's part of the row scalars A1, A2 ``[N, 2]`` from the global values in ``row``."""
+    from ..kernels import vocab_parallel
+
+    N, W = student.shape
+    scalars = empty((N, 2), dtype=row.dtype, device=student.device)
+    if N == 0:
+        return scalars
+    block, warps = _block_and_warps(W, block_v)
+    vocab_parallel.row_scalars_kernel[(N,)](
+        student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row, scalars,
+        W, *_kd_scalars(opts), opts.ignore_index,
+        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, ACC_DTYPE=_tl_dtype(row.dtype),
+        BLOCK_V=block, num_warps=warps,
+    )
+    return scalars
+
+
+def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, vocab_start, *, inplace=False,
+                 need_grad=True, block_v=None):
+    """The row losses ``[N]`` and the shard's gradient ``[N, W]`` (student dtype, times
+    ``grad_scale``; None unless ``need_grad``) from the global row values ``row``."""
+    from ..kernels import vocab_parallel
+
+    N, W = student.shape
+    loss = empty(N, dtype=row.dtype, device=student.device)
+    grad = gradient_buffer(student, inplace, need_grad)
+    if N == 0:
+        return loss, grad
+    block, warps = _block_and_warps(W, block_v)
+    vocab_parallel.shard_finish_kernel[(N,)](
+        student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row,
+        loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
+        W, vocab_start, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
+        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
+        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(row.dtype), BLOCK_V=block, num_warps=warps,
+    )
+    return loss, grad

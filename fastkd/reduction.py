@@ -1,0 +1,51 @@
+"""The one reduction of every loss: how per-row losses become the loss, and the gradient's factor.
+
+    reduction     loss                                   normaliser
+    "batchmean"   sum of row losses / normaliser          kept rows (not ignore_index; all N
+                                                          without labels), or num_items_in_batch
+    "mean"        sum / normaliser                        the same times V
+    "sum"         sum of row losses                       none (1)
+    "none"        the row losses, shape of the leading dims
+
+A normaliser of 0 counts as 1 (no kept row: the loss is 0, not NaN). The normaliser is computed on
+the device before the kernels run (a count of the labels, never read on the host) and the kernels
+multiply the gradient they write by its inverse, ``grad_scale``; so the saved gradient is already
+that of the reduced loss and the backward only multiplies it by the upstream gradient (a no-op for
+1). ``"none"`` has one upstream gradient per row, known only in the backward: its gradient is saved
+unscaled (``grad_scale`` 1) and scaled row by row there.
+"""
+import torch
+
+from .options import Reduction
+
+
+def normaliser(reduction: Reduction, labels, N, V, ignore_index, *, device, dtype):
+    """The 0-d tensor (on ``device``, in ``dtype``) the summed row losses are divided by, or None
+    for "sum" and "none". ``labels``: ``[N]`` or None; ``V`` an int or a 0-d tensor."""
+    if reduction.kind in ("sum", "none"):
+        return None
+    items = reduction.num_items_in_batch
+    if items is None:
+        count = torch.full((), N, dtype=dtype, device=device) if labels is None else \
+            (labels != ignore_index).sum().to(dtype)
+    elif isinstance(items, torch.Tensor):
+        count = items.to(device=device, dtype=dtype)  # a CPU 0-d tensor is copied as a fill: no sync
+    else:
+        count = torch.full((), float(items), dtype=dtype, device=device)
+    count = torch.where(count == 0, torch.ones_like(count), count)
+    return count * V if reduction.kind == "mean" else count
+
+
+def grad_scale(norm, *, device, dtype):
+    """The gradient's factor ``[1]`` for the kernels: 1 / ``norm``, or 1 without a normaliser."""
+    if norm is None:
+        return torch.ones(1, dtype=dtype, device=device)
+    return (1 / norm).reshape(1)
+
+
+def reduce(row_loss, norm, reduction: Reduction, leading_shape):
+    """The loss from the per-row losses ``[N]`` and the normaliser of ``normaliser``."""
+    if reduction.kind == "none":
+        return row_loss.reshape(leading_shape)
+    total = row_loss.sum()
+    return total if norm is None else total / norm

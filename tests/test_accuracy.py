@@ -1,0 +1,64 @@
+"""The accuracy rule: no value or gradient of either backend is less accurate against a float64
+truth than twice the error of a plain float32 PyTorch evaluation of the same formula on the same
+inputs, plus a few units of rounding of the result's dtype at the result's scale.
+
+The float32 evaluation is ``fastkd.reference`` run in float32 (its textbook formula per divergence,
+autograd for the gradient); the truth is the same reference in float64. Compared on the per-row
+values (``reduction="none"``) and on the gradient, as the largest error over all rows (one lucky
+row of the float32 evaluation, whose rounding errors can cancel exactly when student and teacher
+share most of their logits, is not the yardstick), at real vocabulary sizes, for random logits
+and for a student close to its teacher (late in distillation, where q - p cancels). The result's
+scale is 1 for a row value (a probability-weighted sum: the weights sum to 1) and, for a gradient,
+the largest probability (p or q) of the rows, times the soft-loss factor. Torch's TVD once summed |p - q| through ``torch.linalg.vector_norm(..., 1)``, ten
+times less accurate than ``(p - q).abs().sum()``; this pins the rule for every divergence.
+"""
+import pytest
+import torch
+
+import fastkd
+import fastkd.backends.triton
+from fastkd import reference
+
+from helpers import DIVERGENCES
+
+ULPS = 4
+
+
+def _rows_and_grads(fn, student, teacher, **kw):
+    x = student.detach().clone().requires_grad_()
+    rows = fn(x, teacher, reduction="none", **kw)
+    (grad,) = torch.autograd.grad(rows.sum(), x)
+    return rows.detach().double(), grad.double()
+
+
+def _cases(V, dtype, rows=4):
+    gen = torch.Generator().manual_seed(V)
+    student = torch.randn(rows, V, generator=gen, dtype=torch.float64) * 4
+    teacher = torch.randn(rows, V, generator=gen, dtype=torch.float64) * 4
+    near = student + 0.01 * torch.randn(rows, V, generator=gen, dtype=torch.float64)
+    return {"random": (student.to(dtype), teacher.to(dtype)), "converged": (student.to(dtype), near.to(dtype))}
+
+
+def _check(actual, truth, eager, scale, out_dtype, what):
+    """max |actual - truth| <= 2 max |eager - truth| + ULPS eps(out_dtype) scale."""
+    err = (actual - truth).abs().max()
+    allowed = 2 * (eager - truth).abs().max() + ULPS * torch.finfo(out_dtype).eps * scale
+    assert err <= allowed, f"{what}: error {err:.3g} > allowed {allowed:.3g} (float32 PyTorch: " \
+                           f"{(eager - truth).abs().max():.3g})"
+
+
+@pytest.mark.parametrize("V", [32000, 128256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_no_less_accurate_than_float32_pytorch(divergence, backend, dtype, V, monkeypatch):
+    monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 4096)  # the real block: few interpreter steps
+    T = 1.5
+    kw = dict(divergence=divergence, temperature=T, beta=0.3, skew=0.2)
+    for case, (student, teacher) in _cases(V, dtype).items():
+        truth, truth_grad = _rows_and_grads(reference.kd_loss, student.double(), teacher.double(), **kw)
+        eager, eager_grad = _rows_and_grads(reference.kd_loss, student.float(), teacher.float(), **kw)
+        rows, grad = _rows_and_grads(fastkd.kd_loss, student, teacher, backend=backend, **kw)
+        largest_probability = max(float(torch.softmax(x.double() / T, -1).max()) for x in (student, teacher))
+        _check(rows, truth, eager, T**2, torch.float32, f"{case} value")
+        _check(grad, truth_grad, eager_grad, T * largest_probability, dtype, f"{case} gradient")
