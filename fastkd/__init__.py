@@ -7,9 +7,9 @@
 """
 from . import reference
 from .distributed import vocab_shard_layout
-from .functional import kd_loss, log_softmax, softmax, teacher_topk, topk_kd_loss, vocab_parallel_kd_loss
-from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
-from .modules import KDLoss, TopKKDLoss
+from .functional import (fused_linear_kd_loss, kd_loss, log_softmax, softmax, teacher_topk, topk_kd_loss,
+                         vocab_parallel_kd_loss)
+from .modules import FusedLinearKDLoss, KDLoss, TopKKDLoss
 from .teacher_cache import TeacherCache, TeacherCacheError, TeacherCacheWriter
 
 __version__ = "0.1.0"

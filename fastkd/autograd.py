@@ -104,6 +104,71 @@ class VocabParallelKDLossFunction(torch.autograd.Function):
         return (scaled_student_grad(ctx, grad_loss),) + (None,) * 8
 
 
+def _scaled(grad, scale, dtype, in_place):
+    """``grad * scale`` in ``dtype``, overwriting ``grad`` when allowed and the dtype matches."""
+    if grad is None:
+        return None
+    if in_place and grad.dtype == dtype:
+        return grad.mul_(scale)
+    return (grad * scale).to(dtype)
+
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    """The fused linear + KD loss (``fastkd.fused_linear``). Inputs are 2-D (``[N, H]`` hidden, ``[N, V]`` teacher logits, ``[N]`` labels), validated."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, opts, reduction, backend,
+                chunk, out_shape, transforms):
+        want = tuple(ctx.needs_input_grad[:3])
+        want = (want[0], want[1], want[2] and bias is not None)
+        teacher = ("logits", t_logits) if t_logits is not None else ("linear", t_hidden, t_weight, t_bias)
+        N, V = hidden.shape[0], weight.shape[0]
+        ctx.opts, ctx.reduction, ctx.backend, ctx.chunk, ctx.want = opts, reduction, backend, chunk, want
+        ctx.transforms = transforms
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+
+        acc = accumulation_dtype(hidden.dtype, teacher[1].dtype)
+        if reduction.kind == "none":
+            row_loss, *_ = ops.fused_linear_pass(hidden, weight, bias, teacher, labels,
+                                                 grad_scale(None, device=hidden.device, dtype=acc), opts, backend,
+                                                 chunk, want=(False, False, False), transforms=transforms)
+            if any(want):
+                ctx.save_for_backward(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels)
+            return row_loss.reshape(out_shape)
+
+        norm = normaliser(reduction, labels, N, V, opts.ignore_index, device=hidden.device, dtype=acc)
+        row_loss, *grads = ops.fused_linear_pass(hidden, weight, bias, teacher, labels,
+                                                 grad_scale(norm, device=hidden.device, dtype=acc), opts, backend,
+                                                 chunk, want=want, transforms=transforms)
+        if any(want):
+            ctx.save_for_backward(*grads)
+        return reduce(row_loss, norm, reduction, out_shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        opts, want = ctx.opts, ctx.want
+        hidden_dtype, weight_dtype = ctx.dtypes
+        acc = accumulation_dtype(weight_dtype)
+        if ctx.reduction.kind == "none":
+            hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels = ctx.saved_tensors
+            teacher = ("logits", t_logits) if t_logits is not None else ("linear", t_hidden, t_weight, t_bias)
+            row_scale = grad_loss.reshape(-1).to(accumulation_dtype(hidden.dtype, teacher[1].dtype))
+            _, grad_hidden, grad_weight, grad_bias = ops.fused_linear_pass(
+                hidden, weight, bias, teacher, labels, grad_scale(None, device=hidden.device, dtype=row_scale.dtype),
+                opts, ctx.backend, ctx.chunk, want=want, row_scale=row_scale, transforms=ctx.transforms)
+            grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
+            grad_bias = None if grad_bias is None else grad_bias.to(weight_dtype)
+        else:
+            grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+            scale = grad_loss.reshape(()).to(acc)  # the normaliser is applied already
+            # The saved gradients are ours: scale them in place unless the graph may run backward again.
+            in_place = not graph_is_kept()
+            grad_hidden = _scaled(grad_hidden, scale, hidden_dtype, in_place)
+            grad_weight = _scaled(grad_weight, scale, weight_dtype, in_place)
+            grad_bias = _scaled(grad_bias, scale, weight_dtype, in_place)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None, None
+
+
 class SoftmaxFunction(torch.autograd.Function):
     """Tempered softmax (``log=False``) or log-softmax (``log=True``) along ``dim`` with the kernels."""
 

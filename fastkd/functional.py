@@ -5,14 +5,20 @@
     teacher_topk            a sparse teacher: its top-k log-probabilities and where they are
     topk_kd_loss            the KD loss against such a teacher
     vocab_parallel_kd_loss  kd_loss of logits sharded by vocabulary over torch.distributed ranks
+    fused_linear_kd_loss    kd_loss of hidden @ weight.T (+ bias) without the [N, V] logits
 """
-from .autograd import KDLossFunction, SoftmaxFunction, TopKKDLossFunction, VocabParallelKDLossFunction
-from .backends import implementation, resolve_backend, rows
+import torch
+
+from . import fused_linear
+from .autograd import (FusedLinearKDFunction, KDLossFunction, SoftmaxFunction, TopKKDLossFunction,
+                       VocabParallelKDLossFunction)
+from .backends import flat_labels, implementation, resolve_backend, rows
 from .distributed import check_group, check_vocab_start, group_name
 from .checks import (check_index_values, check_label_range, check_values, debug_enabled,
                      without_repeated_indices)
-from .options import (check_bool, check_dim, check_k, check_kd_inputs, check_labels, check_logits, check_tail,
-                      check_temperature, check_topk_inputs, make_options, make_reduction)
+from .options import (IDENTITY, check_bool, check_chunk_size, check_dim, check_fused_inputs, check_k,
+                      check_kd_inputs, check_labels, check_logits, check_tail, check_temperature, check_topk_inputs,
+                      check_transforms, make_options, make_reduction)
 
 
 def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1,
@@ -196,3 +202,88 @@ def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_st
         vocab_start = rank * student_shard.shape[-1]
     return VocabParallelKDLossFunction.apply(student_shard, teacher_shard, labels, opts, reduction, backend,
                                              inplace, group_name(group), vocab_start)
+
+
+def _autocast_inputs(*tensors):
+    """Under ``torch.autocast``, the matmul operands in autocast's dtype, as ``F.linear`` would take
+    them (float32 ones only; float64 stays, as autocast leaves it)."""
+    device = tensors[0].device.type if isinstance(tensors[0], torch.Tensor) else None
+    if device is None or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x for x in tensors)
+
+
+def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
+                         teacher_logits=None, student_bias=None, teacher_bias=None, chunk_size=None,
+                         temperature=1.0, divergence="kl", beta=0.5, skew=0.1, labels=None,
+                         ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True,
+                         reduction="batchmean", backend="auto", num_items_in_batch=None,
+                         student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0,
+                         teacher_softcap=None):
+    """``kd_loss(f_s(student_hidden @ student_weight.T + student_bias), teacher logits, **kd_options)``
+    without materialising the ``[N, V]`` logits.
+
+    student_hidden ``[..., H]``, student_weight ``[V, H]`` (the ``lm_head.weight`` layout),
+    student_bias ``[V]`` or None. The teacher is either ``teacher_hidden`` ``[..., Ht]`` with
+    ``teacher_weight`` ``[V, Ht]`` (and ``teacher_bias``), whose logits are computed chunk by chunk
+    under no-grad (Ht may differ from H), or precomputed ``teacher_logits`` ``[..., V]``. Teacher
+    tensors are constants: one that requires grad is a ValueError (detach it).
+
+    The keyword options are ``fastkd.kd_loss``'s (divergence, temperature, t2_scale, labels,
+    hard_weight, ignore_index, reduction, backend, ...) with the same meaning and result.
+    (No ``inplace``: the chunk logits are always private buffers that the gradient overwrites.)
+    Gradients flow to student_hidden, student_weight and
+    student_bias (the weight and bias gradients are summed over chunks in float32, float64 for
+    float64, and returned in the weight's dtype). Rows are processed ``chunk_size`` at a time
+    (default ``fastkd.fused_linear.default_chunk_size``), so the extra memory is O(chunk V + N H + V H).
+    With ``reduction="none"`` the backward recomputes the logits chunk by chunk (the per-row
+    upstream gradient is not known in the forward).
+
+    Logit transforms, for models that post-process their LM head's output: the logits of a side
+    are ``f(z) = softcap * tanh(logit_scale * z / softcap)`` when its softcap is given, else
+    ``logit_scale * z``, with z = hidden @ weight.T + bias (``student_logit_scale``,
+    ``student_softcap``, ``teacher_logit_scale``, ``teacher_softcap``; real, finite, > 0; defaults:
+    no transform). Gemma 2/3 ``final_logit_softcapping`` is the softcap, Cohere ``logit_scale`` the
+    scale, Granite ``logits_scaling`` d the scale 1 / d. They apply chunk by chunk, with their
+    gradient; a student softcap adds one float32 ``[chunk, V]`` block. ``teacher_logits`` are
+    taken as they are: the teacher's transform with them is a ValueError.
+
+    The chunk logits are float32 whatever the weights' dtype (float64 for float64): bf16/fp16
+    products are summed and kept in float32 (rounding the logits to bf16 costs tens of percent of
+    gradient accuracy when the student is close to the teacher); the gradient matmuls take the
+    logits gradient in the weight dtype. Module docstring: Precision and Memory.
+
+    ``num_items_in_batch`` (gradient accumulation) replaces the kept-row count, as in
+    ``fastkd.kd_loss``. Under ``torch.autocast`` the float32 hidden states, weights and biases are
+    cast to autocast's dtype, as ``F.linear`` would cast them (the logits chunks are float32 all
+    the same, the products of those bf16/fp16 operands). Works inside
+    ``torch.compile(fullgraph=True)``: the chunk loop is the custom operator
+    ``fastkd::fused_linear_pass``.
+    """
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+     teacher_bias) = _autocast_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
+                                      teacher_weight, teacher_bias)
+    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                        t2_scale=t2_scale)
+    check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                       teacher_bias, teacher_logits, labels, opts)
+    chunk_size = check_chunk_size(chunk_size)
+    transforms = check_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap)
+    if teacher_logits is not None and transforms[1] != IDENTITY:
+        raise ValueError("teacher_logit_scale and teacher_softcap transform teacher_hidden @ teacher_weight.T; "
+                         "teacher_logits are taken as they are: pass them already transformed")
+    reduction = make_reduction(reduction, num_items_in_batch)
+    backend = resolve_backend(backend, student_hidden)
+
+    V, H = student_weight.shape
+    lead = student_hidden.shape[:-1]
+    hidden2 = student_hidden.reshape(-1, H)
+    t_hidden2 = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    t_logits2 = None if teacher_logits is None else teacher_logits.reshape(-1, V)
+    labels1 = flat_labels(labels)
+    chunk = chunk_size or fused_linear.default_chunk_size(V, H, blocks=2 if transforms[0].softcap is None else 3)
+    return FusedLinearKDFunction.apply(hidden2, student_weight, student_bias, t_hidden2, teacher_weight,
+                                       teacher_bias, t_logits2, labels1, opts, reduction, backend, chunk, lead,
+                                       transforms)

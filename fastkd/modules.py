@@ -1,8 +1,9 @@
 """``nn.Module`` wrappers of the functional API: each checks its options once, at construction."""
 import torch
 
-from .functional import kd_loss, topk_kd_loss
-from .options import check_backend, check_bool, check_tail, make_options, make_reduction
+from .functional import fused_linear_kd_loss, kd_loss, topk_kd_loss
+from .options import (check_backend, check_bool, check_chunk_size, check_tail, check_transforms, make_options,
+                      make_reduction)
 
 
 def _kd_options(**options):
@@ -62,3 +63,41 @@ class TopKKDLoss(torch.nn.Module):
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in {"tail": self.tail, **self.options}.items())
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """``fused_linear_kd_loss`` as a module:
+
+        loss_fn = FusedLinearKDLoss(temperature=2.0)
+        loss = loss_fn(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels)
+
+    Takes the keyword options of ``fastkd.kd_loss`` (checked here, once), ``chunk_size`` and the
+    logit transforms ``student_logit_scale``, ``student_softcap``, ``teacher_logit_scale``,
+    ``teacher_softcap`` of ``fused_linear_kd_loss``.
+    """
+
+    def __init__(self, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore_index=-100,
+                 hard_weight=0.0, soft_weight=1.0, t2_scale=True, reduction="batchmean",
+                 backend="auto", chunk_size=None, student_logit_scale=1.0, student_softcap=None,
+                 teacher_logit_scale=1.0, teacher_softcap=None):
+        super().__init__()
+        self.options = _kd_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                                   ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                                   t2_scale=t2_scale, reduction=reduction)
+        self.backend = check_backend(backend)
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.transforms = dict(student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                               teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
+        check_transforms(**self.transforms)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
+                teacher_logits=None, student_bias=None, teacher_bias=None, num_items_in_batch=None):
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                    teacher_logits=teacher_logits, student_bias=student_bias,
+                                    teacher_bias=teacher_bias, chunk_size=self.chunk_size, labels=labels,
+                                    backend=self.backend,
+                                    num_items_in_batch=num_items_in_batch, **self.options, **self.transforms)
+
+    def extra_repr(self):
+        shown = {**self.options, "chunk_size": self.chunk_size, **self.transforms}
+        return ", ".join(f"{k}={v!r}" for k, v in shown.items())

@@ -15,7 +15,7 @@ graph owns, runs in place: inductor's donated buffers).
                                      (and its _inplace twin)
     fastkd::softmax_forward          tempered (log-)softmax with the Triton kernel
     fastkd::softmax_backward         its vector-Jacobian product
-    fastkd::fused_linear_pass        the chunk loop of ``fastkd.fused_linear`` (registered there)
+    fastkd::fused_linear_pass        the chunk loop of ``fastkd.fused_linear``
 
 Scalars. A Python float given to an op is a constant of the compiled graph: dynamo guards on its
 value and recompiles when it changes. So the float options (temperatures, beta, skew, hard and
@@ -35,9 +35,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import fused_linear
 from .backends import implementation
 from .buffers import accumulation_dtype
-from .options import KDOptions, Reduction
+from .options import IDENTITY, KDOptions, LogitTransform, Reduction
 
 
 def pack_scalars(*values):
@@ -237,6 +238,53 @@ def vocab_parallel_forward(student, teacher, labels, opts: KDOptions, reduction:
         return row_loss, student, norm
     row_loss, grad, norm = torch.ops.fastkd.vocab_parallel_forward(*args, need_grad)
     return row_loss, grad if need_grad else None, norm
+
+
+# ------------------------------------------------------------------------------------- fused linear
+
+
+@torch.library.custom_op("fastkd::fused_linear_pass", mutates_args=())
+def _fused_linear_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t_hidden: Optional[Tensor],
+                       t_weight: Optional[Tensor], t_bias: Optional[Tensor], t_logits: Optional[Tensor],
+                       labels: Optional[Tensor], grad_scale: Tensor, row_scale: Optional[Tensor], scalars: Tensor, divergence: str,
+                       t2_scale: bool, ignore_index: int, backend: str, chunk: int, want_hidden: bool,
+                       want_weight: bool, want_bias: bool, student_scale: float, student_softcap: Optional[float],
+                       teacher_scale: float, teacher_softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
+    teacher = ("logits", t_logits) if t_logits is not None else ("linear", t_hidden, t_weight, t_bias)
+    transforms = LogitTransform(student_scale, student_softcap), LogitTransform(teacher_scale, teacher_softcap)
+    with autocast_off(hidden.device):
+        results = fused_linear.chunked_pass(hidden, weight, bias, teacher, labels, grad_scale, opts, backend, chunk,
+                                want=(want_hidden, want_weight, want_bias), row_scale=row_scale,
+                                transforms=transforms)
+    return tuple(hidden.new_empty(0) if r is None else r for r in results)
+
+
+@_fused_linear_pass.register_fake
+def _(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, grad_scale, row_scale, scalars, divergence,
+      t2_scale, ignore_index, backend, chunk, want_hidden, want_weight, want_bias, student_scale, student_softcap,
+      teacher_scale, teacher_softcap):
+    acc = accumulation_dtype(weight.dtype)
+    t_dtype = (t_logits if t_logits is not None else t_hidden).dtype
+    none = hidden.new_empty(0)
+    return (hidden.new_empty(hidden.shape[0], dtype=accumulation_dtype(hidden.dtype, t_dtype)),
+            hidden.new_empty(hidden.shape) if want_hidden else none,
+            weight.new_empty(weight.shape, dtype=acc) if want_weight else none,
+            weight.new_empty(weight.shape[0], dtype=acc) if want_bias else none)
+
+
+def fused_linear_pass(hidden, weight, bias, teacher, labels, grad_scale, opts, backend, chunk, *, want,
+                      row_scale=None, transforms=(IDENTITY, IDENTITY)):
+    """``fastkd.fused_linear.chunked_pass`` through the ``fastkd::fused_linear_pass`` operator:
+    same arguments and results."""
+    if teacher[0] == "logits":
+        t_hidden, t_weight, t_bias, t_logits = None, None, None, teacher[1]
+    else:
+        (_, t_hidden, t_weight, t_bias), t_logits = teacher, None
+    row_loss, *grads = torch.ops.fastkd.fused_linear_pass(
+        hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, grad_scale, row_scale, pack_kd_scalars(opts),
+        opts.divergence, opts.t2_scale, opts.ignore_index, backend, chunk, *want, *transforms[0], *transforms[1])
+    return (row_loss, *(grad if wanted else None for grad, wanted in zip(grads, want)))
 
 
 # ------------------------------------------------------------------------------ tempered (log-)softmax

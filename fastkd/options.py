@@ -11,7 +11,7 @@ a test checks the correspondence.
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -77,6 +77,16 @@ class Reduction:
     accumulation count that replaces the kept-row count (None, a number, or a 0-d tensor)."""
     kind: str = "batchmean"
     num_items_in_batch: object = None
+
+
+class LogitTransform(NamedTuple):
+    """A fused-linear logit transform: ``z -> softcap * tanh(scale * z / softcap)``, or
+    ``scale * z`` when softcap is None."""
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+
+IDENTITY = LogitTransform()
 
 
 def _real(name, value):
@@ -252,3 +262,112 @@ def check_topk_inputs(student, logprobs, indices):
     k = logprobs.shape[-1]
     if not 1 <= k <= V:
         raise ValueError(f"teacher_logprobs lists k={k} tokens; k must be in [1, V] = [1, {V}]")
+
+
+# ------------------------------------------------------------------------- fused linear + KD loss
+
+
+def _check_tensor(name, x, dim=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if dim is None and x.dim() == 0:
+        raise ValueError(f"{name} must have a hidden dimension [..., H], got a 0-d tensor")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-d, got shape {tuple(x.shape)}")
+
+
+def _check_linear(prefix, hidden, weight, bias, device):
+    """Check ``{prefix}_hidden`` [..., H], ``{prefix}_weight`` [V, H], ``{prefix}_bias`` [V] or None."""
+    names = f"{prefix}_hidden", f"{prefix}_weight", f"{prefix}_bias"
+    _check_tensor(names[0], hidden)
+    _check_tensor(names[1], weight, dim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{names[1]} shape {tuple(weight.shape)} is not [V, H] for {names[0]} of hidden "
+                         f"size H = {hidden.shape[-1]} (shape {tuple(hidden.shape)})")
+    tensors = [(names[0], hidden), (names[1], weight)]
+    if bias is not None:
+        _check_tensor(names[2], bias, dim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{names[2]} shape {tuple(bias.shape)} does not match V = {weight.shape[0]} "
+                             f"of {names[1]}")
+        tensors.append((names[2], bias))
+    for name, x in tensors[1:]:
+        if x.dtype != hidden.dtype:
+            raise TypeError(f"{name} is {x.dtype} but {names[0]} is {hidden.dtype}; the matmul needs one dtype")
+    for name, x in tensors:
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} and student_hidden on {device}")
+    return tensors
+
+
+def check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                       teacher_bias, teacher_logits, labels, opts):
+    """Check the tensors of a fused linear KD call against each other and the options."""
+    device = student_hidden.device if isinstance(student_hidden, torch.Tensor) else None
+    _check_linear("student", student_hidden, student_weight, student_bias, device)
+    if student_weight.shape[0] == 0:
+        raise ValueError("student_weight has an empty vocabulary dimension (V = 0)")
+    lead, V = tuple(student_hidden.shape[:-1]), student_weight.shape[0]
+
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("pass the teacher either as teacher_hidden and teacher_weight (and teacher_bias) "
+                             "or as teacher_logits, not both")
+        check_logits("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape) != lead + (V,):
+            raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} is not the student logits "
+                             f"shape {lead + (V,)} (student_hidden leading dims and V of student_weight)")
+        if teacher_logits.device != device:
+            raise ValueError(f"teacher_logits is on {teacher_logits.device} and student_hidden on {device}")
+        check_teacher_constant("teacher_logits", teacher_logits)
+    else:
+        if teacher_hidden is None and teacher_weight is None:
+            raise ValueError("no teacher: pass teacher_hidden and teacher_weight, or teacher_logits")
+        if teacher_hidden is None or teacher_weight is None:
+            missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
+            raise ValueError(f"{missing} is missing: a teacher given by hidden states needs both "
+                             "teacher_hidden and teacher_weight (or pass teacher_logits instead)")
+        tensors = _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias, device)
+        if tuple(teacher_hidden.shape[:-1]) != lead:
+            raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} and student_hidden shape "
+                             f"{tuple(student_hidden.shape)} differ in their leading (token) dims")
+        if teacher_weight.shape[0] != V:
+            raise ValueError(f"teacher_weight has V = {teacher_weight.shape[0]} rows and student_weight "
+                             f"V = {V}; student and teacher need the same vocabulary")
+        for name, x in tensors:
+            check_teacher_constant(name, x)
+
+    check_labels(student_hidden, labels, opts, name="student_hidden")
+
+
+def check_logit_transform(side, logit_scale, softcap):
+    """``LogitTransform(logit_scale, softcap)`` of one side (``"student"``, ``"teacher"``), checked:
+    real, finite and > 0 (``softcap`` may be None); errors name ``{side}_logit_scale`` / ``{side}_softcap``."""
+    prefix = f"{side}_" if side else ""
+    for name, value in ((f"{prefix}logit_scale", logit_scale), (f"{prefix}softcap", softcap)):
+        if value is None and name.endswith("softcap"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            kind = "a real number or None" if name.endswith("softcap") else "a real number"
+            raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return LogitTransform(float(logit_scale), None if softcap is None else float(softcap))
+
+
+def check_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap):
+    """The (student, teacher) ``LogitTransform`` pair, checked."""
+    return (check_logit_transform("student", student_logit_scale, student_softcap),
+            check_logit_transform("teacher", teacher_logit_scale, teacher_softcap))
+
+
+def check_chunk_size(chunk_size):
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return int(chunk_size)

@@ -62,7 +62,9 @@ def test_cuda_autocast(dtype):
     _check("cuda", dtype, "triton")
 
 
-def test_fused_linear_under_cpu_autocast_is_autocast_linear_then_kd_loss():
+def test_fused_linear_under_cpu_autocast_is_kd_loss_of_float32_products_of_bf16_operands():
+    """Autocast casts the operands to bf16, as F.linear would; the fused path keeps their products'
+    float32 sums (the logits are never rounded to bf16), so it equals kd_loss of those."""
     H, N = 8, 6
     h = logits(N, H, scale=1.0).requires_grad_(True)
     w, w_t, h_t = logits(V, H, scale=0.5).requires_grad_(True), logits(V, H, scale=0.5), logits(N, H, scale=1.0)
@@ -70,8 +72,9 @@ def test_fused_linear_under_cpu_autocast_is_autocast_linear_then_kd_loss():
     kw = dict(temperature=2.0, labels=labels, hard_weight=0.3)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         fused = fastkd.fused_linear_kd_loss(h, w, h_t, w_t, chunk_size=4, backend="torch", **kw)
-        unfused = fastkd.kd_loss(torch.nn.functional.linear(h, w), torch.nn.functional.linear(h_t, w_t),
-                                 backend="torch", **kw)
+    as_bf16 = lambda x: x.bfloat16().float()  # noqa: E731
+    unfused = fastkd.kd_loss(torch.nn.functional.linear(as_bf16(h), as_bf16(w)),
+                             torch.nn.functional.linear(as_bf16(h_t), as_bf16(w_t)), backend="torch", **kw)
     assert fused.dtype == torch.float32
     g_fused, g_unfused = torch.autograd.grad(fused, (h, w)), torch.autograd.grad(unfused, (h, w))
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)

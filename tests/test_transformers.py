@@ -1,6 +1,8 @@
 """DistillationTrainer: two Trainer steps on tiny random Llamas equal the same steps done by hand
 with full logits and the plain-PyTorch loss (loss values, the gradient-accumulation count, the
-updated weights), and the student's LM head never runs (no [tokens, V] logits are built)."""
+updated weights), and the student's LM head runs only in the first batch's check, on a few
+positions (no [tokens, V] logits are built). Models that transform their logits (Gemma 2, Cohere,
+Granite; an unknown transform) get the loss of their own logits, or an error."""
 import copy
 
 import pytest
@@ -65,7 +67,7 @@ def test_two_steps_equal_the_manual_computation(tmp_path):
     initial_student = copy.deepcopy(student)
     initial_head = student.lm_head.weight.detach().clone()
     head_calls = []
-    student.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
+    student.get_output_embeddings().register_forward_hook(lambda m, args, out: head_calls.append(args[0].shape))
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
@@ -73,7 +75,9 @@ def test_two_steps_equal_the_manual_computation(tmp_path):
     trainer = RecordingTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_dataset(),
                                data_collator=transformers.default_data_collator, **KD)
     trainer.train()
-    assert head_calls == []  # the student's logits were never built
+    # the student's head ran once, in the first batch's check of its logits, on 4 positions per row;
+    # its [tokens, V] logits were never built
+    assert head_calls == [torch.Size([2, 4, 16])]
     assert len(trainer.calls) == 4  # 2 steps x 2 micro-batches
 
     manual = initial_student
@@ -132,3 +136,114 @@ def test_a_wrapped_model_runs_through_its_wrapper_with_the_head_on_one_position(
     assert wrapper.calls == 1 and head_inputs == [torch.Size([2, 1, 16])]
     torch.testing.assert_close(hidden, model.base_model(**inputs).last_hidden_state)
     assert hidden.requires_grad
+
+
+# --- models that post-process their logits -------------------------------------------------------
+
+# Tiny random models (no download) of the families whose forward transforms the LM head's output,
+# with the student's and the teacher's transforms different; Llama has none.
+FAMILIES = {
+    "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config, "final_logit_softcapping", 3.0, 5.0),
+    "cohere": (transformers.CohereForCausalLM, transformers.CohereConfig, "logit_scale", 0.25, 0.5),
+    "granite": (transformers.GraniteForCausalLM, transformers.GraniteConfig, "logits_scaling", 4.0, 2.0),
+    "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig, None, None, None),
+}
+HEAD_GAIN = 40.0  # random heads give logits of ~0.1; ~5 makes every transform matter
+
+
+def _tiny(family, role, dtype=torch.float32, model_class=None):
+    cls, config_cls, option, student_value, teacher_value = FAMILIES[family]
+    hidden, layers, seed = (32, 1, 1) if role == "student" else (64, 2, 2)
+    torch.manual_seed(seed)
+    extra = {} if option is None else {option: student_value if role == "student" else teacher_value}
+    if family == "gemma2":
+        extra["head_dim"] = 16
+    config = config_cls(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, **extra)
+    model = (model_class or cls)(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(HEAD_GAIN)
+    return model.to(dtype)
+
+
+def _trainer(tmp_path, student, teacher, **options):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    return DistillationTrainer(model=student, teacher_model=teacher, args=args, **KD, **options)
+
+
+def _own_logits_loss(student, teacher, batch):
+    """The documented loss from the models' own forward().logits (the models' dtype, float32 loss)."""
+    return _manual_micro_batch_loss(student, teacher, batch, int((batch["labels"][:, 1:] != -100).sum()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainer_loss_is_the_loss_of_the_models_own_logits(tmp_path, family):
+    """Gemma 2's softcap, Cohere's logit_scale and Granite's logits_scaling, read from each model's
+    config: the loss and the student's gradients are those of the models' own logits."""
+    student, teacher = _tiny(family, "student"), _tiny(family, "teacher")
+    trainer = _trainer(tmp_path, student, teacher)
+    batch = transformers.default_data_collator(_dataset(4))
+    loss = trainer.compute_loss(trainer.model, batch)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    expected = _own_logits_loss(student, teacher, batch)
+    expected_grads = torch.autograd.grad(expected, list(student.parameters()))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    if family != "llama":  # the transforms change the loss a lot: no transform would be far off
+        plain = _trainer(tmp_path, student, teacher, student_logit_scale=1.0, student_softcap=None,
+                         teacher_logit_scale=1.0, teacher_softcap=None)
+        with pytest.raises(ValueError, match="logits .* differ"):
+            plain.compute_loss(plain.model, batch)
+
+
+def test_bf16_gemma2_passes_the_check_and_matches_its_own_logits(tmp_path):
+    """The first-batch check's tolerance holds bf16 models' own rounding (bf16 matmul and tanh)."""
+    student, teacher = _tiny("gemma2", "student", torch.bfloat16), _tiny("gemma2", "teacher", torch.bfloat16)
+    trainer = _trainer(tmp_path, student, teacher)
+    batch = transformers.default_data_collator(_dataset(4))
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        expected = _own_logits_loss(student, teacher, batch)
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=1e-3)
+
+
+def _scaled_llama(kind):
+    """A Llama whose forward transforms its logits in a way the trainer cannot know."""
+    class Unknown(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = 0.5 * out.logits if kind == "scale" else 2.0 * torch.tanh(out.logits / 2.0)
+            return out
+    return Unknown
+
+
+@pytest.mark.parametrize("kind", ["scale", "softcap"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_an_unknown_logit_transform_raises_unless_given_or_not_fused(tmp_path, kind, side):
+    roles = {"student": None, "teacher": None}
+    roles[side] = _scaled_llama(kind)
+    student = _tiny("llama", "student", model_class=roles["student"])
+    teacher = _tiny("llama", "teacher", model_class=roles["teacher"])
+    batch = transformers.default_data_collator(_dataset(4))
+    trainer = _trainer(tmp_path, student, teacher)
+    with pytest.raises(ValueError, match=rf"the {side}'s logits .* differ .* pass {side}_logit_scale=s and/or "
+                                         rf"{side}_softcap=c .* fused=False"):
+        trainer.compute_loss(trainer.model, batch)
+
+    expected = _own_logits_loss(student, teacher, batch)
+    transform = {f"{side}_logit_scale": 0.5} if kind == "scale" else {f"{side}_softcap": 2.0}
+    for options in (transform, dict(fused=False)):
+        trainer = _trainer(tmp_path, student, teacher, **options)
+        torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_logit_transform_options_are_checked(tmp_path):
+    student, teacher = _tiny("llama", "student"), _tiny("llama", "teacher")
+    with pytest.raises(ValueError, match="teacher_softcap must be finite and > 0"):
+        _trainer(tmp_path, student, teacher, teacher_softcap=0.0)
+    with pytest.raises(ValueError, match="fused=False"):
+        _trainer(tmp_path, student, teacher, fused=False, student_logit_scale=2.0)
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        _trainer(tmp_path, student, teacher, fused="no")
