@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+BUDGET_SLACK = 0.01  # B/elt the per-row terms (the loss, a label, the scale) may add at the measured shape
 TEMPERATURE = 2.0
 HARD_WEIGHT = 0.5
 TOPK_K = 64

@@ -6,7 +6,7 @@ import csv
 import os
 from dataclasses import dataclass
 
-from . import model, sass
+from . import cases, model, sass
 
 MODEL_TEXT = (
     "modelled time = max(bytes requested / {bw:.1f} TB/s, MUFU ops / ({mufu} per clock x {sms} SMs x "
@@ -38,6 +38,11 @@ class Row:
         return model.modelled_seconds(
             self.n * self.v, sum(self.bytes_per_element), sum(k.mufu_per_element for k in self.kernels),
             sum(k.instructions_per_element for k in self.kernels))
+
+    @property
+    def upper_bound(self):
+        """"≤" when some kernel's counts are upper bounds (a loop that jumps over part of its body)."""
+        return "≤" if any(k.branchy for k in self.kernels) else ""
 
     @property
     def floor_seconds(self):
@@ -134,7 +139,7 @@ def headline_table(rows):
             "yes" if any(x.spill_in_loop for x in k) else "no", _plus(x.shared for x in k),
             _plus("·".join(map(str, x.widest_loads)) for x in k), _plus(x.passes for x in k),
             _plus(row.bytes_per_element, "{:.2f}"), _plus(_bounded(x, x.mufu_per_element) for x in k),
-            _plus(_bounded(x, x.instructions_per_element) for x in k), f"{seconds * 1e3:.2f}",
+            _plus(_bounded(x, x.instructions_per_element) for x in k), f"{row.upper_bound}{seconds * 1e3:.2f}",
             "" if row.floor_bytes is None else f"{100 * row.fraction_of_floor:.0f} %", bound])
     return _table(header, lines)
 
@@ -149,7 +154,7 @@ def by_v_table(rows, vs):
         for v in vs:
             r = cells.get((case_id, v))
             pct = "" if r is None or r.floor_bytes is None else f" ({100 * r.fraction_of_floor:.0f} %)"
-            line.append("" if r is None else f"{r.modelled()[0] * 1e3:.2f}{pct}")
+            line.append("" if r is None else f"{r.upper_bound}{r.modelled()[0] * 1e3:.2f}{pct}")
         lines.append(line)
     return _table(header, lines)
 
@@ -197,6 +202,24 @@ How the columns are counted, per element of the `[N, V]` inputs (a step's kernel
 """
 
 
+def gate_findings(rows):
+    """What the CI gate (tests/test_audit.py) would flag in ``rows`` of 16-aligned V: a spill in a
+    loop, a main loop whose widest load is under 128 bits, bytes per element over the budget."""
+    found = []
+    for row in rows:
+        if row.v % 16 or not row.case.gate:
+            continue
+        for kernel, (_, loaded, stored), budget in zip(row.kernels, row.traffic, row.case.budget or ()):
+            where = f"{row.case_id} V={row.v}: {_short(kernel.name)}"
+            if kernel.spill_in_loop:
+                found.append(f"{where} spills inside a loop")
+            if any(width < 128 for width in kernel.widest_loads):
+                found.append(f"{where} loads {kernel.widest_loads} bits at widest in its main loops")
+            if loaded + stored > budget + cases.BUDGET_SLACK:
+                found.append(f"{where} requests {loaded + stored:.2f} B/elt, over its budget of {budget}")
+    return found
+
+
 def markdown(rows, meta, headline_v, vs, aligned_v, unaligned_v, traffic_shape):
     headline = [r for r in rows if r.v == headline_v]
     parts = [
@@ -220,6 +243,9 @@ def markdown(rows, meta, headline_v, vs, aligned_v, unaligned_v, traffic_shape):
         "",
         by_v_table(rows, vs),
     ]
+    findings = gate_findings(rows)
+    parts += ["", "## What the CI gate flags (gated cases, 16-aligned V)", ""]
+    parts += [f"- {line}" for line in findings] or ["Nothing: no spill in a loop, 128-bit loads, within budget."]
     if unaligned_v in vs and aligned_v in vs:
         parts += ["", f"## Rows whose stride is not a multiple of 16 elements (V = {unaligned_v})", "",
                   "Triton specialises an int argument (here V and the row strides) as divisible by 16 or not; "
