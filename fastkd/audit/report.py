@@ -75,7 +75,7 @@ def csv_rows(rows, meta):
                 spill_load_bytes=kernel.spill_load_bytes, spill_in_loop=kernel.spill_in_loop,
                 async_copies=kernel.async_copies, divisible_by_16=" ".join(kernel.divisible),
                 passes=kernel.passes, loop_free=kernel.loop_free,
-                main_loop_lines=_loop_field(kernel, lambda loop: loop.source_line),
+                main_loop_lines=_loop_field(kernel, lambda loop: loop.source_line or loop.step),
                 widest_load_bits=_loop_field(kernel, lambda loop: max(loop.widths("LDG"), default=0)),
                 widest_store_bits=_loop_field(kernel, lambda loop: max(loop.widths("STG"), default=0)),
                 unroll_per_loop=_loop_field(kernel, lambda loop: loop.unroll),
@@ -159,20 +159,24 @@ def by_v_table(rows, vs):
     return _table(header, lines)
 
 
+def _growth(aligned, unaligned):
+    """Instructions per source iteration (BLOCK_V elements) of one main loop, aligned → unaligned."""
+    before, after = aligned.instructions / aligned.unroll, unaligned.instructions / unaligned.unroll
+    return f"{before:.0f}→{after:.0f} ({100 * (after / before - 1):+.0f} %)"
+
+
 def alignment_table(rows, aligned_v, unaligned_v):
     """What a row stride that is not a multiple of 16 elements costs: load width and instructions."""
     header = ["case", f"widest loads V={aligned_v}", f"V={unaligned_v}", f"warp-instr/elt V={aligned_v}",
-              f"V={unaligned_v}", "instructions per main-loop iteration (aligned → unaligned)"]
+              f"V={unaligned_v}", "instructions per BLOCK_V of each main loop (aligned → unaligned)"]
     cells = {(r.case_id, r.v): r for r in rows}
     lines = []
     for case_id in dict.fromkeys(r.case_id for r in rows):
         a, u = cells.get((case_id, aligned_v)), cells.get((case_id, unaligned_v))
         if a is None or u is None:
             continue
-        growth = "; ".join(
-            ", ".join(f"{la.instructions}→{lu.instructions} ({100 * (lu.instructions / la.instructions - 1):+.0f} %)"
-                      for la, lu in zip(ka.main_loops, ku.main_loops))
-            for ka, ku in zip(a.kernels, u.kernels))
+        growth = "; ".join(", ".join(_growth(la, lu) for la, lu in zip(ka.main_loops, ku.main_loops))
+                           for ka, ku in zip(a.kernels, u.kernels))
         lines.append([case_id, _plus("·".join(map(str, x.widest_loads)) for x in a.kernels),
                       _plus("·".join(map(str, x.widest_loads)) for x in u.kernels),
                       _plus((x.instructions_per_element for x in a.kernels), "{:.2f}"),
