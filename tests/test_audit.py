@@ -208,6 +208,21 @@ def test_byte_counter_in_the_interpreter():
     assert bl == pytest.approx(4.0 + 4 * programs_per_row / V) and bs == pytest.approx(4.0)
 
 
+def test_case_ids_are_unique_and_gated_cases_have_a_budget():
+    ids = [cases.case_id(c) for c in cases.CASES]
+    assert len(set(ids)) == len(ids)
+    assert GATED and all(BUDGETS[c] for c in GATED)
+
+
+def test_unknown_case_or_size_is_an_error(capsys):
+    from fastkd.cli import main
+
+    assert main(["audit", "--cases", "no such kernel", "--list"]) == 2
+    assert "no audit case matches" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["audit", "--v", "0", "--list"])
+
+
 def test_model_reproduces_the_hand_worked_h200_figures():
     elements = 8192 * 128256
     seconds, bound = model.modelled_seconds(elements, 14, 4.25, 2.07)

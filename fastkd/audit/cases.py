@@ -3,7 +3,12 @@
 A case is one training step of a loss, written as the launcher calls it makes: the forward
 kernel(s), then the backward's ``scale_rows`` pass (``fastkd.autograd.scaled_student_grad`` scales
 the saved gradient in place). A new kernel variant is one more row; ``env`` is set around its
-launches (for a launcher that picks its kernel from an environment variable at launch time).
+launches, for a launcher that picks its kernel from an environment variable at launch time, e.g.
+
+    Case("kd_loss kl two_pass", kd_step, dict(divergence="kl"), floor_op="kd_loss", gate=True,
+         budget=(10, 4), env={"FASTKD_KD_KERNEL": "two_pass"}),
+
+Case ids (the name, and the flags in brackets) must be unique.
 
 ``budget``: the most bytes per element of the ``[N, V]`` inputs each launched kernel may request
 with bf16 student and teacher, in launch order. It is the ceiling ``tests/test_audit.py`` holds the

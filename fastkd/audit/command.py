@@ -104,7 +104,13 @@ def _commit():
 
 
 def _ints(text):
-    return tuple(int(x) for x in text.split(",") if x)
+    try:
+        values = tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
 
 
 def add_arguments(parser):
@@ -130,7 +136,11 @@ def build_parser(prog="fastkd audit"):
 def run(args):
     from . import cases as case_table
 
-    selected = case_table.select(args.cases, args.gate)
+    try:
+        selected = case_table.select(args.cases, args.gate)
+    except ValueError as error:
+        print(f"fastkd audit: {error}", file=sys.stderr)
+        return 2
     if args.list:
         for case in selected:
             print(case_table.case_id(case))
