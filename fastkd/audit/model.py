@@ -1,0 +1,49 @@
+"""The H200 time model (a model: nothing here is measured).
+
+    modelled time = max(bytes requested / copy bandwidth,
+                        MUFU ops / MUFU rate,
+                        warp-instructions / issue rate)
+    floor         = least bytes a fused step must move (fastkd.bench.min_bytes, fwd+bwd) / bandwidth
+
+Every requested byte is counted as DRAM traffic (a re-read that hits L2 would cost less; with
+264-396 rows in flight at V >= ~45k a row's re-read mostly misses the 50 MB L2), and the three
+limits are taken as if they never overlap badly nor stall each other: the model is a lower bound
+on the time of the code as compiled, not a prediction of a measurement.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    bandwidth: float          # bytes / s, device-to-device copy
+    sms: int
+    clock: float              # Hz
+    mufu_per_clock: int       # MUFU lane-ops per clock per SM
+    issue_per_clock: int      # warp-instructions issued per clock per SM (one per scheduler)
+
+    @property
+    def mufu_rate(self):
+        return self.mufu_per_clock * self.sms * self.clock
+
+    @property
+    def issue_rate(self):
+        return self.issue_per_clock * self.sms * self.clock
+
+
+H200 = Machine("H200", bandwidth=4.3e12, sms=132, clock=1.98e9, mufu_per_clock=16, issue_per_clock=4)
+
+
+def modelled_seconds(elements, bytes_per_element, mufu_per_element, instructions_per_element, machine=H200):
+    """(modelled seconds, which limit binds: "bytes" | "MUFU" | "issue") for ``elements`` elements."""
+    limits = {
+        "bytes": elements * bytes_per_element / machine.bandwidth,
+        "MUFU": elements * mufu_per_element / machine.mufu_rate,
+        "issue": elements * instructions_per_element / machine.issue_rate,
+    }
+    bound = max(limits, key=limits.get)
+    return limits[bound], bound
+
+
+def floor_seconds(floor_bytes, machine=H200):
+    return floor_bytes / machine.bandwidth
