@@ -174,15 +174,15 @@ def _describe_fastkd(backend):
     how = {"torch": "the chunked PyTorch backend", "triton": "the fused Triton kernels"}[backend]
 
     def describe(case: Case):
-        scale = f"t2_scale={T2_SCALE[case.divergence]}, " if case.divergence else ""
+        scale = f"divergence={case.divergence!r}, t2_scale={T2_SCALE[case.divergence]}, " if case.divergence else ""
         call = {
-            "kd_loss": f"fastkd.kd_loss(s, t, T, divergence, {scale}backend={backend!r})",
+            "kd_loss": f"fastkd.kd_loss(s, t, T, {scale}backend={backend!r})",
             "softmax": f"fastkd.softmax(x, T, backend={backend!r})",
             "log_softmax": f"fastkd.log_softmax(x, T, backend={backend!r})",
             "topk_kd_loss": f'fastkd.topk_kd_loss(s, *teacher_topk(t, k, T), tail="bucket", {scale}'
                             f"backend={backend!r})",
             "teacher_topk": f"fastkd.teacher_topk(t, k, T, backend={backend!r})",
-            "fused_linear_kd": f"fastkd.fused_linear_kd_loss(h, W, h_t, W_t, T, divergence, {scale}"
+            "fused_linear_kd": f"fastkd.fused_linear_kd_loss(h, W, h_t, W_t, T, {scale}"
                                f"backend={backend!r}), the [N, V] logits never stored",
         }[case.op]
         return f"{call}; {how}"
@@ -200,7 +200,8 @@ def _fastkd_unfused(case: Case):
 def _describe_fastkd_unfused(case: Case):
     if case.op != "fused_linear_kd":
         return None
-    return 'fastkd.kd_loss(h @ W.T, h_t @ W_t.T, T, divergence, backend="auto"): the logits materialised'
+    return (f"fastkd.kd_loss(h @ W.T, h_t @ W_t.T, T, divergence={case.divergence!r}, "
+            f"t2_scale={T2_SCALE[case.divergence]}, backend='auto'); the logits materialised")
 
 
 # ----------------------------------------------------------------------------------------- torch.compile

@@ -86,7 +86,8 @@ def _case_key(row):
 
 
 def _shape(row):
-    return f"N={row['n']} V={row['v']}" + (f" k={row['k']}" if row["k"] else "") + (f" H={row['h']}" if row["h"] else "")
+    k = f" k={row['k']}" if row["k"] else ""
+    return f"N={row['n']} V={row['v']}{k}" + (f" H={row['h']}" if row["h"] else "")
 
 
 def _label(row):
@@ -178,15 +179,25 @@ def _rounds(row):
     return [float(t) for t in str(row.get("round_ms", "")).split()]
 
 
+def _number(x):
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _ms(x):
-    return f"{x:.0f} ms" if x >= 100 else f"{x:.3g} ms"
+    return f"{_number(x)} ms"
 
 
 def _time_text(row):
     rounds = _rounds(row)
     if rounds:
-        return f"{_ms(statistics.median(rounds))} ({min(rounds):.4g}–{max(rounds):.4g})"
-    return f"{_ms(row['ms_p50'])} (p20–p80 {row['ms_p20']:.4g}–{row['ms_p80']:.4g})"
+        return f"{_ms(statistics.median(rounds))} ({_number(min(rounds))}–{_number(max(rounds))})"
+    return f"{_ms(row['ms_p50'])} (p20–p80 {_number(row['ms_p20'])}–{_number(row['ms_p80'])})"
+
+
+def _first_call(row):
+    """The first call's time (compilation included), in seconds."""
+    x = row.get("first_call_ms")
+    return f"{x / 1e3:.1f} s" if _ok(x) else ""
 
 
 def _mib(x):
@@ -235,17 +246,18 @@ def summary_markdown(rows, env, machine, legend_lines):
                 " (speed-up: ratio of the median times)") + ":", ""]
     body = [[r["provider"], f"`{formulas.get((r['provider'], _label(r)), '')}`",
              _time_text(r) if _ok(r["ms_p50"]) else r["note"], speedup_text(r), _mib(r["peak_mem_bytes"]),
-             _times(memory_ratio(r, eager.get(headline_key)))] for r in headline]
+             _times(memory_ratio(r, eager.get(headline_key))), _first_call(r)] for r in headline]
     lines += _markdown_table(["provider", "runs", "time: median (min–max)", "speed-up", "peak extra memory",
-                              "memory"], body)
+                              "memory", "first call"], body)
     comparisons = compile_comparisons(measured)
     if comparisons:
         wins = [f"{_label(c)} {_shape(c)} ({c['dtype']}, {c['mode']}) against {f['provider']}"
                 for c, f, ratio, _, _ in comparisons if ratio < 1]
         lines += ["", "**torch.compile of the eager formula against fastkd** (time of torch-compile / time of "
-                  "fastkd in the same round: below 1 means torch.compile is faster):", ""]
-        lines += _markdown_table(["case", "torch-compile", "fastkd", "compile / fastkd"], [
-            [f"{_label(c)} {c['dtype']} {c['mode']} {_shape(c)}", _ms(c["ms_p50"]),
+                  "fastkd in the same round: below 1 means torch.compile is faster; its first call compiles):",
+                  ""]
+        lines += _markdown_table(["case", "torch-compile", "its first call", "fastkd", "compile / fastkd"], [
+            [f"{_label(c)} {c['dtype']} {c['mode']} {_shape(c)}", _ms(c["ms_p50"]), _first_call(c),
              f"{_ms(f['ms_p50'])} ({f['provider']})",
              f"{ratio:.2f}" + (f" ({lo:.2f}–{hi:.2f})" if _ok(lo) else "")]
             for c, f, ratio, lo, hi in comparisons])

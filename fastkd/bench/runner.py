@@ -41,9 +41,9 @@ from .min_bytes import copy_bytes, min_bytes, min_flops
 from .providers import BASELINE, REFUSED, environment_variables, provider as provider_named
 
 COLUMNS = ("op", "divergence", "provider", "mode", "dtype", "n", "v", "k", "h", "ms_p50", "ms_p20", "ms_p80",
-           "rounds", "round_ms", "speedup_p50", "speedup_min", "speedup_max", "min_bytes", "gbps", "frac_of_copy_bw",
-           "tflops", "peak_mem_bytes", "diff_vs_eager", "check", "note", "device", "torch", "triton", "commit",
-           "date")
+           "first_call_ms", "rounds", "round_ms", "speedup_p50", "speedup_min", "speedup_max", "min_bytes", "gbps",
+           "frac_of_copy_bw", "tflops", "peak_mem_bytes", "diff_vs_eager", "check", "note", "device", "torch",
+           "triton", "commit", "date")
 QUANTILES = (0.5, 0.2, 0.8)
 NAN = float("nan")
 COPY_NUMEL = {(True, False): 2**28, (True, True): 2**26, (False, False): 2**25, (False, True): 2**24}  # (gpu, quick)
@@ -349,8 +349,8 @@ def _row(env, **fields):
 
 
 def _nan_metrics():
-    return dict(ms_p50=NAN, ms_p20=NAN, ms_p80=NAN, speedup_p50=NAN, speedup_min=NAN, speedup_max=NAN, gbps=NAN,
-                frac_of_copy_bw=NAN, tflops=NAN, peak_mem_bytes=NAN, diff_vs_eager=NAN)
+    return dict(first_call_ms=NAN, ms_p50=NAN, ms_p20=NAN, ms_p80=NAN, speedup_p50=NAN, speedup_min=NAN,
+                speedup_max=NAN, gbps=NAN, frac_of_copy_bw=NAN, tflops=NAN, peak_mem_bytes=NAN, diff_vs_eager=NAN)
 
 
 def copy_bandwidth(device, quick, env):
@@ -414,17 +414,26 @@ def _release(device):
         torch.cuda.empty_cache()
 
 
+def _synchronize(device):
+    if on_gpu(device):
+        torch.cuda.synchronize(device)
+
+
 def prepare(case, forward, inputs, device):
     """First call (compiles, warms caches, gives the value compared across providers), on a GPU one
     call of the mode (kernels of the backward compile), then one measured for memory, which on the
-    CPU is the warm-up of the timed calls. Returns (call, value, peak extra bytes)."""
+    CPU is the warm-up of the timed calls. Returns (call, value, peak extra bytes, first call ms)."""
+    _synchronize(device)
+    start = time.perf_counter()
     out = forward(*inputs.args)
     value = summary(case, out)
+    _synchronize(device)
+    first_ms = (time.perf_counter() - start) * 1e3
     del out
     call = mode_call(case, forward, inputs)
     if on_gpu(device):
         call()
-    return call, value, peak_extra_memory(call, device)
+    return call, value, peak_extra_memory(call, device), first_ms
 
 
 @dataclass
@@ -433,6 +442,7 @@ class Measured:
     rounds: Optional[list]  # CPU: the time of every round, ms
     peak: float
     value: object
+    first_ms: float  # the first call, compilation included
     check: str = ""
 
 
@@ -469,7 +479,7 @@ def _check(case, provider, forward, inputs, references):
 
 
 def _run_provider(case, provider, inputs, device, quick, references):
-    """Measured (GPU), ``(call, value, peak, check)`` to time with the others (CPU), ``(note,
+    """Measured (GPU), ``(call, value, peak, first_ms, check)`` to time with the others (CPU), ``(note,
     check)`` when it is not timed, or None without an implementation of the case."""
     try:
         forward = provider.make(case)
@@ -481,11 +491,11 @@ def _run_provider(case, provider, inputs, device, quick, references):
             note, check = _check(case, provider, forward, inputs, references)
             if note:
                 return note, check
-        call, value, peak = prepare(case, forward, inputs, device)
+        call, value, peak, first_ms = prepare(case, forward, inputs, device)
         call = with_env(provider.env, call)
         if on_gpu(device):  # one at a time: the GPU is not shared, its memory is precious
-            return Measured(time_gpu(call, quick), None, peak, value, check)
-        return call, value, peak, check
+            return Measured(time_gpu(call, quick), None, peak, value, first_ms, check)
+        return call, value, peak, first_ms, check
     except Exception as error:  # one failing provider must not end the run
         return _error_note(error), ""
 
@@ -498,7 +508,7 @@ def _measure_case(case, providers, inputs, device, quick, min_rounds):
         outcome = _run_provider(case, provider, inputs, device, quick, references)
         if outcome is None:
             continue
-        if isinstance(outcome, tuple) and len(outcome) == 4:  # CPU: timed with the others below
+        if isinstance(outcome, tuple) and len(outcome) == 5:  # CPU: timed with the others below
             prepared[provider.name] = outcome
         else:
             results[provider.name] = outcome
@@ -507,8 +517,8 @@ def _measure_case(case, providers, inputs, device, quick, min_rounds):
     if prepared:
         try:
             times = time_cpu([call for call, *_ in prepared.values()], quick, min_rounds)
-            for (name, (_, value, peak, check)), rounds in zip(prepared.items(), times):
-                results[name] = Measured(quantiles(rounds), rounds, peak, value, check)
+            for (name, (_, value, peak, first_ms, check)), rounds in zip(prepared.items(), times):
+                results[name] = Measured(quantiles(rounds), rounds, peak, value, first_ms, check)
         except Exception as error:  # noqa: BLE001
             results.update({name: (_error_note(error), "") for name in prepared})
     return {p.name: results[p.name] for p in providers if p.name in results}
@@ -551,7 +561,7 @@ def _case_rows(case, providers, device, quick, min_rounds, env, copy_gbps, log):
         speedup = _speedups(result, baseline)
         diff = difference(result.value, baseline.value) if isinstance(baseline, Measured) else NAN
         rows.append(_row(env, **base, provider=name, ms_p50=result.ms[0], ms_p20=result.ms[1], ms_p80=result.ms[2],
-                         rounds=len(result.rounds) if result.rounds else "",
+                         first_call_ms=result.first_ms, rounds=len(result.rounds) if result.rounds else "",
                          round_ms=" ".join(f"{t:.4g}" for t in result.rounds or ()), speedup_p50=speedup[0],
                          speedup_min=speedup[1], speedup_max=speedup[2], gbps=gbps, frac_of_copy_bw=gbps / copy_gbps,
                          tflops=tflops, peak_mem_bytes=result.peak, diff_vs_eager=diff, check=result.check))
