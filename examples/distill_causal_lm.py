@@ -16,7 +16,8 @@ The student is then distilled twice from the same initialisation on the same bat
 Both minimise  hard_weight * CE + soft_weight * T**2 * KL(teacher || student)  per token. The
 script prints both loss curves' largest difference (they must coincide), the wall time and the
 peak memory of each run, and plots the curves to ``<out>/distill_causal_lm.png`` when matplotlib
-is installed. Needs ``pip install fastkd[hf]`` (transformers, tokenizers).
+is installed (``--out``, default ``examples/output/``, git-ignored). Needs the ``hf`` extra
+(transformers, tokenizers): ``pip install -e ".[hf]"`` in the checkout.
 """
 import argparse
 import copy
@@ -36,6 +37,8 @@ import fastkd
 
 FULL = dict(corpus_mb=8.0, vocab=32000, teacher_hidden=128, teacher_layers=2, student_hidden=64,
             student_layers=2, seq=32, batch=4, steps=200, pretrain_steps=100)
+# Beside this script, git-ignored: the results never land in the working tree unasked.
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
 SMOKE = dict(corpus_mb=0.3, vocab=8192, teacher_hidden=32, teacher_layers=1, student_hidden=16,
              student_layers=1, seq=32, batch=2, steps=5, pretrain_steps=2)
 
@@ -43,7 +46,8 @@ SMOKE = dict(corpus_mb=0.3, vocab=8192, teacher_hidden=32, teacher_layers=1, stu
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps (CI)")
-    parser.add_argument("--out", default="distill_causal_lm_out", help="folder for the PNG and the JSON results")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help="folder for the PNG and the JSON results (default: examples/output/, git-ignored)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--hard-weight", type=float, default=0.5)

@@ -1,9 +1,12 @@
-"""The benchmark suite behind ``fastkd bench`` (also ``python -m fastkd.bench``).
+"""The benchmark harness behind ``fastkd bench`` (also ``python -m fastkd.bench``), the one harness of
+the project: dense ``kd_loss``, ``softmax`` / ``log_softmax``, the top-k loss and its extraction, and
+the fused linear + KD loss are its cases.
 
-cases.py is the table of cases and presets, providers.py the registry of implementations,
-min_bytes.py the least traffic of each case, runner.py the timing and memory measurements,
-report.py the CSV / JSON / table, plots.py the optional PNGs, command.py the command line.
-Nothing optional (triton, matplotlib, liger_kernel, torch.compile) is imported before it is used.
+cases.py is the table of cases and presets, providers.py the registry of implementations (with the
+formula each runs), min_bytes.py the least traffic (and matmul work) of each case, runner.py the
+timing, the one peak-memory measurement and the checks, report.py the CSV / JSON / tables / summary,
+plots.py the optional PNGs, command.py the command line. Nothing optional (triton, matplotlib,
+liger_kernel, torch.compile) is imported before it is used.
 """
 from .command import main
 

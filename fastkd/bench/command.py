@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -10,8 +11,17 @@ import torch
 
 from .cases import DTYPES, MODES, OPS, PRESETS, default_preset, select_cases
 from .providers import PROVIDERS, select_providers
+from .runner import MIN_ROUNDS
 
-DEFAULT_OUT = Path("bench") / "results" / "local"
+
+def default_out():
+    """``bench/results/local/`` of the checkout fastkd runs from (git-ignored); for an installed
+    copy, ``$XDG_CACHE_HOME/fastkd/bench`` (``~/.cache/fastkd/bench``): never the working directory."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").exists() and (root / "bench").is_dir():
+        return root / "bench" / "results" / "local"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "fastkd" / "bench"
 
 
 def _words(values):
@@ -30,31 +40,40 @@ def _ints(values):
 
 
 def add_arguments(parser):
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="case set (default: 'headline' on a GPU, 'cpu' otherwise; both about a minute)")
+    parser.add_argument("--preset", nargs="+", metavar="P",
+                        help=f"case sets, run in order: {', '.join(PRESETS)} (default: 'headline' on a GPU, "
+                             "'cpu' otherwise)")
     parser.add_argument("--ops", nargs="+", metavar="OP", help=f"replace the preset's ops: {', '.join(OPS)}")
-    parser.add_argument("--divergences", nargs="+", metavar="D", help="replace the preset's kd_loss divergences")
+    parser.add_argument("--divergences", nargs="+", metavar="D", help="replace the preset's divergences")
     parser.add_argument("--n", nargs="+", metavar="N", help="replace the preset's row counts (tokens)")
     parser.add_argument("--v", nargs="+", metavar="V", help="replace the preset's vocabulary sizes")
+    parser.add_argument("--k", nargs="+", metavar="K", help="replace the preset's top-k sizes (top-k ops)")
+    parser.add_argument("--h", nargs="+", metavar="H", help="replace the preset's hidden sizes (fused_linear_kd)")
     parser.add_argument("--dtypes", nargs="+", metavar="DT", help=f"replace the preset's dtypes: {', '.join(DTYPES)}")
     parser.add_argument("--modes", nargs="+", metavar="M", help=f"replace the preset's modes: {', '.join(MODES)}")
     parser.add_argument("--providers", nargs="+", metavar="P",
-                        help=f"providers to run (default: all that can run here): {', '.join(PROVIDERS)}")
+                        help=f"providers of every case (default: each grid's, else all that run by default "
+                             f"here): {', '.join(PROVIDERS)}, or fastkd-triton[KERNEL] for any FASTKD_KD_KERNEL")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:K")
     parser.add_argument("--threads", type=int, metavar="K",
                         help="torch CPU threads (default: torch's choice); 1 steadies timings on a busy machine")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--rounds", type=int, default=MIN_ROUNDS, metavar="R",
+                        help=f"CPU: alternating rounds per case at least (default {MIN_ROUNDS})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: bench/results/local/ of the checkout, git-ignored; "
+                             "~/.cache/fastkd/bench for an installed fastkd)")
     parser.add_argument("--quick", "--smoke", action="store_true",
                         help="few repetitions and a small copy: checks that everything runs, numbers are rough")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
-    parser.add_argument("--list", action="store_true", help="print the cases and providers, run nothing")
+    parser.add_argument("--list", action="store_true", help="print the cases, their providers and what each "
+                                                            "provider runs; run nothing")
     return parser
 
 
 def build_parser(prog="fastkd bench"):
     parser = argparse.ArgumentParser(
         prog=prog, description="Benchmark fastkd against torch eager, torch.compile and Liger: time, "
-        "peak extra memory, GB/s and the fraction of the copy bandwidth measured in the same run.")
+        "speed-up, peak extra memory, GB/s and the fraction of the copy bandwidth measured in the same run.")
     return add_arguments(parser)
 
 
@@ -85,66 +104,90 @@ def _restore_sigterm(previous):
 
 
 def run(args, log=None):
-    """Run ``fastkd bench`` with parsed ``args``; returns the process exit status."""
+    """Run ``fastkd bench`` with parsed ``args``; returns the process exit status: 0, 1 when a kernel
+    variant failed its check, 2 for bad options."""
     log = log or (lambda msg: print(msg, flush=True))
+    overrides = dict(ops=_words(args.ops), divergences=_words(args.divergences), dtypes=_words(args.dtypes),
+                     modes=_words(args.modes), n=_ints(args.n), v=_ints(args.v), k=_ints(args.k), h=_ints(args.h))
     try:
         device = _device(args.device)
-        preset = args.preset or default_preset(device)
-        cases = select_cases(preset, ops=_words(args.ops), divergences=_words(args.divergences),
-                             dtypes=_words(args.dtypes), modes=_words(args.modes), n=_ints(args.n),
-                             v=_ints(args.v))
-        providers, skipped = select_providers(_words(args.providers), device)
+        presets = args.preset or [default_preset(device)]
+        cases = select_cases(presets, **overrides)
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
+        if args.rounds < 1:
+            raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+        case_providers, skipped = select_providers(_words(args.providers), device, cases)
     except (ValueError, argparse.ArgumentTypeError) as error:
         print(f"fastkd bench: {error}", file=sys.stderr)
         return 2
-    log(f"preset {preset}: {len(cases)} cases x {len(providers)} providers on {device}"
+    from . import report
+
+    label = "+".join(presets) + ("-custom" if any(overrides.values()) or args.providers else "")
+    names = list(dict.fromkeys(p.name for case, ps in case_providers.items() for p in ps if p.describe(case)))
+    log(f"preset {' + '.join(presets)}: {len(cases)} cases, providers {', '.join(names) or 'none'}, on {device}"
         f"{' (quick)' if args.quick else ''}")
     for name, why in skipped.items():
         log(f"  provider {name} skipped: {why}")
+    legend_lines = report.legend(case_providers)
+    log(f"what each provider runs ({report.legend_header()}):")
+    log(report.format_legend(legend_lines))
     if args.list:
-        for case in cases:
-            log(f"  {case.name}")
+        for case, providers in case_providers.items():
+            log(f"  {case.name}: {', '.join(p.name for p in providers if p.describe(case)) or 'no provider'}")
         return 0
-    if not providers:
+    if not any(case_providers.values()):
         print("fastkd bench: no provider can run", file=sys.stderr)
         return 2
 
-    from . import plots, report
-    from .runner import run_cases
+    from . import plots
+    from .runner import load_average, machine, run_cases
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else default_out()
     out.mkdir(parents=True, exist_ok=True)
+    machine_info = machine(device)
+    prefix_of = {}
 
     def save_partial(rows, env):  # a run cut short (timeout, Ctrl-C) keeps the cases it finished
-        report.write_csv(rows, out / f"{report.file_prefix(env)}.csv")
+        prefix_of.setdefault("prefix", report.file_prefix(env, label))
+        report.write_csv(rows, out / f"{prefix_of['prefix']}.csv")
 
     previous = _sigterm_as_interrupt()
     try:
-        rows, env = run_cases(cases, providers, device, quick=args.quick, log=log, on_case_done=save_partial)
+        rows, env = run_cases(case_providers, device, quick=args.quick, min_rounds=args.rounds, log=log,
+                              on_case_done=save_partial)
     finally:
         _restore_sigterm(previous)
-    prefix = report.file_prefix(env)
+    machine_info["load_average_end"] = load_average()
+    prefix = report.file_prefix(env, label)
     header, body = report.table_rows(rows)
     copy_gbps = rows[0]["gbps"]
     log("")
-    log(f"{env['device']} | copy bandwidth {copy_gbps:.1f} GB/s | speed-up and memory against torch-eager")
+    log(f"{report.machine_line(env, machine_info)} | copy bandwidth {copy_gbps:.1f} GB/s")
+    log("speed-up and memory against torch-eager; on the CPU the speed-up is the median (min–max) of the "
+        "per-round ratios")
     log(report.format_text(header, body))
-    written = [out / f"{prefix}.csv", out / f"{prefix}.json", out / f"{prefix}.md"]
+    summary = report.summary_markdown(rows, env, machine_info, legend_lines)
+    written = [out / f"{prefix}.csv", out / f"{prefix}.json", out / f"{prefix}.md", out / f"{prefix}_summary.md"]
     report.write_csv(rows, written[0])
-    report.write_json(env, rows[0], cases, providers, skipped, written[1])
-    written[2].write_text(report.format_markdown(header, body, env, copy_gbps))
+    report.write_json(dict(env, machine=machine_info, copy_gbps=copy_gbps, presets=presets, label=label,
+                           cases=len(cases), providers=names, skipped_providers=skipped,
+                           legend=[dict(provider=n, case=lb, runs=t) for n, lb, t in legend_lines]), written[1])
+    written[2].write_text(report.format_markdown(header, body, env, machine_info, copy_gbps, legend_lines))
+    written[3].write_text(summary)
     if not args.no_plots:
         written += plots.write_plots(rows, out, prefix, copy_gbps, log=log)
+    failed = [f"{r['provider']} on {r['op']} {r['dtype']} N={r['n']} V={r['v']}" for r in rows
+              if str(r["note"]).startswith("check failed")]
     log("")
     log("wrote " + ", ".join(str(p) for p in written))
+    if failed:
+        log("FAILED CHECKS (not timed): " + "; ".join(failed))
+        return 1
     return 0
 
 
 def main(argv=None, prog="fastkd bench"):
     return run(build_parser(prog).parse_args(argv))
-
-

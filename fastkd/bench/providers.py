@@ -1,16 +1,27 @@
-"""The one registry of benchmark providers: fastkd per backend, the eager PyTorch idiom, its
-``torch.compile``, and Liger when installed.
+"""The one registry of benchmark providers: fastkd per backend (and per variant of its dense Triton
+kernel), the eager PyTorch idiom, its ``torch.compile``, and Liger when installed.
 
 Every provider of a case computes the same number: the eager idioms below fix the convention
 (forward KL as users write it today, T**2-scaled; JSD as TRL's generalized JSD, unscaled), and
 fastkd is called with the matching ``t2_scale``. A provider's ``make(case)`` returns the forward
-function (``fn(student, teacher) -> loss`` for kd_loss, ``fn(x) -> y`` for softmax) or None when
-it has no implementation of that case. Optional packages are imported inside ``make`` only.
+function, called with the case's inputs (see ``runner.make_inputs``), or None when it has no
+implementation of that case; ``describe(case)`` says in one line what that function runs (the
+legend ``fastkd bench`` prints). Optional packages are imported inside ``make`` only.
+
+Variants of the dense Triton kernel: ``fastkd-triton[KERNEL]`` runs fastkd-triton with
+``FASTKD_KD_KERNEL=KERNEL`` set around every call (the launcher reads it at call time); a launcher
+that refuses the value (ValueError, NotImplementedError) makes the variant unavailable, and the
+runner checks a variant's loss and gradients against fastkd-triton before timing it.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import inspect
 import math
+import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -21,13 +32,17 @@ import torch.nn.functional as F
 import fastkd
 
 from ..backends import interpreter_enabled, triton_installed
-from .cases import BETA, SKEW, TEMPERATURE, Case
+from .cases import BETA, KD_KERNELS, SKEW, TEMPERATURE, Case
+
+KD_KERNEL_VARIABLE = "FASTKD_KD_KERNEL"
+REFUSED = (ValueError, NotImplementedError)  # how the launcher says it has no such kernel
 
 # t2_scale per divergence, matching the idiom each divergence's eager formula follows.
 T2_SCALE = {"kl": True, "reverse_kl": True, "skew_kl": True, "skew_reverse_kl": True,
             "jsd": False, "tvd": False}
 
 
+# ----------------------------------------------------------------------------------------- eager idioms
 def _log_mix(log_a, log_b, weight_a):
     """log(weight_a * a + (1 - weight_a) * b) from log a and log b."""
     return torch.logsumexp(torch.stack([log_a + math.log(weight_a), log_b + math.log(1 - weight_a)]), dim=0)
@@ -70,23 +85,130 @@ def eager_softmax(op: str, T: float = TEMPERATURE) -> Callable:
     return lambda x: fn(x / T, dim=-1)
 
 
-def eager_forward(case: Case) -> Callable:
-    return eager_kd_loss(case.divergence) if case.op == "kd_loss" else eager_softmax(case.op)
+def eager_topk_kd_loss(student, logprobs, indices, T: float = TEMPERATURE):
+    """Forward KL against a top-k teacher with a bucket tail, as written by hand: log_softmax over
+    V, gather the k listed tokens, the tail's mass by log1p; autograd keeps every [N, V] step."""
+    log_q = torch.log_softmax(student.float() / T, -1)
+    log_q_k = log_q.gather(-1, indices.long())
+    log_q_tail = torch.log1p(-log_q_k.exp().sum(-1).clamp(max=1 - 1e-7))
+    p = logprobs.exp()
+    p_tail = (1 - p.sum(-1)).clamp_min(0)
+    listed = (p * (logprobs - log_q_k)).sum(-1)
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-30).log() - log_q_tail), 0.0)
+    return (listed + tail).mean() * T**2
+
+
+def eager_teacher_topk(k: int, T: float = TEMPERATURE) -> Callable:
+    def extract(teacher):
+        t = teacher.float() / T
+        values, indices = torch.topk(t, k, dim=-1)
+        return values - torch.logsumexp(t, -1, keepdim=True), indices.int()
+
+    return extract
+
+
+def eager_forward(case: Case) -> Optional[Callable]:
+    """The eager idiom of ``case`` (None where there is none: top-k losses other than kl)."""
+    if case.op == "kd_loss":
+        return eager_kd_loss(case.divergence)
+    if case.op in ("softmax", "log_softmax"):
+        return eager_softmax(case.op)
+    if case.op == "topk_kd_loss":
+        return eager_topk_kd_loss if case.divergence == "kl" else None
+    if case.op == "teacher_topk":
+        return eager_teacher_topk(case.k)
+    loss = eager_kd_loss(case.divergence)
+    return lambda h, W, th, Wt: loss(h @ W.T, th @ Wt.T)
+
+
+_EAGER_FORMULAS = {
+    "kl": 'kl_div(log_softmax(s/T), softmax(t/T), "batchmean")·T²',
+    "reverse_kl": 'kl_div(log_softmax(t/T), log_softmax(s/T), "batchmean", log_target=True)·T²',
+    "jsd": "TRL's generalized_jsd_loss: Σ β·kl_div(log m, log p) + (1−β)·kl_div(log m, log q) / N, "
+           "log m = logsumexp(log β + log p, log(1−β) + log q), unscaled",
+    "skew_kl": 'kl_div(log(α p + (1−α) q), log p, "batchmean", log_target=True)·T²',
+    "skew_reverse_kl": 'kl_div(log(α q + (1−α) p), log q, "batchmean", log_target=True)·T²',
+    "tvd": "½ Σ abs(softmax(t/T) − softmax(s/T)) / N",
+}
+
+
+def describe_eager(case: Case) -> Optional[str]:
+    if case.op == "kd_loss":
+        return _EAGER_FORMULAS[case.divergence]
+    if case.op in ("softmax", "log_softmax"):
+        return f"{case.op}(x/T)"
+    if case.op == "topk_kd_loss":
+        return ("log_softmax(s/T) gathered at the k indices, tail log1p(−Σ q_k), "
+                "Σ p (log p − log q) over the k + tail, mean·T²") if case.divergence == "kl" else None
+    if case.op == "teacher_topk":
+        return "topk(t/T, k) − logsumexp(t/T)"
+    return f"{_EAGER_FORMULAS[case.divergence]} on s = h @ W.T, t = h_t @ W_t.T"
+
+
+# ----------------------------------------------------------------------------------------- fastkd
+def _kd_options(case, backend):
+    return dict(temperature=TEMPERATURE, divergence=case.divergence, beta=BETA, skew=SKEW,
+                t2_scale=T2_SCALE[case.divergence], backend=backend)
 
 
 def _fastkd(backend):
     def make(case: Case):
         if case.op == "kd_loss":
-            options = dict(temperature=TEMPERATURE, divergence=case.divergence, beta=BETA, skew=SKEW,
-                           t2_scale=T2_SCALE[case.divergence], backend=backend)
+            options = _kd_options(case, backend)
             return lambda s, t: fastkd.kd_loss(s, t, **options)
-        fn = fastkd.softmax if case.op == "softmax" else fastkd.log_softmax
-        return lambda x: fn(x, TEMPERATURE, backend=backend)
+        if case.op in ("softmax", "log_softmax"):
+            fn = fastkd.softmax if case.op == "softmax" else fastkd.log_softmax
+            return lambda x: fn(x, TEMPERATURE, backend=backend)
+        if case.op == "topk_kd_loss":
+            options = _kd_options(case, backend)
+            return lambda s, logprobs, indices: fastkd.topk_kd_loss(s, logprobs, indices, tail="bucket", **options)
+        if case.op == "teacher_topk":
+            return lambda t: fastkd.teacher_topk(t, case.k, temperature=TEMPERATURE, backend=backend)
+        options = _kd_options(case, backend)
+        return lambda h, W, th, Wt: fastkd.fused_linear_kd_loss(h, W, th, Wt, **options)
 
     return make
 
 
+def _describe_fastkd(backend):
+    how = {"torch": "the chunked PyTorch backend", "triton": "the fused Triton kernels"}[backend]
+
+    def describe(case: Case):
+        scale = f"divergence={case.divergence!r}, t2_scale={T2_SCALE[case.divergence]}, " if case.divergence else ""
+        call = {
+            "kd_loss": f"fastkd.kd_loss(s, t, T, {scale}backend={backend!r})",
+            "softmax": f"fastkd.softmax(x, T, backend={backend!r})",
+            "log_softmax": f"fastkd.log_softmax(x, T, backend={backend!r})",
+            "topk_kd_loss": f'fastkd.topk_kd_loss(s, *teacher_topk(t, k, T), tail="bucket", {scale}'
+                            f"backend={backend!r})",
+            "teacher_topk": f"fastkd.teacher_topk(t, k, T, backend={backend!r})",
+            "fused_linear_kd": f"fastkd.fused_linear_kd_loss(h, W, h_t, W_t, T, {scale}"
+                               f"backend={backend!r}), the [N, V] logits never stored",
+        }[case.op]
+        return f"{call}; {how}"
+
+    return describe
+
+
+def _fastkd_unfused(case: Case):
+    if case.op != "fused_linear_kd":
+        return None
+    options = _kd_options(case, "auto")
+    return lambda h, W, th, Wt: fastkd.kd_loss(h @ W.T, th @ Wt.T, **options)
+
+
+def _describe_fastkd_unfused(case: Case):
+    if case.op != "fused_linear_kd":
+        return None
+    return (f"fastkd.kd_loss(h @ W.T, h_t @ W_t.T, T, divergence={case.divergence!r}, "
+            f"t2_scale={T2_SCALE[case.divergence]}, backend='auto'); the logits materialised")
+
+
+# ----------------------------------------------------------------------------------------- torch.compile
 def _compiled(case: Case):
+    forward = eager_forward(case)
+    if forward is None:
+        return None
     torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no silent eager fallback
     try:
         import torch._functorch.config as functorch_config
@@ -96,9 +218,14 @@ def _compiled(case: Case):
         # The bwd mode runs one graph's backward again and again (retain_graph=True), which a
         # backward compiled with donated buffers refuses; other modes keep torch's default.
         functorch_config.donated_buffer = case.mode != "bwd"
-    return torch.compile(eager_forward(case), dynamic=False)
+    return torch.compile(forward, dynamic=False)
 
 
+def _describe_compiled(case: Case):
+    return None if describe_eager(case) is None else "torch.compile(torch-eager's function, dynamic=False)"
+
+
+# ----------------------------------------------------------------------------------------- Liger
 def _liger(case: Case):
     T = TEMPERATURE
     if case.op == "kd_loss" and case.divergence == "kl":
@@ -125,13 +252,33 @@ def _liger(case: Case):
             return None
         softmax = LigerSoftmax()
         return lambda x: softmax(x / T)
+    if case.op == "fused_linear_kd" and case.divergence in ("kl", "jsd"):
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+        try:  # jsd_beta = 0 is forward KL where Liger allows it (older versions assert 0 < beta < 1)
+            loss = LigerFusedLinearJSD(jsd_beta=BETA if case.divergence == "jsd" else 0.0, temperature=T)
+        except AssertionError:
+            return None
+        no_labels = (None,) if "shift_labels" in inspect.signature(loss.forward).parameters else ()
+        scale = T**2 if T2_SCALE[case.divergence] else 1.0
+        return lambda h, W, th, Wt: loss(h, W, th, Wt, *no_labels) * scale
     return None
 
 
-def _needs_cuda(device):
-    return None if torch.device(device).type == "cuda" else "needs a CUDA device"
+def _describe_liger(case: Case):
+    if case.op == "kd_loss":
+        return {"kl": 'LigerKLDIVLoss("batchmean")(log_softmax(s/T), softmax(t/T))·T²',
+                "jsd": "LigerJSD(β)(log_softmax(s/T), log_softmax(t/T))",
+                "tvd": 'LigerTVDLoss("batchmean")(softmax(s/T), softmax(t/T))'}.get(case.divergence)
+    if case.op == "softmax":
+        return "LigerSoftmax()(x/T)"
+    if case.op == "fused_linear_kd":
+        return {"kl": "LigerFusedLinearJSD(jsd_beta=0, temperature=T)(h, W, h_t, W_t)·T²",
+                "jsd": "LigerFusedLinearJSD(jsd_beta=β, temperature=T)(h, W, h_t, W_t)"}.get(case.divergence)
+    return None
 
 
+# ----------------------------------------------------------------------------------------- availability
 def _fastkd_triton_runs(device):
     if not triton_installed():
         return "triton is not installed"
@@ -156,46 +303,137 @@ def _compile_runs(device):
 def _liger_runs(device):
     if importlib.util.find_spec("liger_kernel") is None:
         return "liger_kernel is not installed (optional: pip install liger-kernel)"
-    return _needs_cuda(device)
+    return None if torch.device(device).type == "cuda" else "needs a CUDA device"
 
 
+@contextlib.contextmanager
+def environment_variables(settings):
+    """Set (value) or unset (None) each ``(name, value)`` of ``settings``; restore them afterwards."""
+    saved = {name: os.environ.get(name) for name, _ in settings}
+    try:
+        for name, value in settings:
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher_reads_kd_kernel(device: str):
+    """None when the launcher reads FASTKD_KD_KERNEL at call time (it refuses a made-up value),
+    else why the variants cannot be told apart from fastkd-triton."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    s = torch.randn(2, 16, device=device, generator=generator, requires_grad=True)
+    t = torch.randn(2, 16, device=device, generator=generator)
+    try:
+        with environment_variables([(KD_KERNEL_VARIABLE, "fastkd-bench-probe-not-a-kernel")]):
+            fastkd.kd_loss(s, t, backend="triton")
+    except REFUSED:
+        return None
+    except Exception as error:  # noqa: BLE001 - reported as the reason
+        return f"probing the launcher failed: {type(error).__name__}: {error}"
+    return (f"this fastkd's launcher ignores {KD_KERNEL_VARIABLE} (a made-up value ran): "
+            "every variant would be the default kernel")
+
+
+def _variant_runs(device):
+    return _fastkd_triton_runs(device) or _launcher_reads_kd_kernel(str(torch.device(device)))
+
+
+# ----------------------------------------------------------------------------------------- the registry
 @dataclass(frozen=True)
 class Provider:
     name: str
     why_not: Callable[[object], Optional[str]]  # device -> None when it can run there, else why not
     make: Callable[[Case], Optional[Callable]]
+    describe: Callable[[Case], Optional[str]]  # None exactly where make has no implementation
     default_on_cpu: bool = True
+    default_on_gpu: bool = True
+    env: tuple = ()  # (name, value or None to unset) set around every call of the provider
+    check_against: Optional[str] = None  # checked (loss, gradients) against this provider before timing
+
+    def is_default(self, device):
+        return self.default_on_gpu if torch.device(device).type == "cuda" else self.default_on_cpu
 
 
 BASELINE = "torch-eager"
+TRITON = "fastkd-triton"
+VARIANT_NAME = re.compile(r"^fastkd-triton\[([A-Za-z0-9_]+)\]$")
+
+
+def kernel_variant(kernel: str) -> Provider:
+    """fastkd-triton with ``FASTKD_KD_KERNEL=kernel`` around its calls, checked against fastkd-triton."""
+    describe_triton = _describe_fastkd("triton")
+
+    def make(case: Case):
+        return _fastkd("triton")(case) if case.op in ("kd_loss", "fused_linear_kd") else None
+
+    def describe(case: Case):
+        if case.op not in ("kd_loss", "fused_linear_kd"):
+            return None
+        return f"{describe_triton(case)}, {KD_KERNEL_VARIABLE}={kernel}"
+
+    return Provider(f"{TRITON}[{kernel}]", _variant_runs, make, describe, default_on_cpu=False,
+                    default_on_gpu=False, env=((KD_KERNEL_VARIABLE, kernel),), check_against=TRITON)
+
 
 PROVIDERS = {p.name: p for p in (
-    Provider(BASELINE, lambda device: None, eager_forward),
-    Provider("fastkd-triton", _fastkd_triton_runs, _fastkd("triton"), default_on_cpu=False),
-    Provider("fastkd-torch", lambda device: None, _fastkd("torch")),
-    # On the CPU inductor compiles C++ for each shape (a minute on 2 cores): on request only.
-    Provider("torch-compile", _compile_runs, _compiled, default_on_cpu=False),
-    Provider("liger", _liger_runs, _liger),
+    Provider(BASELINE, lambda device: None, eager_forward, describe_eager),
+    # The default kernel, whatever FASTKD_KD_KERNEL says in the caller's environment.
+    Provider(TRITON, _fastkd_triton_runs, _fastkd("triton"), _describe_fastkd("triton"), default_on_cpu=False,
+             env=((KD_KERNEL_VARIABLE, None),)),
+    *(kernel_variant(kernel) for kernel in KD_KERNELS),
+    Provider("fastkd-torch", lambda device: None, _fastkd("torch"), _describe_fastkd("torch")),
+    Provider("fastkd-unfused", lambda device: None, _fastkd_unfused, _describe_fastkd_unfused),
+    # On the CPU inductor compiles C++ for each shape (most of a minute on 2 cores): where a grid
+    # of the preset names it, or on request.
+    Provider("torch-compile", _compile_runs, _compiled, _describe_compiled, default_on_cpu=False),
+    Provider("liger", _liger_runs, _liger, _describe_liger),
 )}
 
 
-def select_providers(names, device):
-    """(providers that will run, {name: why not} for those asked for or defaulted that cannot)."""
-    on_cpu = torch.device(device).type != "cuda"
+def provider(name: str) -> Provider:
+    """The registered provider ``name``, or a kernel variant ``fastkd-triton[KERNEL]`` of any name."""
+    if name in PROVIDERS:
+        return PROVIDERS[name]
+    match = VARIANT_NAME.match(name)
+    if match:
+        return kernel_variant(match.group(1))
+    raise ValueError(f"providers: unknown {name}; choose from {', '.join(PROVIDERS)} "
+                     f"(or fastkd-triton[KERNEL] for any {KD_KERNEL_VARIABLE} value)")
+
+
+def _ordered(names):
+    registered = [n for n in PROVIDERS if n in names]
+    return registered + [n for n in dict.fromkeys(names) if n not in PROVIDERS]
+
+
+def select_providers(names, device, cases):
+    """Which providers run each case: ``({case: [Provider]}, {name: why not})``.
+
+    ``names`` (the command line's list) apply to every case; without them a case gets its grid's
+    providers, or else every provider that runs by default on ``device``. A provider that cannot
+    run on ``device`` is left out of every case, with the reason in the second result.
+    """
     if names:
-        unknown = [n for n in names if n not in PROVIDERS]
-        if unknown:
-            raise ValueError(f"providers: unknown {', '.join(unknown)}; choose from {', '.join(PROVIDERS)}")
-        wanted = [PROVIDERS[n] for n in PROVIDERS if n in names]
-    else:
-        wanted = list(PROVIDERS.values())
-    ready, skipped = [], {}
-    for provider in wanted:
-        why = provider.why_not(device)
-        if why is None and not names and on_cpu and not provider.default_on_cpu:
-            why = f"not by default on the CPU (ask with --providers {provider.name})"
+        explicit = _ordered(names)
+        for name in explicit:
+            provider(name)  # unknown names raise here, before anything runs
+    defaults = [n for n, p in PROVIDERS.items() if p.is_default(device)]
+    wanted = {case: explicit if names else _ordered(case.providers) if case.providers else defaults
+              for case in cases}
+    runs, skipped = {}, {}
+    for name in _ordered([n for case_names in wanted.values() for n in case_names]):
+        why = provider(name).why_not(device)
         if why is None:
-            ready.append(provider)
+            runs[name] = provider(name)
         else:
-            skipped[provider.name] = why
-    return ready, skipped
+            skipped[name] = why
+    return {case: [runs[n] for n in case_names if n in runs] for case, case_names in wanted.items()}, skipped

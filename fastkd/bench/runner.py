@@ -1,12 +1,19 @@
 """Run the cases: time (median and 20/80 % quantiles), peak extra memory, GB/s against the
-minimum bytes, and the fraction of a device-to-device copy bandwidth measured in the same run.
+minimum bytes, TFLOP/s for the matmul cases, the fraction of a device-to-device copy bandwidth
+measured in the same run, and the speed-up against torch eager.
 
 GPU: ``triton.testing.do_bench`` (which flushes L2 between runs), one provider after the other,
-and ``torch.cuda`` peak memory statistics. CPU: ``time.perf_counter`` around each call, the
-providers of a case taking turns call by call (so a machine shared with other work slows them
-alike), and the peak RSS, whose high-water mark is reset through ``/proc/self/clear_refs`` before
-each measured call; for that call glibc is told to map every block of 1 MiB or more on its own and
-to give freed memory back at once, so that RSS follows the bytes the call really holds.
+and ``torch.cuda`` peak memory statistics; a provider that runs out of memory gets a row saying so.
+CPU: ``time.perf_counter`` around each call, in rounds: every provider of a case is called once per
+round, in an order that rotates from round to round, so a machine shared with other work slows
+them alike and each round gives one speed-up ratio per provider (the report gives their median and
+range). Peak memory: the RSS high-water mark, reset through ``/proc/self/clear_refs`` before the
+measured call; for that call glibc is told to map every block of 1 MiB or more on its own and to
+give freed memory back at once, so that RSS follows the bytes the call really holds.
+
+Variants of the Triton kernel (providers with ``check_against``) are checked first: loss and
+gradients against the provider they stand in for, on the same inputs; a mismatch is a failed
+check and is not timed, a launcher that refuses the variant makes it unavailable.
 """
 from __future__ import annotations
 
@@ -15,24 +22,43 @@ import ctypes
 import datetime
 import gc
 import importlib.metadata
+import math
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .min_bytes import copy_bytes, min_bytes
-from .providers import BASELINE
+from .cases import TEMPERATURE
+from .min_bytes import copy_bytes, min_bytes, min_flops
+from .providers import BASELINE, REFUSED, environment_variables, provider as provider_named
 
-COLUMNS = ("op", "divergence", "provider", "mode", "dtype", "n", "v", "ms_p50", "ms_p20", "ms_p80",
-           "min_bytes", "gbps", "frac_of_copy_bw", "peak_mem_bytes", "diff_vs_eager", "note",
-           "device", "torch", "triton", "commit", "date")
+COLUMNS = ("op", "divergence", "provider", "mode", "dtype", "n", "v", "k", "h", "ms_p50", "ms_p20", "ms_p80",
+           "first_call_ms", "rounds", "round_ms", "speedup_p50", "speedup_min", "speedup_max", "min_bytes", "gbps",
+           "frac_of_copy_bw", "tflops", "peak_mem_bytes", "diff_vs_eager", "check", "note", "device", "torch",
+           "triton", "commit", "date")
 QUANTILES = (0.5, 0.2, 0.8)
 NAN = float("nan")
+COPY_NUMEL = {(True, False): 2**28, (True, True): 2**26, (False, False): 2**25, (False, True): 2**24}  # (gpu, quick)
+MIN_ROUNDS = 5  # CPU: alternating rounds per case at least (--rounds)
+
+# A kernel variant passes its check when its loss is within LOSS_RTOL of the reference's and every
+# gradient within GRAD_TOL[dtype] of it, relative to the gradient's largest magnitude: a few
+# roundings of the gradient's dtype (fp32: summation order inside the kernels).
+LOSS_RTOL = 1e-4
+GRAD_TOL = {"fp32": 1e-5, "fp16": 2**-9, "bf16": 2**-6}
+
+
+def on_gpu(device):
+    """Whether ``device`` is measured as a GPU (tests stand a CPU in for one by replacing this)."""
+    return torch.device(device).type == "cuda"
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -43,25 +69,26 @@ def time_gpu(fn, quick):
     return tuple(triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=list(QUANTILES)))
 
 
-def _quantiles(times_ms):
+def quantiles(times_ms):
     q = torch.tensor(times_ms, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
     return tuple(q.tolist())
 
 
-def time_cpu(fns, quick):
-    """Median, 20 % and 80 % quantiles in ms of each of ``fns``, called in turns (one call of each
-    per round): at least ``min_rounds`` rounds, then more while the time budget lasts."""
-    min_rounds, max_rounds, budget_s = (2, 3, 0.05) if quick else (3, 30, 1.0 * len(fns))
+def time_cpu(fns, quick, min_rounds=MIN_ROUNDS):
+    """Per-round times in ms of each of ``fns``: one call of each per round, the order rotating by
+    one place every round; at least ``min_rounds`` rounds, then more while the time budget lasts."""
+    min_rounds, max_rounds, budget_s = (2, 3, 0.05) if quick else (min_rounds, max(min_rounds, 30), 1.0 * len(fns))
     times = [[] for _ in fns]
     start = time.perf_counter()
-    for rounds in range(max_rounds):
-        if rounds >= min_rounds and time.perf_counter() - start > budget_s:
+    for round_ in range(max_rounds):
+        if round_ >= min_rounds and time.perf_counter() - start > budget_s:
             break
-        for fn, fn_times in zip(fns, times):
+        for i in range(len(fns)):
+            j = (i + round_) % len(fns)
             t0 = time.perf_counter()
-            fn()
-            fn_times.append((time.perf_counter() - t0) * 1e3)
-    return [_quantiles(t) for t in times]
+            fns[j]()
+            times[j].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 # ----------------------------------------------------------------------------------------- memory
@@ -123,9 +150,11 @@ def _ru_maxrss_bytes():
 
 
 def peak_extra_memory(fn, device):
-    """Bytes allocated by one call of ``fn`` above what was allocated before it (the inputs)."""
+    """Bytes allocated by one call of ``fn`` above what was allocated before it (the inputs): the
+    one peak-memory measurement of the suite, on a GPU and on the CPU."""
+    device = torch.device(device)
     gc.collect()
-    if device.type == "cuda":
+    if on_gpu(device):
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -149,7 +178,7 @@ def peak_extra_memory(fn, device):
 
 
 # ----------------------------------------------------------------------------------------- environment
-def _cpu_name():
+def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -161,9 +190,16 @@ def _cpu_name():
 
 
 def device_name(device):
-    if device.type == "cuda":
+    if on_gpu(device):
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} torch threads, {os.cpu_count()} logical CPUs)"
+
+
+def load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return NAN
 
 
 def _package_version(name):
@@ -193,6 +229,7 @@ def git_commit():
 
 
 def environment(device):
+    """What the CSV repeats on every row (device, versions, commit, date)."""
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -200,6 +237,107 @@ def environment(device):
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def machine(device):
+    """What the JSON and the summary add: the CPU, its logical CPUs and torch threads, the load."""
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "cuda": torch.version.cuda if on_gpu(device) else None, "load_average_start": load_average()}
+
+
+# ----------------------------------------------------------------------------------------- inputs
+@dataclass
+class Inputs:
+    args: tuple  # what the providers' forward functions take
+    leaves: tuple  # what gradients are taken for
+    grad_out: Optional[torch.Tensor]  # upstream gradient of a non-scalar output (softmax), else None
+
+
+def make_inputs(case, device, seed=0):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    dtype = case.torch_dtype
+
+    def randn(*shape, scale=1.0):
+        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        return (x * scale).to(dtype)
+
+    n, v = case.n, case.v
+    if case.op == "kd_loss":
+        s = randn(n, v).requires_grad_()
+        return Inputs((s, randn(n, v)), (s,), None)
+    if case.op in ("softmax", "log_softmax"):
+        x = randn(n, v).requires_grad_()
+        return Inputs((x,), (x,), randn(n, v) if case.mode != "fwd" else None)
+    if case.op == "teacher_topk":
+        return Inputs((randn(n, v, scale=3.0),), (), None)
+    if case.op == "topk_kd_loss":
+        import fastkd
+
+        s = randn(n, v, scale=3.0).requires_grad_()
+        logprobs, indices = fastkd.teacher_topk(randn(n, v, scale=3.0), case.k, temperature=TEMPERATURE)
+        return Inputs((s, logprobs, indices), (s,), None)
+    # fused_linear_kd: logits h @ W.T of unit variance
+    h = randn(n, case.h, scale=case.h**-0.5).requires_grad_()
+    W = randn(v, case.h).requires_grad_()
+    return Inputs((h, W, randn(n, case.h, scale=case.h**-0.5), randn(v, case.h)), (h, W), None)
+
+
+def mode_call(case, forward, inputs):
+    """The callable timed for ``case.mode``: the forward, a backward of a forward run once, or both."""
+    args, leaves, grad_out = inputs.args, inputs.leaves, inputs.grad_out
+    if case.mode == "fwd":
+        return lambda: forward(*args)
+    if case.mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(forward(*args), leaves, grad_out)
+    out = forward(*args)
+    return lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+
+
+def with_env(settings, fn):
+    """``fn`` with the environment ``settings`` applied around every call."""
+    if not settings:
+        return fn
+
+    def call(*args):
+        with environment_variables(settings):
+            return fn(*args)
+
+    return call
+
+
+def summary(case, out):
+    """What is compared across providers: the loss, or the first rows of (log-)probabilities."""
+    if case.op == "teacher_topk":
+        out = out[0]  # the log-probabilities (tied indices may be listed in any order)
+    if out.dim() == 0:
+        return float(out.detach())
+    return out[:16].detach().float().cpu()
+
+
+def difference(value, reference):
+    if isinstance(value, float):
+        return abs(value - reference) / max(abs(reference), 1e-30)
+    finite = torch.isfinite(reference)  # log_softmax of -inf stays -inf in both
+    return float((value[finite] - reference[finite]).abs().max()) if finite.any() else 0.0
+
+
+def value_and_grads(case, forward, inputs):
+    """One forward and its gradients (for the check of a kernel variant)."""
+    out = forward(*inputs.args)
+    grads = torch.autograd.grad(out, inputs.leaves, inputs.grad_out) if inputs.leaves else ()
+    return summary(case, out), grads
+
+
+def compare(case, mine, reference):
+    """(passed, text) of a provider's (value, grads) against the reference's."""
+    value, grads = mine
+    loss_diff = difference(value, reference[0])
+    grad_diff = max((float((g.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30))
+                     for g, r in zip(grads, reference[1])), default=0.0)
+    passed = loss_diff <= LOSS_RTOL and grad_diff <= GRAD_TOL[case.dtype]
+    text = f"loss {loss_diff:.1e}, grad {grad_diff:.1e} (limits {LOSS_RTOL:.0e}, {GRAD_TOL[case.dtype]:.1e})"
+    return passed, text
 
 
 # ----------------------------------------------------------------------------------------- cases
@@ -211,13 +349,13 @@ def _row(env, **fields):
 
 
 def _nan_metrics():
-    return dict(ms_p50=NAN, ms_p20=NAN, ms_p80=NAN, gbps=NAN, frac_of_copy_bw=NAN, peak_mem_bytes=NAN,
-                diff_vs_eager=NAN)
+    return dict(first_call_ms=NAN, ms_p50=NAN, ms_p20=NAN, ms_p80=NAN, speedup_p50=NAN, speedup_min=NAN,
+                speedup_max=NAN, gbps=NAN, frac_of_copy_bw=NAN, tflops=NAN, peak_mem_bytes=NAN, diff_vs_eager=NAN)
 
 
 def copy_bandwidth(device, quick, env):
     """A row for ``dst.copy_(src)`` of a large float32 tensor: bytes read + written / time."""
-    numel = (2**26 if quick else 2**28) if device.type == "cuda" else (2**24 if quick else 2**25)
+    numel = COPY_NUMEL[on_gpu(device), quick]
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch of dst's pages is not part of the bandwidth
@@ -225,7 +363,7 @@ def copy_bandwidth(device, quick, env):
     def copy():
         return dst.copy_(src)
 
-    ms = time_gpu(copy, quick) if device.type == "cuda" else time_cpu([copy], quick)[0]
+    ms = time_gpu(copy, quick) if on_gpu(device) else quantiles(time_cpu([copy], quick)[0])
     nbytes = copy_bytes(numel, src.element_size())
     gbps = nbytes / (ms[0] * 1e-3) / 1e9
     return _row(env, op="copy", provider="torch", mode="copy", dtype="fp32", n=1, v=numel, ms_p50=ms[0],
@@ -233,7 +371,7 @@ def copy_bandwidth(device, quick, env):
 
 
 def _available_bytes(device):
-    if device.type == "cuda":
+    if on_gpu(device):
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
@@ -248,56 +386,23 @@ def _available_bytes(device):
 def does_not_fit(case, device, n_providers):
     """Why ``case`` is skipped for memory, or None. On the CPU the OOM killer does not raise, so the
     guard leaves room for the eager idiom's temporaries (about six [N, V] tensors) and, as the
-    providers of a CPU case are prepared together, for a gradient per provider."""
+    providers of a CPU case are prepared together, for a gradient per provider. On a GPU only the
+    inputs must fit: a provider that runs out of memory gets a row saying so."""
     available = _available_bytes(device)
-    one = case.n * case.v * case.torch_dtype.itemsize
-    need = (2 + 6 + n_providers) * one if device.type == "cpu" else 2 * one
+    one = case.n * case.v * (4 if case.op == "fused_linear_kd" else case.torch_dtype.itemsize)
+    inputs = 2 * (case.n + case.v) * case.h * case.torch_dtype.itemsize if case.op == "fused_linear_kd" else 2 * one
+    need = inputs + (6 + n_providers) * one if not on_gpu(device) else inputs
     if available is not None and need > 0.8 * available:
         return f"does not fit: needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB free"
     return None
 
 
-def make_inputs(case, device, seed=0):
-    generator = torch.Generator(device=device).manual_seed(seed)
-    shape, dtype = (case.n, case.v), case.torch_dtype
-
-    def randn():
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-
-    if case.op == "kd_loss":
-        return {"args": (randn().requires_grad_(), randn()), "grad_out": None}
-    grad_out = randn() if case.mode != "fwd" else None
-    return {"args": (randn().requires_grad_(),), "grad_out": grad_out}
-
-
-def mode_call(case, forward, inputs):
-    """The callable timed for ``case.mode``: the forward, a backward of a forward run once, or both."""
-    args, grad_out = inputs["args"], inputs["grad_out"]
-    leaf = args[0]
-    if case.mode == "fwd":
-        return lambda: forward(*args)
-    if case.mode == "fwd+bwd":
-        return lambda: torch.autograd.grad(forward(*args), leaf, grad_out)
-    out = forward(*args)
-    return lambda: torch.autograd.grad(out, leaf, grad_out, retain_graph=True)
-
-
-def summary(case, out):
-    """What is compared across providers: the loss, or the first rows of (log-)probabilities."""
-    if case.op == "kd_loss":
-        return float(out.detach())
-    return out[:16].detach().float().cpu()
-
-
-def difference(case, value, reference):
-    if case.op == "kd_loss":
-        return abs(value - reference) / max(abs(reference), 1e-30)
-    finite = torch.isfinite(reference)  # log_softmax of -inf stays -inf in both
-    return float((value[finite] - reference[finite]).abs().max()) if finite.any() else 0.0
+def _is_oom(error):
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def _error_note(error):
-    if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
+    if _is_oom(error):
         return "out of memory"
     text = str(error).strip()
     return f"error: {type(error).__name__}: {text.splitlines()[0][:160] if text else ''}"
@@ -305,103 +410,194 @@ def _error_note(error):
 
 def _release(device):
     gc.collect()
-    if device.type == "cuda":
+    if on_gpu(device):
         torch.cuda.empty_cache()
+
+
+def _synchronize(device):
+    if on_gpu(device):
+        torch.cuda.synchronize(device)
 
 
 def prepare(case, forward, inputs, device):
     """First call (compiles, warms caches, gives the value compared across providers), on a GPU one
     call of the mode (kernels of the backward compile), then one measured for memory, which on the
-    CPU is the warm-up of the timed calls. Returns (call, value, peak extra bytes)."""
-    out = forward(*inputs["args"])
+    CPU is the warm-up of the timed calls. Returns (call, value, peak extra bytes, first call ms)."""
+    _synchronize(device)
+    start = time.perf_counter()
+    out = forward(*inputs.args)
     value = summary(case, out)
+    _synchronize(device)
+    first_ms = (time.perf_counter() - start) * 1e3
     del out
     call = mode_call(case, forward, inputs)
-    if device.type == "cuda":
+    if on_gpu(device):
         call()
-    return call, value, peak_extra_memory(call, device)
+    return call, value, peak_extra_memory(call, device), first_ms
 
 
-def _measure_case(case, providers, inputs, device, quick):
-    """{provider name: (ms quantiles, peak, value) or an error note}; None for no implementation."""
+@dataclass
+class Measured:
+    ms: tuple  # median, 20 %, 80 % quantiles
+    rounds: Optional[list]  # CPU: the time of every round, ms
+    peak: float
+    value: object
+    first_ms: float  # the first call, compilation included
+    check: str = ""
+
+
+class _Reference:
+    """The (value, grads) of the providers that kernel variants are checked against, computed once."""
+
+    def __init__(self, case, inputs):
+        self.case, self.inputs, self.results = case, inputs, {}
+
+    def get(self, name):
+        if name not in self.results:
+            reference = provider_named(name)
+            forward = with_env(reference.env, reference.make(self.case))
+            try:
+                self.results[name] = value_and_grads(self.case, forward, self.inputs)
+            except Exception as error:  # noqa: BLE001 - reported on the variant's row
+                self.results[name] = f"{name} failed: {_error_note(error)}"
+        return self.results[name]
+
+
+def _check(case, provider, forward, inputs, references):
+    """None when ``provider`` may be timed, else the note of its row; and the check text."""
+    try:
+        mine = value_and_grads(case, forward, inputs)
+    except REFUSED as error:
+        return f"unavailable: {type(error).__name__}: {error}", ""
+    reference = references.get(provider.check_against)
+    if isinstance(reference, str):
+        return f"check impossible: {reference}", "not checked"
+    passed, text = compare(case, mine, reference)
+    if not passed:
+        return f"check failed against {provider.check_against}: {text}", f"failed: {text}"
+    return None, f"passed: {text}"
+
+
+def _run_provider(case, provider, inputs, device, quick, references):
+    """Measured (GPU), ``(call, value, peak, first_ms, check)`` to time with the others (CPU), ``(note,
+    check)`` when it is not timed, or None without an implementation of the case."""
+    try:
+        forward = provider.make(case)
+        if forward is None:
+            return None
+        forward = with_env(provider.env, forward)
+        check = ""
+        if provider.check_against:
+            note, check = _check(case, provider, forward, inputs, references)
+            if note:
+                return note, check
+        call, value, peak, first_ms = prepare(case, forward, inputs, device)
+        call = with_env(provider.env, call)
+        if on_gpu(device):  # one at a time: the GPU is not shared, its memory is precious
+            return Measured(time_gpu(call, quick), None, peak, value, first_ms, check)
+        return call, value, peak, first_ms, check
+    except Exception as error:  # one failing provider must not end the run
+        return _error_note(error), ""
+
+
+def _measure_case(case, providers, inputs, device, quick, min_rounds):
+    """{provider name: Measured or (note, check)}; providers without an implementation left out."""
     results, prepared = {}, {}
+    references = _Reference(case, inputs)
     for provider in providers:
-        try:
-            forward = provider.make(case)
-            if forward is None:
-                results[provider.name] = None
-                continue
-            call, value, peak = prepare(case, forward, inputs, device)
-            if device.type == "cuda":  # one at a time: the GPU is not shared, its memory is precious
-                results[provider.name] = (time_gpu(call, quick), peak, value)
-                del call
-                _release(device)
-            else:
-                prepared[provider.name] = (call, value, peak)
-        except Exception as error:  # one failing provider must not end the run
-            results[provider.name] = _error_note(error)
-            _release(device)
+        outcome = _run_provider(case, provider, inputs, device, quick, references)
+        if outcome is None:
+            continue
+        if isinstance(outcome, tuple) and len(outcome) == 5:  # CPU: timed with the others below
+            prepared[provider.name] = outcome
+        else:
+            results[provider.name] = outcome
+        _release(device)  # after the return: a failed call's frames (and tensors) are gone
+    del references
     if prepared:
         try:
-            times = time_cpu([call for call, _, _ in prepared.values()], quick)
-            for (name, (_, value, peak)), ms in zip(prepared.items(), times):
-                results[name] = (ms, peak, value)
-        except Exception as error:
-            results.update({name: _error_note(error) for name in prepared})
-    return {p.name: results[p.name] for p in providers}
+            times = time_cpu([call for call, *_ in prepared.values()], quick, min_rounds)
+            for (name, (_, value, peak, first_ms, check)), rounds in zip(prepared.items(), times):
+                results[name] = Measured(quantiles(rounds), rounds, peak, value, first_ms, check)
+        except Exception as error:  # noqa: BLE001
+            results.update({name: (_error_note(error), "") for name in prepared})
+    return {p.name: results[p.name] for p in providers if p.name in results}
 
 
-def _case_rows(case, providers, device, quick, env, copy_gbps, log):
-    base = dict(op=case.op, divergence=case.divergence, mode=case.mode, dtype=case.dtype, n=case.n,
-                v=case.v, min_bytes=min_bytes(case))
+def _speedups(result, baseline):
+    """Median, min and max of the speed-up over torch eager: per round on the CPU (rounds of the
+    same case run the providers in turn), the ratio of the medians on a GPU."""
+    if not isinstance(baseline, Measured):
+        return NAN, NAN, NAN
+    if result.rounds and baseline.rounds:
+        ratios = [b / t for b, t in zip(baseline.rounds, result.rounds)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+    return baseline.ms[0] / result.ms[0], NAN, NAN
+
+
+def _case_rows(case, providers, device, quick, min_rounds, env, copy_gbps, log):
+    base = dict(op=case.op, divergence=case.divergence, mode=case.mode, dtype=case.dtype, n=case.n, v=case.v,
+                k=case.k or "", h=case.h or "", min_bytes=min_bytes(case))
     skip = does_not_fit(case, device, len(providers))
     if skip:
         log(f"      skipped: {skip}")
-        return [_row(env, **base, provider=p.name, note=skip, **_nan_metrics()) for p in providers]
+        return [_row(env, **base, provider=p.name, note=skip, **_nan_metrics()) for p in providers
+                if p.describe(case) is not None]
     inputs = make_inputs(case, device)
-    results = _measure_case(case, providers, inputs, device, quick)
+    results = _measure_case(case, providers, inputs, device, quick, min_rounds)
     del inputs
     _release(device)
-    reference = results.get(BASELINE)
-    reference = reference[2] if isinstance(reference, tuple) else None
+    baseline = results.get(BASELINE)
+    flops = min_flops(case)
     rows = []
     for name, result in results.items():
-        if result is None:
-            log(f"      {name:<14} -- (no implementation of this case)")
-        elif isinstance(result, str):
-            rows.append(_row(env, **base, provider=name, note=result, **_nan_metrics()))
-            log(f"      {name:<14} {result}")
-        else:
-            ms, peak, value = result
-            gbps = base["min_bytes"] / (ms[0] * 1e-3) / 1e9
-            diff = difference(case, value, reference) if reference is not None else NAN
-            rows.append(_row(env, **base, provider=name, ms_p50=ms[0], ms_p20=ms[1], ms_p80=ms[2], gbps=gbps,
-                             frac_of_copy_bw=gbps / copy_gbps, peak_mem_bytes=peak, diff_vs_eager=diff))
-            log(f"      {name:<14} {ms[0]:10.3f} ms {gbps:8.1f} GB/s {gbps / copy_gbps:6.1%} of copy"
-                f"  peak {peak / 2**20:9.1f} MiB")
+        if not isinstance(result, Measured):
+            note, check = result
+            rows.append(_row(env, **base, provider=name, note=note, check=check, **_nan_metrics()))
+            log(f"      {name:<24} {note}")
+            continue
+        gbps = base["min_bytes"] / (result.ms[0] * 1e-3) / 1e9
+        tflops = flops / (result.ms[0] * 1e-3) / 1e12 if flops else NAN
+        speedup = _speedups(result, baseline)
+        diff = difference(result.value, baseline.value) if isinstance(baseline, Measured) else NAN
+        rows.append(_row(env, **base, provider=name, ms_p50=result.ms[0], ms_p20=result.ms[1], ms_p80=result.ms[2],
+                         first_call_ms=result.first_ms, rounds=len(result.rounds) if result.rounds else "",
+                         round_ms=" ".join(f"{t:.4g}" for t in result.rounds or ()), speedup_p50=speedup[0],
+                         speedup_min=speedup[1], speedup_max=speedup[2], gbps=gbps, frac_of_copy_bw=gbps / copy_gbps,
+                         tflops=tflops, peak_mem_bytes=result.peak, diff_vs_eager=diff, check=result.check))
+        rate = f"{tflops:7.1f} TFLOP/s" if flops else f"{gbps:8.1f} GB/s {gbps / copy_gbps:6.1%} of copy"
+        faster = f"  {speedup[0]:5.2f}x eager" if math.isfinite(speedup[0]) else ""
+        log(f"      {name:<24} {result.ms[0]:10.3f} ms {rate}  peak {result.peak / 2**20:9.1f} MiB{faster}"
+            + (f"  check {result.check}" if result.check else ""))
     return rows
 
 
-def run_cases(cases, providers, device, *, quick=False, log=print, on_case_done=None):
-    """Measure every (case, provider) pair; returns (rows, env). The first row is the copy bandwidth.
-    ``on_case_done(rows, env)`` after each case lets the caller save partial results; an interrupt
-    (Ctrl-C, or SIGTERM where the caller turns it into KeyboardInterrupt) ends the run early with
-    the cases finished so far."""
+def run_cases(case_providers, device, *, quick=False, min_rounds=MIN_ROUNDS, log=print, on_case_done=None):
+    """Measure every case with its providers (``{case: [Provider]}``); returns (rows, env). The
+    first row is the copy bandwidth. ``on_case_done(rows, env)`` after each case lets the caller
+    save partial results; an interrupt (Ctrl-C, or SIGTERM where the caller turns it into
+    KeyboardInterrupt) ends the run early with the cases finished so far."""
     device = torch.device(device)
-    if device.type == "cpu":
+    if not on_gpu(device):
         steady_cpu_allocations()
     env = environment(device)
-    log(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    log(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}"
+        f" | load average {load_average()}")
     copy_row = copy_bandwidth(device, quick, env)
     log(f"copy bandwidth (read + write, same run): {copy_row['gbps']:.1f} GB/s")
     rows = [copy_row]
-    for step, case in enumerate(cases, 1):
-        log(f"[{step:>3}/{len(cases)}] {case.name}  ({min_bytes(case) / 1e9:.3g} GB minimum)")
-        try:
-            rows += _case_rows(case, providers, device, quick, env, copy_row["gbps"], log)
-        except KeyboardInterrupt:
-            log(f"interrupted: keeping the {step - 1} cases finished")
-            break
-        if on_case_done is not None:
-            on_case_done(rows, env)
+    gc.collect()
+    gc.freeze()  # the collections before each measurement then skip the libraries' objects (seconds)
+    try:
+        for step, (case, providers) in enumerate(case_providers.items(), 1):
+            log(f"[{step:>3}/{len(case_providers)}] {case.name}  ({min_bytes(case) / 1e9:.3g} GB minimum)")
+            try:
+                rows += _case_rows(case, providers, device, quick, min_rounds, env, copy_row["gbps"], log)
+            except KeyboardInterrupt:
+                log(f"interrupted: keeping the {step - 1} cases finished")
+                break
+            if on_case_done is not None:
+                on_case_done(rows, env)
+    finally:
+        gc.unfreeze()
     return rows, env
