@@ -6,6 +6,7 @@ paths at tiny V. ``fastkd.backends.torch`` has the same functions with the same 
 and the kernels are imported on first use, never at ``import fastkd``.
 """
 import math
+import os
 
 import torch
 
@@ -38,6 +39,23 @@ def _labels(labels, stand_in):
     return (stand_in, 0) if labels is None else (labels, labels.stride(0))
 
 
+# The dense kernels, and FASTKD_KD_KERNEL, read at every call, to choose one (tests, benchmarks):
+#   auto       the default choice (kd_kernel)
+#   two_pass   kernels/kd_loss.py: any V, each input read twice (three times for the mixture
+#              divergences and tvd)
+#   legacy     kernels/legacy_kd_loss.py, the kernels before their rework (until a GPU times both)
+KD_KERNELS = ("auto", "two_pass", "legacy")
+
+
+def kd_kernel(V, device):
+    """The dense kernel a call on rows of ``V`` columns on ``device`` runs (FASTKD_KD_KERNEL, or
+    the default choice)."""
+    name = os.environ.get("FASTKD_KD_KERNEL", "auto")
+    if name not in KD_KERNELS:
+        raise ValueError(f"FASTKD_KD_KERNEL={name!r} is not one of {', '.join(KD_KERNELS)}")
+    return "two_pass" if name == "auto" else name
+
+
 def _kd_scalars(opts: KDOptions):
     """The float scalars every KD kernel takes, in its order: 1 / T_s, 1 / T_t, the mixture weights."""
     return (1.0 / opts.temperature, 1.0 / opts.teacher_T, *opts.mixture_weights())
@@ -56,9 +74,12 @@ def kd_forward(student, teacher, labels, grad_scale, opts: KDOptions, *, inplace
     acc = accumulation_dtype(student.dtype, teacher.dtype)
     loss = empty(N, dtype=acc, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
+    kernel = kd_kernel(V, student.device)
     if N == 0:
         return loss, grad
     block, warps = _block_and_warps(V, block_v)
+    if kernel == "legacy":
+        return _legacy_kd_forward(student, teacher, labels, grad_scale, opts, loss, grad, block, warps)
     kd_loss.kd_forward_kernel[(N,)](
         student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, loss),
         loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
@@ -66,6 +87,31 @@ def kd_forward(student, teacher, labels, grad_scale, opts: KDOptions, *, inplace
         DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
         WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
     )
+    return loss, grad
+
+
+def _legacy_kd_forward(student, teacher, labels, grad_scale, opts, loss, grad, block, warps):
+    """The kernels before the rework: the old forward, then the old backward's pass over the
+    gradient, here with the reduction's normaliser (the same bytes as the old backward)."""
+    from ..kernels import legacy_kd_loss
+
+    if opts.teacher_T != opts.temperature:
+        raise NotImplementedError("the legacy kernel has one temperature for student and teacher")
+    N, V = student.shape
+    acc = accumulation_dtype(student.dtype, teacher.dtype)
+    mix, log_wp, log_wq = opts.mixture_weights()
+    legacy_kd_loss.legacy_kd_forward_kernel[(N,)](
+        student, student.stride(0), teacher, teacher.stride(0), labels.contiguous() if labels is not None else loss,
+        loss if grad is None else grad, 0 if grad is None else grad.stride(0), loss,
+        V, 1.0 / opts.temperature, mix, log_wp, log_wq, opts.soft_scale, opts.hard_weight, opts.ignore_index,
+        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
+        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
+    )
+    if grad is not None:
+        legacy_kd_loss.legacy_scale_rows_kernel[(N, math.ceil(V / block))](
+            grad, grad.stride(0), grad, grad.stride(0), grad_scale, 0, V,
+            ACC_DTYPE=_tl_dtype(accumulation_dtype(grad.dtype)), BLOCK_V=block, num_warps=warps,
+        )
     return loss, grad
 
 
