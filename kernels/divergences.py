@@ -41,7 +41,7 @@ tvd               g = -sign(p - q) / 2            h = q g
 import triton
 import triton.language as tl
 
-from .row_stats import log_add_exp, online_max_update
+from .row_stats import exp, finite, log_add_exp, tile_max_update, tile_rows_to_row
 
 # Codes of fastkd.options.DIVERGENCES, in its order (a test checks the correspondence).
 KL = tl.constexpr(0)
@@ -62,34 +62,53 @@ def divergence_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log
 
 
 @triton.jit
-def load_scaled_block(z_row, t_row, start, cols, width, inv_temperature, inv_teacher_temperature,
-                      ACC_DTYPE: tl.constexpr):
-    """One block of a row: raw student logits z, s = z / T_s, t = teacher / T_t (-inf past ``width``)."""
-    mask = start + cols < width
-    z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
-    t = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE) * inv_teacher_temperature
-    return z, z * inv_temperature, t, mask
+def load_scaled_tile(z_row, t_row, offsets, width, inv_temperature, inv_teacher_temperature,
+                     ACC_DTYPE: tl.constexpr, EVICTION: tl.constexpr):
+    """One tile of a row at ``offsets`` [R, C] (each tile row one thread's contiguous C elements):
+    raw student logits z, s = z / T_s, t = teacher / T_t (-inf past ``width``), and the mask.
+    ``EVICTION``: "evict_last" for a read that a later pass repeats, "evict_first" for the last."""
+    mask = offsets < width
+    z = tl.load(z_row + offsets, mask=mask, other=float("-inf"), eviction_policy=EVICTION).to(ACC_DTYPE)
+    t = tl.load(t_row + offsets, mask=mask, other=float("-inf"), eviction_policy=EVICTION).to(ACC_DTYPE)
+    return z, z * inv_temperature, t * inv_teacher_temperature, mask
 
 
 @triton.jit
 def fold_row_statistics(m_s, d_s, m_t, d_t, m_z, d_z, cross, z, s, t,
                         DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr):
-    """Fold one block into the running maxima m and sums of exps d of s, t (and z for the hard CE),
-    and into kl's cross term sum e^(t - m_t) (t - s) or reverse_kl's sum e^(s - m_s) (s - t)."""
-    m_s, safe_s, alpha_s = online_max_update(m_s, s)
-    m_t, safe_t, alpha_t = online_max_update(m_t, t)
-    e_s = tl.exp(s - safe_s)
-    e_t = tl.exp(t - safe_t)
-    d_s = d_s * alpha_s + tl.sum(e_s, axis=0)
-    d_t = d_t * alpha_t + tl.sum(e_t, axis=0)
+    """Fold one tile [R, C] into the running maxima m and sums of exps d [R] of s, t (and z for the
+    hard CE), and into kl's cross term sum e^(t - m_t) (t - s) or reverse_kl's sum
+    e^(s - m_s) (s - t), per tile row (one thread's: no cross-thread work in the loop)."""
+    m_s, safe_s, alpha_s = tile_max_update(m_s, s)
+    m_t, safe_t, alpha_t = tile_max_update(m_t, t)
+    e_s = exp(s - safe_s[:, None])
+    e_t = exp(t - safe_t[:, None])
+    d_s = d_s * alpha_s + tl.sum(e_s, axis=1)
+    d_t = d_t * alpha_t + tl.sum(e_t, axis=1)
     if DIVERGENCE == KL:
-        cross = cross * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (t - s), 0.0), axis=0)
+        cross = cross * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (t - s), 0.0), axis=1)
     if DIVERGENCE == REVERSE_KL:
-        cross = cross * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (s - t), 0.0), axis=0)
+        cross = cross * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (s - t), 0.0), axis=1)
     if HAS_CE:
-        m_z, safe_z, alpha_z = online_max_update(m_z, z)
-        d_z = d_z * alpha_z + tl.sum(tl.exp(z - safe_z), axis=0)
+        m_z, safe_z, alpha_z = tile_max_update(m_z, z)
+        d_z = d_z * alpha_z + tl.sum(exp(z - safe_z[:, None]), axis=1)
     return m_s, d_s, m_t, d_t, m_z, d_z, cross
+
+
+@triton.jit
+def finish_row_statistics(m_s, d_s, m_t, d_t, m_z, d_z, cross, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr):
+    """The row's maxima and sums of exps (and cross term, against the row's maximum of t or s)
+    from the per-tile-row ones of ``fold_row_statistics``: once per row, across threads."""
+    M_s, D_s = tile_rows_to_row(m_s, d_s)
+    M_t, D_t = tile_rows_to_row(m_t, d_t)
+    if DIVERGENCE == KL:
+        cross = cross * exp(m_t - finite(M_t))
+    if DIVERGENCE == REVERSE_KL:
+        cross = cross * exp(m_s - finite(M_s))
+    M_z, D_z = tl.max(m_z, axis=0), tl.sum(d_z, axis=0)
+    if HAS_CE:
+        M_z, D_z = tile_rows_to_row(m_z, d_z)
+    return M_s, D_s, M_t, D_t, M_z, D_z, tl.sum(cross, axis=0)
 
 
 @triton.jit
@@ -125,14 +144,14 @@ def sign(x):
 def skew_kl_ratio(ls, lt, lm, p, mix_weight):
     """r = p q / M of skew_kl from log q, log p and log M, guarded by log q (not q): with a tiny
     skew, r ~ p / (1 - skew) where q underflows. At skew 0 with q = 0 its limit p."""
-    return tl.where(ls > float("-inf"), tl.exp(lt + ls - lm), tl.where(mix_weight == 0, p, 0.0))
+    return tl.where(ls > float("-inf"), exp(lt + ls - lm), tl.where(mix_weight == 0, p, 0.0))
 
 
 @triton.jit
 def element_terms(ls, lt, s_minus_t, shift, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
     """The per-element terms a1, a2 of the row scalars A1, A2 (the table above)."""
-    q = tl.exp(ls)
-    p = tl.exp(lt)
+    q = exp(ls)
+    p = exp(lt)
     if DIVERGENCE == KL:
         a1 = tl.where(p > 0, -p * s_minus_t, 0.0)
         a2 = -p * shift
@@ -152,7 +171,7 @@ def element_terms(ls, lt, s_minus_t, shift, mix_weight, log_weight_p, log_weight
             a2 = skew_kl_ratio(ls, lt, lm, p, mix_weight)
         else:
             a1 = tl.where(q > 0, q * (ls - lm), 0.0)
-            a2 = tl.where(q > 0, tl.exp(log_weight_q + 2.0 * ls - lm), 0.0)
+            a2 = tl.where(q > 0, exp(log_weight_q + 2.0 * ls - lm), 0.0)
     return a1, a2
 
 
@@ -174,9 +193,9 @@ def divergence_value(A1, A2, mix_weight, DIVERGENCE: tl.constexpr):
 def divergence_grad(ls, lt, s_minus_t, shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
                     DIVERGENCE: tl.constexpr):
     """dD/ds_j per element for a normalised student (the table above)."""
-    q = tl.exp(ls)
+    q = exp(ls)
     if DIVERGENCE == KL:
-        g = q - tl.exp(lt)
+        g = q - exp(lt)
     elif DIVERGENCE == REVERSE_KL:
         g = tl.where(q > 0, q * (s_minus_t - A1), 0.0)
     elif DIVERGENCE == TVD:
@@ -186,19 +205,19 @@ def divergence_grad(ls, lt, s_minus_t, shift, A1, A2, mix_weight, log_weight_p, 
         if DIVERGENCE == JSD:
             g = (1.0 - mix_weight) * tl.where(q > 0, q * (ls - lm - A2), 0.0)
         elif DIVERGENCE == SKEW_KL:
-            g = (1.0 - mix_weight) * (q * A2 - skew_kl_ratio(ls, lt, lm, tl.exp(lt), mix_weight))
+            g = (1.0 - mix_weight) * (q * A2 - skew_kl_ratio(ls, lt, lm, exp(lt), mix_weight))
         else:
-            g = tl.where(q > 0, q * (ls - lm - tl.exp(log_weight_q + ls - lm) - (A1 - A2)), 0.0)
+            g = tl.where(q > 0, q * (ls - lm - exp(log_weight_q + ls - lm) - (A1 - A2)), 0.0)
     return g
 
 
 @triton.jit
 def point_grad(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
     """(h, g) per point of a top-k distribution: g = dD/dq (p fixed), h = q g (its limit at q = 0)."""
-    p = tl.exp(lp)
-    q = tl.exp(lq)
+    p = exp(lp)
+    q = exp(lq)
     if DIVERGENCE == KL:
-        g = -tl.exp(lp - lq)
+        g = -exp(lp - lq)
         h = -p
     elif DIVERGENCE == REVERSE_KL:
         g = lq - lp + 1.0
@@ -212,9 +231,9 @@ def point_grad(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.co
             g = (1.0 - mix_weight) * (lq - lm)
             h = tl.where(q > 0, q * g, 0.0)
         elif DIVERGENCE == SKEW_KL:
-            g = -(1.0 - mix_weight) * tl.exp(lp - lm)
+            g = -(1.0 - mix_weight) * exp(lp - lm)
             h = -(1.0 - mix_weight) * skew_kl_ratio(lq, lp, lm, p, mix_weight)
         else:
-            g = lq - lm + 1.0 - mix_weight * tl.exp(lq - lm)
+            g = lq - lm + 1.0 - mix_weight * exp(lq - lm)
             h = tl.where(q > 0, q * g, 0.0)
     return h, g

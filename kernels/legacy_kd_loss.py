@@ -10,7 +10,21 @@ launcher makes them so). The math is the table of divergences.py as it was then.
 import triton
 import triton.language as tl
 
-from .row_stats import log_add_exp, online_max_update
+
+
+@triton.jit
+def online_max_update(m, x):
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, m_safe, tl.exp(m - m_safe)
+
+
+@triton.jit
+def log_add_exp(a, b):
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
+    return tl.where(hi == float("-inf"), float("-inf"), hi + tl.log(1.0 + tl.exp(lo - hi_safe)))
 
 
 KL = tl.constexpr(0)

@@ -14,7 +14,7 @@ a row fits in L2) and writes y once; backward reads y and dy twice and writes dx
 import triton
 import triton.language as tl
 
-from .row_stats import online_logsumexp_update, store
+from .row_stats import exp, online_logsumexp_update, store
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def softmax_forward_kernel(
         s = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE) * inv_temperature
         out = s - lse
         if not LOG:
-            out = tl.exp(out)
+            out = exp(out)
         store(y_row + start + cols, out, mask=mask)
 
 
@@ -73,7 +73,7 @@ def softmax_backward_kernel(
         dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(ACC_DTYPE)
         y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(ACC_DTYPE)
         if LOG:
-            dx = dy - tl.exp(y) * total
+            dx = dy - exp(y) * total
         else:
             dx = y * (dy - total)
         store(dx_row + start + cols, dx * inv_temperature, mask=mask)

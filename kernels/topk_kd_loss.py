@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from .divergences import divergence_scalars, divergence_value, element_terms, point_grad
-from .row_stats import online_max_update, row_label, store
+from .row_stats import exp, online_max_update, row_label, store
 
 BUCKET = tl.constexpr(0)
 RENORMALIZE = tl.constexpr(1)
@@ -71,7 +71,7 @@ def point_terms(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.c
 def log1mexp(x):
     """log(1 - exp(x)) for x < 0, -inf for x >= 0; near 0 through expm1(x) = (u - 1) x / log u,
     u = exp(x) (Kahan), which keeps full relative precision where 1 - u would cancel."""
-    u = tl.exp(x)
+    u = exp(x)
     log_u = tl.where(u == 1.0, 1.0, tl.log(u))
     expm1 = tl.where(u == 1.0, x, (u - 1.0) * x / log_u)
     value = tl.where(x > -0.6931471805599453, tl.log(-expm1), tl.log(1.0 - u))
@@ -133,9 +133,9 @@ def topk_kd_forward_kernel(
             live, index, bad, z, s, lt = _listed(z_row, lt_row, idx_row, k0, lanes, K, V, inv_temperature, ACC_DTYPE)
             s_floor = tl.minimum(s_floor, tl.min(tl.where(live, s, float("inf")), axis=0))
             m_ks, safe_ks, alpha_ks = online_max_update(m_ks, s)
-            d_ks = d_ks * alpha_ks + tl.sum(tl.exp(s - safe_ks), axis=0)
+            d_ks = d_ks * alpha_ks + tl.sum(exp(s - safe_ks), axis=0)
             m_kt, safe_kt, alpha_kt = online_max_update(m_kt, lt)
-            d_kt = d_kt * alpha_kt + tl.sum(tl.exp(lt - safe_kt), axis=0)
+            d_kt = d_kt * alpha_kt + tl.sum(exp(lt - safe_kt), axis=0)
             n_bad += tl.sum(bad.to(tl.int32), axis=0)
         lse_ks = m_ks + tl.log(d_ks)
         lse_kt = m_kt + tl.log(d_kt)
@@ -151,13 +151,13 @@ def topk_kd_forward_kernel(
             z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
             s = z * inv_temperature
             m_s, safe_s, alpha_s = online_max_update(m_s, s)
-            e_s = tl.exp(s - safe_s)
+            e_s = exp(s - safe_s)
             d_s = d_s * alpha_s + tl.sum(e_s, axis=0)
             if TAIL == BUCKET:
                 d_low = d_low * alpha_s + tl.sum(tl.where(s < s_floor, e_s, 0.0), axis=0)
             if HAS_CE:
                 m_z, safe_z, alpha_z = online_max_update(m_z, z)
-                d_z = d_z * alpha_z + tl.sum(tl.exp(z - safe_z), axis=0)
+                d_z = d_z * alpha_z + tl.sum(exp(z - safe_z), axis=0)
         lse_s = m_s + tl.log(d_s)
         lse_z = m_z + tl.log(d_z)
 
@@ -171,7 +171,7 @@ def topk_kd_forward_kernel(
             if K < V:
                 lp_tail = log1mexp(lse_kt)
                 m_s_safe = tl.where(m_s == float("-inf"), 0.0, m_s)
-                d_listed = tl.exp(lse_ks - m_s_safe)
+                d_listed = exp(lse_ks - m_s_safe)
                 d_tail = d_low + tl.maximum(d_s - d_low - d_listed, 0.0)
                 lq_tail = tl.log(d_tail) - tl.log(d_s)
 
@@ -213,20 +213,20 @@ def topk_kd_forward_kernel(
                     z_row, lt_row, idx_row, k0, lanes, K, V, inv_temperature, ACC_DTYPE)
                 lq = s - lse_s
                 term, h, g = point_terms(lt - lt_shift, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
-                q = tl.exp(lq)
+                q = exp(lq)
                 grad = soft_grad_scale * (h - tl.where(q > 0, q * S, 0.0)) + row_nan
                 if HAS_CE:
-                    grad += hard_grad_scale * (tl.exp(z - lse_z) - tl.where(index == label, 1.0, 0.0))
+                    grad += hard_grad_scale * (exp(z - lse_z) - tl.where(index == label, 1.0, 0.0))
                 store(scratch_row + k0 + lanes, grad, mask=live)
 
             # (2) The unlisted-column gradient at every column.
             for start in range(0, V, BLOCK_V):
                 mask = start + cols < V
                 z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
-                q = tl.exp(z * inv_temperature - lse_s)
+                q = exp(z * inv_temperature - lse_s)
                 grad = soft_grad_scale * tl.where(q > 0, q * c_tail, 0.0) + row_nan
                 if HAS_CE:
-                    grad += hard_grad_scale * (tl.exp(z - lse_z) - tl.where(start + cols == label, 1.0, 0.0))
+                    grad += hard_grad_scale * (exp(z - lse_z) - tl.where(start + cols == label, 1.0, 0.0))
                 store(g_row + start + cols, grad, mask=mask)
 
             # (D) The listed gradients over it: every store of pass 2 lands first.

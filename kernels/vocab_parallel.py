@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, divergence_value,
-                          element_terms, fold_row_statistics, load_scaled_block)
-from .row_stats import row_label, store
+                          element_terms, finish_row_statistics, fold_row_statistics, load_scaled_tile)
+from .row_stats import exp, row_label, store
 
 # Columns of STATS [N, 8] and ROW [N, 11], in the order of fastkd.backends.VOCAB_PARALLEL_STATS and
 # VOCAB_PARALLEL_ROW (a test checks the correspondence). (constexpr: jit code reads only those.)
@@ -51,7 +51,7 @@ def partial_stats_kernel(
     stats_ptr,                      # STATS [N, 8], float32 (float64 for float64 input)
     W, vocab_start, inv_temperature: tl.float64, inv_teacher_temperature: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     inv_teacher_temperature = tl.full((), inv_teacher_temperature, ACC_DTYPE)
@@ -59,23 +59,26 @@ def partial_stats_kernel(
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride
     out = stats_ptr + row * STATS_WIDTH
-    cols = tl.arange(0, BLOCK_V)
+    TILE_ROWS: tl.constexpr = BLOCK_V // VEC
+    tile = tl.arange(0, TILE_ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     label, kept = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
-    m_s = tl.full((), float("-inf"), ACC_DTYPE)
-    m_t = tl.full((), float("-inf"), ACC_DTYPE)
-    m_z = tl.full((), float("-inf"), ACC_DTYPE)
-    d_s = tl.zeros((), ACC_DTYPE)
-    d_t = tl.zeros((), ACC_DTYPE)
-    d_z = tl.zeros((), ACC_DTYPE)
-    cross = tl.zeros((), ACC_DTYPE)
+    m_s = tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE)
+    m_t = tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE)
+    m_z = tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE)
+    d_s = tl.zeros((TILE_ROWS,), ACC_DTYPE)
+    d_t = tl.zeros((TILE_ROWS,), ACC_DTYPE)
+    d_z = tl.zeros((TILE_ROWS,), ACC_DTYPE)
+    cross = tl.zeros((TILE_ROWS,), ACC_DTYPE)
     z_y = tl.zeros((), ACC_DTYPE)
+    for start in range(0, tl.where(kept, W, 0), BLOCK_V):
+        z, s, t, mask = load_scaled_tile(z_row, t_row, start + tile, W, inv_temperature, inv_teacher_temperature,
+                                         ACC_DTYPE, "")
+        m_s, d_s, m_t, d_t, m_z, d_z, cross = fold_row_statistics(
+            m_s, d_s, m_t, d_t, m_z, d_z, cross, z, s, t, DIVERGENCE, HAS_CE)
+    m_s, d_s, m_t, d_t, m_z, d_z, cross = finish_row_statistics(
+        m_s, d_s, m_t, d_t, m_z, d_z, cross, DIVERGENCE, HAS_CE)
     if kept:
-        for start in range(0, W, BLOCK_V):
-            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature,
-                                              inv_teacher_temperature, ACC_DTYPE)
-            m_s, d_s, m_t, d_t, m_z, d_z, cross = fold_row_statistics(
-                m_s, d_s, m_t, d_t, m_z, d_z, cross, z, s, t, DIVERGENCE, HAS_CE)
         if HAS_CE:
             local_label = label - vocab_start
             owned = (local_label >= 0) & (local_label < W)
@@ -101,31 +104,34 @@ def row_scalars_kernel(
     W, inv_temperature: tl.float64, inv_teacher_temperature: tl.float64, mix_weight: tl.float64,
     log_weight_p: tl.float64, log_weight_q: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
         inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride
-    cols = tl.arange(0, BLOCK_V)
+    TILE_ROWS: tl.constexpr = BLOCK_V // VEC
+    tile = tl.arange(0, TILE_ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     label, kept = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
-    a1 = tl.zeros((BLOCK_V,), ACC_DTYPE)
-    a2 = tl.zeros((BLOCK_V,), ACC_DTYPE)
+    a1 = tl.zeros((TILE_ROWS, VEC), ACC_DTYPE)
+    a2 = tl.zeros((TILE_ROWS, VEC), ACC_DTYPE)
     if kept:
         values = row_ptr + row * ROW_WIDTH
         lse_s = tl.load(values + LSE_S)
         lse_t = tl.load(values + LSE_T)
         shift = tl.load(values + SHIFT)
         for start in range(0, W, BLOCK_V):
-            z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature,
-                                              inv_teacher_temperature, ACC_DTYPE)
+            z, s, t, mask = load_scaled_tile(z_row, t_row, start + tile, W, inv_temperature,
+                                             inv_teacher_temperature, ACC_DTYPE, "")
+            # Columns past W load -inf: every term is 0 there (p = q = 0).
             b1, b2 = element_terms(s - lse_s, t - lse_t, s - t, shift, mix_weight, log_weight_p, log_weight_q,
                                    DIVERGENCE)
-            a1 += tl.where(mask, b1, 0.0)
-            a2 += tl.where(mask, b2, 0.0)
-    store(scalars_ptr + row * 2, tl.sum(a1, axis=0))
-    store(scalars_ptr + row * 2 + 1, tl.sum(a2, axis=0))
+            a1 += b1
+            a2 += b2
+    store(scalars_ptr + row * 2, tl.sum(tl.sum(a1, axis=1), axis=0))
+    store(scalars_ptr + row * 2 + 1, tl.sum(tl.sum(a2, axis=1), axis=0))
 
 
 @triton.jit
@@ -141,7 +147,7 @@ def shard_finish_kernel(
     log_weight_p: tl.float64, log_weight_q: tl.float64, soft_scale: tl.float64, hard_weight: tl.float64,
     ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
         inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
@@ -151,7 +157,8 @@ def shard_finish_kernel(
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride
     g_row = grad_ptr + row * grad_row_stride
-    cols = tl.arange(0, BLOCK_V)
+    TILE_ROWS: tl.constexpr = BLOCK_V // VEC
+    tile = tl.arange(0, TILE_ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     label, kept = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     if kept:
@@ -176,16 +183,16 @@ def shard_finish_kernel(
             hard_grad_scale = grad_scale * hard_weight
             local_label = label - vocab_start
             for start in range(0, W, BLOCK_V):
-                z, s, t, mask = load_scaled_block(z_row, t_row, start, cols, W, inv_temperature,
-                                                  inv_teacher_temperature, ACC_DTYPE)
+                z, s, t, mask = load_scaled_tile(z_row, t_row, start + tile, W, inv_temperature,
+                                                 inv_teacher_temperature, ACC_DTYPE, "")
                 g = soft_grad_scale * divergence_grad(s - lse_s, t - lse_t, s - t, shift, A1_row, A2_row,
                                                       mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
                 g += nan_row
                 if HAS_CE:
-                    g += hard_grad_scale * (tl.exp(z - lse_z) - tl.where(start + cols == local_label, 1.0, 0.0))
-                store(g_row + start + cols, g, mask=mask)
+                    g += hard_grad_scale * (exp(z - lse_z) - tl.where(start + tile == local_label, 1.0, 0.0))
+                store(g_row + start + tile, g, mask=mask)
     else:
         store(loss_ptr + row, tl.zeros((), ACC_DTYPE))
         if WRITE_GRAD:
             for start in range(0, W, BLOCK_V):
-                store(g_row + start + cols, tl.zeros((BLOCK_V,), ACC_DTYPE), mask=start + cols < W)
+                store(g_row + start + tile, tl.zeros((TILE_ROWS, VEC), ACC_DTYPE), mask=start + tile < W)

@@ -45,12 +45,12 @@ def _train_step(loss_fn, student, *args, **kw):
     import fastkd
 
     leaf = student.detach().requires_grad_()
-    getattr(fastkd, loss_fn)(leaf, *args, backend="triton", temperature=TEMPERATURE, **kw).backward()
+    getattr(fastkd, loss_fn)(leaf, *args, backend="triton", **{"temperature": TEMPERATURE, **kw}).backward()
 
 
-def kd_step(x, divergence, hard_ce=False):
+def kd_step(x, divergence, hard_ce=False, temperature=TEMPERATURE):
     ce = dict(labels=x.labels, hard_weight=HARD_WEIGHT) if hard_ce else {}
-    _train_step("kd_loss", x.student, x.teacher, divergence=divergence, **ce)
+    _train_step("kd_loss", x.student, x.teacher, divergence=divergence, temperature=temperature, **ce)
 
 
 def softmax_step(x, log):
@@ -99,11 +99,12 @@ class Case:
     gate: bool = False             # held to no spill in a loop, 128-bit loads and its budget
     budget: tuple | None = None    # bf16 bytes requested per element, per launched kernel
     env: dict = field(default_factory=dict)
+    alternating: bool = False      # the kernels' passes over a row alternate direction (for the L2 model)
 
 
 def _kd(divergence, budget, hard_ce=False, gate=True):
     return Case(f"kd_loss {divergence}", kd_step, dict(divergence=divergence, hard_ce=hard_ce),
-                flags="hard CE" if hard_ce else "", floor_op="kd_loss", gate=gate, budget=budget)
+                flags="hard CE" if hard_ce else "", floor_op="kd_loss", gate=gate, budget=budget, alternating=True)
 
 
 CASES = (
@@ -119,6 +120,8 @@ CASES = (
     _kd("skew_kl", (14, 0), hard_ce=True),
     _kd("skew_reverse_kl", (14, 0), hard_ce=True),
     _kd("tvd", (14, 0), hard_ce=True),
+    Case("kd_loss kl", kd_step, dict(divergence="kl", hard_ce=True, temperature=1.0), flags="hard CE, T = 1",
+         floor_op="kd_loss", gate=True, budget=(10, 0), alternating=True),
     Case("softmax", softmax_step, dict(log=False), floor_op="softmax"),
     Case("log_softmax", softmax_step, dict(log=True), floor_op="log_softmax"),
     Case(f"teacher_topk k={TOPK_K}", teacher_topk_step, dict(k=TOPK_K)),

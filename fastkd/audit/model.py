@@ -5,10 +5,15 @@
                         warp-instructions / issue rate)
     floor         = least bytes a fused step must move (fastkd.bench.min_bytes, fwd+bwd) / bandwidth
 
-Every requested byte is counted as DRAM traffic (a re-read that hits L2 would cost less; with
-264-396 rows in flight at V >= ~45k a row's re-read mostly misses the 50 MB L2), and the three
-limits are taken as if they never overlap badly nor stall each other: the model is a lower bound
-on the time of the code as compiled, not a prediction of a measurement.
+The bytes are DRAM bytes: those requested, less the modelled L2 hits of passes that re-read a
+row (``l2_hit_fraction``): with R rows in flight (CTAs resident per SM, from registers and threads,
+times the SMs), each row's share of the L2 is L2 / R, and a row keeps its most recently read bytes
+there (reads a later pass repeats are "evict_last", the last pass's "evict_first"). A re-read pass
+that starts where the previous pass ended (passes alternating in direction) finds
+min(1, share / bytes of the row per pass) of its reads in L2; one that starts over at the row's
+beginning finds them only when the whole row fits its share (LRU evicts the beginning first).
+The three limits are taken as if they never overlap badly nor stall each other: the model is a
+lower bound on the time of the code as compiled, not a prediction of a measurement.
 """
 from dataclasses import dataclass
 
@@ -21,6 +26,10 @@ class Machine:
     clock: float              # Hz
     mufu_per_clock: int       # MUFU lane-ops per clock per SM
     issue_per_clock: int      # warp-instructions issued per clock per SM (one per scheduler)
+    l2_bytes: float = 50e6
+    registers_per_sm: int = 65536
+    threads_per_sm: int = 2048
+    ctas_per_sm: int = 32
 
     @property
     def mufu_rate(self):
@@ -43,6 +52,22 @@ def modelled_seconds(elements, bytes_per_element, mufu_per_element, instructions
     }
     bound = max(limits, key=limits.get)
     return limits[bound], bound
+
+
+def rows_in_flight(registers, num_warps, machine=H200):
+    """Rows processed at once when each CTA takes one row: resident CTAs per SM times the SMs."""
+    threads = 32 * num_warps
+    per_sm = min(machine.registers_per_sm // max(1, registers * threads), machine.threads_per_sm // threads,
+                 machine.ctas_per_sm)
+    return max(1, per_sm) * machine.sms
+
+
+def l2_hit_fraction(row_bytes_per_pass, rows, alternating, machine=H200):
+    """Modelled fraction of a re-read pass's bytes found in L2 (module docstring)."""
+    share = machine.l2_bytes / rows
+    if alternating:
+        return min(1.0, share / row_bytes_per_pass)
+    return 1.0 if share >= row_bytes_per_pass else 0.0
 
 
 def floor_seconds(floor_bytes, machine=H200):

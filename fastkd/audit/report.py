@@ -12,8 +12,11 @@ MODEL_TEXT = (
     "modelled time = max(bytes requested / {bw:.1f} TB/s, MUFU ops / ({mufu} per clock x {sms} SMs x "
     "{ghz:.2f} GHz), warp-instructions / ({issue} per clock x {sms} SMs x {ghz:.2f} GHz)); floor = the "
     "least bytes a fused forward + backward moves (fastkd.bench.min_bytes; 6 N V for bf16 KD) / "
-    "{bw:.1f} TB/s. Every requested byte counts as DRAM traffic (no L2 reuse)."
-).format(bw=model.H200.bandwidth / 1e12, mufu=model.H200.mufu_per_clock, sms=model.H200.sms,
+    "{bw:.1f} TB/s. The bytes are DRAM bytes: those requested less the modelled L2 hits of the passes that "
+    "re-read a row ({l2:.0f} MB of L2 shared by the rows in flight; see `fastkd/audit/model.py`). A kernel whose "
+    "loops request no bytes (the backward's `scale_rows` at an upstream gradient of 1: it returns at once) is "
+    "modelled as costing nothing."
+).format(l2=model.H200.l2_bytes / 1e6, bw=model.H200.bandwidth / 1e12, mufu=model.H200.mufu_per_clock, sms=model.H200.sms,
          ghz=model.H200.clock / 1e9, issue=model.H200.issue_per_clock)
 
 
@@ -33,11 +36,29 @@ class Row:
     def bytes_per_element(self):
         return [loaded + stored for _, loaded, stored in self.traffic]
 
+    def l2_hits(self, kernel, loaded):
+        """(modelled fraction of the re-reads found in L2, modelled L2 bytes per element) of a kernel
+        that loaded ``loaded`` B/elt over its passes."""
+        if kernel.passes < 2 or loaded == 0:
+            return 0.0, 0.0
+        per_pass = loaded / kernel.passes
+        fraction = model.l2_hit_fraction(per_pass * self.v, model.rows_in_flight(kernel.registers, kernel.num_warps),
+                                         self.case.alternating)
+        return fraction, fraction * per_pass * (kernel.passes - 1)
+
+    @property
+    def dram_bytes_per_element(self):
+        return [loaded + stored - self.l2_hits(k, loaded)[1] for k, (_, loaded, stored) in zip(self.kernels, self.traffic)]
+
+    def _runs(self, kernel, requested):
+        return kernel.loop_free or requested > cases.BUDGET_SLACK
+
     def modelled(self):
         """(seconds, bound) of the whole step."""
+        running = [(k, b) for k, b in zip(self.kernels, self.bytes_per_element) if self._runs(k, b)]
         return model.modelled_seconds(
-            self.n * self.v, sum(self.bytes_per_element), sum(k.mufu_per_element for k in self.kernels),
-            sum(k.instructions_per_element for k in self.kernels))
+            self.n * self.v, sum(self.dram_bytes_per_element), sum(k.mufu_per_element for k, _ in running),
+            sum(k.instructions_per_element for k, _ in running))
 
     @property
     def upper_bound(self):
@@ -86,6 +107,8 @@ def csv_rows(rows, meta):
                 shfl_per_iteration=_loop_field(kernel, lambda loop: loop.count(sass.SHUFFLE)),
                 bytes_loaded_per_element=round(loaded, 4), bytes_stored_per_element=round(stored, 4),
                 bytes_per_element=round(loaded + stored, 4),
+                modelled_l2_hit_fraction=round(row.l2_hits(kernel, loaded)[0], 4),
+                modelled_dram_bytes_per_element=round(loaded + stored - row.l2_hits(kernel, loaded)[1], 4),
                 mufu_per_element=round(kernel.mufu_per_element, 4),
                 warp_instructions_per_element=round(kernel.instructions_per_element, 4),
                 modelled_ms=round(seconds * 1e3, 4), modelled_bound=bound, floor_ms="",
@@ -93,6 +116,7 @@ def csv_rows(rows, meta):
         seconds, bound = row.modelled()
         out.append(dict(
             common, kernel="step", bytes_per_element=round(sum(row.bytes_per_element), 4),
+            modelled_dram_bytes_per_element=round(sum(row.dram_bytes_per_element), 4),
             mufu_per_element=round(sum(k.mufu_per_element for k in row.kernels), 4),
             warp_instructions_per_element=round(sum(k.instructions_per_element for k in row.kernels), 4),
             modelled_ms=round(seconds * 1e3, 4), modelled_bound=bound,
@@ -127,8 +151,8 @@ def _table(header, lines):
 
 def headline_table(rows):
     header = ["case", "kernels", "regs", "spill B st/ld", "spill in loop", "smem B", "widest load per main loop (bits)",
-              "passes", "B/elt requested", "MUFU/elt", "warp-instr/elt", "modelled ms", "modelled % of floor",
-              "modelled bound"]
+              "passes", "B/elt requested", "MUFU/elt", "warp-instr/elt", "modelled L2 hits of re-reads",
+              "modelled DRAM B/elt", "modelled ms", "modelled % of floor", "modelled bound"]
     lines = []
     for row in rows:
         k = row.kernels
@@ -139,7 +163,9 @@ def headline_table(rows):
             "yes" if any(x.spill_in_loop for x in k) else "no", _plus(x.shared for x in k),
             _plus("·".join(map(str, x.widest_loads)) for x in k), _plus(x.passes for x in k),
             _plus(row.bytes_per_element, "{:.2f}"), _plus(_bounded(x, x.mufu_per_element) for x in k),
-            _plus(_bounded(x, x.instructions_per_element) for x in k), f"{row.upper_bound}{seconds * 1e3:.2f}",
+            _plus(_bounded(x, x.instructions_per_element) for x in k),
+            _plus(f"{100 * row.l2_hits(x, loaded)[0]:.0f} %" for x, (_, loaded, _) in zip(k, row.traffic)),
+            f"{sum(row.dram_bytes_per_element):.2f}", f"{row.upper_bound}{seconds * 1e3:.2f}",
             "" if row.floor_bytes is None else f"{100 * row.fraction_of_floor:.0f} %", bound])
     return _table(header, lines)
 

@@ -34,6 +34,11 @@ def _block_and_warps(V, block_v):
     return block, warps
 
 
+def _vec(*tensors):
+    """Elements per thread of a tile row: one 16-byte load of the widest input."""
+    return 16 // max(t.element_size() for t in tensors)
+
+
 def _labels(labels, stand_in):
     """The labels pointer and stride for a kernel (any tensor stands in when there are none)."""
     return (stand_in, 0) if labels is None else (labels, labels.stride(0))
@@ -85,7 +90,8 @@ def kd_forward(student, teacher, labels, grad_scale, opts: KDOptions, *, inplace
         loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
         V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
         DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
+        CE_FROM_STUDENT=opts.temperature == 1.0, WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc),
+        BLOCK_V=block, VEC=_vec(student, teacher), num_warps=warps,
     )
     return loss, grad
 
@@ -241,7 +247,7 @@ def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start, *, blo
         student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, stats), stats,
         W, vocab_start, inv_temperature, inv_teacher_temperature, opts.ignore_index,
         DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
+        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, VEC=_vec(student, teacher), num_warps=warps,
     )
     return stats
 
@@ -259,7 +265,7 @@ def row_scalars(student, teacher, labels, row, opts: KDOptions, *, block_v=None)
         student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row, scalars,
         W, *_kd_scalars(opts), opts.ignore_index,
         DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, ACC_DTYPE=_tl_dtype(row.dtype),
-        BLOCK_V=block, num_warps=warps,
+        BLOCK_V=block, VEC=_vec(student, teacher), num_warps=warps,
     )
     return scalars
 
@@ -281,6 +287,7 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
         loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
         W, vocab_start, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
         DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(row.dtype), BLOCK_V=block, num_warps=warps,
+        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(row.dtype), BLOCK_V=block, VEC=_vec(student, teacher),
+        num_warps=warps,
     )
     return loss, grad
