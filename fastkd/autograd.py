@@ -56,12 +56,12 @@ def scaled_student_grad(ctx, grad_loss):
 
 class KDLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, labels, opts, reduction, backend, inplace):
+    def forward(ctx, student, teachers, labels, opts, reduction, backend, inplace):
         # Detached, so that an in-place gradient is a plain write into storage, not an autograd op.
-        s2, t2 = rows(student.detach()), rows(teacher)
+        s2, t2 = rows(student.detach()), [rows(t) for t in teachers]
         labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
-        norm, scale = _normalise(student, teacher.dtype, labels1, opts, reduction)
+        norm, scale = _normalise(student, accumulation_dtype(*(t.dtype for t in teachers)), labels1, opts, reduction)
         row_loss, grad = ops.kd_forward(s2, t2, labels1, scale, opts, backend, inplace=inplace and need_grad,
                                         need_grad=need_grad)
         return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
@@ -114,30 +114,31 @@ def _scaled(grad, scale, dtype, in_place):
 
 
 class FusedLinearKDFunction(torch.autograd.Function):
-    """The fused linear + KD loss (``fastkd.fused_linear``). Inputs are 2-D (``[N, H]`` hidden, ``[N, V]`` teacher logits, ``[N]`` labels), validated."""
+    """The fused linear + KD loss (``fastkd.fused_linear``): ``[N, H]`` hidden, ``[V, H]`` weight,
+    ``teachers`` a tuple of ``("logits", [N, V])`` or ``("linear", [N, Ht], [V, Ht], [V] or None)``,
+    ``[N]`` labels; validated."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, opts, reduction, backend,
-                chunk, out_shape, transforms):
+    def forward(ctx, hidden, weight, bias, teachers, labels, opts, reduction, backend, chunk, out_shape, transforms):
         want = tuple(ctx.needs_input_grad[:3])
         want = (want[0], want[1], want[2] and bias is not None)
-        teacher = ("logits", t_logits) if t_logits is not None else ("linear", t_hidden, t_weight, t_bias)
         N, V = hidden.shape[0], weight.shape[0]
         ctx.opts, ctx.reduction, ctx.backend, ctx.chunk, ctx.want = opts, reduction, backend, chunk, want
         ctx.transforms = transforms
         ctx.dtypes = (hidden.dtype, weight.dtype)
 
-        acc = accumulation_dtype(hidden.dtype, teacher[1].dtype)
+        acc = accumulation_dtype(hidden.dtype, *(t[1].dtype for t in teachers))
         if reduction.kind == "none":
-            row_loss, *_ = ops.fused_linear_pass(hidden, weight, bias, teacher, labels,
+            row_loss, *_ = ops.fused_linear_pass(hidden, weight, bias, teachers, labels,
                                                  grad_scale(None, device=hidden.device, dtype=acc), opts, backend,
                                                  chunk, want=(False, False, False), transforms=transforms)
-            if any(want):
-                ctx.save_for_backward(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels)
+            if any(want):  # the backward recomputes the chunks: keep the inputs, teachers flattened
+                ctx.teacher_kinds = [t[0] for t in teachers]
+                ctx.save_for_backward(hidden, weight, bias, labels, *(x for t in teachers for x in t[1:]))
             return row_loss.reshape(out_shape)
 
         norm = normaliser(reduction, labels, N, V, opts.ignore_index, device=hidden.device, dtype=acc)
-        row_loss, *grads = ops.fused_linear_pass(hidden, weight, bias, teacher, labels,
+        row_loss, *grads = ops.fused_linear_pass(hidden, weight, bias, teachers, labels,
                                                  grad_scale(norm, device=hidden.device, dtype=acc), opts, backend,
                                                  chunk, want=want, transforms=transforms)
         if any(want):
@@ -150,12 +151,17 @@ class FusedLinearKDFunction(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         acc = accumulation_dtype(weight_dtype)
         if ctx.reduction.kind == "none":
-            hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels = ctx.saved_tensors
-            teacher = ("logits", t_logits) if t_logits is not None else ("linear", t_hidden, t_weight, t_bias)
-            row_scale = grad_loss.reshape(-1).to(accumulation_dtype(hidden.dtype, teacher[1].dtype))
+            hidden, weight, bias, labels, *flat = ctx.saved_tensors
+            teachers, at = [], 0
+            for kind in ctx.teacher_kinds:
+                width = 1 if kind == "logits" else 3
+                teachers.append((kind, *flat[at:at + width]))
+                at += width
+            row_scale = grad_loss.reshape(-1).to(accumulation_dtype(hidden.dtype, *(t[1].dtype for t in teachers)))
             _, grad_hidden, grad_weight, grad_bias = ops.fused_linear_pass(
-                hidden, weight, bias, teacher, labels, grad_scale(None, device=hidden.device, dtype=row_scale.dtype),
-                opts, ctx.backend, ctx.chunk, want=want, row_scale=row_scale, transforms=ctx.transforms)
+                hidden, weight, bias, tuple(teachers), labels,
+                grad_scale(None, device=hidden.device, dtype=row_scale.dtype), opts, ctx.backend, ctx.chunk,
+                want=want, row_scale=row_scale, transforms=ctx.transforms)
             grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
             grad_bias = None if grad_bias is None else grad_bias.to(weight_dtype)
         else:
@@ -166,7 +172,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
             grad_hidden = _scaled(grad_hidden, scale, hidden_dtype, in_place)
             grad_weight = _scaled(grad_weight, scale, weight_dtype, in_place)
             grad_bias = _scaled(grad_bias, scale, weight_dtype, in_place)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None, None
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 8
 
 
 class SoftmaxFunction(torch.autograd.Function):

@@ -66,19 +66,23 @@ def _first_bad_row(x, keep, temperature):
     return None
 
 
-def check_finite_inputs(student, teacher, labels, opts: KDOptions):
-    """ValueError naming the first kept row whose loss would be NaN (see the module docstring)."""
+def check_finite_inputs(student, teachers, labels, opts: KDOptions):
+    """ValueError naming the first kept row whose loss would be NaN (see the module docstring);
+    ``teachers``: the tuple of teacher logits."""
     V = student.shape[-1]
     shape = student.shape[:-1]
-    s, t = student.reshape(-1, V), teacher.reshape(-1, V)
+    s = student.reshape(-1, V)
     if labels is None:
         keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     else:
         flat = labels.reshape(-1)
         keep = flat != opts.ignore_index
     found = []
-    for name, x in (("student_logits", s), ("teacher_logits", t)):
-        bad = _first_bad_row(x, keep, opts.temperature)
+    named = [("student_logits", s, opts.temperature)]
+    named += [("teacher_logits" if len(teachers) == 1 else f"teacher_logits[{i}]", t.reshape(-1, V), opts.teacher_T)
+              for i, t in enumerate(teachers)]
+    for name, x, temperature in named:
+        bad = _first_bad_row(x, keep, temperature)
         if bad is not None:
             found.append((bad[0], name, bad[1]))
     if labels is not None and opts.hard_weight > 0:
@@ -92,12 +96,12 @@ def check_finite_inputs(student, teacher, labels, opts: KDOptions):
         raise ValueError("check_finite: " + _describe_row(name, row, shape, reason))
 
 
-def check_values(student, teacher, labels, opts: KDOptions, check_finite):
+def check_values(student, teachers, labels, opts: KDOptions, check_finite):
     """All value checks of one ``kd_loss`` call (after ``options.check_kd_inputs``)."""
     check_bool("check_finite", check_finite)
     check_label_range(labels, student.shape[-1], opts)
     if check_finite:
-        check_finite_inputs(student, teacher, labels, opts)
+        check_finite_inputs(student, teachers, labels, opts)
 
 
 def debug_enabled():

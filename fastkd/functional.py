@@ -7,6 +7,8 @@
     vocab_parallel_kd_loss  kd_loss of logits sharded by vocabulary over torch.distributed ranks
     fused_linear_kd_loss    kd_loss of hidden @ weight.T (+ bias) without the [N, V] logits
 """
+import dataclasses
+
 import torch
 
 from . import fused_linear
@@ -16,15 +18,15 @@ from .backends import flat_labels, implementation, resolve_backend, rows
 from .distributed import check_group, check_vocab_start, group_name
 from .checks import (check_index_values, check_label_range, check_values, debug_enabled,
                      without_repeated_indices)
-from .options import (IDENTITY, check_bool, check_chunk_size, check_dim, check_fused_inputs, check_k,
+from .options import (IDENTITY, as_teachers, check_stored_temperature, mark_temperature, check_bool, check_chunk_size, check_dim, check_fused_inputs, check_k,
                       check_kd_inputs, check_labels, check_logits, check_tail, check_temperature, check_topk_inputs,
-                      check_transforms, make_options, make_reduction)
+                      check_teacher_weights, check_transforms, make_options, make_reduction)
 
 
 def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1,
             labels=None, ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True,
             reduction="batchmean", inplace=False, backend="auto", check_finite=False, num_items_in_batch=None,
-            teacher_temperature=None):
+            teacher_temperature=None, teacher_weights=None):
     """Knowledge-distillation loss between student and teacher logits ``[..., V]``.
 
     loss = hard_weight * CE(student, labels) + soft_weight * (T**2 if t2_scale else 1) * D(p || q)
@@ -32,7 +34,12 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     ``"reverse_kl"``, ``"jsd"`` (``beta`` in (0, 1)), ``"skew_kl"``, ``"skew_reverse_kl"``
     (``skew`` in [0, 1)), ``"tvd"``. T is ``temperature``; the teacher's T_t is
     ``teacher_temperature``, which defaults to T (the T**2 factor is always the student's T,
-    whose 1 / T every gradient carries). CE is taken at T = 1. Rows whose label is ``ignore_index``
+    whose 1 / T every gradient carries). Several teachers: ``teacher_logits`` a list of
+    ``[..., V]`` tensors (any float dtypes), and p their mixture sum_i w_i softmax(teacher_i / T_t)
+    with ``teacher_weights`` (one number >= 0 per teacher, normalised to sum to 1; default equal),
+    formed per element in log space inside the kernel, never stored; one teacher is today's loss
+    exactly (up to 4 teachers on the Triton backend). CE is taken at T = 1. Rows whose label is
+    ``ignore_index``
     count for nothing. ``reduction``: ``"batchmean"`` (sum / kept rows; equals
     ``nn.KLDivLoss(reduction="batchmean")`` on 2-D input), ``"sum"``, ``"mean"`` (sum / (kept rows * V))
     or ``"none"`` (per-row loss, 0 on ignored rows). With no kept row every reduction is 0.
@@ -61,15 +68,20 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     (``fastkd.ops``). Under ``torch.autocast`` the logits keep their dtype and the statistics
     stay float32.
     """
+    teachers = as_teachers(teacher_logits)
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
-    check_kd_inputs(student_logits, teacher_logits, labels, opts)
+                        t2_scale=t2_scale, teacher_temperature=teacher_temperature,
+                        teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
+    check_kd_inputs(student_logits, teachers, labels, opts)
     check_bool("inplace", inplace)
-    check_values(student_logits, teacher_logits, labels, opts, check_finite)
+    check_values(student_logits, teachers, labels, opts, check_finite)
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_logits)
-    return KDLossFunction.apply(student_logits, teacher_logits, labels, opts, reduction, backend, inplace)
+    if backend == "triton" and len(teachers) > implementation("triton").MAX_TEACHERS:
+        raise ValueError(f"the Triton kernels take up to {implementation('triton').MAX_TEACHERS} teachers, got "
+                         f"{len(teachers)}; use backend='torch' for more")
+    return KDLossFunction.apply(student_logits, teachers, labels, opts, reduction, backend, inplace)
 
 
 def _softmax(x, temperature, dim, backend, log):
@@ -116,16 +128,24 @@ def teacher_topk(teacher_logits, k, *, temperature=1.0, backend="auto"):
     else:
         logprobs, indices = implementation("torch").teacher_topk(x, k, temperature)
     lead = teacher_logits.shape[:-1]
-    return logprobs.view(*lead, k), indices.view(*lead, k)
+    return mark_temperature(logprobs.view(*lead, k), temperature), indices.view(*lead, k)
 
 
 def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="bucket", temperature=1.0,
                  divergence="kl", beta=0.5, skew=0.1, labels=None, ignore_index=-100, hard_weight=0.0,
                  soft_weight=1.0, t2_scale=True, reduction="batchmean", inplace=False, backend="auto",
-                 validate_indices=None, num_items_in_batch=None):
+                 validate_indices=None, num_items_in_batch=None, teacher_temperature=None):
     """KD loss of a student ``[..., V]`` against a sparse teacher: its top-k log-probabilities
     ``teacher_logprobs`` ``[..., k]`` at ``temperature`` (as ``teacher_topk`` returns them) at
     columns ``teacher_indices`` ``[..., k]`` (int32 or int64, distinct, in [0, V)).
+
+    Temperatures. Stored log-probabilities cannot be re-tempered (their tail is gone), so
+    ``teacher_temperature`` declares the temperature they were taken at, and they are used as they
+    are; the student is taken at ``temperature`` (and T**2 is the student's T). Undeclared (None),
+    they are taken to be at ``temperature``. Log-probabilities as ``teacher_topk`` and
+    ``TeacherCache`` return them carry their temperature (``fastkd_temperature``): one that differs
+    from the declared (or assumed) temperature is a ValueError, never a silent mismatch. A tensor
+    you copy, move or slice carries no mark and is trusted.
 
     The student is softmax(student_logits / T) over its full vocabulary. ``tail`` says what
     becomes of the mass outside the k listed tokens:
@@ -149,9 +169,10 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="buc
     """
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale)
+                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     tail = check_tail(tail)
     check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
+    check_stored_temperature(teacher_logprobs, opts)
     check_labels(student_logits, labels, opts)
     check_bool("inplace", inplace)
     if validate_indices is not None:
@@ -192,7 +213,10 @@ def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_st
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                         t2_scale=t2_scale, teacher_temperature=teacher_temperature)
-    check_kd_inputs(student_shard, teacher_shard, labels, opts)
+    if isinstance(teacher_shard, (list, tuple)):
+        raise TypeError("vocab_parallel_kd_loss takes one teacher_shard (a tensor); a mixture of teachers is "
+                        "kd_loss's and fused_linear_kd_loss's")
+    check_kd_inputs(student_shard, (teacher_shard,), labels, opts)
     check_bool("inplace", inplace)
     vocab_start = check_vocab_start(vocab_start)
     reduction = make_reduction(reduction, num_items_in_batch)
@@ -204,14 +228,21 @@ def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_st
                                              inplace, group_name(group), vocab_start)
 
 
-def _autocast_inputs(*tensors):
-    """Under ``torch.autocast``, the matmul operands in autocast's dtype, as ``F.linear`` would take
-    them (float32 ones only; float64 stays, as autocast leaves it)."""
-    device = tensors[0].device.type if isinstance(tensors[0], torch.Tensor) else None
-    if device is None or not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x for x in tensors)
+def _autocast_dtype(x):
+    """Autocast's dtype on ``x``'s device when an autocast region is active there, else None."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda"):
+        return None
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+
+
+def _autocast(x, dtype):
+    """A matmul operand (or a list of them) in autocast's ``dtype``, as ``F.linear`` would take it
+    (float32 only; float64 stays, as autocast leaves it); unchanged when ``dtype`` is None."""
+    if isinstance(x, (list, tuple)):
+        return [_autocast(y, dtype) for y in x]
+    if dtype is None or not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        return x
+    return x.to(dtype)
 
 
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
@@ -220,15 +251,18 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
                          ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True,
                          reduction="batchmean", backend="auto", num_items_in_batch=None,
                          student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0,
-                         teacher_softcap=None):
+                         teacher_softcap=None, teacher_temperature=None, teacher_weights=None):
     """``kd_loss(f_s(student_hidden @ student_weight.T + student_bias), teacher logits, **kd_options)``
     without materialising the ``[N, V]`` logits.
 
     student_hidden ``[..., H]``, student_weight ``[V, H]`` (the ``lm_head.weight`` layout),
     student_bias ``[V]`` or None. The teacher is either ``teacher_hidden`` ``[..., Ht]`` with
     ``teacher_weight`` ``[V, Ht]`` (and ``teacher_bias``), whose logits are computed chunk by chunk
-    under no-grad (Ht may differ from H), or precomputed ``teacher_logits`` ``[..., V]``. Teacher
-    tensors are constants: one that requires grad is a ValueError (detach it).
+    under no-grad (Ht may differ from H), or precomputed ``teacher_logits`` ``[..., V]``. Several
+    teachers: lists of ``teacher_hidden``, ``teacher_weight`` (and ``teacher_bias``), or of
+    ``teacher_logits``, one entry per teacher, mixed with ``teacher_weights`` as in ``kd_loss``
+    (each teacher adds one float32 ``[chunk, V]`` block to the chunk buffers). Teacher tensors are
+    constants: one that requires grad is a ValueError (detach it).
 
     The keyword options are ``fastkd.kd_loss``'s (divergence, temperature, t2_scale, labels,
     hard_weight, ignore_index, reduction, backend, ...) with the same meaning and result.
@@ -261,14 +295,16 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     ``torch.compile(fullgraph=True)``: the chunk loop is the custom operator
     ``fastkd::fused_linear_pass``.
     """
-    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-     teacher_bias) = _autocast_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
-                                      teacher_weight, teacher_bias)
+    dtype = _autocast_dtype(student_hidden)
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
+        _autocast(x, dtype) for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                      teacher_bias))
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale)
-    check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                       teacher_bias, teacher_logits, labels, opts)
+                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
+    teachers = check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                  teacher_bias, teacher_logits, labels, opts)
+    opts = dataclasses.replace(opts, teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
     chunk_size = check_chunk_size(chunk_size)
     transforms = check_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap)
     if teacher_logits is not None and transforms[1] != IDENTITY:
@@ -277,13 +313,14 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_hidden)
 
+    if backend == "triton" and len(teachers) > implementation("triton").MAX_TEACHERS:
+        raise ValueError(f"the Triton kernels take up to {implementation('triton').MAX_TEACHERS} teachers, got "
+                         f"{len(teachers)}; use backend='torch' for more")
+
     V, H = student_weight.shape
     lead = student_hidden.shape[:-1]
-    hidden2 = student_hidden.reshape(-1, H)
-    t_hidden2 = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    t_logits2 = None if teacher_logits is None else teacher_logits.reshape(-1, V)
-    labels1 = flat_labels(labels)
-    chunk = chunk_size or fused_linear.default_chunk_size(V, H, blocks=2 if transforms[0].softcap is None else 3)
-    return FusedLinearKDFunction.apply(hidden2, student_weight, student_bias, t_hidden2, teacher_weight,
-                                       teacher_bias, t_logits2, labels1, opts, reduction, backend, chunk, lead,
-                                       transforms)
+    teachers = tuple((kind, x.reshape(-1, x.shape[-1]), *rest) for kind, x, *rest in teachers)  # [N, Ht] / [N, V]
+    blocks = 1 + len(teachers) + (student_softcap is not None)
+    chunk = chunk_size or fused_linear.default_chunk_size(V, H, blocks=blocks)
+    return FusedLinearKDFunction.apply(student_hidden.reshape(-1, H), student_weight, student_bias, teachers,
+                                       flat_labels(labels), opts, reduction, backend, chunk, lead, transforms)

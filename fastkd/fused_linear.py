@@ -79,13 +79,13 @@ def default_chunk_size(V, H, blocks=2):
     return rows
 
 
-def _kd_forward(backend, z, z_t, labels, grad_scale, opts, need_grad):
+def _kd_forward(backend, z, z_ts, labels, grad_scale, opts, need_grad):
     """Row losses and the logits gradient (times ``grad_scale``), written over ``z``."""
     if backend == "triton":
-        return implementation("triton").kd_forward(z, z_t, labels, grad_scale, opts, inplace=True,
+        return implementation("triton").kd_forward(z, z_ts, labels, grad_scale, opts, inplace=True,
                                                    need_grad=need_grad)
     # The chunk is already bounded; small work buffers keep the torch backend's share of it small.
-    return implementation("torch").kd_forward(z, z_t, labels, grad_scale, opts, inplace=True, need_grad=need_grad,
+    return implementation("torch").kd_forward(z, z_ts, labels, grad_scale, opts, inplace=True, need_grad=need_grad,
                                               chunk_bytes=4 * 2**20)
 
 
@@ -169,11 +169,21 @@ def _low_precision_view(buffer, dtype, shape):
 # The chunk loop
 
 
-def chunked_pass(hidden, weight, bias, teacher, labels, grad_scale, opts, backend, chunk, *, want, row_scale=None,
+def _teacher_chunk(teacher, buffer, r0, r1, transform):
+    """One teacher's logits for rows [r0, r1): a slice of its logits, or f_t(h_t W_t^T + b_t) in ``buffer``."""
+    if teacher[0] == "logits":
+        z_t = teacher[1][r0:r1]
+        return z_t if z_t.stride(-1) == 1 else z_t.contiguous()
+    _, t_hidden, t_weight, t_bias = teacher
+    return _transform_(_linear_into(buffer[: r1 - r0], t_hidden[r0:r1], t_weight, t_bias), transform)
+
+
+def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backend, chunk, *, want, row_scale=None,
                  transforms=(IDENTITY, IDENTITY)):
     """One pass over the rows of ``hidden`` ``[N, H]``.
 
-    ``teacher`` is ``("logits", z_t [N, V])`` or ``("linear", h_t [N, Ht], W_t, b_t)``. ``want``:
+    ``teachers``: a tuple of ``("logits", z_t [N, V])`` or ``("linear", h_t [N, Ht], W_t, b_t)``,
+    one per teacher (their mixture, with ``opts.teacher_weights``). ``want``:
     which of (hidden, weight, bias) gradients to compute; ``grad_scale`` ``[1]`` multiplies every
     logits gradient (the reduction's 1 / normaliser); ``row_scale`` ``[N]`` multiplies each row's
     (the "none" reduction's backward); ``transforms``: the student's and the teacher's
@@ -186,8 +196,7 @@ def chunked_pass(hidden, weight, bias, teacher, labels, grad_scale, opts, backen
     N, V = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(weight.dtype)
     device = hidden.device
-    t_dtype = teacher[1].dtype
-    row_loss = torch.zeros(N, dtype=accumulation_dtype(hidden.dtype, t_dtype), device=device)
+    row_loss = torch.zeros(N, dtype=accumulation_dtype(hidden.dtype, *(t[1].dtype for t in teachers)), device=device)
     grad_hidden = empty((N, hidden.shape[1]), dtype=hidden.dtype, device=device) if want_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=device) if want_weight else None
     grad_bias = torch.zeros(V, dtype=acc, device=device) if want_bias else None
@@ -196,8 +205,9 @@ def chunked_pass(hidden, weight, bias, teacher, labels, grad_scale, opts, backen
     # student softcap's gradient, and G in the weight dtype for bf16/fp16 weights.
     rows = min(chunk, N)
     z_buffer = empty((rows, V), dtype=acc, device=device)
-    t_buffer = (empty((rows, V), dtype=accumulation_dtype(t_dtype), device=device) if teacher[0] == "linear"
-                else None)
+    t_buffers = [empty((rows, V), dtype=accumulation_dtype(t[1].dtype), device=device) if t[0] == "linear" else None
+                 for t in teachers]
+    t_buffer = t_buffers[0]
     keep_tanh = need_grad and student_transform.softcap is not None
     tanh_buffer = empty((rows, V), dtype=acc, device=device) if keep_tanh else None
     g_buffer = None
@@ -210,15 +220,9 @@ def chunked_pass(hidden, weight, bias, teacher, labels, grad_scale, opts, backen
         h = hidden[r0:r1]
         tanh = None if tanh_buffer is None else tanh_buffer[: r1 - r0]
         z = _transform_(_linear_into(z_buffer[: r1 - r0], h, weight, bias), student_transform, tanh)
-        if teacher[0] == "logits":
-            z_t = teacher[1][r0:r1]
-            z_t = z_t if z_t.stride(-1) == 1 else z_t.contiguous()
-        else:
-            _, t_hidden, t_weight, t_bias = teacher
-            z_t = _transform_(_linear_into(t_buffer[: r1 - r0], t_hidden[r0:r1], t_weight, t_bias),
-                              teacher_transform)
+        z_ts = [_teacher_chunk(t, buffer, r0, r1, teacher_transform) for t, buffer in zip(teachers, t_buffers)]
         label = None if labels is None else labels[r0:r1]
-        loss, g = _kd_forward(backend, z, z_t, label, grad_scale, opts, need_grad)
+        loss, g = _kd_forward(backend, z, z_ts, label, grad_scale, opts, need_grad)
         row_loss[r0:r1] = loss
         if not need_grad:
             continue

@@ -2,8 +2,8 @@
 import torch
 
 from .functional import fused_linear_kd_loss, kd_loss, topk_kd_loss
-from .options import (check_backend, check_bool, check_chunk_size, check_tail, check_transforms, make_options,
-                      make_reduction)
+from .options import (check_backend, check_bool, check_chunk_size, check_tail, check_teacher_weights,
+                      check_transforms, make_options, make_reduction)
 
 
 def _kd_options(**options):
@@ -22,18 +22,23 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore_index=-100,
                  hard_weight=0.0, soft_weight=1.0, t2_scale=True, reduction="batchmean",
-                 inplace=False, backend="auto", check_finite=False, teacher_temperature=None):
+                 inplace=False, backend="auto", check_finite=False, teacher_temperature=None, teacher_weights=None):
         super().__init__()
         self.options = _kd_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                                    t2_scale=t2_scale, reduction=reduction, teacher_temperature=teacher_temperature)
+        if teacher_weights is not None:  # the number of teachers is known at the call
+            check_teacher_weights(teacher_weights, len(teacher_weights) if isinstance(teacher_weights, (list, tuple))
+                                  else 1)
+        self.options["teacher_weights"] = teacher_weights
         self.inplace, self.backend = check_bool("inplace", inplace), check_backend(backend)
         self.check_finite = check_bool("check_finite", check_finite)
 
     def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
+        """``teacher_logits``: a tensor, or a list of them (a mixture with ``teacher_weights``)."""
         return kd_loss(student_logits, teacher_logits, labels=labels, inplace=self.inplace,
-                       backend=self.backend, check_finite=self.check_finite,
-                       num_items_in_batch=num_items_in_batch, **self.options)
+                       backend=self.backend, check_finite=self.check_finite, num_items_in_batch=num_items_in_batch,
+                       **self.options)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -48,11 +53,11 @@ class TopKKDLoss(torch.nn.Module):
 
     def __init__(self, *, tail="bucket", temperature=1.0, divergence="kl", beta=0.5, skew=0.1,
                  ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True, reduction="batchmean",
-                 inplace=False, backend="auto", validate_indices=None):
+                 inplace=False, backend="auto", validate_indices=None, teacher_temperature=None):
         super().__init__()
         self.options = _kd_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                                   t2_scale=t2_scale, reduction=reduction)
+                                   t2_scale=t2_scale, reduction=reduction, teacher_temperature=teacher_temperature)
         self.tail = check_tail(tail)
         self.inplace, self.backend, self.validate_indices = inplace, check_backend(backend), validate_indices
 
@@ -79,11 +84,15 @@ class FusedLinearKDLoss(torch.nn.Module):
     def __init__(self, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore_index=-100,
                  hard_weight=0.0, soft_weight=1.0, t2_scale=True, reduction="batchmean",
                  backend="auto", chunk_size=None, student_logit_scale=1.0, student_softcap=None,
-                 teacher_logit_scale=1.0, teacher_softcap=None):
+                 teacher_logit_scale=1.0, teacher_softcap=None, teacher_temperature=None, teacher_weights=None):
         super().__init__()
         self.options = _kd_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                                   t2_scale=t2_scale, reduction=reduction)
+                                   t2_scale=t2_scale, reduction=reduction, teacher_temperature=teacher_temperature)
+        if teacher_weights is not None:  # the number of teachers is known at the call
+            check_teacher_weights(teacher_weights, len(teacher_weights) if isinstance(teacher_weights, (list, tuple))
+                                  else 1)
+        self.options["teacher_weights"] = teacher_weights
         self.backend = check_backend(backend)
         self.chunk_size = check_chunk_size(chunk_size)
         self.transforms = dict(student_logit_scale=student_logit_scale, student_softcap=student_softcap,

@@ -8,7 +8,7 @@ Functions in ``fastkd.autograd`` call the Python wrappers below; the reduction a
 scaling stay plain torch ops that inductor fuses (and, for a saved gradient that the backward
 graph owns, runs in place: inductor's donated buffers).
 
-    fastkd::kd_forward               (student, teacher, labels?, grad_scale, scalars, ...) -> (row loss, grad)
+    fastkd::kd_forward               (student, teachers, labels?, grad_scale, scalars, ...) -> (row loss, grad)
     fastkd::kd_forward_inplace       the same, the gradient written into ``student`` (mutates it)
     fastkd::topk_kd_forward          the top-k loss, likewise (and its _inplace twin)
     fastkd::vocab_parallel_forward   one rank's vocabulary-parallel loss, collectives included
@@ -50,14 +50,15 @@ def pack_scalars(*values):
 
 
 def pack_kd_scalars(opts: KDOptions):
-    return pack_scalars(opts.temperature, opts.teacher_T, opts.beta, opts.skew, opts.hard_weight, opts.soft_weight)
+    return pack_scalars(opts.temperature, opts.teacher_T, opts.beta, opts.skew, opts.hard_weight, opts.soft_weight,
+                        *opts.teacher_weights)
 
 
 def unpack_kd_options(scalars, divergence, t2_scale, ignore_index):
     """The ``KDOptions`` of one op call (already validated by the functional API)."""
-    temperature, teacher_temperature, beta, skew, hard_weight, soft_weight = scalars.tolist()
+    temperature, teacher_temperature, beta, skew, hard_weight, soft_weight, *teacher_weights = scalars.tolist()
     return KDOptions(temperature, divergence, beta, skew, hard_weight, soft_weight, t2_scale, ignore_index,
-                     teacher_temperature)
+                     teacher_temperature, tuple(teacher_weights))
 
 
 def _static(opts: KDOptions):
@@ -71,8 +72,9 @@ def autocast_off(device):
     return contextlib.nullcontext()
 
 
-def _fake_row_loss(student, teacher):
-    return student.new_empty(student.shape[0], dtype=accumulation_dtype(student.dtype, teacher.dtype))
+def _fake_row_loss(student, *teachers):
+    dtypes = (t.dtype for t in teachers)
+    return student.new_empty(student.shape[0], dtype=accumulation_dtype(student.dtype, *dtypes))
 
 
 def _fake_grad(student, need_grad):
@@ -87,43 +89,44 @@ def _grad_or_empty(student, grad):
 
 
 @torch.library.custom_op("fastkd::kd_forward", mutates_args=())
-def _kd_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad_scale: Tensor, scalars: Tensor,
-                divergence: str, t2_scale: bool, ignore_index: int, backend: str,
+def _kd_forward(student: Tensor, teachers: list[Tensor], labels: Optional[Tensor], grad_scale: Tensor,
+                scalars: Tensor, divergence: str, t2_scale: bool, ignore_index: int, backend: str,
                 need_grad: bool) -> tuple[Tensor, Tensor]:
     opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
     with autocast_off(student.device):
-        row_loss, grad = implementation(backend).kd_forward(student, teacher, labels, grad_scale, opts,
+        row_loss, grad = implementation(backend).kd_forward(student, teachers, labels, grad_scale, opts,
                                                             need_grad=need_grad)
     return row_loss, _grad_or_empty(student, grad)
 
 
 @_kd_forward.register_fake
-def _(student, teacher, labels, grad_scale, scalars, divergence, t2_scale, ignore_index, backend, need_grad):
-    return _fake_row_loss(student, teacher), _fake_grad(student, need_grad)
+def _(student, teachers, labels, grad_scale, scalars, divergence, t2_scale, ignore_index, backend, need_grad):
+    return _fake_row_loss(student, *teachers), _fake_grad(student, need_grad)
 
 
 @torch.library.custom_op("fastkd::kd_forward_inplace", mutates_args=("student",))
-def _kd_forward_inplace(student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad_scale: Tensor,
+def _kd_forward_inplace(student: Tensor, teachers: list[Tensor], labels: Optional[Tensor], grad_scale: Tensor,
                         scalars: Tensor, divergence: str, t2_scale: bool, ignore_index: int, backend: str) -> Tensor:
     opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
     with autocast_off(student.device):
-        row_loss, _ = implementation(backend).kd_forward(student, teacher, labels, grad_scale, opts, inplace=True)
+        row_loss, _ = implementation(backend).kd_forward(student, teachers, labels, grad_scale, opts, inplace=True)
     return row_loss
 
 
 @_kd_forward_inplace.register_fake
-def _(student, teacher, labels, grad_scale, scalars, divergence, t2_scale, ignore_index, backend):
-    return _fake_row_loss(student, teacher)
+def _(student, teachers, labels, grad_scale, scalars, divergence, t2_scale, ignore_index, backend):
+    return _fake_row_loss(student, *teachers)
 
 
-def kd_forward(student, teacher, labels, grad_scale, opts: KDOptions, backend, *, inplace, need_grad):
+def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, backend, *, inplace, need_grad):
     """Per-row loss ``[N]`` and the student gradient ``[N, V]`` (times ``grad_scale``; None unless
-    ``need_grad``; ``student`` itself, overwritten, with ``inplace``) of ``[N, V]`` rows."""
+    ``need_grad``; ``student`` itself, overwritten, with ``inplace``) of ``[N, V]`` rows against the
+    list of teachers (their mixture, with ``opts.teacher_weights``)."""
     scalars = pack_kd_scalars(opts)
     if inplace:
-        return torch.ops.fastkd.kd_forward_inplace(student, teacher, labels, grad_scale, scalars, *_static(opts),
+        return torch.ops.fastkd.kd_forward_inplace(student, teachers, labels, grad_scale, scalars, *_static(opts),
                                                    backend), student
-    row_loss, grad = torch.ops.fastkd.kd_forward(student, teacher, labels, grad_scale, scalars, *_static(opts),
+    row_loss, grad = torch.ops.fastkd.kd_forward(student, teachers, labels, grad_scale, scalars, *_static(opts),
                                                  backend, need_grad)
     return row_loss, grad if need_grad else None
 
@@ -243,20 +246,27 @@ def vocab_parallel_forward(student, teacher, labels, opts: KDOptions, reduction:
 # ------------------------------------------------------------------------------------- fused linear
 
 
+def _teacher_specs(t_hidden, t_weight, t_bias, t_logits):
+    """The driver's teacher tuples from the op's lists (teacher logits, or hidden states and LM heads)."""
+    if t_logits:
+        return tuple(("logits", z) for z in t_logits)
+    return tuple(("linear", h, w, b) for h, w, b in zip(t_hidden, t_weight, t_bias))
+
+
 @torch.library.custom_op("fastkd::fused_linear_pass", mutates_args=())
-def _fused_linear_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t_hidden: Optional[Tensor],
-                       t_weight: Optional[Tensor], t_bias: Optional[Tensor], t_logits: Optional[Tensor],
-                       labels: Optional[Tensor], grad_scale: Tensor, row_scale: Optional[Tensor], scalars: Tensor, divergence: str,
-                       t2_scale: bool, ignore_index: int, backend: str, chunk: int, want_hidden: bool,
+def _fused_linear_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t_hidden: list[Tensor],
+                       t_weight: list[Tensor], t_bias: list[Optional[Tensor]], t_logits: list[Tensor],
+                       labels: Optional[Tensor], grad_scale: Tensor, row_scale: Optional[Tensor], scalars: Tensor,
+                       divergence: str, t2_scale: bool, ignore_index: int, backend: str, chunk: int, want_hidden: bool,
                        want_weight: bool, want_bias: bool, student_scale: float, student_softcap: Optional[float],
                        teacher_scale: float, teacher_softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
-    teacher = ("logits", t_logits) if t_logits is not None else ("linear", t_hidden, t_weight, t_bias)
     transforms = LogitTransform(student_scale, student_softcap), LogitTransform(teacher_scale, teacher_softcap)
     with autocast_off(hidden.device):
-        results = fused_linear.chunked_pass(hidden, weight, bias, teacher, labels, grad_scale, opts, backend, chunk,
-                                want=(want_hidden, want_weight, want_bias), row_scale=row_scale,
-                                transforms=transforms)
+        results = fused_linear.chunked_pass(hidden, weight, bias, _teacher_specs(t_hidden, t_weight, t_bias, t_logits),
+                                            labels, grad_scale, opts, backend, chunk,
+                                            want=(want_hidden, want_weight, want_bias), row_scale=row_scale,
+                                            transforms=transforms)
     return tuple(hidden.new_empty(0) if r is None else r for r in results)
 
 
@@ -265,25 +275,23 @@ def _(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, grad_s
       t2_scale, ignore_index, backend, chunk, want_hidden, want_weight, want_bias, student_scale, student_softcap,
       teacher_scale, teacher_softcap):
     acc = accumulation_dtype(weight.dtype)
-    t_dtype = (t_logits if t_logits is not None else t_hidden).dtype
     none = hidden.new_empty(0)
-    return (hidden.new_empty(hidden.shape[0], dtype=accumulation_dtype(hidden.dtype, t_dtype)),
+    return (_fake_row_loss(hidden, *(t_logits or t_hidden)),
             hidden.new_empty(hidden.shape) if want_hidden else none,
             weight.new_empty(weight.shape, dtype=acc) if want_weight else none,
             weight.new_empty(weight.shape[0], dtype=acc) if want_bias else none)
 
 
-def fused_linear_pass(hidden, weight, bias, teacher, labels, grad_scale, opts, backend, chunk, *, want,
+def fused_linear_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backend, chunk, *, want,
                       row_scale=None, transforms=(IDENTITY, IDENTITY)):
     """``fastkd.fused_linear.chunked_pass`` through the ``fastkd::fused_linear_pass`` operator:
     same arguments and results."""
-    if teacher[0] == "logits":
-        t_hidden, t_weight, t_bias, t_logits = None, None, None, teacher[1]
-    else:
-        (_, t_hidden, t_weight, t_bias), t_logits = teacher, None
+    logits = [t[1] for t in teachers if t[0] == "logits"]
+    linear = [t[1:] for t in teachers if t[0] == "linear"]
     row_loss, *grads = torch.ops.fastkd.fused_linear_pass(
-        hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, grad_scale, row_scale, pack_kd_scalars(opts),
-        opts.divergence, opts.t2_scale, opts.ignore_index, backend, chunk, *want, *transforms[0], *transforms[1])
+        hidden, weight, bias, [h for h, _, _ in linear], [w for _, w, _ in linear], [b for _, _, b in linear], logits,
+        labels, grad_scale, row_scale, pack_kd_scalars(opts), *_static(opts), backend, chunk, *want, *transforms[0],
+        *transforms[1])
     return (row_loss, *(grad if wanted else None for grad, wanted in zip(grads, want)))
 
 

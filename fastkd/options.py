@@ -39,10 +39,18 @@ class KDOptions:
     t2_scale: bool = True
     ignore_index: int = -100
     teacher_temperature: Optional[float] = None  # None: the student's temperature
+    teacher_weights: tuple = (1.0,)  # the mixture of teachers' weights, summing to 1 (one per teacher)
 
     @property
     def teacher_T(self):
         return self.temperature if self.teacher_temperature is None else self.teacher_temperature
+
+    @property
+    def num_teachers(self):
+        return len(self.teacher_weights)
+
+    def log_teacher_weights(self):
+        return tuple(math.log(w) if w > 0 else float("-inf") for w in self.teacher_weights)
 
     @property
     def divergence_code(self):
@@ -55,7 +63,8 @@ class KDOptions:
 
     @property
     def has_cross_term(self):
-        return self.divergence in CROSS_TERM_SIDE
+        """D is known after the first pass (one teacher, kl or reverse_kl)."""
+        return self.divergence in CROSS_TERM_SIDE and self.num_teachers == 1
 
     def mixture_weights(self):
         """(mix_weight, log w_p, log w_q) of the mixture M = w_p p + w_q q this divergence uses."""
@@ -126,8 +135,9 @@ def check_tail(tail):
 
 
 def make_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore_index=-100,
-                 hard_weight=0.0, soft_weight=1.0, t2_scale=True, teacher_temperature=None):
-    """Validate the per-row KD options and return them as ``KDOptions``."""
+                 hard_weight=0.0, soft_weight=1.0, t2_scale=True, teacher_temperature=None, teacher_weights=(1.0,)):
+    """Validate the per-row KD options and return them as ``KDOptions`` (``teacher_weights``:
+    already checked by ``check_teacher_weights``)."""
     divergence = _choice("divergence", divergence, DIVERGENCES)
     beta, skew = _real("beta", beta), _real("skew", skew)
     if divergence == "jsd" and beta in (0.0, 1.0):
@@ -148,7 +158,35 @@ def make_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore
     if teacher_temperature is not None:
         teacher_temperature = check_temperature(teacher_temperature, "teacher_temperature")
     return KDOptions(check_temperature(temperature), divergence, beta, skew, hard_weight, soft_weight,
-                     t2_scale, int(ignore_index), teacher_temperature)
+                     t2_scale, int(ignore_index), teacher_temperature, tuple(teacher_weights))
+
+
+def as_teachers(teacher_logits, name="teacher_logits"):
+    """``teacher_logits`` (a tensor, or a list or tuple of them: a mixture of teachers) as a tuple."""
+    if isinstance(teacher_logits, (list, tuple)):
+        if not teacher_logits:
+            raise ValueError(f"{name} is an empty {type(teacher_logits).__name__}; pass one teacher or several")
+        return tuple(teacher_logits)
+    return (teacher_logits,)
+
+
+def check_teacher_weights(teacher_weights, num_teachers):
+    """The mixture weights of ``num_teachers`` teachers, normalised to sum to 1: None gives them all
+    the same weight; otherwise one real number >= 0 per teacher, not all 0 (divided by their sum)."""
+    if teacher_weights is None:
+        return (1.0 / num_teachers,) * num_teachers
+    if isinstance(teacher_weights, torch.Tensor) or not isinstance(teacher_weights, (list, tuple)):
+        raise TypeError(f"teacher_weights must be a list or tuple of numbers (one per teacher), got "
+                        f"{type(teacher_weights).__name__}")
+    if len(teacher_weights) != num_teachers:
+        raise ValueError(f"teacher_weights has {len(teacher_weights)} weights for {num_teachers} teachers")
+    weights = [_real(f"teacher_weights[{i}]", w) for i, w in enumerate(teacher_weights)]
+    if any(w < 0 for w in weights):
+        raise ValueError(f"teacher_weights must be >= 0, got {list(teacher_weights)}")
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError(f"teacher_weights must not all be 0, got {list(teacher_weights)}")
+    return tuple(w / total for w in weights)
 
 
 def make_reduction(reduction="batchmean", num_items_in_batch=None):
@@ -197,16 +235,30 @@ def check_teacher_constant(name, x):
         raise ValueError(f"{name} requires grad; the teacher is a constant: pass {name}.detach()")
 
 
-def check_kd_inputs(student, teacher, labels, opts: KDOptions):
-    """Check the tensors of a KD loss call against each other and the options."""
+def _vocabulary_hint(student_name, teacher_name, v_student, v_teacher):
+    """How to distil across vocabularies that differ only in padding: views of the shared columns."""
+    v = min(v_student, v_teacher)
+    wider = f"{teacher_name}[..., :{v}]" if v_teacher > v_student else f"{student_name}[..., :{v}]"
+    return (f"; if the two vocabularies are one tokenizer's, the wider one padded (e.g. 151936 and 152064 columns), "
+            f"pass {wider}: a view, read without a copy, that takes the loss over the shared first {v} columns, "
+            "each side renormalised there")
+
+
+def check_kd_inputs(student, teachers, labels, opts: KDOptions):
+    """Check the tensors of a KD loss call against each other and the options; ``teachers`` is the
+    tuple of ``as_teachers``."""
     check_logits("student_logits", student)
-    check_logits("teacher_logits", teacher)
-    if student.shape != teacher.shape:
-        raise ValueError(f"student_logits shape {tuple(student.shape)} and teacher_logits shape "
-                         f"{tuple(teacher.shape)} differ")
-    if student.device != teacher.device:
-        raise ValueError(f"student_logits is on {student.device} and teacher_logits on {teacher.device}")
-    check_teacher_constant("teacher_logits", teacher)
+    for i, teacher in enumerate(teachers):
+        name = "teacher_logits" if len(teachers) == 1 else f"teacher_logits[{i}]"
+        check_logits(name, teacher)
+        if student.shape != teacher.shape:
+            hint = (_vocabulary_hint("student_logits", name, student.shape[-1], teacher.shape[-1])
+                    if student.shape[:-1] == teacher.shape[:-1] else "")
+            raise ValueError(f"student_logits shape {tuple(student.shape)} and {name} shape "
+                             f"{tuple(teacher.shape)} differ{hint}")
+        if student.device != teacher.device:
+            raise ValueError(f"student_logits is on {student.device} and {name} on {teacher.device}")
+        check_teacher_constant(name, teacher)
     if student.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
     check_labels(student, labels, opts)
@@ -236,6 +288,29 @@ def check_k(k, V):
     if not 1 <= k <= V:
         raise ValueError(f"k must be in [1, V] = [1, {V}], got {k}")
     return int(k)
+
+
+STORED_TEMPERATURE = "fastkd_temperature"  # the attribute teacher_topk / TeacherCache put on log-probabilities
+
+
+def mark_temperature(logprobs, temperature):
+    """``logprobs`` with the temperature it was taken at attached (``STORED_TEMPERATURE``)."""
+    setattr(logprobs, STORED_TEMPERATURE, float(temperature))
+    return logprobs
+
+
+def check_stored_temperature(logprobs, opts: KDOptions):
+    """ValueError when ``logprobs`` carry a stored temperature other than the declared teacher
+    temperature (the student's when undeclared): stored log-probabilities cannot be re-tempered."""
+    stored = getattr(logprobs, STORED_TEMPERATURE, None)
+    if stored is None or stored == opts.teacher_T:
+        return
+    declared = ("teacher_temperature" if opts.teacher_temperature is not None
+                else "temperature (teacher_temperature not given)")
+    raise ValueError(f"teacher_logprobs were taken at temperature {stored} (teacher_topk / TeacherCache), but "
+                     f"{declared} is {opts.teacher_T}: they cannot be re-tempered; pass teacher_temperature={stored} "
+                     f"to use them as stored (the student at temperature={opts.temperature}), or take them again at "
+                     "the temperature you want")
 
 
 def check_topk_inputs(student, logprobs, indices):
@@ -302,9 +377,18 @@ def _check_linear(prefix, hidden, weight, bias, device):
     return tensors
 
 
+def _as_list(value, count):
+    """``value`` (one item, a list or tuple, or None) as a list of ``count`` items."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value] * count
+
+
 def check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                        teacher_bias, teacher_logits, labels, opts):
-    """Check the tensors of a fused linear KD call against each other and the options."""
+    """Check the tensors of a fused linear KD call against each other and the options, and return
+    the teachers as a tuple of ``("logits", z_t)`` or ``("linear", h_t, W_t, b_t)`` (several teachers:
+    lists of each argument, one entry per teacher)."""
     device = student_hidden.device if isinstance(student_hidden, torch.Tensor) else None
     _check_linear("student", student_hidden, student_weight, student_bias, device)
     if student_weight.shape[0] == 0:
@@ -315,13 +399,18 @@ def check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hid
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
             raise ValueError("pass the teacher either as teacher_hidden and teacher_weight (and teacher_bias) "
                              "or as teacher_logits, not both")
-        check_logits("teacher_logits", teacher_logits)
-        if tuple(teacher_logits.shape) != lead + (V,):
-            raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} is not the student logits "
-                             f"shape {lead + (V,)} (student_hidden leading dims and V of student_weight)")
-        if teacher_logits.device != device:
-            raise ValueError(f"teacher_logits is on {teacher_logits.device} and student_hidden on {device}")
-        check_teacher_constant("teacher_logits", teacher_logits)
+        logits = as_teachers(teacher_logits)
+        for i, z in enumerate(logits):
+            name = "teacher_logits" if len(logits) == 1 else f"teacher_logits[{i}]"
+            check_logits(name, z)
+            if tuple(z.shape) != lead + (V,):
+                hint = _vocabulary_hint("student_weight", name, V, z.shape[-1]) if tuple(z.shape[:-1]) == lead else ""
+                raise ValueError(f"{name} shape {tuple(z.shape)} is not the student logits shape {lead + (V,)} "
+                                 f"(student_hidden leading dims and V of student_weight){hint}")
+            if z.device != device:
+                raise ValueError(f"{name} is on {z.device} and student_hidden on {device}")
+            check_teacher_constant(name, z)
+        teachers = tuple(("logits", z) for z in logits)
     else:
         if teacher_hidden is None and teacher_weight is None:
             raise ValueError("no teacher: pass teacher_hidden and teacher_weight, or teacher_logits")
@@ -329,17 +418,31 @@ def check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hid
             missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
             raise ValueError(f"{missing} is missing: a teacher given by hidden states needs both "
                              "teacher_hidden and teacher_weight (or pass teacher_logits instead)")
-        tensors = _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias, device)
-        if tuple(teacher_hidden.shape[:-1]) != lead:
-            raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} and student_hidden shape "
-                             f"{tuple(student_hidden.shape)} differ in their leading (token) dims")
-        if teacher_weight.shape[0] != V:
-            raise ValueError(f"teacher_weight has V = {teacher_weight.shape[0]} rows and student_weight "
-                             f"V = {V}; student and teacher need the same vocabulary")
-        for name, x in tensors:
-            check_teacher_constant(name, x)
-
+        hiddens = as_teachers(teacher_hidden, "teacher_hidden")
+        weights, biases = _as_list(teacher_weight, len(hiddens)), _as_list(teacher_bias, len(hiddens))
+        if len(weights) != len(hiddens) or len(biases) != len(hiddens):
+            raise ValueError(f"{len(hiddens)} teacher_hidden, {len(weights)} teacher_weight and {len(biases)} "
+                             "teacher_bias: give one of each per teacher")
+        teachers = []
+        for i, (h, w, b) in enumerate(zip(hiddens, weights, biases)):
+            prefix = "teacher" if len(hiddens) == 1 else f"teacher[{i}]"
+            tensors = _check_linear(prefix, h, w, b, device)
+            if tuple(h.shape[:-1]) != lead:
+                raise ValueError(f"{prefix}_hidden shape {tuple(h.shape)} and student_hidden shape "
+                                 f"{tuple(student_hidden.shape)} differ in their leading (token) dims")
+            if w.shape[0] != V:
+                v = min(V, w.shape[0])
+                view = f"{prefix}_weight[:{v}]" if w.shape[0] > V else f"student_weight[:{v}]"
+                raise ValueError(f"{prefix}_weight has V = {w.shape[0]} rows and student_weight V = {V}; student "
+                                 "and teacher need the same vocabulary; if the two are one tokenizer's, the wider "
+                                 f"padded, pass {view} (and the bias likewise): a view, no copy, and the loss over "
+                                 f"the shared first {v} columns, each side renormalised there")
+            for name, x in tensors:
+                check_teacher_constant(name, x)
+            teachers.append(("linear", h, w, b))
+        teachers = tuple(teachers)
     check_labels(student_hidden, labels, opts, name="student_hidden")
+    return teachers
 
 
 def check_logit_transform(side, logit_scale, softcap):

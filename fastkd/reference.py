@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_index_values, check_values
-from .options import (check_dim, check_kd_inputs, check_labels, check_logits, check_tail, check_temperature,
-                      check_topk_inputs, make_options, make_reduction)
+from .options import (as_teachers, check_dim, check_stored_temperature, check_kd_inputs, check_labels, check_logits, check_tail,
+                      check_teacher_weights, check_temperature, check_topk_inputs, make_options, make_reduction)
 
 
 def _compute_dtype(*tensors):
@@ -54,6 +54,16 @@ def _log_mixture(log_a, weight_a, log_b, weight_b):
     """log(weight_a * a + weight_b * b) from log a, log b, by a log-sum-exp. The log weights are
     taken in Python (float64): a weight below float32's range must not become log 0."""
     terms = torch.stack([log_a + _log_weight(weight_a), log_b + _log_weight(weight_b)])
+    dead = (terms == float("-inf")).all(0)
+    return torch.where(dead, float("-inf"), torch.logsumexp(torch.where(dead, 0.0, terms), 0))
+
+
+def _log_mixture_of(log_ps, weights):
+    """log sum_i w_i p_i from the log-probabilities ``log_ps`` (the teachers' mixture); one teacher
+    is itself (weight 1)."""
+    if len(log_ps) == 1:
+        return log_ps[0]
+    terms = torch.stack([lp + _log_weight(w) for lp, w in zip(log_ps, weights)])
     dead = (terms == float("-inf")).all(0)
     return torch.where(dead, float("-inf"), torch.logsumexp(torch.where(dead, 0.0, terms), 0))
 
@@ -98,39 +108,44 @@ def _reduce(row_loss, keep, V, reduction, leading_shape):
 def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1,
             labels=None, ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True,
             reduction="batchmean", inplace=False, backend="auto", check_finite=False, num_items_in_batch=None,
-            teacher_temperature=None):
+            teacher_temperature=None, teacher_weights=None):
     """Hinton's KD loss, in plain PyTorch (``inplace``/``backend`` ignored).
 
     loss = hard_weight * CE(z_s, labels) + soft_weight * (T**2 if t2_scale else 1) * D(p || q),
-    p = softmax(z_t / T_t), q = softmax(z_s / T), reduced over the rows whose label is not
+    p = softmax(z_t / T_t) (several teachers: sum_i w_i softmax(z_t_i / T_t), the weights
+    normalised), q = softmax(z_s / T), reduced over the rows whose label is not
     ``ignore_index`` ("batchmean": / rows, "mean": / (rows * V), "sum", "none": per row);
     ``num_items_in_batch`` (0 counts as 1) replaces the kept-row count.
     Degenerate rows are NaN and the value checks raise, as in ``fastkd.kd_loss`` (its gradient on a
     NaN row is whatever autograd gives).
     """
+    teachers = as_teachers(teacher_logits)
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
-    check_kd_inputs(student_logits, teacher_logits, labels, opts)
-    check_values(student_logits, teacher_logits, labels, opts, check_finite)
+                        t2_scale=t2_scale, teacher_temperature=teacher_temperature,
+                        teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
+    check_kd_inputs(student_logits, teachers, labels, opts)
+    check_values(student_logits, teachers, labels, opts, check_finite)
     reduction = make_reduction(reduction, num_items_in_batch)
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = _compute_dtype(student_logits, *teachers)
     V = student_logits.shape[-1]
     z_s = student_logits.reshape(-1, V).to(dtype)
-    z_t = teacher_logits.reshape(-1, V).to(dtype)
+    z_ts = [t.reshape(-1, V).to(dtype) for t in teachers]
     if labels is None:
         keep = torch.ones(z_s.shape[0], dtype=torch.bool, device=z_s.device)
     else:
         labels = labels.reshape(-1).long()
         keep = labels != opts.ignore_index
 
-    z_s_kept, z_t_kept = z_s[keep], z_t[keep]
+    z_s_kept, z_t_kept = z_s[keep], [z[keep] for z in z_ts]
     T, T_t = opts.temperature, opts.teacher_T
-    soft = row_divergence(torch.log_softmax(z_t_kept / T_t, -1), torch.log_softmax(z_s_kept / T, -1),
-                         opts.divergence, opts.beta, opts.skew)
+    log_p = _log_mixture_of([torch.log_softmax(z / T_t, -1) for z in z_t_kept], opts.teacher_weights)
+    soft = row_divergence(log_p, torch.log_softmax(z_s_kept / T, -1), opts.divergence, opts.beta, opts.skew)
     kept_loss = opts.soft_scale * soft
     # A row with no student or teacher distribution (all -inf, or a NaN or +inf in it) is NaN.
-    defined = _has_distribution(z_s_kept / T) & _has_distribution(z_t_kept / T_t)
+    defined = _has_distribution(z_s_kept / T)
+    for z in z_t_kept:
+        defined = defined & _has_distribution(z / T_t)
     if opts.hard_weight > 0:
         kept_labels = labels[keep]
         in_range = (kept_labels >= 0) & (kept_labels < V)
@@ -145,9 +160,10 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
 def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="bucket", temperature=1.0,
                  divergence="kl", beta=0.5, skew=0.1, labels=None, ignore_index=-100, hard_weight=0.0,
                  soft_weight=1.0, t2_scale=True, reduction="batchmean", inplace=False, backend="auto",
-                 validate_indices=None, num_items_in_batch=None):
+                 validate_indices=None, num_items_in_batch=None, teacher_temperature=None):
     """``fastkd.topk_kd_loss`` built densely (``inplace``/``backend``/``validate_indices`` ignored:
-    the indices are always checked).
+    the indices are always checked; ``teacher_temperature`` declares the stored log-probabilities'
+    temperature, as there).
 
     The listed columns are scattered into a ``[N, V]`` mask over the student's full log-softmax; the
     student's points are its log-probabilities at the listed columns and (``tail="bucket"``) the
@@ -157,10 +173,11 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="buc
     """
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale)
+                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     reduction = make_reduction(reduction, num_items_in_batch)
     tail = check_tail(tail)
     check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
+    check_stored_temperature(teacher_logprobs, opts)
     check_labels(student_logits, labels, opts)
     dtype = _compute_dtype(student_logits, teacher_logprobs)
     V, k = student_logits.shape[-1], teacher_logprobs.shape[-1]

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .options import mark_temperature
+
 FORMAT = "fastkd-teacher-cache"
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -278,8 +280,10 @@ class TeacherCache:
                              np.memmap(self.path / self.shards[i]["indices"], dtype="<i4", mode="r", shape=shape))
         return self._maps[i]
 
-    def read(self, start, stop):
-        """Tokens ``start`` to ``stop - 1``: ``(logprobs [n, k], indices [n, k] int32)``."""
+    def read(self, start, stop, *, device=None):
+        """Tokens ``start`` to ``stop - 1``: ``(logprobs [n, k], indices [n, k] int32)``, on ``device``
+        when given. The log-probabilities carry the cache's temperature, which ``topk_kd_loss``
+        checks (moved with ``device=``, they keep it; a tensor moved afterwards does not)."""
         n = len(self)
         if not 0 <= start <= stop <= n:
             raise IndexError(f"token range [{start}, {stop}) is outside [0, {n})")
@@ -305,7 +309,9 @@ class TeacherCache:
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.vocab_size):
             raise TeacherCacheError(f"{self.path} is corrupted: an index in tokens [{start}, {stop}) "
                                     f"lies outside [0, {self.vocab_size})")
-        return lp, idx
+        if device is not None:
+            lp, idx = lp.to(device), idx.to(device)
+        return mark_temperature(lp, self.temperature), idx
 
     def __getitem__(self, item):
         if isinstance(item, slice):
@@ -319,5 +325,5 @@ class TeacherCache:
             if not 0 <= i < len(self):
                 raise IndexError(f"token {item} is outside a cache of {len(self)} tokens")
             lp, idx = self.read(i, i + 1)
-            return lp[0], idx[0]
+            return mark_temperature(lp[0], self.temperature), idx[0]
         raise TypeError(f"TeacherCache indices are ints or slices, got {type(item).__name__}")

@@ -41,7 +41,7 @@ tvd               g = -sign(p - q) / 2            h = q g
 import triton
 import triton.language as tl
 
-from .row_stats import exp, finite, log_add_exp, tile_max_update, tile_rows_to_row
+from .row_stats import exp, finite, fold_tile, log, log_add_exp, tile_rows_to_row
 
 # Codes of fastkd.options.DIVERGENCES, in its order (a test checks the correspondence).
 KL = tl.constexpr(0)
@@ -62,53 +62,81 @@ def divergence_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log
 
 
 @triton.jit
-def load_scaled_tile(z_row, t_row, offsets, width, inv_temperature, inv_teacher_temperature,
-                     ACC_DTYPE: tl.constexpr, EVICTION: tl.constexpr):
-    """One tile of a row at ``offsets`` [R, C] (each tile row one thread's contiguous C elements):
-    raw student logits z, s = z / T_s, t = teacher / T_t (-inf past ``width``), and the mask.
-    ``EVICTION``: "evict_last" for a read that a later pass repeats, "evict_first" for the last."""
-    mask = offsets < width
-    z = tl.load(z_row + offsets, mask=mask, other=float("-inf"), eviction_policy=EVICTION).to(ACC_DTYPE)
-    t = tl.load(t_row + offsets, mask=mask, other=float("-inf"), eviction_policy=EVICTION).to(ACC_DTYPE)
-    return z, z * inv_temperature, t * inv_teacher_temperature, mask
+def load_tile(ptr, offsets, width, scale, ACC_DTYPE: tl.constexpr, EVICTION: tl.constexpr):
+    """One tile of a row at ``offsets`` [R, C] (each tile row one thread's contiguous C elements),
+    times ``scale``, in the accumulation dtype; -inf past ``width``. ``EVICTION``: "evict_last" for a
+    read that a later pass repeats, "evict_first" for the last."""
+    x = tl.load(ptr + offsets, mask=offsets < width, other=float("-inf"), eviction_policy=EVICTION)
+    return x.to(ACC_DTYPE) * scale
 
 
 @triton.jit
-def fold_row_statistics(m_s, d_s, m_t, d_t, m_z, d_z, cross, z, s, t,
-                        DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr):
-    """Fold one tile [R, C] into the running maxima m and sums of exps d [R] of s, t (and z for the
-    hard CE), and into kl's cross term sum e^(t - m_t) (t - s) or reverse_kl's sum
-    e^(s - m_s) (s - t), per tile row (one thread's: no cross-thread work in the loop)."""
-    m_s, safe_s, alpha_s = tile_max_update(m_s, s)
-    m_t, safe_t, alpha_t = tile_max_update(m_t, t)
-    e_s = exp(s - safe_s[:, None])
-    e_t = exp(t - safe_t[:, None])
-    d_s = d_s * alpha_s + tl.sum(e_s, axis=1)
-    d_t = d_t * alpha_t + tl.sum(e_t, axis=1)
-    if DIVERGENCE == KL:
-        cross = cross * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (t - s), 0.0), axis=1)
-    if DIVERGENCE == REVERSE_KL:
-        cross = cross * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (s - t), 0.0), axis=1)
+def load_teacher_tiles(t_rows, offsets, width, inv_teacher_temperature, ACC_DTYPE: tl.constexpr,
+                       EVICTION: tl.constexpr, NUM_TEACHERS: tl.constexpr):
+    """``load_tile`` of each teacher's row: a tuple of t = teacher / T_t."""
+    ts = ()
+    for i in tl.static_range(NUM_TEACHERS):
+        ts = ts + (load_tile(t_rows[i], offsets, width, inv_teacher_temperature, ACC_DTYPE, EVICTION),)
+    return ts
+
+
+@triton.jit
+def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
+                        DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
+    """Fold one tile [R, C] into the running maxima m and sums of exps d [R] of s, of each teacher's
+    t (tuples m_ts, d_ts) and of z (hard CE), and, with one teacher, into kl's cross term
+    sum e^(t - m_t) (t - s) or reverse_kl's sum e^(s - m_s) (s - t); per tile row (one thread's: no
+    cross-thread work in the loop)."""
+    m_s, d_s, e_s, alpha_s = fold_tile(m_s, d_s, s)
+    new_m_ts = ()
+    new_d_ts = ()
+    for i in tl.static_range(NUM_TEACHERS):
+        m_t, d_t, e_t, alpha_t = fold_tile(m_ts[i], d_ts[i], ts[i])
+        new_m_ts = new_m_ts + (m_t,)
+        new_d_ts = new_d_ts + (d_t,)
+        if NUM_TEACHERS == 1 and DIVERGENCE == KL:
+            cross = cross * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (ts[0] - s), 0.0), axis=1)
+    if NUM_TEACHERS == 1 and DIVERGENCE == REVERSE_KL:
+        cross = cross * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (s - ts[0]), 0.0), axis=1)
     if HAS_CE:
-        m_z, safe_z, alpha_z = tile_max_update(m_z, z)
-        d_z = d_z * alpha_z + tl.sum(exp(z - safe_z[:, None]), axis=1)
-    return m_s, d_s, m_t, d_t, m_z, d_z, cross
+        m_z, d_z, _, _ = fold_tile(m_z, d_z, z)
+    return m_s, d_s, new_m_ts, new_d_ts, m_z, d_z, cross
 
 
 @triton.jit
-def finish_row_statistics(m_s, d_s, m_t, d_t, m_z, d_z, cross, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr):
+def finish_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
+                          NUM_TEACHERS: tl.constexpr):
     """The row's maxima and sums of exps (and cross term, against the row's maximum of t or s)
     from the per-tile-row ones of ``fold_row_statistics``: once per row, across threads."""
     M_s, D_s = tile_rows_to_row(m_s, d_s)
-    M_t, D_t = tile_rows_to_row(m_t, d_t)
-    if DIVERGENCE == KL:
-        cross = cross * exp(m_t - finite(M_t))
-    if DIVERGENCE == REVERSE_KL:
+    M_ts = ()
+    D_ts = ()
+    for i in tl.static_range(NUM_TEACHERS):
+        M_t, D_t = tile_rows_to_row(m_ts[i], d_ts[i])
+        M_ts = M_ts + (M_t,)
+        D_ts = D_ts + (D_t,)
+    if NUM_TEACHERS == 1 and DIVERGENCE == KL:
+        cross = cross * exp(m_ts[0] - finite(M_ts[0]))
+    if NUM_TEACHERS == 1 and DIVERGENCE == REVERSE_KL:
         cross = cross * exp(m_s - finite(M_s))
     M_z, D_z = tl.max(m_z, axis=0), tl.sum(d_z, axis=0)
     if HAS_CE:
         M_z, D_z = tile_rows_to_row(m_z, d_z)
-    return M_s, D_s, M_t, D_t, M_z, D_z, tl.sum(cross, axis=0)
+    return M_s, D_s, M_ts, D_ts, M_z, D_z, tl.sum(cross, axis=0)
+
+
+@triton.jit
+def mixture_log_prob(ts, lse_ts, log_teacher_weights, NUM_TEACHERS: tl.constexpr):
+    """log p of the teachers' mixture p = sum_i w_i softmax(t_i), in log space:
+    logsumexp_i(log w_i + t_i - lse_i) (-inf where every teacher's p is 0)."""
+    hi = log_teacher_weights[0] + ts[0] - lse_ts[0]
+    for i in tl.static_range(1, NUM_TEACHERS):
+        hi = tl.maximum(hi, log_teacher_weights[i] + ts[i] - lse_ts[i])
+    hi_safe = finite(hi)
+    total = tl.zeros_like(hi)
+    for i in tl.static_range(NUM_TEACHERS):
+        total += exp(log_teacher_weights[i] + ts[i] - lse_ts[i] - hi_safe)
+    return tl.where(hi == float("-inf"), float("-inf"), hi_safe + log(total))
 
 
 @triton.jit

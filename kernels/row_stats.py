@@ -53,12 +53,15 @@ def finite(m):
 
 
 @triton.jit
-def tile_max_update(m, x):
-    """``online_max_update`` for a tile ``x`` [R, C] whose rows each belong to one thread: running
-    maxima ``m`` [R] per tile row, so no value crosses threads inside a loop."""
+def fold_tile(m, d, x):
+    """Fold a tile ``x`` [R, C] whose rows each belong to one thread into running maxima ``m`` [R]
+    and sums ``d = sum exp(x - m)`` [R] per tile row, so no value crosses threads inside a loop.
+    Returns the new m, d, exp(x - m) [R, C] and the factor exp(m_old - m) [R] that rescaled d."""
     m_new = tl.maximum(m, tl.max(x, axis=1))
     m_safe = finite(m_new)
-    return m_new, m_safe, exp(m - m_safe)
+    alpha = exp(m - m_safe)
+    e = exp(x - m_safe[:, None])
+    return m_new, d * alpha + tl.sum(e, axis=1), e, alpha
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, divergence_value,
-                          element_terms, finish_row_statistics, fold_row_statistics, load_scaled_tile)
+                          element_terms, finish_row_statistics, fold_row_statistics, load_tile)
 from .row_stats import exp, row_label, store
 
 # Columns of STATS [N, 8] and ROW [N, 11], in the order of fastkd.backends.VOCAB_PARALLEL_STATS and
@@ -64,20 +64,21 @@ def partial_stats_kernel(
     label, kept = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     m_s = tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE)
-    m_t = tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE)
+    m_ts = (tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE),)
     m_z = tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE)
     d_s = tl.zeros((TILE_ROWS,), ACC_DTYPE)
-    d_t = tl.zeros((TILE_ROWS,), ACC_DTYPE)
+    d_ts = (tl.zeros((TILE_ROWS,), ACC_DTYPE),)
     d_z = tl.zeros((TILE_ROWS,), ACC_DTYPE)
     cross = tl.zeros((TILE_ROWS,), ACC_DTYPE)
     z_y = tl.zeros((), ACC_DTYPE)
     for start in range(0, tl.where(kept, W, 0), BLOCK_V):
-        z, s, t, mask = load_scaled_tile(z_row, t_row, start + tile, W, inv_temperature, inv_teacher_temperature,
-                                         ACC_DTYPE, "")
-        m_s, d_s, m_t, d_t, m_z, d_z, cross = fold_row_statistics(
-            m_s, d_s, m_t, d_t, m_z, d_z, cross, z, s, t, DIVERGENCE, HAS_CE)
-    m_s, d_s, m_t, d_t, m_z, d_z, cross = finish_row_statistics(
-        m_s, d_s, m_t, d_t, m_z, d_z, cross, DIVERGENCE, HAS_CE)
+        z = load_tile(z_row, start + tile, W, 1.0, ACC_DTYPE, "")
+        ts = (load_tile(t_row, start + tile, W, inv_teacher_temperature, ACC_DTYPE, ""),)
+        m_s, d_s, m_ts, d_ts, m_z, d_z, cross = fold_row_statistics(
+            m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, z * inv_temperature, ts, DIVERGENCE, HAS_CE, 1)
+    m_s, d_s, m_ts, d_ts, m_z, d_z, cross = finish_row_statistics(
+        m_s, d_s, m_ts, d_ts, m_z, d_z, cross, DIVERGENCE, HAS_CE, 1)
+    m_t, d_t = m_ts[0], d_ts[0]
     if kept:
         if HAS_CE:
             local_label = label - vocab_start
@@ -123,8 +124,8 @@ def row_scalars_kernel(
         lse_t = tl.load(values + LSE_T)
         shift = tl.load(values + SHIFT)
         for start in range(0, W, BLOCK_V):
-            z, s, t, mask = load_scaled_tile(z_row, t_row, start + tile, W, inv_temperature,
-                                             inv_teacher_temperature, ACC_DTYPE, "")
+            s = load_tile(z_row, start + tile, W, inv_temperature, ACC_DTYPE, "")
+            t = load_tile(t_row, start + tile, W, inv_teacher_temperature, ACC_DTYPE, "")
             # Columns past W load -inf: every term is 0 there (p = q = 0).
             b1, b2 = element_terms(s - lse_s, t - lse_t, s - t, shift, mix_weight, log_weight_p, log_weight_q,
                                    DIVERGENCE)
@@ -183,14 +184,15 @@ def shard_finish_kernel(
             hard_grad_scale = grad_scale * hard_weight
             local_label = label - vocab_start
             for start in range(0, W, BLOCK_V):
-                z, s, t, mask = load_scaled_tile(z_row, t_row, start + tile, W, inv_temperature,
-                                                 inv_teacher_temperature, ACC_DTYPE, "")
+                z = load_tile(z_row, start + tile, W, 1.0, ACC_DTYPE, "")
+                s = z * inv_temperature
+                t = load_tile(t_row, start + tile, W, inv_teacher_temperature, ACC_DTYPE, "")
                 g = soft_grad_scale * divergence_grad(s - lse_s, t - lse_t, s - t, shift, A1_row, A2_row,
                                                       mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
                 g += nan_row
                 if HAS_CE:
                     g += hard_grad_scale * (exp(z - lse_z) - tl.where(start + tile == local_label, 1.0, 0.0))
-                store(g_row + start + tile, g, mask=mask)
+                store(g_row + start + tile, g, mask=start + tile < W)
     else:
         store(loss_ptr + row, tl.zeros((), ACC_DTYPE))
         if WRITE_GRAD:

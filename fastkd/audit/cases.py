@@ -48,9 +48,10 @@ def _train_step(loss_fn, student, *args, **kw):
     getattr(fastkd, loss_fn)(leaf, *args, backend="triton", **{"temperature": TEMPERATURE, **kw}).backward()
 
 
-def kd_step(x, divergence, hard_ce=False, temperature=TEMPERATURE):
+def kd_step(x, divergence, hard_ce=False, temperature=TEMPERATURE, teachers=1):
     ce = dict(labels=x.labels, hard_weight=HARD_WEIGHT) if hard_ce else {}
-    _train_step("kd_loss", x.student, x.teacher, divergence=divergence, temperature=temperature, **ce)
+    teacher = x.teacher if teachers == 1 else [x.teacher] * teachers  # a mixture reads each teacher tensor
+    _train_step("kd_loss", x.student, teacher, divergence=divergence, temperature=temperature, **ce)
 
 
 def softmax_step(x, log):
@@ -122,6 +123,8 @@ CASES = (
     _kd("tvd", (14, 0), hard_ce=True),
     Case("kd_loss kl", kd_step, dict(divergence="kl", hard_ce=True, temperature=1.0), flags="hard CE, T = 1",
          floor_op="kd_loss", gate=True, budget=(10, 0), alternating=True),
+    Case("kd_loss kl", kd_step, dict(divergence="kl", teachers=2), flags="2 teachers", gate=True, budget=(20, 0),
+         alternating=True),
     Case("softmax", softmax_step, dict(log=False), floor_op="softmax"),
     Case("log_softmax", softmax_step, dict(log=True), floor_op="log_softmax"),
     Case(f"teacher_topk k={TOPK_K}", teacher_topk_step, dict(k=TOPK_K)),

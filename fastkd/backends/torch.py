@@ -14,7 +14,7 @@ import torch
 
 from ..buffers import accumulation_dtype, empty, gradient_buffer
 from ..options import KDOptions
-from . import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS
+from . import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS, teacher_tuple
 from . import torch_divergences as div
 
 # Of one float32 [rows, V] temporary. Large enough that the per-op overhead of CPU threading stays
@@ -57,28 +57,49 @@ def _finish_rows(loss, grad, r0, r1, row_loss, g, defined, labels, ignore_index)
 # ---------------------------------------------------------------------------------------------- dense
 
 
-def kd_forward(student, teacher, labels, grad_scale, opts: KDOptions, *, inplace=False, need_grad=True,
+def _mixture_log_probs(student_stats, teachers, r0, r1, acc, opts):
+    """ls, lt, s_minus_t, shift and the rows with every teacher's distribution, for a mixture of
+    teachers (s_minus_t = ls - lt, shift 0, as the kernel)."""
+    m_s, d_s, ls = student_stats
+    lts, defined = [], torch.isfinite(m_s + d_s.log())[:, 0]
+    for teacher in teachers:
+        t = teacher[r0:r1].to(acc) / opts.teacher_T
+        lt = t.log_softmax(-1)
+        defined = defined & torch.isfinite(t.logsumexp(-1))
+        lts.append(lt)
+    lt = div.mixture_log_prob(lts, opts.log_teacher_weights())
+    return ls, lt, ls - lt, torch.zeros_like(m_s), defined
+
+
+def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplace=False, need_grad=True,
                chunk_bytes=None):
     """Per-row loss ``[N]`` and student gradient ``[N, V]``, as ``fastkd.backends.triton.kd_forward``."""
+    teachers = teacher_tuple(teachers)
     N, V = student.shape
-    acc = accumulation_dtype(student.dtype, teacher.dtype)
+    acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
     loss = empty(N, dtype=acc, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
     for r0, r1 in chunks(N, V, chunk_bytes):
         z = student[r0:r1].to(acc)
         s = z / opts.temperature
-        t = teacher[r0:r1].to(acc) / opts.teacher_T
-        m_s, d_s, m_t, d_t, cross = div.fold_row_statistics(s, t, opts)
-        ls, lt = (s - m_s) - d_s.log(), (t - m_t) - d_t.log()
-        shift = div.log_ratio_shift(m_s, d_s, m_t, d_t)
-        s_minus_t = s - t
+        if len(teachers) > 1:
+            m_s = s.amax(-1, keepdim=True)
+            d_s = (s - div.finite(m_s)).exp().sum(-1, keepdim=True)
+            ls, lt, s_minus_t, shift, defined = _mixture_log_probs((m_s, d_s, (s - m_s) - d_s.log()), teachers,
+                                                                   r0, r1, acc, opts)
+        else:
+            t = teachers[0][r0:r1].to(acc) / opts.teacher_T
+            m_s, d_s, m_t, d_t, cross = div.fold_row_statistics(s, t, opts)
+            ls, lt = (s - m_s) - d_s.log(), (t - m_t) - d_t.log()
+            shift = div.log_ratio_shift(m_s, d_s, m_t, d_t)
+            s_minus_t = s - t
+            defined = torch.isfinite(m_s + d_s.log())[:, 0] & torch.isfinite(m_t + d_t.log())[:, 0]
         if opts.has_cross_term:
             A1, A2 = div.cross_term_scalars(cross, d_s, d_t, shift, opts)
         else:
             a1, a2 = div.element_terms(ls, lt, s_minus_t, shift, opts)
             A1, A2 = a1.sum(-1, keepdim=True), a2.sum(-1, keepdim=True)
         row_loss = opts.soft_scale * div.divergence_value(A1, A2, opts)[:, 0]
-        defined = torch.isfinite(m_s + d_s.log())[:, 0] & torch.isfinite(m_t + d_t.log())[:, 0]
         g = None
         if grad is not None:
             g = div.divergence_grad(ls, lt, s_minus_t, shift, A1, A2, opts).mul_(opts.soft_scale / opts.temperature)

@@ -32,6 +32,14 @@ def fold_row_statistics(s, t, opts: KDOptions):
     return m_s, e_s.sum(-1, keepdim=True), m_t, e_t.sum(-1, keepdim=True), cross
 
 
+def mixture_log_prob(lts, log_teacher_weights):
+    """log p of the teachers' mixture p = sum_i w_i p_i from their log-probabilities ``lts`` (-inf
+    where every p_i is 0)."""
+    terms = torch.stack([lt + log_w for lt, log_w in zip(lts, log_teacher_weights)])
+    hi = terms.amax(0)
+    return torch.where(hi == float("-inf"), hi, finite(hi) + (terms - finite(hi)).exp().sum(0).log())
+
+
 def cross_term_scalars(cross, d_s, d_t, shift, opts: KDOptions):
     """A1, A2 of kl and reverse_kl from the first pass: the cross term summed against the row's
     maximum of t (kl) or s (reverse_kl), the sums of exps d_s, d_t and the shift."""

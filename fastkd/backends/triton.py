@@ -12,8 +12,10 @@ import torch
 
 from ..buffers import accumulation_dtype, empty, gradient_buffer
 from ..options import TAILS, KDOptions
+from . import teacher_tuple
 
 MAX_BLOCK_V = 4096
+MAX_TEACHERS = 4  # the dense kernel's mixture of teachers (kernels/kd_loss.py has as many weight slots)
 MAX_TOPK_K = 1024  # teacher_topk keeps k keys on chip; larger k uses torch.topk (fastkd.functional)
 MAX_BLOCK_K = 1024
 
@@ -69,14 +71,17 @@ def _kd_scalars(opts: KDOptions):
 # ---------------------------------------------------------------------------------------------- dense
 
 
-def kd_forward(student, teacher, labels, grad_scale, opts: KDOptions, *, inplace=False, need_grad=True, block_v=None):
+def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplace=False, need_grad=True,
+               block_v=None):
     """Per-row loss ``[N]`` (float32; float64 for float64 input) and the student gradient ``[N, V]``
     (student dtype, times ``grad_scale`` ``[1]``; None unless ``need_grad``), written into
-    ``student``'s storage with ``inplace``."""
+    ``student``'s storage with ``inplace``. ``teachers``: a teacher ``[N, V]``, or up to
+    MAX_TEACHERS of them, mixed with ``opts.teacher_weights``."""
     from ..kernels import kd_loss
 
+    teachers = teacher_tuple(teachers)
     N, V = student.shape
-    acc = accumulation_dtype(student.dtype, teacher.dtype)
+    acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
     loss = empty(N, dtype=acc, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
     kernel = kd_kernel(V, student.device)
@@ -84,25 +89,27 @@ def kd_forward(student, teacher, labels, grad_scale, opts: KDOptions, *, inplace
         return loss, grad
     block, warps = _block_and_warps(V, block_v)
     if kernel == "legacy":
-        return _legacy_kd_forward(student, teacher, labels, grad_scale, opts, loss, grad, block, warps)
+        return _legacy_kd_forward(student, teachers, labels, grad_scale, opts, loss, grad, block, warps)
+    log_teacher_weights = opts.log_teacher_weights() + (0.0,) * (MAX_TEACHERS - len(teachers))
     kd_loss.kd_forward_kernel[(N,)](
-        student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, loss),
+        student, student.stride(0), teachers, tuple(t.stride(0) for t in teachers), *_labels(labels, loss),
         loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
-        V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
-        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        CE_FROM_STUDENT=opts.temperature == 1.0, WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc),
-        BLOCK_V=block, VEC=_vec(student, teacher), num_warps=warps,
+        V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, *log_teacher_weights, opts.ignore_index,
+        DIVERGENCE=opts.divergence_code, NUM_TEACHERS=len(teachers), HAS_LABELS=labels is not None,
+        HAS_CE=opts.hard_weight != 0, CE_FROM_STUDENT=opts.temperature == 1.0, WRITE_GRAD=grad is not None,
+        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, VEC=_vec(student, *teachers), num_warps=warps,
     )
     return loss, grad
 
 
-def _legacy_kd_forward(student, teacher, labels, grad_scale, opts, loss, grad, block, warps):
+def _legacy_kd_forward(student, teachers, labels, grad_scale, opts, loss, grad, block, warps):
     """The kernels before the rework: the old forward, then the old backward's pass over the
     gradient, here with the reduction's normaliser (the same bytes as the old backward)."""
     from ..kernels import legacy_kd_loss
 
-    if opts.teacher_T != opts.temperature:
-        raise NotImplementedError("the legacy kernel has one temperature for student and teacher")
+    if opts.teacher_T != opts.temperature or len(teachers) > 1:
+        raise NotImplementedError("the legacy kernel has one teacher and one temperature for student and teacher")
+    (teacher,) = teachers
     N, V = student.shape
     acc = accumulation_dtype(student.dtype, teacher.dtype)
     mix, log_wp, log_wq = opts.mixture_weights()
