@@ -101,10 +101,14 @@ def row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS: tl.const
 
 
 @triton.jit
-def store(ptr, x, mask=None, eviction_policy: tl.constexpr = ""):
+def store(ptr, x, mask=None, eviction_policy=None):
     """Store ``x`` in ``ptr``'s element type: every kernel's results go through here. float64 ->
     bfloat16 goes through float32 (the interpreter's direct cast returns 0; on a GPU the double
-    rounding can move a bf16 result by one ulp at most)."""
+    rounding can move a bf16 result by one ulp at most). (A default of None, not "", for the
+    eviction policy: Triton 3.6 cannot take a string default of a jit function.)"""
     if ptr.dtype.element_ty == tl.bfloat16:
         x = x.to(tl.float32)
-    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask, eviction_policy=eviction_policy)
+    if eviction_policy is None:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask, eviction_policy=eviction_policy)

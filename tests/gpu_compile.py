@@ -40,6 +40,9 @@ def _kd_variants(s, t, divergence, tails):
     for labels, hard_weight, need_grad in ((None, 0.0, True), (labels, 0.5, True), (labels, 0.0, False)):
         opts = KDOptions(divergence=divergence, temperature=2.0, hard_weight=hard_weight)
         launch.kd_forward(s, t, labels, scale, opts, need_grad=need_grad)
+        mixture = KDOptions(divergence=divergence, temperature=2.0, hard_weight=hard_weight,
+                            teacher_weights=(0.25,) * launch.MAX_TEACHERS)
+        launch.kd_forward(s, (t,) * launch.MAX_TEACHERS, labels, scale, mixture, need_grad=need_grad)
         for tail in tails:
             launch.topk_kd_forward(s, torch.empty(N, 8, dtype=acc), torch.zeros(N, 8, dtype=torch.int32),
                                    labels, scale, opts, tail, need_grad=need_grad)

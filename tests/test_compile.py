@@ -179,3 +179,54 @@ def test_fused_linear_compiles_fullgraph(reduction):
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e)
     assert counter.frame_count == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_topk_kd_loss_compiles_fullgraph(backend):
+    t = logits(6, W_SHAPE[1])
+    lp, idx = fastkd.teacher_topk(t, 5, temperature=2.0, backend="torch")
+    lp = lp.clone()  # a plain tensor: the temperature is declared below
+
+    def step(h, w, labels, T, n):
+        return fastkd.topk_kd_loss(h @ w, lp, idx, temperature=T, teacher_temperature=2.0, labels=labels,
+                                   hard_weight=0.5, num_items_in_batch=n, validate_indices=False, backend=backend)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    h, w, _, labels = _inputs(N=6)
+    for T in (1.0, 2.0, 3.0):
+        loss, grad = _value_and_grad(compiled, h, w, labels, T, torch.tensor(9))
+        expected_loss, expected_grad = _value_and_grad(step, h, w, labels, T, torch.tensor(9))
+        torch.testing.assert_close(loss, expected_loss)
+        torch.testing.assert_close(grad, expected_grad)
+    assert counter.frame_count == 2
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vocab_parallel_compiles_fullgraph(backend, one_rank_group):
+    def step(h, w, t, labels, T, n):
+        return fastkd.vocab_parallel_kd_loss(h @ w, t, temperature=T, labels=labels, hard_weight=0.5,
+                                             divergence="jsd", num_items_in_batch=n, backend=backend)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    h, w, t, labels = _inputs()
+    for T in (1.0, 2.0, 3.0):
+        loss, grad = _value_and_grad(compiled, h, w, t, labels, T, torch.tensor(7))
+        expected_loss, expected_grad = _value_and_grad(step, h, w, t, labels, T, torch.tensor(7))
+        torch.testing.assert_close(loss, expected_loss)
+        torch.testing.assert_close(grad, expected_grad)
+        torch.testing.assert_close(loss, fastkd.kd_loss(h @ w, t, temperature=T, labels=labels, hard_weight=0.5,
+                                                        divergence="jsd", num_items_in_batch=7, backend="torch"))
+    assert counter.frame_count == 2

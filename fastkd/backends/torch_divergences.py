@@ -40,15 +40,15 @@ def mixture_log_prob(lts, log_teacher_weights):
     return torch.where(hi == float("-inf"), hi, finite(hi) + (terms - finite(hi)).exp().sum(0).log())
 
 
+def log_ratio_shift(m_s, d_s, m_t, d_t):
+    """shift = lse(s) - lse(t) from maxima and sums of exps, exact to a few ulps of its own size."""
+    return (m_s - m_t) + torch.log(d_s / d_t)
+
+
 def cross_term_scalars(cross, d_s, d_t, shift, opts: KDOptions):
     """A1, A2 of kl and reverse_kl from the first pass: the cross term summed against the row's
     maximum of t (kl) or s (reverse_kl), the sums of exps d_s, d_t and the shift."""
     return (cross / d_t, -shift) if opts.divergence == "kl" else (cross / d_s, shift)
-
-
-def log_ratio_shift(m_s, d_s, m_t, d_t):
-    """shift = lse(s) - lse(t) from maxima and sums of exps, exact to a few ulps of its own size."""
-    return (m_s - m_t) + torch.log(d_s / d_t)
 
 
 def log_mixture(ls, lt, log_weight_p, log_weight_q):
