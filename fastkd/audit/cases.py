@@ -102,8 +102,18 @@ class Case:
 
 
 def _kd(divergence, budget, hard_ce=False, gate=True):
+    """The two-pass kernel, whatever V (the default picks the resident kernel for short rows)."""
     return Case(f"kd_loss {divergence}", kd_step, dict(divergence=divergence, hard_ce=hard_ce),
-                flags="hard CE" if hard_ce else "", floor_op="kd_loss", gate=gate, budget=budget)
+                flags="hard CE" if hard_ce else "", floor_op="kd_loss", gate=gate, budget=budget,
+                env={"FASTKD_KD_KERNEL": "two_pass"})
+
+
+def _resident(divergence, hard_ce=False, gate=True):
+    """The resident kernel (FASTKD_KD_KERNEL=resident): one CTA a row where the row fits, else a
+    cluster of up to 16 CTAs; the launcher refuses longer rows (reported as not compiled)."""
+    return Case(f"kd_loss {divergence}", kd_step, dict(divergence=divergence, hard_ce=hard_ce),
+                flags="hard CE, resident" if hard_ce else "resident", floor_op="kd_loss", gate=gate,
+                budget=(6, 0), env={"FASTKD_KD_KERNEL": "resident"})
 
 
 CASES = (
@@ -119,6 +129,8 @@ CASES = (
     _kd("skew_kl", (14, 0), hard_ce=True),
     _kd("skew_reverse_kl", (14, 0), hard_ce=True),
     _kd("tvd", (14, 0), hard_ce=True),
+    *(_resident(divergence) for divergence in ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")),
+    *(_resident(divergence, hard_ce=True, gate=False) for divergence in ("kl", "jsd", "skew_reverse_kl")),
     Case("softmax", softmax_step, dict(log=False), floor_op="softmax"),
     Case("log_softmax", softmax_step, dict(log=True), floor_op="log_softmax"),
     Case(f"teacher_topk k={TOPK_K}", teacher_topk_step, dict(k=TOPK_K)),

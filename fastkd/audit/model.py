@@ -5,6 +5,12 @@
                         warp-instructions / issue rate)
     floor         = least bytes a fused step must move (fastkd.bench.min_bytes, fwd+bwd) / bandwidth
 
+A kernel that splits a row over a thread-block cluster also waits at its cluster barriers; that
+cost is an assumption, not a measurement, and is shown beside the modelled time, never inside it:
+    cluster cost = rows x CTAs a row / SMs x cluster barriers a row x CLUSTER_BARRIER_SECONDS
+(each barrier stalls its CTA for CLUSTER_BARRIER_SECONDS and nothing on the SM hides it: the
+resident kernel's registers leave room for one or two CTAs an SM).
+
 Every requested byte is counted as DRAM traffic (a re-read that hits L2 would cost less; with
 264-396 rows in flight at V >= ~45k a row's re-read mostly misses the 50 MB L2), and the three
 limits are taken as if they never overlap badly nor stall each other: the model is a lower bound
@@ -43,6 +49,20 @@ def modelled_seconds(elements, bytes_per_element, mufu_per_element, instructions
     }
     bound = max(limits, key=limits.get)
     return limits[bound], bound
+
+
+# Assumed: ~500 cycles at 1.98 GHz for a cluster barrier's round trip (the compiler puts a
+# MEMBAR.ALL.GPU before each arrive). Not measured. With it the model's clustered kl at V = 128256
+# (16 CTAs a row, 7 barriers) runs at 57 % of its speed without; upstream Triton's multi-CTA
+# softmax tutorial measured 66 % (16 CTAs: 4.7 TB/s against 7.1 for one CTA, on Blackwell).
+CLUSTER_BARRIER_SECONDS = 0.25e-6
+
+
+def cluster_seconds(rows, ctas, barriers_per_row, machine=H200):
+    """The assumed cost of the cluster barriers of ``rows`` rows, each split over ``ctas`` CTAs."""
+    if ctas <= 1:
+        return 0.0
+    return rows * ctas / machine.sms * barriers_per_row * CLUSTER_BARRIER_SECONDS
 
 
 def floor_seconds(floor_bytes, machine=H200):
