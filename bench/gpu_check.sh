@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # GPU check for an H200 (or any CUDA machine) with no network: install fastkd from this checkout
-# without build isolation or dependencies, run the GPU tests, then `fastkd bench --preset headline
-# fused-linear` (the headline kernel cases with the Triton kernel variants side by side, then the
-# fused linear + KD cases). Everything lands flat in OUTDIR (at most 8 files), in under 8 minutes:
-#   gpu_check.log    versions, nvidia-smi, install, tests and the bench's progress and tables
+# without build isolation or dependencies, run the GPU tests, check which dense kernels run here
+# (two_pass, resident, cluster, legacy: bench/kernel_check.py, against two_pass), time the one-CTA
+# resident kernel at V = 8192, then `fastkd bench --preset headline fused-linear` (the headline
+# kernel cases with the Triton kernel variants side by side, the clustered resident kernel among
+# them, then the fused linear + KD cases). Everything lands flat in OUTDIR (at most 8 files), in
+# under 8 minutes:
+#   gpu_check.log    versions, nvidia-smi, install, tests, the kernel check, the bench's progress and tables
 #   env.json         GPU, torch, triton, python, date, commit, exit status of each step
+#   resident_v8192.tar   the V = 8192 bench's CSV / JSON / tables
 #   <gpu>_<date>_headline+fused-linear.csv / .json / .md / _summary.md, and its PNGs (packed into
 #   plots.tar when there would be more than 8 files); see bench/results/README.md
 # Optional wheels (e.g. liger-kernel) placed in .whl/ are installed into /tmp/site first; .whl/ is
@@ -80,10 +84,34 @@ timeout -k 10 150 "$PY" -m pytest -q tests bench -m "gpu and not slow" $PARALLEL
 TESTS_RC=$?
 [ "$TESTS_RC" = 124 ] && log "tests stopped by their 150 s timeout"
 
+PRESET=${BENCH_PRESET:-headline fused-linear}
+SMALL="" # a dry run on a CPU (BENCH_PRESET=smoke): tiny shapes through the interpreter
+[ "$PRESET" = smoke ] && SMALL="--n 4 --v 64,100"
+log "dense kernels: which run here (Triton version, cluster availability) and each against two_pass"
+# A kernel the launcher refuses here (the clustered kernel on Triton < 3.9 or before sm_90) is
+# reported as unavailable, not as failed; a mismatch with the two-pass kernel fails the check.
+# shellcheck disable=SC2086  # SMALL is a list of words
+timeout -k 10 90 "$PY" bench/kernel_check.py $SMALL >>"$LOG" 2>&1
+KERNELS_RC=$?
+[ "$KERNELS_RC" = 1 ] && log "kernel check: a kernel differs from two_pass (see the log)"
+
+# The single-CTA resident kernel runs on rows of up to 8192 columns, shorter than the headline
+# cases (where [resident] is the clustered kernel): timed here beside two_pass, packed in one file.
+log "fastkd bench: one-CTA resident kernel against two_pass at V = 8192 (timeout 60 s)"
+RESIDENT_SHAPE="--n 8192 --v 8192"
+RESIDENT_INTERPRET=${TRITON_INTERPRET:-0}
+[ "$PRESET" = smoke ] && RESIDENT_SHAPE="--n 16 --v 64 --quick" && RESIDENT_INTERPRET=1
+# shellcheck disable=SC2086  # RESIDENT_SHAPE is a list of words
+TRITON_INTERPRET=$RESIDENT_INTERPRET timeout -k 10 60 "$PY" -m fastkd.cli bench --preset headline --ops kd_loss \
+    --divergences kl jsd $RESIDENT_SHAPE \
+    --providers fastkd-triton "fastkd-triton[two_pass]" "fastkd-triton[resident]" "fastkd-triton[cluster]" \
+    --no-plots --out "$OUT/resident_v8192" >>"$LOG" 2>&1
+RESIDENT_RC=$?
+(cd "$OUT" && tar -cf resident_v8192.tar resident_v8192 && rm -rf resident_v8192)
+
 BENCH_S=$(left)
 [ "$BENCH_S" -gt 400 ] && BENCH_S=400
 [ "$BENCH_S" -lt 60 ] && BENCH_S=60 # (timeout 0 would mean none)
-PRESET=${BENCH_PRESET:-headline fused-linear}
 log "fastkd bench --preset $PRESET (timeout ${BENCH_S} s)"
 # `fastkd bench` through this interpreter (the console script may be missing or another Python's).
 # shellcheck disable=SC2086  # PRESET is a list of words
@@ -93,7 +121,8 @@ BENCH_RC=$?
 [ "$BENCH_RC" = 1 ] && log "bench: a Triton kernel variant failed its check against fastkd-triton (see the log)"
 
 log "environment record"
-TESTS_RC=$TESTS_RC BENCH_RC=$BENCH_RC INSTALL_RC=$INSTALL_RC WHEEL_RC=$WHEEL_RC timeout 60 "$PY" - "$OUT/env.json" <<'EOF' >>"$LOG" 2>&1
+TESTS_RC=$TESTS_RC KERNELS_RC=$KERNELS_RC RESIDENT_RC=$RESIDENT_RC BENCH_RC=$BENCH_RC INSTALL_RC=$INSTALL_RC \
+    WHEEL_RC=$WHEEL_RC timeout 60 "$PY" - "$OUT/env.json" <<'EOF' >>"$LOG" 2>&1
 import datetime, json, os, platform, sys
 import torch
 try:
@@ -107,7 +136,8 @@ info = {
     "python": platform.python_version(),
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     "commit": os.environ.get("FASTKD_COMMIT", "unknown"),
-    "exit_status": {k.lower(): os.environ[k] for k in ("WHEEL_RC", "INSTALL_RC", "TESTS_RC", "BENCH_RC")},
+    "exit_status": {k.lower(): os.environ[k] for k in ("WHEEL_RC", "INSTALL_RC", "TESTS_RC", "KERNELS_RC",
+                                                       "RESIDENT_RC", "BENCH_RC")},
 }
 with open(sys.argv[1], "w") as f:
     json.dump(info, f, indent=2)
@@ -119,5 +149,5 @@ if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
     (cd "$OUT" && tar -cf plots.tar ./*.png && rm -f ./*.png)
     log "more than 8 files: plots packed into plots.tar"
 fi
-log "done: tests rc $TESTS_RC, bench rc $BENCH_RC; files: $(cd "$OUT" && echo ./*)"
-[ "$TESTS_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
+log "done: tests rc $TESTS_RC, kernel check rc $KERNELS_RC, resident bench rc $RESIDENT_RC, bench rc $BENCH_RC; files: $(cd "$OUT" && echo ./*)"
+[ "$TESTS_RC" = 0 ] && [ "$KERNELS_RC" = 0 ] && [ "$RESIDENT_RC" = 0 ] && [ "$BENCH_RC" = 0 ]

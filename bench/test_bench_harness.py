@@ -185,7 +185,16 @@ def test_kernel_variants_are_checked_then_timed_side_by_side(fake_launcher, monk
 def test_variants_are_unavailable_when_the_launcher_ignores_the_variable(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     real = fastkd.backends.triton.kd_forward
-    monkeypatch.setattr(fastkd.backends.triton, "kd_forward", lambda *a, **kw: real(*a, **kw))
+
+    def ignoring_the_variable(*args, **kwargs):  # a launcher that never reads FASTKD_KD_KERNEL
+        saved = os.environ.pop("FASTKD_KD_KERNEL", None)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            if saved is not None:
+                os.environ["FASTKD_KD_KERNEL"] = saved
+
+    monkeypatch.setattr(fastkd.backends.triton, "kd_forward", ignoring_the_variable)
     providers_module._launcher_reads_kd_kernel.cache_clear()
     try:
         _, skipped = select_providers(["fastkd-triton", "fastkd-triton[two_pass]"], CPU, select_cases("smoke"))

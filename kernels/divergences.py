@@ -81,6 +81,17 @@ def load_teacher_tiles(t_rows, offsets, width, inv_teacher_temperature, ACC_DTYP
 
 
 @triton.jit
+def cross_term_elements(e_s, e_t, s, t, DIVERGENCE: tl.constexpr):
+    """The terms of kl's cross term e^(t - m_t) (t - s), or reverse_kl's e^(s - m_s) (s - t), 0 where
+    the weight is 0."""
+    if DIVERGENCE == KL:
+        terms = tl.where(e_t > 0, e_t * (t - s), 0.0)
+    else:
+        terms = tl.where(e_s > 0, e_s * (s - t), 0.0)
+    return terms
+
+
+@triton.jit
 def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
                         DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
     """Fold one tile [R, C] into the running maxima m and sums of exps d [R] of s, of each teacher's
@@ -95,9 +106,9 @@ def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
         new_m_ts = new_m_ts + (m_t,)
         new_d_ts = new_d_ts + (d_t,)
         if NUM_TEACHERS == 1 and DIVERGENCE == KL:
-            cross = cross * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (ts[0] - s), 0.0), axis=1)
+            cross = cross * alpha_t + tl.sum(cross_term_elements(e_s, e_t, s, ts[0], DIVERGENCE), axis=1)
     if NUM_TEACHERS == 1 and DIVERGENCE == REVERSE_KL:
-        cross = cross * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (s - ts[0]), 0.0), axis=1)
+        cross = cross * alpha_s + tl.sum(cross_term_elements(e_s, e_t, s, ts[0], DIVERGENCE), axis=1)
     if HAS_CE:
         m_z, d_z, _, _ = fold_tile(m_z, d_z, z)
     return m_s, d_s, new_m_ts, new_d_ts, m_z, d_z, cross
@@ -176,10 +187,9 @@ def skew_kl_ratio(ls, lt, lm, p, mix_weight):
 
 
 @triton.jit
-def element_terms(ls, lt, s_minus_t, shift, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
-    """The per-element terms a1, a2 of the row scalars A1, A2 (the table above)."""
-    q = exp(ls)
-    p = exp(lt)
+def element_terms(ls, lt, q, p, s_minus_t, shift, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
+    """The per-element terms a1, a2 of the row scalars A1, A2 (the table above), from log q, log p,
+    q, p (the caller's: e^(s - m) / d is cheaper and closer than exp(ls)), s_minus_t and shift."""
     if DIVERGENCE == KL:
         a1 = tl.where(p > 0, -p * s_minus_t, 0.0)
         a2 = -p * shift
@@ -218,12 +228,11 @@ def divergence_value(A1, A2, mix_weight, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def divergence_grad(ls, lt, s_minus_t, shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
+def divergence_grad(ls, lt, q, p, s_minus_t, shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
                     DIVERGENCE: tl.constexpr):
     """dD/ds_j per element for a normalised student (the table above)."""
-    q = exp(ls)
     if DIVERGENCE == KL:
-        g = q - exp(lt)
+        g = q - p
     elif DIVERGENCE == REVERSE_KL:
         g = tl.where(q > 0, q * (s_minus_t - A1), 0.0)
     elif DIVERGENCE == TVD:
@@ -233,7 +242,7 @@ def divergence_grad(ls, lt, s_minus_t, shift, A1, A2, mix_weight, log_weight_p, 
         if DIVERGENCE == JSD:
             g = (1.0 - mix_weight) * tl.where(q > 0, q * (ls - lm - A2), 0.0)
         elif DIVERGENCE == SKEW_KL:
-            g = (1.0 - mix_weight) * (q * A2 - skew_kl_ratio(ls, lt, lm, exp(lt), mix_weight))
+            g = (1.0 - mix_weight) * (q * A2 - skew_kl_ratio(ls, lt, lm, p, mix_weight))
         else:
             g = tl.where(q > 0, q * (ls - lm - exp(log_weight_q + ls - lm) - (A1 - A2)), 0.0)
     return g

@@ -58,13 +58,17 @@ def _block_start(start, last_start, FORWARD: tl.constexpr):
 
 
 @triton.jit
-def _log_probs(s, ts, m_s, log_d_s, m_ts, log_d_ts, shift, log_teacher_weights, NUM_TEACHERS: tl.constexpr):
-    """ls, lt, and (s_minus_t, shift) with ls - lt = s_minus_t - shift (divergences.py): s - t and
-    the row's shift for one teacher, ls - lt and 0 for a mixture."""
+def _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights,
+               NUM_TEACHERS: tl.constexpr):
+    """ls, lt, q, p, and (s_minus_t, shift) with ls - lt = s_minus_t - shift (divergences.py): s - t
+    and the row's shift for one teacher, ls - lt and 0 for a mixture. q = e^(s - m_s) / d_s, p
+    likewise (one teacher) or exp(lt) (a mixture)."""
     ls = (s - m_s) - log_d_s
+    q = exp(s - m_s) * (1.0 / d_s)
     if NUM_TEACHERS == 1:
         t = ts[0]
         lt = (t - m_ts[0]) - log_d_ts[0]
+        p = exp(t - m_ts[0]) * (1.0 / d_ts[0])
         s_minus_t = s - t
         row_shift = shift
     else:
@@ -72,9 +76,10 @@ def _log_probs(s, ts, m_s, log_d_s, m_ts, log_d_ts, shift, log_teacher_weights, 
         for i in tl.static_range(NUM_TEACHERS):
             lse_ts = lse_ts + (m_ts[i] + log_d_ts[i],)
         lt = mixture_log_prob(ts, lse_ts, log_teacher_weights, NUM_TEACHERS)
+        p = exp(lt)
         s_minus_t = ls - lt
         row_shift = 0.0
-    return ls, lt, s_minus_t, row_shift
+    return ls, lt, q, p, s_minus_t, row_shift
 
 
 @triton.jit
@@ -153,10 +158,10 @@ def kd_forward_kernel(
                 s = load_tile(z_row, start + tile, V, inv_temperature, ACC_DTYPE, "evict_last")
                 ts = load_teacher_tiles(t_rows, start + tile, V, inv_teacher_temperature, ACC_DTYPE, "evict_last",
                                         NUM_TEACHERS)
-                ls, lt, s_minus_t, row_shift = _log_probs(s, ts, m_s, log_d_s, m_ts, log_d_ts, shift,
-                                                          log_teacher_weights, NUM_TEACHERS)
+                ls, lt, q, p, s_minus_t, row_shift = _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts,
+                                                                shift, log_teacher_weights, NUM_TEACHERS)
                 # Columns past V load -inf: every term is 0 there (p = q = 0).
-                b1, b2 = element_terms(ls, lt, s_minus_t, row_shift, mix_weight, log_weight_p, log_weight_q,
+                b1, b2 = element_terms(ls, lt, q, p, s_minus_t, row_shift, mix_weight, log_weight_p, log_weight_q,
                                        DIVERGENCE)
                 a1 += b1
                 a2 += b2
@@ -185,13 +190,14 @@ def kd_forward_kernel(
                 z = load_tile(z_row, start + tile, V, 1.0, ACC_DTYPE, "evict_first")
                 ts = load_teacher_tiles(t_rows, start + tile, V, inv_teacher_temperature, ACC_DTYPE, "evict_first",
                                         NUM_TEACHERS)
-                ls, lt, s_minus_t, row_shift = _log_probs(z * inv_temperature, ts, m_s, log_d_s, m_ts, log_d_ts,
-                                                          shift, log_teacher_weights, NUM_TEACHERS)
-                g = divergence_grad(ls, lt, s_minus_t, row_shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
+                ls, lt, q, p, s_minus_t, row_shift = _log_probs(z * inv_temperature, ts, m_s, d_s, log_d_s, m_ts,
+                                                                d_ts, log_d_ts, shift, log_teacher_weights,
+                                                                NUM_TEACHERS)
+                g = divergence_grad(ls, lt, q, p, s_minus_t, row_shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
                                     DIVERGENCE)
                 g = soft_grad_scale * g + row_nan
                 if HAS_CE:
-                    softmax_z = exp(ls) if CE_FROM_STUDENT else exp((z - m_z) - log_d_z)  # exp(ls): the same q
+                    softmax_z = q if CE_FROM_STUDENT else exp((z - m_z) - log_d_z)
                     g += hard_grad_scale * (softmax_z - tl.where(start + tile == label, 1.0, 0.0))
                 store(g_row + start + tile, g, mask=start + tile < V, eviction_policy="evict_first")
     else:

@@ -62,7 +62,7 @@ IGNORE = tl.constexpr(2)
 def point_terms(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.constexpr):
     """(term_b, h_b, g_b) per point: D's term (divergences.py's element terms, whose value is linear
     in them) and divergences.point_grad."""
-    a1, a2 = element_terms(lq, lp, lq - lp, 0.0, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+    a1, a2 = element_terms(lq, lp, exp(lq), exp(lp), lq - lp, 0.0, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
     h, g = point_grad(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
     return divergence_value(a1, a2, mix_weight, DIVERGENCE), h, g
 

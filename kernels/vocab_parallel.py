@@ -127,7 +127,8 @@ def row_scalars_kernel(
             s = load_tile(z_row, start + tile, W, inv_temperature, ACC_DTYPE, "")
             t = load_tile(t_row, start + tile, W, inv_teacher_temperature, ACC_DTYPE, "")
             # Columns past W load -inf: every term is 0 there (p = q = 0).
-            b1, b2 = element_terms(s - lse_s, t - lse_t, s - t, shift, mix_weight, log_weight_p, log_weight_q,
+            ls, lt = s - lse_s, t - lse_t
+            b1, b2 = element_terms(ls, lt, exp(ls), exp(lt), s - t, shift, mix_weight, log_weight_p, log_weight_q,
                                    DIVERGENCE)
             a1 += b1
             a2 += b2
@@ -187,7 +188,8 @@ def shard_finish_kernel(
                 z = load_tile(z_row, start + tile, W, 1.0, ACC_DTYPE, "")
                 s = z * inv_temperature
                 t = load_tile(t_row, start + tile, W, inv_teacher_temperature, ACC_DTYPE, "")
-                g = soft_grad_scale * divergence_grad(s - lse_s, t - lse_t, s - t, shift, A1_row, A2_row,
+                ls, lt = s - lse_s, t - lse_t
+                g = soft_grad_scale * divergence_grad(ls, lt, exp(ls), exp(lt), s - t, shift, A1_row, A2_row,
                                                       mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
                 g += nan_row
                 if HAS_CE:

@@ -104,8 +104,18 @@ class Case:
 
 
 def _kd(divergence, budget, hard_ce=False, gate=True):
+    """The two-pass kernel, whatever V (the default picks the resident kernel for short rows)."""
     return Case(f"kd_loss {divergence}", kd_step, dict(divergence=divergence, hard_ce=hard_ce),
-                flags="hard CE" if hard_ce else "", floor_op="kd_loss", gate=gate, budget=budget, alternating=True)
+                flags="hard CE" if hard_ce else "", floor_op="kd_loss", gate=gate, budget=budget,
+                env={"FASTKD_KD_KERNEL": "two_pass"}, alternating=True)
+
+
+def _resident(divergence, hard_ce=False, gate=True):
+    """The resident kernel (FASTKD_KD_KERNEL=resident): one CTA a row where the row fits, else a
+    cluster of up to 16 CTAs; the launcher refuses longer rows (reported as not compiled)."""
+    return Case(f"kd_loss {divergence}", kd_step, dict(divergence=divergence, hard_ce=hard_ce),
+                flags="hard CE, resident" if hard_ce else "resident", floor_op="kd_loss", gate=gate,
+                budget=(6, 0), env={"FASTKD_KD_KERNEL": "resident"})
 
 
 CASES = (
@@ -122,9 +132,11 @@ CASES = (
     _kd("skew_reverse_kl", (14, 0), hard_ce=True),
     _kd("tvd", (14, 0), hard_ce=True),
     Case("kd_loss kl", kd_step, dict(divergence="kl", hard_ce=True, temperature=1.0), flags="hard CE, T = 1",
-         floor_op="kd_loss", gate=True, budget=(10, 0), alternating=True),
+         floor_op="kd_loss", gate=True, budget=(10, 0), alternating=True, env={"FASTKD_KD_KERNEL": "two_pass"}),
     Case("kd_loss kl", kd_step, dict(divergence="kl", teachers=2), flags="2 teachers", gate=True, budget=(20, 0),
-         alternating=True),
+         alternating=True, env={"FASTKD_KD_KERNEL": "two_pass"}),
+    *(_resident(divergence) for divergence in ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")),
+    *(_resident(divergence, hard_ce=True, gate=False) for divergence in ("kl", "jsd", "skew_reverse_kl")),
     Case("softmax", softmax_step, dict(log=False), floor_op="softmax"),
     Case("log_softmax", softmax_step, dict(log=True), floor_op="log_softmax"),
     Case(f"teacher_topk k={TOPK_K}", teacher_topk_step, dict(k=TOPK_K)),

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 DEFAULT_OUT = Path("bench") / "results" / "local"
-DEFAULT_VS = (32000, 50257, 128256, 262144)
+DEFAULT_VS = (8192, 32000, 50257, 128256, 262144)  # 8192: a row one CTA of the resident kernel holds
 HEADLINE_V = 128256
 UNALIGNED_V = 50257
 COMPILE_ROWS = 2  # rows of the tensors the launchers see while compiling (N is not a kernel argument)
@@ -34,7 +34,8 @@ def tools_missing():
 
 
 def compile_rows(cases, vs, n, dtype_name, arch):
-    """{(case id, V): [sass.KernelAudit, ...]} with every kernel compiled as its launch would."""
+    """{(case id, V): [sass.KernelAudit, ...]} with every kernel compiled as its launch would (or
+    why the launcher refused the case's kernel at that V)."""
     from ..bench.cases import DTYPES
     from . import cases as case_table
     from .cubin import compiling_for
@@ -47,7 +48,11 @@ def compile_rows(cases, vs, n, dtype_name, arch):
         for case in cases:
             for v in vs:
                 first = len(launched)
-                case_table.run_step(case, case_table.make_inputs(COMPILE_ROWS, v, DTYPES[dtype_name]))
+                try:
+                    case_table.run_step(case, case_table.make_inputs(COMPILE_ROWS, v, DTYPES[dtype_name]))
+                except NotImplementedError as refused:  # a kernel variant the launcher has not for this V
+                    audits[case_table.case_id(case), v] = str(refused)
+                    continue
                 for compiled in launched[first:]:
                     if compiled.kernel.hash not in by_hash:
                         by_hash[compiled.kernel.hash] = analyse(compiled)
@@ -66,7 +71,7 @@ def floor_bytes(case, n, v, dtype_name):
 
 
 def audit(cases, vs, n, dtype_name, arch):
-    """The report rows of ``cases`` at each V."""
+    """The report rows of ``cases`` at each V, and (case id, V, why) of those the launcher refused."""
     from ..bench.cases import DTYPES
     from . import cases as case_table, traffic
     from .report import Row
@@ -79,16 +84,19 @@ def audit(cases, vs, n, dtype_name, arch):
         counting.wait()
         raise
     counted = traffic.finish(counting)
-    rows = []
+    rows, unavailable = [], []
     for case in cases:
         cid = case_table.case_id(case)
         for v in vs:
             kernels = compiled[cid, v]
+            if isinstance(kernels, str):
+                unavailable.append((cid, v, kernels))
+                continue
             if [k.name for k in kernels] != [name for name, _, _ in counted[cid]]:
                 raise RuntimeError(f"{cid}: compiled {[k.name for k in kernels]} but the interpreter ran "
                                    f"{[name for name, _, _ in counted[cid]]}")
             rows.append(Row(case, cid, v, n, dtype_name, kernels, counted[cid], floor_bytes(case, n, v, dtype_name)))
-    return rows
+    return rows, unavailable
 
 
 def _commit():
@@ -158,14 +166,14 @@ def run(args):
 
     vs = tuple(dict.fromkeys(args.v + ((args.headline_v,) if args.headline_v not in args.v else ())))
     start = time.perf_counter()
-    rows = audit(selected, vs, args.n, args.dtype, args.arch)
+    rows, unavailable = audit(selected, vs, args.n, args.dtype, args.arch)
     meta = dict(arch=args.arch, triton=triton.__version__, commit=_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
     stem = args.out / f"audit_sm{args.arch}_triton{triton.__version__}_{meta['date']}"
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_csv(f"{stem}.csv", rows, meta)
     text = report.markdown(rows, dict(meta, n=args.n, dtype=args.dtype), args.headline_v, vs, args.headline_v,
-                           UNALIGNED_V, traffic.SHAPE)
+                           UNALIGNED_V, traffic.SHAPE, unavailable)
     report.write_markdown(f"{stem}.md", text)
     print(report.headline_table([r for r in rows if r.v == args.headline_v]))
     print(f"\nwrote {stem}.csv and {stem}.md ({len(rows)} rows, {time.perf_counter() - start:.0f} s)")

@@ -5,6 +5,12 @@
                         warp-instructions / issue rate)
     floor         = least bytes a fused step must move (fastkd.bench.min_bytes, fwd+bwd) / bandwidth
 
+A kernel that splits a row over a thread-block cluster also waits at its cluster barriers; that
+cost is an assumption, not a measurement, and is shown beside the modelled time, never inside it:
+    cluster cost = rows x CTAs a row / SMs x cluster barriers a row x CLUSTER_BARRIER_SECONDS
+(each barrier stalls its CTA for CLUSTER_BARRIER_SECONDS and nothing on the SM hides it: the
+resident kernel's registers leave room for one or two CTAs an SM).
+
 The bytes are DRAM bytes: those requested, less the modelled L2 hits of passes that re-read a
 row (``l2_hit_fraction``): with R rows in flight (CTAs resident per SM, from registers and threads,
 times the SMs), each row's share of the L2 is L2 / R, and a row keeps its most recently read bytes
@@ -68,6 +74,20 @@ def l2_hit_fraction(row_bytes_per_pass, rows, alternating, machine=H200):
     if alternating:
         return min(1.0, share / row_bytes_per_pass)
     return 1.0 if share >= row_bytes_per_pass else 0.0
+
+
+# Assumed: ~500 cycles at 1.98 GHz for a cluster barrier's round trip (the compiler puts a
+# MEMBAR.ALL.GPU before each arrive). Not measured. With it the model's clustered kl at V = 128256
+# (16 CTAs a row, 7 barriers) runs at 57 % of its speed without; upstream Triton's multi-CTA
+# softmax tutorial measured 66 % (16 CTAs: 4.7 TB/s against 7.1 for one CTA, on Blackwell).
+CLUSTER_BARRIER_SECONDS = 0.25e-6
+
+
+def cluster_seconds(rows, ctas, barriers_per_row, machine=H200):
+    """The assumed cost of the cluster barriers of ``rows`` rows, each split over ``ctas`` CTAs."""
+    if ctas <= 1:
+        return 0.0
+    return rows * ctas / machine.sms * barriers_per_row * CLUSTER_BARRIER_SECONDS
 
 
 def floor_seconds(floor_bytes, machine=H200):

@@ -61,6 +61,11 @@ class Row:
             sum(k.instructions_per_element for k, _ in running))
 
     @property
+    def cluster_seconds(self):
+        """The assumed cost of the step's cluster barriers (model.cluster_seconds; 0 without a cluster)."""
+        return sum(model.cluster_seconds(self.n, k.ctas, k.cluster_barriers) for k in self.kernels)
+
+    @property
     def upper_bound(self):
         """"≤" when some kernel's counts are upper bounds (a loop that jumps over part of its body)."""
         return "≤" if any(k.branchy for k in self.kernels) else ""
@@ -94,7 +99,9 @@ def csv_rows(rows, meta):
                 common, kernel=_short(kernel.name), num_warps=kernel.num_warps, elements_per_iteration=kernel.block,
                 registers=kernel.registers, shared_bytes=kernel.shared, spill_store_bytes=kernel.spill_store_bytes,
                 spill_load_bytes=kernel.spill_load_bytes, spill_in_loop=kernel.spill_in_loop,
-                async_copies=kernel.async_copies, divisible_by_16=" ".join(kernel.divisible),
+                async_copies=kernel.async_copies, divisible_by_16=" ".join(kernel.divisible), ctas=kernel.ctas,
+                cluster_barriers_per_row=kernel.cluster_barriers,
+                assumed_cluster_ms=round(model.cluster_seconds(row.n, kernel.ctas, kernel.cluster_barriers) * 1e3, 4),
                 passes=kernel.passes, loop_free=kernel.loop_free,
                 main_loop_lines=_loop_field(kernel, lambda loop: loop.source_line or loop.step),
                 widest_load_bits=_loop_field(kernel, lambda loop: max(loop.widths("LDG"), default=0)),
@@ -120,6 +127,7 @@ def csv_rows(rows, meta):
             mufu_per_element=round(sum(k.mufu_per_element for k in row.kernels), 4),
             warp_instructions_per_element=round(sum(k.instructions_per_element for k in row.kernels), 4),
             modelled_ms=round(seconds * 1e3, 4), modelled_bound=bound,
+            assumed_cluster_ms=round(row.cluster_seconds * 1e3, 4),
             floor_ms="" if row.floor_bytes is None else round(row.floor_seconds * 1e3, 4),
             modelled_fraction_of_floor="" if row.floor_bytes is None else round(row.fraction_of_floor, 4)))
     return out
@@ -150,15 +158,16 @@ def _table(header, lines):
 
 
 def headline_table(rows):
-    header = ["case", "kernels", "regs", "spill B st/ld", "spill in loop", "smem B", "widest load per main loop (bits)",
-              "passes", "B/elt requested", "MUFU/elt", "warp-instr/elt", "modelled L2 hits of re-reads",
-              "modelled DRAM B/elt", "modelled ms", "modelled % of floor", "modelled bound"]
+    header = ["case", "kernels", "CTAs/row", "regs", "spill B st/ld", "spill in loop", "smem B",
+              "widest load per main loop (bits)", "passes", "B/elt requested", "MUFU/elt", "warp-instr/elt",
+              "modelled L2 hits of re-reads", "modelled DRAM B/elt", "modelled ms", "modelled % of floor",
+              "modelled bound", "cluster barriers/row", "+ cluster cost (assumed) ms"]
     lines = []
     for row in rows:
         k = row.kernels
         seconds, bound = row.modelled()
         lines.append([
-            row.case_id, _plus(_short(x.name) for x in k), _plus(x.registers for x in k),
+            row.case_id, _plus(_short(x.name) for x in k), _plus(x.ctas for x in k), _plus(x.registers for x in k),
             _plus(f"{x.spill_store_bytes}/{x.spill_load_bytes}" for x in k),
             "yes" if any(x.spill_in_loop for x in k) else "no", _plus(x.shared for x in k),
             _plus("·".join(map(str, x.widest_loads)) for x in k), _plus(x.passes for x in k),
@@ -166,8 +175,18 @@ def headline_table(rows):
             _plus(_bounded(x, x.instructions_per_element) for x in k),
             _plus(f"{100 * row.l2_hits(x, loaded)[0]:.0f} %" for x, (_, loaded, _) in zip(k, row.traffic)),
             f"{sum(row.dram_bytes_per_element):.2f}", f"{row.upper_bound}{seconds * 1e3:.2f}",
-            "" if row.floor_bytes is None else f"{100 * row.fraction_of_floor:.0f} %", bound])
+            "" if row.floor_bytes is None else f"{100 * row.fraction_of_floor:.0f} %", bound,
+            _plus(x.cluster_barriers for x in k), _with_cluster(row)])
     return _table(header, lines)
+
+
+def _with_cluster(row):
+    """Modelled ms plus the assumed cluster cost (and its % of the floor), blank without a cluster."""
+    if not row.cluster_seconds:
+        return ""
+    total = row.modelled()[0] + row.cluster_seconds
+    pct = "" if row.floor_bytes is None else f" ({100 * row.floor_seconds / total:.0f} %)"
+    return f"{total * 1e3:.2f}{pct}"
 
 
 def by_v_table(rows, vs):
@@ -180,7 +199,8 @@ def by_v_table(rows, vs):
         for v in vs:
             r = cells.get((case_id, v))
             pct = "" if r is None or r.floor_bytes is None else f" ({100 * r.fraction_of_floor:.0f} %)"
-            line.append("" if r is None else f"{r.upper_bound}{r.modelled()[0] * 1e3:.2f}{pct}")
+            cluster = f"; {_with_cluster(r)} with the cluster cost" if r is not None and r.cluster_seconds else ""
+            line.append("–" if r is None else f"{r.upper_bound}{r.modelled()[0] * 1e3:.2f}{pct}{cluster}")
         lines.append(line)
     return _table(header, lines)
 
@@ -226,6 +246,10 @@ How the columns are counted, per element of the `[N, V]` inputs (a step's kernel
   issues a body once per iteration, which covers unroll × BLOCK_V elements. Code outside the loops (once per row) is
   left out. **MUFU/elt** = MUFU instructions of the bodies / unroll × 32 × num_warps / BLOCK_V: lane operations, the
   unit of the MUFU rate.
+- **CTAs/row, cluster barriers/row**: a kernel launched with `num_ctas` > 1 splits each row over a thread-block
+  cluster (`.reqnctapercluster` in its PTX); its cluster barriers are the `UCGABAR_WAIT` (barrier.cluster.wait)
+  of its SASS, each met once per row by a loop-free kernel. Their cost is not in the modelled time: the last column
+  adds the assumed cost of `fastkd.audit.model.cluster_seconds` ({barrier_us:.2f} µs a barrier, nothing hiding it).
 - **unroll**: ptxas unrolling k times leaves adds of BLOCK_V, 2 BLOCK_V, ..., k BLOCK_V to the loop index; of several
   SASS loops from one source loop (unrolled body, remainder) the most unrolled counts. `≤`: a main loop jumps over
   part of its body (teacher_topk skips its merge for most blocks), and every instruction is counted as if it ran.
@@ -250,7 +274,7 @@ def gate_findings(rows):
     return found
 
 
-def markdown(rows, meta, headline_v, vs, aligned_v, unaligned_v, traffic_shape):
+def markdown(rows, meta, headline_v, vs, aligned_v, unaligned_v, traffic_shape, unavailable=()):
     headline = [r for r in rows if r.v == headline_v]
     parts = [
         f"# fastkd kernel audit: sm_{meta['arch']}, Triton {meta['triton']}",
@@ -262,7 +286,8 @@ def markdown(rows, meta, headline_v, vs, aligned_v, unaligned_v, traffic_shape):
         "",
         "**Modelled columns are a model of an H200, not measurements:** " + MODEL_TEXT,
         "",
-        CONVERSIONS.format(shape_n=traffic_shape[0], shape_v=traffic_shape[1]),
+        CONVERSIONS.format(shape_n=traffic_shape[0], shape_v=traffic_shape[1],
+                           barrier_us=model.CLUSTER_BARRIER_SECONDS * 1e6),
         f"## Each case at V = {headline_v}",
         "",
         "Each case is one training step: the forward kernel(s), then the backward's `scale_rows` pass.",
@@ -273,6 +298,9 @@ def markdown(rows, meta, headline_v, vs, aligned_v, unaligned_v, traffic_shape):
         "",
         by_v_table(rows, vs),
     ]
+    if unavailable:
+        parts += ["", "## Not compiled: the launcher refuses the kernel at this V (–)", ""]
+        parts += [f"- {case_id} V={v}: {why}" for case_id, v, why in unavailable]
     findings = gate_findings(rows)
     parts += ["", "## What the CI gate flags (gated cases, 16-aligned V)", ""]
     parts += [f"- {line}" for line in findings] or ["Nothing: no spill in a loop, 128-bit loads, within budget."]

@@ -29,6 +29,7 @@ _RESOURCE = re.compile(r"(REG|STACK|SHARED|LOCAL):(\d+)")
 MUFU = "MUFU"
 BARRIER = "BAR.SYNC"
 SHUFFLE = "SHFL"
+CLUSTER_BARRIER = "UCGABAR_WAIT"  # barrier.cluster.wait: one barrier of a thread-block cluster (its arrive: UCGABAR_ARV)
 ASYNC_COPIES = ("LDGSTS", "UTMALDG", "UBLKCP", "LDGDEPBAR")  # cp.async, TMA: what num_stages would pipeline
 
 
@@ -215,11 +216,13 @@ class KernelAudit:
     shared: int                # bytes of shared memory
     spill_store_bytes: int     # static bytes of STL / LDL, as ptxas -v counts spill stores / loads
     spill_load_bytes: int
-    spill_in_loop: bool        # an STL or LDL inside any loop
+    spill_in_loop: bool        # an STL or LDL inside any loop (a loop-free kernel: anywhere)
     main_loops: list           # of Loop, one per source loop; a pseudo-loop spanning a loop-free kernel
     loop_free: bool
     async_copies: int          # LDGSTS / TMA instructions anywhere
     divisible: tuple           # parameters Triton specialised as divisible by 16
+    ctas: int = 1              # CTAs a program spans: a thread-block cluster when > 1 (num_ctas)
+    cluster_barriers: int = 0  # cluster barriers in the code (a loop-free kernel: per row)
 
     @property
     def passes(self):
@@ -286,8 +289,9 @@ def analyse(compiled):
         name=compiled.name, num_warps=compiled.num_warps, block=block,
         registers=usage["REG"], shared=usage["SHARED"],
         spill_store_bytes=_static_bytes(instructions, "STL"), spill_load_bytes=_static_bytes(instructions, "LDL"),
-        spill_in_loop=any(loop.widths("STL") or loop.widths("LDL") for loop in found),
+        spill_in_loop=any(loop.widths("STL") or loop.widths("LDL") for loop in found or main),
         main_loops=main, loop_free=not found,
         async_copies=sum(1 for i in instructions if i.opcode.split(".")[0] in ASYNC_COPIES),
-        divisible=compiled.divisible,
+        divisible=compiled.divisible, ctas=getattr(compiled.kernel.metadata, "num_ctas", 1),
+        cluster_barriers=sum(1 for i in instructions if i.is_(CLUSTER_BARRIER)),
     )

@@ -5,6 +5,7 @@ Every launcher takes 2-D tensors whose last dimension is contiguous (any row str
 paths at tiny V. ``fastkd.backends.torch`` has the same functions with the same results. Triton
 and the kernels are imported on first use, never at ``import fastkd``.
 """
+import functools
 import math
 import os
 
@@ -12,7 +13,7 @@ import torch
 
 from ..buffers import accumulation_dtype, empty, gradient_buffer
 from ..options import TAILS, KDOptions
-from . import teacher_tuple
+from . import interpreter_enabled, teacher_tuple
 
 MAX_BLOCK_V = 4096
 MAX_TEACHERS = 4  # the dense kernel's mixture of teachers (kernels/kd_loss.py has as many weight slots)
@@ -46,21 +47,100 @@ def _labels(labels, stand_in):
     return (stand_in, 0) if labels is None else (labels, labels.stride(0))
 
 
-# The dense kernels, and FASTKD_KD_KERNEL, read at every call, to choose one (tests, benchmarks):
-#   auto       the default choice (kd_kernel)
+# The dense kernels; FASTKD_KD_KERNEL, read at every call, chooses one (tests, benchmarks):
+#   auto       the default choice: resident where the row fits one CTA, else two_pass
 #   two_pass   kernels/kd_loss.py: any V, each input read twice (three times for the mixture
 #              divergences and tvd)
+#   resident   kernels/kd_resident.py, each input read once, the row held in registers: one CTA
+#              per row where it fits (resident_capacity), else the clustered kernel
+#   cluster    kernels/kd_resident.py with the row split over a thread-block cluster of 2 to
+#              MAX_CLUSTER_CTAS CTAs (cluster_unavailable says where it cannot run)
 #   legacy     kernels/legacy_kd_loss.py, the kernels before their rework (until a GPU times both)
-KD_KERNELS = ("auto", "two_pass", "legacy")
+# auto never picks the clustered kernel: no GPU has yet confirmed that it is right and faster than
+# two_pass (a cluster's barriers and one CTA per SM may cost more than the second read saves).
+KD_KERNELS = ("auto", "two_pass", "resident", "cluster", "legacy")
+# Columns of a row one CTA of the resident kernel keeps in registers: 16 a thread of 16 warps
+# (512 threads, at most 128 registers each). Compiled for sm_90 (`fastkd audit`), bf16 and fp32
+# inputs take 64-128 registers there without a spill for every divergence, with and without the
+# hard CE, but skew_reverse_kl with the hard CE in one CTA (one register spilled, once a row); at
+# 16384 columns (32 a thread) every divergence but reverse_kl and tvd (bf16) spills, up to 800 B.
+# float64 (gradcheck; its exp and log are long software sequences): 1024 columns of 4 warps, at
+# most 162 registers. So the clustered kernel reaches 16 x 8192 = 131072 columns.
+RESIDENT_BLOCK = 8192
+RESIDENT_BLOCK_FLOAT64 = 1024
+MAX_CLUSTER_CTAS = 16  # the largest cluster sm_90 launches (16 is "non-portable"; Triton allows it)
+CLUSTER_TRITON = (3, 9)  # the first Triton that compiles the tile's 2-D cross-CTA reductions
 
 
-def kd_kernel(V, device):
-    """The dense kernel a call on rows of ``V`` columns on ``device`` runs (FASTKD_KD_KERNEL, or
-    the default choice)."""
-    name = os.environ.get("FASTKD_KD_KERNEL", "auto")
+def resident_capacity(acc_dtype):
+    """Columns of a row one CTA of the resident kernel holds when accumulating in ``acc_dtype``."""
+    return RESIDENT_BLOCK_FLOAT64 if acc_dtype == torch.float64 else RESIDENT_BLOCK
+
+
+def _version(text):
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device):
+    return torch.cuda.get_device_capability(device)
+
+
+def cluster_unavailable(device):
+    """None where the clustered kernel runs on ``device``, else why not: Triton >= 3.9 and compute
+    capability >= 9.0 (thread-block clusters) for a compiled launch; the interpreter runs it on the
+    CPU whatever its version (it ignores ``num_ctas``)."""
+    import triton
+
+    if device.type == "cpu" and interpreter_enabled():
+        return None
+    if _version(triton.__version__) < CLUSTER_TRITON:
+        return (f"the clustered kernel needs Triton >= {'.'.join(map(str, CLUSTER_TRITON))} (cross-CTA reductions "
+                f"of a 2-D tile); this is Triton {triton.__version__}")
+    if device.type == "cuda" and _capability(device) < (9, 0):
+        major, minor = _capability(device)
+        return f"thread-block clusters need compute capability >= 9.0; {device} has {major}.{minor}"
+    return None
+
+
+def cluster_ctas(V, acc_dtype):
+    """CTAs of the cluster that holds a row of ``V`` columns: the least power of two >= 2 whose
+    slices of ``resident_capacity`` columns cover it."""
+    return max(2, _pow2(math.ceil(V / resident_capacity(acc_dtype))))
+
+
+def kd_kernel(V, device, acc_dtype=torch.float32, name=None, num_teachers=1):
+    """The dense kernel a call on rows of ``V`` columns on ``device`` runs, accumulating in
+    ``acc_dtype``: "two_pass", "resident" (one CTA a row), "cluster" or "legacy". ``name`` (by
+    default FASTKD_KD_KERNEL, else "auto") is one of KD_KERNELS; "resident" for a row longer than
+    one CTA holds means "cluster". A mixture of teachers runs the two-pass kernel (auto), the
+    others refuse it. A kernel that cannot run here raises NotImplementedError."""
+    name = os.environ.get("FASTKD_KD_KERNEL", "auto") if name is None else name
     if name not in KD_KERNELS:
         raise ValueError(f"FASTKD_KD_KERNEL={name!r} is not one of {', '.join(KD_KERNELS)}")
-    return "two_pass" if name == "auto" else name
+    fits = V <= resident_capacity(acc_dtype)
+    if name == "auto":
+        return "resident" if fits and num_teachers == 1 else "two_pass"
+    if num_teachers > 1 and name not in ("two_pass",):
+        raise NotImplementedError(f"{name} kernel: one teacher only; a mixture of teachers runs the two-pass kernel")
+    if name == "cluster" or (name == "resident" and not fits):
+        why = cluster_unavailable(device)
+        ctas = cluster_ctas(V, acc_dtype)
+        if why is None and ctas > MAX_CLUSTER_CTAS:
+            why = (f"a row of {V} columns needs {ctas} CTAs of {resident_capacity(acc_dtype)} columns; a cluster "
+                   f"has at most {MAX_CLUSTER_CTAS}")
+        if why:
+            raise NotImplementedError(f"{name} kernel: {why}")
+        return "cluster"
+    return name
+
+
+def _resident_launch(V, acc_dtype, clustered):
+    """(NC, BLOCK_V, num_warps) of the resident kernel: NC CTAs (a cluster when > 1) of BLOCK_V columns."""
+    ctas = cluster_ctas(V, acc_dtype) if clustered else 1
+    block = max(16, _pow2(math.ceil(V / ctas)))
+    warps = min(16, max(4, block // 512))  # 16 columns a thread at RESIDENT_BLOCK (8 for float64)
+    return ctas, block, warps
 
 
 def _kd_scalars(opts: KDOptions):
@@ -84,9 +164,11 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
     acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
     loss = empty(N, dtype=acc, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
-    kernel = kd_kernel(V, student.device)
+    kernel = kd_kernel(V, student.device, acc, num_teachers=len(teachers))
     if N == 0:
         return loss, grad
+    if kernel in ("resident", "cluster"):
+        return _resident_kd_forward(student, teachers[0], labels, grad_scale, opts, loss, grad, kernel == "cluster")
     block, warps = _block_and_warps(V, block_v)
     if kernel == "legacy":
         return _legacy_kd_forward(student, teachers, labels, grad_scale, opts, loss, grad, block, warps)
@@ -98,6 +180,24 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
         DIVERGENCE=opts.divergence_code, NUM_TEACHERS=len(teachers), HAS_LABELS=labels is not None,
         HAS_CE=opts.hard_weight != 0, CE_FROM_STUDENT=opts.temperature == 1.0, WRITE_GRAD=grad is not None,
         ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, VEC=_vec(student, *teachers), num_warps=warps,
+    )
+    return loss, grad
+
+
+def _resident_kd_forward(student, teacher, labels, grad_scale, opts, loss, grad, clustered):
+    """kd_forward through kernels/kd_resident.py: one program a row (a cluster of NC CTAs)."""
+    from ..kernels import kd_resident
+
+    N, V = student.shape
+    acc = accumulation_dtype(student.dtype, teacher.dtype)
+    ctas, block, warps = _resident_launch(V, acc, clustered)
+    kd_resident.kd_resident_kernel[(N,)](
+        student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, loss),
+        loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
+        V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
+        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
+        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), NC=ctas, BLOCK_V=block, num_warps=warps,
+        **({"num_ctas": ctas} if ctas > 1 else {}),
     )
     return loss, grad
 

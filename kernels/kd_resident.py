@@ -1,0 +1,179 @@
+"""Row-resident knowledge-distillation loss: each input read once, the row kept in registers.
+
+The same loss and gradient as kd_loss.py (the math is at its top, the divergences' table in
+divergences.py), computed from one load of the row instead of two or three:
+
+Row loss  = soft_scale * D + hard_weight * (lse(z) - z_y)      (hard CE at T = 1)
+Gradient  = grad_scale * (soft_scale / T_s * dD/ds + hard_weight * (softmax(z) - onehot(y)))
+
+One program holds a whole row as a tile ``[NC, BLOCK_V]``: column ``c * BLOCK_V + j`` at ``[c, j]``.
+Launched with ``num_ctas = NC`` on sm_90 the tile is split over a thread-block cluster, one
+``BLOCK_V`` slice per CTA; with ``NC = 1`` it is an ordinary one-CTA kernel (no cluster, any
+Triton). The interpreter ignores ``num_ctas`` and runs the same tile. A row-wide reduction reduces
+each operand over the CTA's slice, then all its operands across the slices in one exchange through
+distributed shared memory (compiled for sm_90: 2 cluster barriers a reduction, 3 more a row).
+Steps, with the row-wide reductions:
+    1. load z, t once; s = z / T_s, t = t / T_t
+    2. reduction 1: the maxima m_s, m_t (and m_z for the hard CE)
+    3. reduction 2: the sums of exps d_s, d_t (d_z), kl's or reverse_kl's cross term, and the
+       label's logit z_y taken from the resident row (no second read of it)
+    4. jsd, skew_kl, skew_reverse_kl, tvd: reduction 3, the row scalars A1, A2 (element_terms)
+    5. the loss, and the gradient (divergence_grad) written once, each CTA its own slice
+Bytes moved per element: b_s + b_t + b_s (6 for bf16), every divergence.
+With ``inplace`` the gradient overwrites the student: every CTA has loaded its slice before the
+cluster meets at reduction 1's barriers, and stores only after them.
+Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading the logits; undefined
+rows (no finite log-sum-exp of s or t, or with the hard CE a label outside [0, V)) a NaN loss and
+an all-NaN gradient row, exactly as kd_loss.py.
+"""
+import triton
+import triton.language as tl
+
+from .divergences import (JSD, cross_term_elements, cross_term_scalars, divergence_grad, divergence_scalars,
+                          divergence_value, element_terms, load_tile, log_ratio_shift)
+from .row_stats import exp, finite, row_label, store
+
+
+# A row-wide reduction of the tile: first within each CTA, over its slice (axis 1: tl.max / tl.sum,
+# one operand each), then across the NC slices (axis 0), every operand in one tl.reduce: in a
+# cluster that is the one exchange through distributed shared memory, so one round of cluster
+# barriers serves all its operands (k separate reductions would cost k rounds).
+@triton.jit
+def _max2(a, b, a2, b2):
+    return tl.maximum(a, a2), tl.maximum(b, b2)
+
+
+@triton.jit
+def _max3(a, b, c, a2, b2, c2):
+    return tl.maximum(a, a2), tl.maximum(b, b2), tl.maximum(c, c2)
+
+
+@triton.jit
+def _add2(a, b, a2, b2):
+    return a + a2, b + b2
+
+
+@triton.jit
+def _add3(a, b, c, a2, b2, c2):
+    return a + a2, b + b2, c + c2
+
+
+@triton.jit
+def _add4(a, b, c, d, a2, b2, c2, d2):
+    return a + a2, b + b2, c + c2, d + d2
+
+
+@triton.jit
+def _add5(a, b, c, d, e, a2, b2, c2, d2, e2):
+    return a + a2, b + b2, c + c2, d + d2, e + e2
+
+
+@triton.jit
+def row_maxima(s, t, z, HAS_CE: tl.constexpr):
+    """max s, max t (and max z) over the tile (z's maximum is -inf without CE)."""
+    if HAS_CE:
+        m_s, m_t, m_z = tl.reduce((tl.max(s, 1), tl.max(t, 1), tl.max(z, 1)), 0, _max3)
+    else:
+        m_s, m_t = tl.reduce((tl.max(s, 1), tl.max(t, 1)), 0, _max2)
+        m_z = tl.full((), float("-inf"), s.dtype)
+    return m_s, m_t, m_z
+
+
+@triton.jit
+def row_sums(e_s, e_t, cross, e_z, z_y, WITH_CROSS: tl.constexpr, HAS_CE: tl.constexpr):
+    """The sums over the tile of the operands each configuration needs."""
+    d_z = tl.zeros((), e_s.dtype)
+    z_label = tl.zeros((), e_s.dtype)
+    sum_cross = tl.zeros((), e_s.dtype)
+    if WITH_CROSS:
+        if HAS_CE:
+            d_s, d_t, sum_cross, d_z, z_label = tl.reduce(
+                (tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(cross, 1), tl.sum(e_z, 1), tl.sum(z_y, 1)), 0, _add5)
+        else:
+            d_s, d_t, sum_cross = tl.reduce((tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(cross, 1)), 0, _add3)
+    else:
+        if HAS_CE:
+            d_s, d_t, d_z, z_label = tl.reduce((tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_z, 1), tl.sum(z_y, 1)), 0,
+                                               _add4)
+        else:
+            d_s, d_t = tl.reduce((tl.sum(e_s, 1), tl.sum(e_t, 1)), 0, _add2)
+    return d_s, d_t, sum_cross, d_z, z_label
+
+
+@triton.jit
+def row_scalars(a1, a2):
+    """A1, A2: the sums of the element terms over the tile."""
+    return tl.reduce((tl.sum(a1, 1), tl.sum(a2, 1)), 0, _add2)
+
+
+@triton.jit
+def kd_resident_kernel(
+    z_ptr, z_row_stride,            # student logits [N, V], any float dtype, unit column stride
+    t_ptr, t_row_stride,            # teacher logits [N, V], any float dtype, unit column stride
+    labels_ptr, labels_stride,      # labels [N] int32 / int64 (read when HAS_LABELS)
+    grad_ptr, grad_row_stride,      # student gradient [N, V], student dtype (written when WRITE_GRAD)
+    grad_scale_ptr,                 # [1] float32 / float64: the gradient's factor (1 / normaliser)
+    loss_ptr,                       # per-row loss [N], float32 (float64 for float64 input)
+    V, inv_temperature: tl.float64, inv_teacher_temperature: tl.float64, mix_weight: tl.float64,
+    log_weight_p: tl.float64, log_weight_q: tl.float64, soft_scale: tl.float64, hard_weight: tl.float64,
+    ignore_index,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, NC: tl.constexpr, BLOCK_V: tl.constexpr,   # NC * BLOCK_V >= V
+):
+    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
+        inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
+    soft_scale = tl.full((), soft_scale, ACC_DTYPE)
+    hard_weight = tl.full((), hard_weight, ACC_DTYPE)
+    row = tl.program_id(0).to(tl.int64)  # the cluster's index when NC > 1
+    z_row = z_ptr + row * z_row_stride
+    t_row = t_ptr + row * t_row_stride
+    g_row = grad_ptr + row * grad_row_stride
+    cols = tl.arange(0, NC)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+
+    label, valid = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
+
+    if valid:
+        mask = cols < V
+        z = load_tile(z_row, cols, V, 1.0, ACC_DTYPE, "evict_first")
+        s = z * inv_temperature
+        t = load_tile(t_row, cols, V, inv_teacher_temperature, ACC_DTYPE, "evict_first")
+        m_s, m_t, m_z = row_maxima(s, t, z, HAS_CE)
+        e_s = exp(s - finite(m_s))
+        e_t = exp(t - finite(m_t))
+        d_s, d_t, cross, d_z, z_label = row_sums(
+            e_s, e_t, cross_term_elements(e_s, e_t, s, t, DIVERGENCE), exp(z - finite(m_z)),
+            tl.where(cols == label, z, 0.0), DIVERGENCE < JSD, HAS_CE)
+        log_d_s, log_d_t = tl.log(d_s), tl.log(d_t)
+        shift = log_ratio_shift(m_s, d_s, m_t, d_t)
+        defined = (tl.abs(m_s + log_d_s) < float("inf")) & (tl.abs(m_t + log_d_t) < float("inf"))
+        ls = (s - m_s) - log_d_s
+        lt = (t - m_t) - log_d_t
+        q = e_s * (1.0 / d_s)
+        p = e_t * (1.0 / d_t)
+
+        if DIVERGENCE >= JSD:
+            a1, a2 = element_terms(ls, lt, q, p, s - t, shift, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+            A1, A2 = row_scalars(a1, a2)  # columns past V load -inf: every term is 0 there
+        else:
+            A1, A2 = cross_term_scalars(cross, d_s, d_t, shift, DIVERGENCE)
+        loss = soft_scale * divergence_value(A1, A2, mix_weight, DIVERGENCE)
+
+        if HAS_CE:
+            in_range = (label >= 0) & (label < V)
+            loss += hard_weight * ((m_z - z_label) + tl.log(d_z))
+            defined = defined & in_range
+        row_nan = tl.where(defined, 0.0, float("nan"))  # added to the loss and every gradient element
+        store(loss_ptr + row, loss + row_nan)
+
+        if WRITE_GRAD:
+            grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
+            g = divergence_grad(ls, lt, q, p, s - t, shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
+                                DIVERGENCE)
+            g = (grad_scale * soft_scale * inv_temperature) * g + row_nan
+            if HAS_CE:
+                g += (grad_scale * hard_weight) * (exp((z - m_z) - tl.log(d_z)) - tl.where(cols == label, 1.0, 0.0))
+            store(g_row + cols, g, mask=mask, eviction_policy="evict_first")
+    else:
+        if WRITE_GRAD:
+            store(g_row + cols, tl.zeros((NC, BLOCK_V), ACC_DTYPE), mask=cols < V)
+        store(loss_ptr + row, tl.zeros((), ACC_DTYPE))
