@@ -9,7 +9,8 @@ from readme_figures import readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-OUR_DOCS = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md", ROOT / "bench" / "results" / "README.md"]
+OUR_DOCS = [ROOT / "README.md", ROOT / "bench" / "results" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+OUR_CODE = sorted(p for folder in ("fastkd", "kernels", "tests", "bench", "examples") for p in (ROOT / folder).rglob("*.py"))
 
 
 def _command(prefix):
@@ -43,10 +44,22 @@ def test_cpu_figures_are_a_committed_summary_unchanged():
     assert "torch.compile" in body and "load average" in body
 
 
+OUTSIDE = (r"SPEC\.md", r"STYLE\.md", r"\.\./shared", r"\bissues? \d", r"pip install fastkd\[")
+
+
+def test_code_points_at_nothing_outside_the_repository():
+    for path in OUR_CODE:
+        if path.name == "test_readme.py":
+            continue
+        text = path.read_text()
+        for pattern in OUTSIDE:
+            assert not re.search(pattern, text), (str(path.relative_to(ROOT)), pattern)
+
+
 @pytest.mark.parametrize("doc", OUR_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_point_at_nothing_outside_the_repository(doc):
     text = doc.read_text()
-    for pattern in (r"SPEC\.md", r"STYLE\.md", r"\.\./shared", r"\bissues? \d", r"pip install fastkd\["):
+    for pattern in OUTSIDE:
         assert not re.search(pattern, text), (doc.name, pattern)
     for target in re.findall(r"\]\(([^)#]+)\)", text):
         if not re.match(r"[a-z]+://", target):

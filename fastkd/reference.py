@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of everything in SPEC.md: the oracle of every test.
+"""Plain-PyTorch reference of every loss fastkd computes: the oracle of every test.
 
 Nothing here is fused, chunked or clever: each divergence is its textbook formula on full
 ``[N, V]`` log-probabilities, and gradients come from autograd. Run it in float64 for ground truth.

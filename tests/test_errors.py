@@ -1,4 +1,4 @@
-"""Bad input gets a clear ValueError / TypeError that names the argument (SPEC.md's list, plus labels
+"""Bad input gets a clear ValueError / TypeError that names the argument (the contract's list, plus labels
 out of range for the hard CE, tensors on different devices and 0-d tensors), from the functional
 API, the module and the reference alike."""
 import pytest

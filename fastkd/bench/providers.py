@@ -37,9 +37,13 @@ from .cases import BETA, KD_KERNELS, SKEW, TEMPERATURE, Case
 KD_KERNEL_VARIABLE = "FASTKD_KD_KERNEL"
 REFUSED = (ValueError, NotImplementedError)  # how the launcher says it has no such kernel
 
-# t2_scale per divergence, matching the idiom each divergence's eager formula follows.
-T2_SCALE = {"kl": True, "reverse_kl": True, "skew_kl": True, "skew_reverse_kl": True,
-            "jsd": False, "tvd": False}
+# t2_scale per divergence, matching the idiom each divergence's eager formula follows (a divergence
+# without an idiom of its own is T**2-scaled, as fastkd.reference computes it by default).
+T2_SCALE = {"jsd": False, "tvd": False}
+
+
+def t2_scale(divergence):
+    return T2_SCALE.get(divergence, True)
 
 
 # ----------------------------------------------------------------------------------------- eager idioms
@@ -76,8 +80,11 @@ def eager_kd_loss(divergence: str, T: float = TEMPERATURE) -> Callable:
     def tvd(s, t):
         return 0.5 * (F.softmax(t / T, -1) - F.softmax(s / T, -1)).abs().sum() / s.shape[0]
 
+    def reference(s, t):  # a divergence without an idiom of its own: the textbook formula
+        return fastkd.reference.kd_loss(s, t, temperature=T, divergence=divergence, beta=BETA, skew=SKEW)
+
     return {"kl": kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl,
-            "skew_reverse_kl": skew_reverse_kl, "tvd": tvd}[divergence]
+            "skew_reverse_kl": skew_reverse_kl, "tvd": tvd}.get(divergence, reference)
 
 
 def eager_softmax(op: str, T: float = TEMPERATURE) -> Callable:
@@ -132,9 +139,13 @@ _EAGER_FORMULAS = {
 }
 
 
+def _eager_formula(divergence):
+    return _EAGER_FORMULAS.get(divergence, f"fastkd.reference.kd_loss(s, t, T, divergence={divergence!r})")
+
+
 def describe_eager(case: Case) -> Optional[str]:
     if case.op == "kd_loss":
-        return _EAGER_FORMULAS[case.divergence]
+        return _eager_formula(case.divergence)
     if case.op in ("softmax", "log_softmax"):
         return f"{case.op}(x/T)"
     if case.op == "topk_kd_loss":
@@ -142,13 +153,13 @@ def describe_eager(case: Case) -> Optional[str]:
                 "Σ p (log p − log q) over the k + tail, mean·T²") if case.divergence == "kl" else None
     if case.op == "teacher_topk":
         return "topk(t/T, k) − logsumexp(t/T)"
-    return f"{_EAGER_FORMULAS[case.divergence]} on s = h @ W.T, t = h_t @ W_t.T"
+    return f"{_eager_formula(case.divergence)} on s = h @ W.T, t = h_t @ W_t.T"
 
 
 # ----------------------------------------------------------------------------------------- fastkd
 def _kd_options(case, backend):
     return dict(temperature=TEMPERATURE, divergence=case.divergence, beta=BETA, skew=SKEW,
-                t2_scale=T2_SCALE[case.divergence], backend=backend)
+                t2_scale=t2_scale(case.divergence), backend=backend)
 
 
 def _fastkd(backend):
@@ -174,7 +185,7 @@ def _describe_fastkd(backend):
     how = {"torch": "the chunked PyTorch backend", "triton": "the fused Triton kernels"}[backend]
 
     def describe(case: Case):
-        scale = f"divergence={case.divergence!r}, t2_scale={T2_SCALE[case.divergence]}, " if case.divergence else ""
+        scale = f"divergence={case.divergence!r}, t2_scale={t2_scale(case.divergence)}, " if case.divergence else ""
         call = {
             "kd_loss": f"fastkd.kd_loss(s, t, T, {scale}backend={backend!r})",
             "softmax": f"fastkd.softmax(x, T, backend={backend!r})",
@@ -201,7 +212,7 @@ def _describe_fastkd_unfused(case: Case):
     if case.op != "fused_linear_kd":
         return None
     return (f"fastkd.kd_loss(h @ W.T, h_t @ W_t.T, T, divergence={case.divergence!r}, "
-            f"t2_scale={T2_SCALE[case.divergence]}, backend='auto'); the logits materialised")
+            f"t2_scale={t2_scale(case.divergence)}, backend='auto'); the logits materialised")
 
 
 # ----------------------------------------------------------------------------------------- torch.compile
@@ -260,7 +271,7 @@ def _liger(case: Case):
         except AssertionError:
             return None
         no_labels = (None,) if "shift_labels" in inspect.signature(loss.forward).parameters else ()
-        scale = T**2 if T2_SCALE[case.divergence] else 1.0
+        scale = T**2 if t2_scale(case.divergence) else 1.0
         return lambda h, W, th, Wt: loss(h, W, th, Wt, *no_labels) * scale
     return None
 

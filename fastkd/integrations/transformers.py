@@ -7,7 +7,7 @@ are ever built.
                                   train_dataset=dataset, temperature=2.0, hard_weight=0.5)
     trainer.train()
 
-Needs ``pip install fastkd[hf]`` (transformers, accelerate); importing this module imports
+Needs ``pip install -e ".[hf]"`` (transformers, accelerate); importing this module imports
 transformers, ``import fastkd`` does not.
 
 Per micro-batch (``inputs`` holds ``input_ids``, ``attention_mask``, ``labels``, ... as for the
