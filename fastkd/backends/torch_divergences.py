@@ -19,16 +19,22 @@ def finite(m):
     return torch.where(m == float("-inf"), torch.zeros((), dtype=m.dtype, device=m.device), m)
 
 
+def cross_term_elements(e_s, e_t, s, t, opts: KDOptions):
+    """The terms of kl's cross term e^(t - m_t) (t - s), or reverse_kl's e^(s - m_s) (s - t), 0 where
+    the weight is 0."""
+    if opts.divergence == "kl":
+        return _where(e_t > 0, e_t * (t - s))
+    return _where(e_s > 0, e_s * (s - t))
+
+
 def fold_row_statistics(s, t, opts: KDOptions):
     """Row maxima m and sums of exps d of s and t ``[rows, 1]``, and kl's cross term
     sum e^(t - m_t) (t - s) or reverse_kl's sum e^(s - m_s) (s - t) (0 for the others)."""
     m_s, m_t = s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
     e_s, e_t = (s - finite(m_s)).exp(), (t - finite(m_t)).exp()
     cross = torch.zeros_like(m_s)
-    if opts.divergence == "kl":
-        cross = _where(e_t > 0, e_t * (t - s)).sum(-1, keepdim=True)
-    if opts.divergence == "reverse_kl":
-        cross = _where(e_s > 0, e_s * (s - t)).sum(-1, keepdim=True)
+    if opts.has_cross_term:
+        cross = cross_term_elements(e_s, e_t, s, t, opts).sum(-1, keepdim=True)
     return m_s, e_s.sum(-1, keepdim=True), m_t, e_t.sum(-1, keepdim=True), cross
 
 
