@@ -7,10 +7,17 @@ from .options import (check_backend, check_bool, check_chunk_size, check_tail, c
 
 
 def _kd_options(**options):
-    """Check the KD options of a module (those of ``kd_loss``) and return them as a dict."""
+    """Check the KD options of a module (those of ``kd_loss``) and return them as a dict.
+    ``teacher_weights`` (when given) is checked against as many teachers as it has weights: the
+    number of teachers is known at the call."""
     reduction = options.pop("reduction")
+    teacher_weights = options.pop("teacher_weights", None)
     make_options(**options)
     make_reduction(reduction)
+    if teacher_weights is not None:
+        check_teacher_weights(teacher_weights, len(teacher_weights) if isinstance(teacher_weights, (list, tuple))
+                              else 1)
+        options["teacher_weights"] = teacher_weights
     return dict(options, reduction=reduction)
 
 
@@ -26,11 +33,8 @@ class KDLoss(torch.nn.Module):
         super().__init__()
         self.options = _kd_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                                   t2_scale=t2_scale, reduction=reduction, teacher_temperature=teacher_temperature)
-        if teacher_weights is not None:  # the number of teachers is known at the call
-            check_teacher_weights(teacher_weights, len(teacher_weights) if isinstance(teacher_weights, (list, tuple))
-                                  else 1)
-        self.options["teacher_weights"] = teacher_weights
+                                   t2_scale=t2_scale, reduction=reduction, teacher_temperature=teacher_temperature,
+                                   teacher_weights=teacher_weights)
         self.inplace, self.backend = check_bool("inplace", inplace), check_backend(backend)
         self.check_finite = check_bool("check_finite", check_finite)
 
@@ -88,11 +92,8 @@ class FusedLinearKDLoss(torch.nn.Module):
         super().__init__()
         self.options = _kd_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                                   t2_scale=t2_scale, reduction=reduction, teacher_temperature=teacher_temperature)
-        if teacher_weights is not None:  # the number of teachers is known at the call
-            check_teacher_weights(teacher_weights, len(teacher_weights) if isinstance(teacher_weights, (list, tuple))
-                                  else 1)
-        self.options["teacher_weights"] = teacher_weights
+                                   t2_scale=t2_scale, reduction=reduction, teacher_temperature=teacher_temperature,
+                                   teacher_weights=teacher_weights)
         self.backend = check_backend(backend)
         self.chunk_size = check_chunk_size(chunk_size)
         self.transforms = dict(student_logit_scale=student_logit_scale, student_softcap=student_softcap,

@@ -228,6 +228,20 @@ def divergence_value(A1, A2, mix_weight, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
+def row_loss(A1, A2, mix_weight, soft_scale, hard_weight, lse_z, z_label, label, V, defined,
+             DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr):
+    """A row's loss soft_scale D + hard_weight (lse(z) - z_y), and row_nan: 0, or NaN where the row
+    is undefined (``defined`` false, or with the hard CE a label outside [0, V)), to be added to the
+    loss and to every gradient element."""
+    loss = soft_scale * divergence_value(A1, A2, mix_weight, DIVERGENCE)
+    if HAS_CE:
+        loss += hard_weight * (lse_z - z_label)
+        defined = defined & (label >= 0) & (label < V)
+    row_nan = tl.where(defined, 0.0, float("nan"))
+    return loss + row_nan, row_nan
+
+
+@triton.jit
 def divergence_grad(ls, lt, q, p, s_minus_t, shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
                     DIVERGENCE: tl.constexpr):
     """dD/ds_j per element for a normalised student (the table above)."""

@@ -41,9 +41,9 @@ pass repeats are "evict_last", the last pass's reads and the gradient store "evi
 import triton
 import triton.language as tl
 
-from .divergences import (cross_term_scalars, divergence_grad, divergence_scalars, divergence_value, element_terms,
-                          finish_row_statistics, fold_row_statistics, load_teacher_tiles, load_tile,
-                          log_ratio_shift, mixture_log_prob, JSD)
+from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, element_terms,
+                          finish_row_statistics, fold_row_statistics, load_teacher_tiles, load_tile, log_ratio_shift,
+                          mixture_log_prob, row_loss)
 from .row_stats import exp, row_label, store
 
 
@@ -169,15 +169,12 @@ def kd_forward_kernel(
             A2 = tl.sum(tl.sum(a2, axis=1), axis=0)
         else:
             A1, A2 = cross_term_scalars(cross, d_s, d_ts[0], shift, DIVERGENCE)
-        loss = soft_scale * divergence_value(A1, A2, mix_weight, DIVERGENCE)
-
+        z_label = tl.zeros((), ACC_DTYPE)
         if HAS_CE:
-            in_range = (label >= 0) & (label < V)
-            z_label = tl.load(z_row + label, mask=in_range, other=float("nan")).to(ACC_DTYPE)
-            loss += hard_weight * ((m_z - z_label) + tl.log(d_z))
-            defined = defined & in_range
-        row_nan = tl.where(defined, 0.0, float("nan"))  # added to the loss and every gradient element
-        store(loss_ptr + row, loss + row_nan)
+            z_label = tl.load(z_row + label, mask=(label >= 0) & (label < V), other=float("nan")).to(ACC_DTYPE)
+        loss, row_nan = row_loss(A1, A2, mix_weight, soft_scale, hard_weight, m_z + tl.log(d_z), z_label, label, V,
+                                 defined, DIVERGENCE, HAS_CE)
+        store(loss_ptr + row, loss)
 
         # The gradient pass, in the direction opposite to the previous pass.
         if WRITE_GRAD:

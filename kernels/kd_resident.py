@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .divergences import (JSD, cross_term_elements, cross_term_scalars, divergence_grad, divergence_scalars,
-                          divergence_value, element_terms, load_tile, log_ratio_shift)
+                          element_terms, load_tile, log_ratio_shift, row_loss)
 from .row_stats import exp, finite, row_label, store
 
 
@@ -156,14 +156,9 @@ def kd_resident_kernel(
             A1, A2 = row_scalars(a1, a2)  # columns past V load -inf: every term is 0 there
         else:
             A1, A2 = cross_term_scalars(cross, d_s, d_t, shift, DIVERGENCE)
-        loss = soft_scale * divergence_value(A1, A2, mix_weight, DIVERGENCE)
-
-        if HAS_CE:
-            in_range = (label >= 0) & (label < V)
-            loss += hard_weight * ((m_z - z_label) + tl.log(d_z))
-            defined = defined & in_range
-        row_nan = tl.where(defined, 0.0, float("nan"))  # added to the loss and every gradient element
-        store(loss_ptr + row, loss + row_nan)
+        loss, row_nan = row_loss(A1, A2, mix_weight, soft_scale, hard_weight, m_z + tl.log(d_z), z_label, label, V,
+                                 defined, DIVERGENCE, HAS_CE)
+        store(loss_ptr + row, loss)
 
         if WRITE_GRAD:
             grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)

@@ -53,3 +53,16 @@ def small_blocks(monkeypatch):
         monkeypatch.setattr(fastkd.backends.triton, "RESIDENT_BLOCK", 16)
         monkeypatch.setattr(fastkd.backends.triton, "RESIDENT_BLOCK_FLOAT64", 16)
     monkeypatch.setattr(fastkd.backends.torch, "CHUNK_BYTES", 4 * 64 * 3)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group, so the vocabulary-parallel loss runs in this process (one shard: the
+    whole vocabulary); destroyed afterwards."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -26,9 +26,10 @@ NARROW_V = 50
 N = 2
 
 
-def _kd_variants(s, t, divergence, tails):
-    """kd_forward, topk_kd_forward and the vocab-parallel launchers at every (labels, hard CE,
-    gradient) combination the API reaches."""
+def _kd_variants(s, t, divergence, tails, quick):
+    """kd_forward (two-pass, a mixture of teachers, resident), topk_kd_forward and the
+    vocab-parallel launchers at every (labels, hard CE, gradient) combination the API reaches;
+    ``quick``: every kernel and divergence, with the combinations cut to the ones that differ most."""
     from fastkd.backends import VOCAB_PARALLEL_ROW
     from fastkd.backends import triton as launch
     from fastkd.buffers import accumulation_dtype
@@ -37,12 +38,22 @@ def _kd_variants(s, t, divergence, tails):
     labels = torch.zeros(N, dtype=torch.int64)
     acc = accumulation_dtype(s.dtype, t.dtype)
     scale = torch.ones(1, dtype=acc)
-    for labels, hard_weight, need_grad in ((None, 0.0, True), (labels, 0.5, True), (labels, 0.0, False)):
+    combinations = ((None, 0.0, True), (labels, 0.5, True), (labels, 0.0, False))
+    for i, (labels, hard_weight, need_grad) in enumerate(combinations):
+        everything = not quick or i == 1  # quick: the dense two-pass kernel at every combination only
         opts = KDOptions(divergence=divergence, temperature=2.0, hard_weight=hard_weight)
         launch.kd_forward(s, t, labels, scale, opts, need_grad=need_grad)
+        if not everything:
+            continue
         mixture = KDOptions(divergence=divergence, temperature=2.0, hard_weight=hard_weight,
                             teacher_weights=(0.25,) * launch.MAX_TEACHERS)
         launch.kd_forward(s, (t,) * launch.MAX_TEACHERS, labels, scale, mixture, need_grad=need_grad)
+        resident = slice(0, launch.resident_capacity(acc))  # one CTA holds the row
+        os.environ["FASTKD_KD_KERNEL"] = "resident"
+        try:
+            launch.kd_forward(s[:, resident], t[:, resident], labels, scale, opts, need_grad=need_grad)
+        finally:
+            os.environ.pop("FASTKD_KD_KERNEL")
         for tail in tails:
             launch.topk_kd_forward(s, torch.empty(N, 8, dtype=acc), torch.zeros(N, 8, dtype=torch.int32),
                                    labels, scale, opts, tail, need_grad=need_grad)
@@ -74,7 +85,8 @@ def drive_launchers(quick):
     pairs = DTYPE_PAIRS[:1] if quick else DTYPE_PAIRS
     widths = (WIDE_V,) if quick else (WIDE_V, NARROW_V)
     for divergence, (ds, dt), V in itertools.product(DIVERGENCES, pairs, widths):
-        _kd_variants(torch.empty(N, V, dtype=ds), torch.empty(N, V, dtype=dt), divergence, TAILS)
+        _kd_variants(torch.empty(N, V, dtype=ds), torch.empty(N, V, dtype=dt), divergence,
+                     TAILS[:1] if quick and divergence != "kl" else TAILS, quick)
     for dtype, V in itertools.product(sorted({ds for ds, _ in pairs}, key=str), widths):
         _single_input_variants(torch.empty(N, V, dtype=dtype))
 

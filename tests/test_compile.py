@@ -202,16 +202,6 @@ def test_topk_kd_loss_compiles_fullgraph(backend):
     assert counter.frame_count == 2
 
 
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_vocab_parallel_compiles_fullgraph(backend, one_rank_group):

@@ -23,7 +23,8 @@ def _compile_all(tmp_path, *flags):
 
 def test_every_kernel_and_flag_compiles_for_sm90(tmp_path):
     out = _compile_all(tmp_path, "--quick")
-    for kernel in ("kd_forward_kernel", "scale_rows_kernel", "softmax_forward_kernel", "softmax_backward_kernel",
+    for kernel in ("kd_forward_kernel", "kd_resident_kernel", "scale_rows_kernel", "softmax_forward_kernel",
+                   "softmax_backward_kernel",
                    "teacher_topk_kernel", "topk_kd_forward_kernel", "partial_stats_kernel", "row_scalars_kernel",
                    "shard_finish_kernel"):
         assert f"ok {kernel} " in out, kernel

@@ -10,7 +10,6 @@
 """
 import pytest
 import torch
-import torch.distributed as dist
 
 import fastkd
 from fastkd import reference
@@ -182,14 +181,6 @@ def test_t2_factor_is_the_students_temperature():
     direct = torch.nn.functional.kl_div((s / 3.0).log_softmax(-1), (t / 0.5).softmax(-1), reduction="batchmean")
     torch.testing.assert_close(unscaled, direct)
 
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e ".[hf]")")
-pytest.importorskip("accelerate", reason="accelerate is not installed (pip install -e ".[hf]")")
+transformers = pytest.importorskip("transformers", reason='transformers is not installed (pip install -e ".[hf]")')
+pytest.importorskip("accelerate", reason='accelerate is not installed (pip install -e ".[hf]")')
 
 from fastkd import reference  # noqa: E402
 from fastkd.integrations.transformers import DistillationTrainer  # noqa: E402

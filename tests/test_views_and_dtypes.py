@@ -15,7 +15,6 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fastkd
 from fastkd import reference
@@ -25,15 +24,6 @@ from fastkd.distributed import vocab_parallel_kd_loss
 BACKENDS = ("triton", "torch")
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A one-process gloo group, so ``vocab_parallel_kd_loss`` runs here (destroyed afterwards)."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _label_views(B, S, V, gen):
