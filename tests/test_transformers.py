@@ -247,3 +247,18 @@ def test_logit_transform_options_are_checked(tmp_path):
         _trainer(tmp_path, student, teacher, fused=False, student_logit_scale=2.0)
     with pytest.raises(TypeError, match="fused must be a bool"):
         _trainer(tmp_path, student, teacher, fused="no")
+
+
+def test_teacher_temperature_reaches_the_loss(tmp_path):
+    student, teacher = _llama(16, 1, seed=1), _llama(32, 2, seed=2)
+    trainer = _trainer(tmp_path, student, teacher, teacher_temperature=0.7)
+    batch = transformers.default_data_collator(_dataset(4))
+    loss = trainer.compute_loss(trainer.model, batch)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        s, t = student(**inputs).logits[:, :-1], teacher(**inputs).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    expected = reference.kd_loss(s, t, labels=labels, reduction="sum", teacher_temperature=0.7, **KD)
+    expected = expected / int((labels != -100).sum())
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss.detach(), _own_logits_loss(student, teacher, batch).detach(), rtol=1e-3)

@@ -54,8 +54,8 @@ from ..functional import fused_linear_kd_loss, kd_loss
 from ..fused_linear import linear_logits
 from ..options import check_logit_transform, make_options
 
-KD_OPTION_DEFAULTS = dict(temperature=1.0, divergence="kl", beta=0.5, skew=0.1, hard_weight=0.0,
-                          soft_weight=1.0, t2_scale=True)
+KD_OPTION_DEFAULTS = dict(temperature=1.0, teacher_temperature=None, divergence="kl", beta=0.5, skew=0.1,
+                          hard_weight=0.0, soft_weight=1.0, t2_scale=True)
 SIDES = ("student", "teacher")
 
 
@@ -175,7 +175,7 @@ class DistillationTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose loss distils ``teacher_model`` into ``model`` (module docstring).
 
     Keyword options (besides the Trainer's): ``teacher_model`` (required), and those of
-    ``fastkd.kd_loss``: ``temperature``, ``divergence``, ``beta``, ``skew``, ``hard_weight``
+    ``fastkd.kd_loss``: ``temperature``, ``teacher_temperature``, ``divergence``, ``beta``, ``skew``, ``hard_weight``
     (weight of the cross-entropy with the labels), ``soft_weight``, ``t2_scale``; plus
     ``chunk_size`` and ``backend`` of ``fastkd.fused_linear_kd_loss``, and its logit transforms
     ``student_logit_scale``, ``student_softcap``, ``teacher_logit_scale``, ``teacher_softcap``:
