@@ -81,12 +81,7 @@ def default_chunk_size(V, H, blocks=2):
 
 def _kd_forward(backend, z, z_ts, labels, grad_scale, opts, need_grad):
     """Row losses and the logits gradient (times ``grad_scale``), written over ``z``."""
-    if backend == "triton":
-        return implementation("triton").kd_forward(z, z_ts, labels, grad_scale, opts, inplace=True,
-                                                   need_grad=need_grad)
-    # The chunk is already bounded; small work buffers keep the torch backend's share of it small.
-    return implementation("torch").kd_forward(z, z_ts, labels, grad_scale, opts, inplace=True, need_grad=need_grad,
-                                              chunk_bytes=4 * 2**20)
+    return implementation(backend).kd_forward(z, z_ts, labels, grad_scale, opts, inplace=True, need_grad=need_grad)
 
 
 # ---------------------------------------------------------------------------------------------
