@@ -298,6 +298,7 @@ def teacher_topk(logits, k, temperature, *, block_v=None):
     k_pad = max(2, _pow2(k))
     block, warps = _block_and_warps(V, block_v)
     block = max(block, k_pad)
+    warps = min(warps, 8)  # at 16 warps (128 registers a thread) the merge spills; 8: 184, none (k = 64)
     topk.teacher_topk_kernel[(N,)](
         logits, logits.stride(0), logprobs, indices, k, V, k, 1.0 / temperature,
         ACC_DTYPE=_tl_dtype(acc), K_PAD=k_pad, BLOCK_V=block, num_warps=warps,
