@@ -138,7 +138,7 @@ def test_accuracy_at_a_real_vocabulary_and_block(monkeypatch):
     monkeypatch.setenv(KD_KERNEL, "resident")
     assert launch._resident_launch(32000, torch.float32, launch.kd_kernel(32000, CPU) == "cluster")[:2] == (4, 8192)
     for name in ("kl", "jsd"):
-        test_no_less_accurate_than_float32_pytorch(name, "triton", torch.bfloat16, 32000, monkeypatch)
+        test_no_less_accurate_than_float32_pytorch(name, "triton", torch.bfloat16, 32000, monkeypatch, CPU)
 
 
 # --------------------------------------------------------------------------------------------- bytes
