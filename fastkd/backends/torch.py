@@ -134,11 +134,13 @@ class _Workers:
             ready.wait()
             while True:
                 task, done = self.tasks.get()
+                error = None
                 try:
                     task()
-                    done.put(None)
-                except BaseException as error:  # noqa: BLE001 - raised in the caller
-                    done.put(error)
+                except BaseException as raised:  # noqa: BLE001 - raised in the caller
+                    error = raised
+                del task  # it holds the call's tensors: nothing of a call may outlive it here
+                done.put(error)
 
         for _ in range(count):
             threading.Thread(target=serve, name="fastkd-chunks", daemon=True).start()
