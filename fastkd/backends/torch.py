@@ -2,7 +2,7 @@
 results, on any device.
 
 Each works through the rows in chunks of about CHUNK_BYTES per ``[rows, V]`` buffer of the
-accumulation dtype. The buffers of a chunk (a dozen at most, ``Workspace``) are allocated once per
+accumulation dtype. The buffers of a chunk (ten at most, ``Workspace``) are allocated once per
 call and reused by every chunk, and the ops run in place in them, so the extra memory of forward +
 backward is the ``[N, V]`` gradient plus a few chunks per thread, whatever N is. Losses and
 gradients come from the closed forms of ``torch_divergences`` (the mirror of the kernels' table),
@@ -11,18 +11,18 @@ distribution (no finite log-sum-exp of s or of a teacher's t) or, with the hard 
 outside [0, V) are NaN, loss and whole gradient row; ignored rows are 0.
 
 Threads. On the CPU the chunks go to worker threads whose torch ops each run on one thread
-(``for_each_chunk``), as many as torch's intra-op threads, each with its own buffers. A chunk is
-some twenty short passes over memory; run on torch's own threads, each pass is a parallel region
-whose threads wait for each other at its end, and on a machine shared with other work a waiting
-thread waits for the scheduler: measured on 2 cores next to one busy process, a forward +
-backward of N = 2048, V = 32000 took 4 to 20 s that way against 0.3 to 0.5 s on an idle machine,
-and 0.5 s with the workers, which never wait for each other. On an idle machine both take the
-same time within 10 %.
+(``for_each_chunk``), as many as torch's intra-op threads (at most MAX_WORKERS), each with its
+own buffers. A chunk is some twenty short passes over memory; run on torch's own threads, each
+pass is a parallel region whose threads wait for each other at its end, and on a machine shared
+with other work a waiting thread waits for the scheduler. Measured on 2 cores beside other jobs (load 2 to 4), a forward +
+backward at N = 2048, V = 32000 took 4 to 27 s that way and 0.45 to 1.4 s with the workers,
+which never wait for each other; on an idle machine the two are within 10 % (0.2 to 0.45 s).
 
-CHUNK_BYTES: each op costs a few microseconds of Python and dispatch besides its pass, and the
-workers pay those holding the interpreter lock: chunks of 2 MiB (16 rows at V = 32000) keep that
-small next to the passes (1 MiB: 15 % slower, 0.25 MiB: twice as slow; 4 MiB: the same, as more
-of the buffers fall out of the caches), and the buffers a few percent of the [N, V] gradient.
+CHUNK_BYTES: each op costs some microseconds of Python and dispatch besides its pass, and the
+workers pay those holding the interpreter lock. Measured with the workers: chunks of 2 MiB
+(16 rows at V = 32000) were the fastest or within noise of it; 1 MiB took 15 % longer, 0.5 MiB
+1.5 times, 0.25 MiB twice as long; 4 MiB was no faster overall (faster for reverse_kl, slower
+for tvd, whose buffers then leave the caches). The buffers stay a few percent of the gradient.
 """
 import ctypes
 import functools
@@ -121,8 +121,8 @@ def _openmp_runtime():
 class _Workers:
     """``count`` daemon threads whose torch ops run on one thread each. OpenMP's thread count is a
     setting of each thread, set here in the runtime itself: torch.set_num_threads would also change
-    settings that every thread shares (its default for threads started later, MKL's, its thread
-    pool's), and the calling thread's small ops then ran up to 1000 times slower."""
+    settings that all threads share (torch's default for threads started later, MKL's), and after
+    it the calling thread's small ops were measured 2000 times slower."""
 
     def __init__(self, count, openmp):
         self.tasks = queue.SimpleQueue()
@@ -157,25 +157,34 @@ class _Workers:
                 raise error
 
 
-_WORKERS = {}  # thread count -> _Workers
+# Each worker holds its own buffers (ten at most): this bounds them, whatever the core count.
+MAX_WORKERS = 8
+_WORKERS = {}  # worker count -> _Workers
+_WORKERS_LOCK = threading.Lock()
 os.register_at_fork(after_in_child=_WORKERS.clear)  # threads do not survive a fork
+
+
+def _workers(count):
+    with _WORKERS_LOCK:
+        if count not in _WORKERS:
+            _WORKERS[count] = _Workers(count, _openmp_runtime())
+        return _WORKERS[count]
 
 
 def for_each_chunk(ranges, V, dtype, device, body):
     """``body(r0, r1, work)`` for every row range of ``ranges``, with ``work`` a Workspace of ``dtype``
     viewed at its rows. On the CPU (torch built with OpenMP, more than one intra-op thread, more
-    than one chunk) the chunks go, one at a time as each finishes the last, to that many workers
-    with a Workspace each (see the module docstring); elsewhere the calling thread runs them in
-    order. ``body`` writes disjoint rows of its outputs, so the results are the same either way."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or len(ranges) <= 1 or _openmp_runtime() is None:
+    than one chunk) the chunks go, one at a time as each finishes the last, to as many workers
+    (at most MAX_WORKERS), each with its own Workspace (see the module docstring); elsewhere the
+    calling thread runs them in order. ``body`` writes disjoint rows of its outputs, so the
+    results are the same either way."""
+    count = min(torch.get_num_threads(), MAX_WORKERS)
+    if device.type != "cpu" or count == 1 or len(ranges) <= 1 or _openmp_runtime() is None:
         work = Workspace(ranges, V, dtype, device)
         for r0, r1 in ranges:
             work.next_chunk(r1 - r0)
             body(r0, r1, work)
         return
-    if threads not in _WORKERS:
-        _WORKERS[threads] = _Workers(threads, _openmp_runtime())
     todo, lock = iter(ranges), threading.Lock()
 
     def worker():
@@ -188,7 +197,7 @@ def for_each_chunk(ranges, V, dtype, device, body):
             work.next_chunk(rows[1] - rows[0])
             body(*rows, work)
 
-    _WORKERS[threads].run([worker] * threads)
+    _workers(count).run([worker] * min(count, len(ranges)))
 
 
 # --------------------------------------------------------------------------------------- helpers
