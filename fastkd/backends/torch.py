@@ -14,15 +14,17 @@ Threads. On the CPU the chunks go to worker threads whose torch ops each run on 
 (``for_each_chunk``), as many as torch's intra-op threads (at most MAX_WORKERS), each with its
 own buffers. A chunk is some twenty short passes over memory; run on torch's own threads, each
 pass is a parallel region whose threads wait for each other at its end, and on a machine shared
-with other work a waiting thread waits for the scheduler. Measured on 2 cores beside other jobs (load 2 to 4), a forward +
-backward at N = 2048, V = 32000 took 4 to 27 s that way and 0.45 to 1.4 s with the workers,
-which never wait for each other; on an idle machine the two are within 10 % (0.2 to 0.45 s).
+with other work a waiting thread waits for the scheduler. Measured on 2 cores beside other jobs
+(load 2 to 4), a forward + backward at N = 2048, V = 32000 took 4 to 27 s that way and 0.45 to
+1.4 s with the workers, which never wait for each other; on an idle machine the two are within
+10 % (0.2 to 0.45 s).
 
 CHUNK_BYTES: each op costs some microseconds of Python and dispatch besides its pass, and the
 workers pay those holding the interpreter lock. Measured with the workers: chunks of 2 MiB
 (16 rows at V = 32000) were the fastest or within noise of it; 1 MiB took 15 % longer, 0.5 MiB
 1.5 times, 0.25 MiB twice as long; 4 MiB was no faster overall (faster for reverse_kl, slower
 for tvd, whose buffers then leave the caches). The buffers stay a few percent of the gradient.
+On a GPU chunks are GPU_CHUNK_FACTOR times larger.
 """
 import ctypes
 import functools
