@@ -1,14 +1,37 @@
 """The pure-PyTorch backend: every launcher of ``fastkd.backends.triton``, same name, signature and
 results, on any device.
 
-Each works through the rows in chunks of about CHUNK_BYTES per ``[rows, V]`` float32 temporary, so
-the extra memory of forward + backward is the ``[N, V]`` gradient plus a few chunks, whatever N is.
-Losses and gradients come from the closed forms of ``torch_divergences`` (the mirror of the
-kernels' table), never from autograd; the gradient is computed in the forward, times
-``grad_scale``. Rows with no distribution (no finite log-sum-exp of s or t) or, with the hard CE, a
-label outside [0, V) are NaN, loss and whole gradient row; ignored rows are 0.
+Each works through the rows in chunks of about CHUNK_BYTES per ``[rows, V]`` buffer of the
+accumulation dtype. The buffers of a chunk (ten at most, ``Workspace``) are allocated once per
+call and reused by every chunk, and the ops run in place in them, so the extra memory of forward +
+backward is the ``[N, V]`` gradient plus a few chunks per thread, whatever N is. Losses and
+gradients come from the closed forms of ``torch_divergences`` (the mirror of the kernels' table),
+never from autograd; the gradient is computed in the forward, times ``grad_scale``. Rows with no
+distribution (no finite log-sum-exp of s or of a teacher's t) or, with the hard CE, a label
+outside [0, V) are NaN, loss and whole gradient row; ignored rows are 0.
+
+Threads. On the CPU the chunks go to worker threads whose torch ops each run on one thread
+(``for_each_chunk``), as many as torch's intra-op threads (at most MAX_WORKERS), each with its
+own buffers. A chunk is some twenty short passes over memory; run on torch's own threads, each
+pass is a parallel region whose threads wait for each other at its end, and on a machine shared
+with other work a waiting thread waits for the scheduler. Measured on 2 cores beside other jobs
+(load 2 to 4), a forward + backward at N = 2048, V = 32000 took 4 to 27 s that way and 0.45 to
+1.4 s with the workers, which never wait for each other; on an idle machine the two are within
+10 % (0.2 to 0.45 s).
+
+CHUNK_BYTES: each op costs some microseconds of Python and dispatch besides its pass, and the
+workers pay those holding the interpreter lock. Measured with the workers: chunks of 2 MiB
+(16 rows at V = 32000) were the fastest or within noise of it; 1 MiB took 15 % longer, 0.5 MiB
+1.5 times, 0.25 MiB twice as long; 4 MiB was no faster overall (faster for reverse_kl, slower
+for tvd, whose buffers then leave the caches). The buffers stay a few percent of the gradient.
+On a GPU chunks are GPU_CHUNK_FACTOR times larger.
 """
+import ctypes
+import functools
 import math
+import os
+import queue
+import threading
 
 import torch
 
@@ -17,60 +40,260 @@ from ..options import KDOptions
 from . import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS, teacher_tuple
 from . import torch_divergences as div
 
-# Of one float32 [rows, V] temporary. Each op of a chunk is a pass over its temporaries, which stay
-# in the CPU's caches at this size; measured on 2 cores (kl and jsd, N = 2048, V = 32000, fp32
-# fwd+bwd), 0.5-1 MiB chunks ran 1.6 times faster than 8 MiB ones, 0.25 MiB slower again (the
-# per-op cost of Python and dispatch).
-CHUNK_BYTES = 2**20
+# Of one [rows, V] buffer of float32 (float64 buffers hold as many rows, twice the bytes).
+CHUNK_BYTES = 2 * 2**20
+# Chunks on a GPU are this many times larger (8 MiB, the size before the CPU's was measured): there
+# every op is a kernel launch, and the CPU's cache sizes do not apply. Not measured on a GPU.
+GPU_CHUNK_FACTOR = 4
 
 
-def chunks(N, V, chunk_bytes=None):
-    """Row ranges ``(r0, r1)`` of about ``chunk_bytes`` of float32 ``[rows, V]`` each."""
-    step = max(1, (chunk_bytes or CHUNK_BYTES) // (4 * max(V, 1)))
+def chunks(N, V, chunk_bytes=None, device=None):
+    """Row ranges ``(r0, r1)`` of about ``chunk_bytes`` of float32 ``[rows, V]`` each (by default
+    CHUNK_BYTES, times GPU_CHUNK_FACTOR off the CPU)."""
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES * (1 if device is None or torch.device(device).type == "cpu" else GPU_CHUNK_FACTOR)
+    step = max(1, chunk_bytes // (4 * max(V, 1)))
     return [(r0, min(N, r0 + step)) for r0 in range(0, N, step)]
 
 
-def _hard_ce(z, labels, need_grad):
-    """Cross-entropy at T = 1 per row ``[rows]``, its gradient (or None), and whether each label is
-    in [0, V)."""
+class Workspace:
+    """The ``[rows, V]`` buffers of one chunk loop (of one worker), reused by every chunk. ``take()``
+    hands out a free one (allocated on first use, so a loop holds only as many as its divergence
+    needs at once), ``give_back`` frees it again, and ``next_chunk(rows)`` frees all, viewed at
+    that chunk's rows. Fresh megabytes for every op would cost page faults and cache misses."""
+
+    def __init__(self, ranges, V, dtype, device):
+        self.shape = (max((r1 - r0 for r0, r1 in ranges), default=0), V)
+        self.dtype, self.device = dtype, device
+        self.buffers, self.free, self.rows = [], [], 0
+        self.index = {}  # data_ptr of a buffer -> its position in buffers
+        self.views = {}  # position -> the buffer's view at self.rows
+
+    def next_chunk(self, rows):
+        if rows != self.rows:
+            self.rows, self.views = rows, {}
+        self.free = list(range(len(self.buffers)))
+
+    def take(self):
+        if not self.free:
+            buffer = empty(self.shape, dtype=self.dtype, device=self.device)
+            self.index[buffer.data_ptr()] = len(self.buffers)
+            self.buffers.append(buffer)
+            self.free.append(len(self.buffers) - 1)
+        i = self.free.pop()
+        if i not in self.views:
+            self.views[i] = self.buffers[i][: self.rows]
+        return self.views[i]
+
+    def give_back(self, *views):
+        self.free.extend(self.index[view.data_ptr()] for view in views)
+
+
+class FreshBuffers:
+    """A stand-in for ``Workspace`` that allocates every buffer like ``template`` (small top-k tensors)."""
+
+    def __init__(self, template):
+        self.template = template
+
+    def take(self):
+        return torch.empty_like(self.template)
+
+    def give_back(self, *views):
+        pass
+
+
+# ----------------------------------------------------------------------------------- the chunk loop
+
+
+@functools.lru_cache(maxsize=None)
+def _openmp_runtime():
+    """The OpenMP runtime that torch's CPU ops run on, through ctypes, or None: torch built without
+    OpenMP, or no /proc/self/maps to find the loaded library in (not Linux)."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    found = [path for path in paths if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp"))]
+    for path in sorted(found, key=lambda path: not path.startswith(torch_dir)):  # torch's own first
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+class _Workers:
+    """``count`` daemon threads whose torch ops run on one thread each. OpenMP's thread count is a
+    setting of each thread, set here in the runtime itself: torch.set_num_threads would also change
+    settings that all threads share (torch's default for threads started later, MKL's), and after
+    it the calling thread's small ops were measured 2000 times slower."""
+
+    def __init__(self, count, openmp):
+        self.tasks = queue.SimpleQueue()
+        ready = threading.Barrier(count + 1)
+
+        def serve():
+            torch.get_num_threads()  # torch's set-up of this thread first: it sets the thread count
+            openmp.omp_set_num_threads(1)
+            ready.wait()
+            while True:
+                task, done = self.tasks.get()
+                error = None
+                try:
+                    task()
+                except BaseException as raised:  # noqa: BLE001 - raised in the caller
+                    error = raised
+                del task  # it holds the call's tensors: nothing of a call may outlive it here
+                done.put(error)
+
+        for _ in range(count):
+            threading.Thread(target=serve, name="fastkd-chunks", daemon=True).start()
+        ready.wait()
+
+    def run(self, tasks):
+        """Run every task of ``tasks`` on the workers; wait for all; raise the first error."""
+        done = queue.SimpleQueue()
+        for task in tasks:
+            self.tasks.put((task, done))
+        errors = [done.get() for _ in tasks]
+        for error in errors:
+            if error is not None:
+                raise error
+
+
+# Each worker holds its own buffers (ten at most): this bounds them, whatever the core count.
+MAX_WORKERS = 8
+_WORKERS = {}  # worker count -> _Workers
+_WORKERS_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=_WORKERS.clear)  # threads do not survive a fork
+
+
+def _workers(count):
+    with _WORKERS_LOCK:
+        if count not in _WORKERS:
+            _WORKERS[count] = _Workers(count, _openmp_runtime())
+        return _WORKERS[count]
+
+
+def for_each_chunk(ranges, V, dtype, device, body):
+    """``body(r0, r1, work)`` for every row range of ``ranges``, with ``work`` a Workspace of ``dtype``
+    viewed at its rows. On the CPU (torch built with OpenMP, more than one intra-op thread, more
+    than one chunk) the chunks go, one at a time as each finishes the last, to as many workers
+    (at most MAX_WORKERS), each with its own Workspace (see the module docstring); elsewhere the
+    calling thread runs them in order. ``body`` writes disjoint rows of its outputs, so the
+    results are the same either way."""
+    count = min(torch.get_num_threads(), MAX_WORKERS)
+    if device.type != "cpu" or count == 1 or len(ranges) <= 1 or _openmp_runtime() is None:
+        work = Workspace(ranges, V, dtype, device)
+        for r0, r1 in ranges:
+            work.next_chunk(r1 - r0)
+            body(r0, r1, work)
+        return
+    todo, lock = iter(ranges), threading.Lock()
+
+    def worker():
+        work = Workspace(ranges, V, dtype, device)
+        while True:
+            with lock:
+                rows = next(todo, None)
+            if rows is None:
+                return
+            work.next_chunk(rows[1] - rows[0])
+            body(*rows, work)
+
+    _workers(count).run([worker] * min(count, len(ranges)))
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _scaled(x, temperature, out):
+    """``x / temperature`` in ``out``'s dtype (the accumulation dtype), into ``out``."""
+    if x.dtype == out.dtype:
+        return torch.div(x, temperature, out=out)
+    return out.copy_(x).div_(temperature)
+
+
+def _hard_ce(z, labels, need_grad, work):
+    """Cross-entropy at T = 1 per row ``[rows]``, its gradient (in a buffer of ``work``, or None),
+    and whether each label is in [0, V)."""
     in_range = (labels >= 0) & (labels < z.shape[-1])
     safe = torch.where(in_range, labels, 0).long()[:, None]
     lse = z.logsumexp(-1, keepdim=True)
-    grad = (z - lse).exp_().scatter_add_(1, safe, -in_range[:, None].to(z.dtype)) if need_grad else None
+    grad = None
+    if need_grad:
+        grad = torch.sub(z, lse, out=work.take()).exp_().scatter_add_(1, safe, -in_range[:, None].to(z.dtype))
     return lse[:, 0] - z.gather(1, safe)[:, 0], grad, in_range
 
 
+def _zero_rows(g, rows):
+    """``g[rows] = 0`` for a bool mask ``rows``: on a GPU by masked_fill_; on the CPU, where
+    masked_fill_ costs some thirty passes of a copy, by index_fill_ at the mask's nonzero rows (host
+    memory: no synchronisation)."""
+    if g.device.type == "cpu":
+        g.index_fill_(0, rows.nonzero()[:, 0], 0.0)
+    else:
+        g.masked_fill_(rows[:, None], 0.0)
+
+
+def _grad_out(grad, r0, r1, work):
+    """Where a chunk's gradient is computed: in place in ``grad`` when it has the accumulation dtype."""
+    return grad[r0:r1] if grad.dtype == work.dtype else work.take()
+
+
 def _finish_rows(loss, grad, r0, r1, row_loss, g, defined, labels, ignore_index):
-    """Write one chunk's row losses and gradient rows: NaN where undefined, 0 where ignored."""
-    nan = float("nan")
-    row_loss = torch.where(defined, row_loss, nan)
-    if g is not None:
-        g = g.masked_fill_(~defined[:, None], nan)
+    """Write one chunk's row losses (NaN where undefined) and gradient rows (already NaN there), 0
+    where ignored; ``g`` is ``grad[r0:r1]`` itself (``_grad_out``) or a tensor to copy into it."""
+    row_loss = torch.where(defined, row_loss, float("nan"))
     if labels is not None:
-        kept = labels[r0:r1] != ignore_index
-        row_loss = torch.where(kept, row_loss, 0.0)
+        ignored = labels[r0:r1] == ignore_index
+        row_loss = torch.where(ignored, 0.0, row_loss)
         if g is not None:
-            g = g.masked_fill_(~kept[:, None], 0.0)
+            _zero_rows(g, ignored)
     loss[r0:r1] = row_loss
-    if g is not None:
+    if g is not None and g.data_ptr() != grad[r0:r1].data_ptr():  # not computed in place
         grad[r0:r1] = g
+
+
+def _row_factor(scale, defined):
+    """``scale`` ``[1]`` per row ``[rows, 1]``, NaN for the undefined rows."""
+    return torch.where(defined[:, None], scale, float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------- dense
 
 
-def _mixture_log_probs(student_stats, teachers, r0, r1, acc, opts):
-    """ls, lt, s_minus_t, shift and the rows with every teacher's distribution, for a mixture of
-    teachers (s_minus_t = ls - lt, shift 0, as the kernel)."""
-    m_s, d_s, ls = student_stats
+def _one_teacher_elements(s, t, opts, work):
+    """The chunk's Elements of one teacher (s and t change in place: see fold_row_statistics), the
+    first pass's statistics, its cross term, and the rows with both distributions."""
+    x = div.Elements(opts, work, s_minus_t=lambda: torch.sub(s, t, out=work.take()))
+    m_s, d_s, m_t, d_t, cross = div.fold_row_statistics(s, t, x, opts)
+    x.shift = div.log_ratio_shift(m_s, d_s, m_t, d_t)
+    defined = torch.isfinite(m_s + d_s.log())[:, 0] & torch.isfinite(m_t + d_t.log())[:, 0]
+    return x, d_s, d_t, cross, defined
+
+
+def _mixture_elements(s, teachers, r0, r1, opts, work):
+    """The chunk's Elements for a mixture of teachers (lt of the mixture, p = exp(lt),
+    s_minus_t = ls - lt, shift 0, as the kernel) and the rows with every teacher's distribution."""
+    m_s = s.amax(-1, keepdim=True)
+    e_s = torch.sub(s, div.finite(m_s), out=work.take()).exp_()
+    d_s = e_s.sum(-1, keepdim=True)
+    ls = s.sub_(m_s).sub_(d_s.log())
     lts, defined = [], torch.isfinite(m_s + d_s.log())[:, 0]
     for teacher in teachers:
-        t = teacher[r0:r1].to(acc) / opts.teacher_T
-        lt = t.log_softmax(-1)
+        t = _scaled(teacher[r0:r1], opts.teacher_T, work.take())
+        lts.append(t.log_softmax(-1))
         defined = defined & torch.isfinite(t.logsumexp(-1))
-        lts.append(lt)
+        work.give_back(t)
     lt = div.mixture_log_prob(lts, opts.log_teacher_weights())
-    return ls, lt, ls - lt, torch.zeros_like(m_s), defined
+    x = div.Elements(opts, work, torch.zeros_like(m_s), ls=ls, lt=lt, q=lambda: e_s.mul_(d_s.reciprocal()),
+                     s_minus_t=lambda: torch.sub(ls, lt, out=work.take()))
+    return x, defined
 
 
 def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplace=False, need_grad=True,
@@ -81,39 +304,38 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
     acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
     loss = empty(N, dtype=acc, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
-    for r0, r1 in chunks(N, V, chunk_bytes):
-        z = student[r0:r1].to(acc)
-        s = z / opts.temperature
-        if len(teachers) > 1:
-            m_s = s.amax(-1, keepdim=True)
-            d_s = (s - div.finite(m_s)).exp().sum(-1, keepdim=True)
-            ls, lt, s_minus_t, shift, defined = _mixture_log_probs((m_s, d_s, (s - m_s) - d_s.log()), teachers,
-                                                                   r0, r1, acc, opts)
+    soft_grad_scale = grad_scale.to(acc) * (opts.soft_scale / opts.temperature)
+    has_ce = labels is not None and opts.hard_weight != 0
+
+    def one_chunk(r0, r1, work):
+        ce = None
+        if has_ce:  # read before the gradient, which may overwrite the student (inplace)
+            ce, ce_grad, in_range = _hard_ce(student[r0:r1].to(acc), labels[r0:r1], grad is not None, work)
+        s = _scaled(student[r0:r1], opts.temperature, work.take())
+        if len(teachers) == 1:
+            t = _scaled(teachers[0][r0:r1], opts.teacher_T, work.take())
+            x, d_s, d_t, cross, defined = _one_teacher_elements(s, t, opts, work)
         else:
-            t = teachers[0][r0:r1].to(acc) / opts.teacher_T
-            m_s, d_s, m_t, d_t, cross = div.fold_row_statistics(s, t, opts)
-            ls, lt = (s - m_s) - d_s.log(), (t - m_t) - d_t.log()
-            shift = div.log_ratio_shift(m_s, d_s, m_t, d_t)
-            s_minus_t = s - t
-            defined = torch.isfinite(m_s + d_s.log())[:, 0] & torch.isfinite(m_t + d_t.log())[:, 0]
+            x, defined = _mixture_elements(s, teachers, r0, r1, opts, work)
         if opts.has_cross_term:
-            A1, A2 = div.cross_term_scalars(cross, d_s, d_t, shift, opts)
+            A1, A2 = div.cross_term_scalars(cross, d_s, d_t, x.shift, opts)
         else:
-            a1, a2 = div.element_terms(ls, lt, s_minus_t, shift, opts)
+            a1, a2 = div.element_terms(x, opts, work.take(), work.take())
             A1, A2 = a1.sum(-1, keepdim=True), a2.sum(-1, keepdim=True)
+            work.give_back(a1, a2)
         row_loss = opts.soft_scale * div.divergence_value(A1, A2, opts)[:, 0]
-        g = None
-        if grad is not None:
-            g = div.divergence_grad(ls, lt, s_minus_t, shift, A1, A2, opts).mul_(opts.soft_scale / opts.temperature)
-        if labels is not None and opts.hard_weight != 0:
-            ce, ce_grad, in_range = _hard_ce(z, labels[r0:r1], g is not None)
+        if ce is not None:
             row_loss = row_loss + opts.hard_weight * ce
             defined = defined & in_range
-            if g is not None:
-                g.add_(ce_grad, alpha=opts.hard_weight)
-        if g is not None:
-            g.mul_(grad_scale)
+        g = None
+        if grad is not None:
+            g = div.divergence_grad(x, A1, A2, opts, _grad_out(grad, r0, r1, work),
+                                    scale=_row_factor(soft_grad_scale, defined))
+            if ce is not None:
+                g.add_(ce_grad.mul_(grad_scale.to(acc) * opts.hard_weight))
         _finish_rows(loss, grad, r0, r1, row_loss, g, defined, labels, opts.ignore_index)
+
+    for_each_chunk(chunks(N, V, chunk_bytes, student.device), V, acc, student.device, one_chunk)
     return loss, grad
 
 
@@ -146,11 +368,14 @@ def teacher_topk(logits, k, temperature, *, chunk_bytes=None):
     acc = accumulation_dtype(logits.dtype)
     logprobs = empty((N, k), dtype=acc, device=logits.device)
     indices = empty((N, k), dtype=torch.int32, device=logits.device)
-    for r0, r1 in chunks(N, V, chunk_bytes):
-        t = logits[r0:r1].to(acc) / temperature
+
+    def one_chunk(r0, r1, work):
+        t = _scaled(logits[r0:r1], temperature, work.take())
         values, columns = t.topk(k, dim=-1, largest=True, sorted=True)
         logprobs[r0:r1] = values - t.logsumexp(-1, keepdim=True)
         indices[r0:r1] = columns
+
+    for_each_chunk(chunks(N, V, chunk_bytes, logits.device), V, acc, logits.device, one_chunk)
     return logprobs, indices
 
 
@@ -162,7 +387,9 @@ def log1mexp(x):
 
 def _point_terms(lp, lq, opts):
     """(term_b, h_b, g_b) per point, as the top-k kernel's point_terms."""
-    a1, a2 = div.element_terms(lq, lp, lq - lp, 0.0, opts)
+    work = FreshBuffers(lq)
+    points = div.Elements(opts, work, ls=lq, lt=lp, s_minus_t=lq - lp)
+    a1, a2 = div.element_terms(points, opts, work.take(), work.take())
     h, g = div.point_grad(lp, lq, opts)
     return div.divergence_value(a1, a2, opts), h, g
 
@@ -181,8 +408,9 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
     grad = gradient_buffer(student, inplace, need_grad)
     T, neg_inf = opts.temperature, float("-inf")
     big = torch.finfo(acc).max
-    for r0, r1 in chunks(N, V, chunk_bytes):
-        z = student[r0:r1].to(acc)
+    has_ce = labels is not None and opts.hard_weight != 0
+
+    def one_chunk(r0, r1, work):
         index = teacher_indices[r0:r1].long()
         # Rows with an index outside [0, V) (NaN, as in the kernel) and ignored rows (which may
         # hold anything) compute on valid stand-in indices.
@@ -191,15 +419,16 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
         lt = teacher_logprobs[r0:r1].to(acc)
         row_loss = torch.zeros(r1 - r0, dtype=acc, device=student.device)
         ce_grad = None
-        if labels is not None and opts.hard_weight != 0:
-            ce, ce_grad, in_range = _hard_ce(z, labels[r0:r1], grad is not None)
+        if has_ce:  # read before the gradient, which may overwrite the student (inplace)
+            ce, ce_grad, in_range = _hard_ce(student[r0:r1].to(acc), labels[r0:r1], grad is not None, work)
             defined = defined & in_range
             row_loss += opts.hard_weight * ce
 
-        s = z / T
+        s = _scaled(student[r0:r1], T, work.take())
         s_listed = s.gather(1, index)
         m = div.finite(s.amax(-1, keepdim=True))
-        e = (s - m).exp()  # becomes e at the unlisted columns, then the gradient
+        # e = e^(s - m) becomes e at the unlisted columns, then the gradient.
+        e = torch.sub(s, m, out=work.take() if grad is None else _grad_out(grad, r0, r1, work)).exp_()
         d = e.sum(-1, keepdim=True)
         lse_s = m + d.log()
         defined = defined & torch.isfinite(lse_s[:, 0])
@@ -229,8 +458,10 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
             g.scatter_(1, index, listed)
             if ce_grad is not None:
                 g.add_(ce_grad, alpha=opts.hard_weight)
-            g.mul_(grad_scale)
+            g.mul_(_row_factor(grad_scale.to(acc), defined))
         _finish_rows(loss, grad, r0, r1, row_loss, g, defined, labels, opts.ignore_index)
+
+    for_each_chunk(chunks(N, V, chunk_bytes, student.device), V, acc, student.device, one_chunk)
     return loss, grad
 
 
@@ -240,16 +471,28 @@ _STATS = {name: i for i, name in enumerate(VOCAB_PARALLEL_STATS)}
 _ROW = {name: i for i, name in enumerate(VOCAB_PARALLEL_ROW)}
 
 
-def _shard_chunks(student, teacher, labels, opts):
-    """(rows slice, z, s, t in the accumulation dtype, kept mask [rows]) for each chunk of rows."""
+def _for_each_shard_chunk(student, teacher, labels, opts, body):
+    """``body(rows, s, t, kept, work)`` for each chunk of rows: a slice, s and t in buffers of the
+    Workspace ``work``, and the rows' kept mask ``[rows]``."""
     N, W = student.shape
-    acc = accumulation_dtype(student.dtype, teacher.dtype)
-    for r0, r1 in chunks(N, W):
+
+    def one_chunk(r0, r1, work):
         rows = slice(r0, r1)
-        z = student[rows].to(acc)
-        kept = (torch.ones(r1 - r0, dtype=torch.bool, device=z.device) if labels is None
+        kept = (torch.ones(r1 - r0, dtype=torch.bool, device=student.device) if labels is None
                 else labels[rows] != opts.ignore_index)
-        yield rows, z, z / opts.temperature, teacher[rows].to(acc) / opts.teacher_T, kept
+        s = _scaled(student[rows], opts.temperature, work.take())
+        body(rows, s, _scaled(teacher[rows], opts.teacher_T, work.take()), kept, work)
+
+    ranges = chunks(N, W, device=student.device)
+    for_each_chunk(ranges, W, accumulation_dtype(student.dtype, teacher.dtype), student.device, one_chunk)
+
+
+def _shard_elements(s, t, lse_s, lse_t, shift, opts, work):
+    """The chunk's Elements from the global log-sum-exps: ls = s - lse(s), lt = t - lse(t), and
+    q = exp(ls), p = exp(lt), as the kernels."""
+    return div.Elements(opts, work, shift, ls=lambda: torch.sub(s, lse_s, out=work.take()),
+                        lt=lambda: torch.sub(t, lse_t, out=work.take()),
+                        s_minus_t=lambda: torch.sub(s, t, out=work.take()))
 
 
 def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start):
@@ -257,11 +500,14 @@ def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start):
     N, W = student.shape
     stats = empty((N, len(VOCAB_PARALLEL_STATS)), dtype=accumulation_dtype(student.dtype, teacher.dtype),
                   device=student.device)
-    for rows, z, s, t, kept in _shard_chunks(student, teacher, labels, opts):
-        m_s, d_s, m_t, d_t, cross = (x[:, 0] for x in div.fold_row_statistics(s, t, opts))
+
+    def body(rows, s, t, kept, work):
+        x = div.Elements(opts, work, s_minus_t=lambda: torch.sub(s, t, out=work.take()))
+        m_s, d_s, m_t, d_t, cross = (v[:, 0] for v in div.fold_row_statistics(s, t, x, opts))
         zero = torch.zeros_like(m_s)
         m_z, d_z, z_y = torch.full_like(m_s, float("-inf")), zero, zero
         if opts.hard_weight != 0:
+            z = student[rows].to(s.dtype)
             m_z = z.amax(-1)
             d_z = (z - div.finite(m_z)[:, None]).exp().sum(-1)
             local = labels[rows].long() - vocab_start
@@ -271,6 +517,8 @@ def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start):
         neutral = torch.zeros_like(columns[:1])
         neutral[:, : _STATS["d_s"]] = float("-inf")  # the maxima; the sums stay 0
         stats[rows] = torch.where(kept[:, None], columns, neutral)
+
+    _for_each_shard_chunk(student, teacher, labels, opts, body)
     return stats
 
 
@@ -281,10 +529,13 @@ def _row_values(row, *names):
 def row_scalars(student, teacher, labels, row, opts: KDOptions):
     """The shard's part of A1, A2 ``[N, 2]``, as ``fastkd.backends.triton.row_scalars``."""
     scalars = empty((student.shape[0], 2), dtype=row.dtype, device=student.device)
-    for rows, z, s, t, kept in _shard_chunks(student, teacher, labels, opts):
-        lse_s, lse_t, shift = _row_values(row[rows], "lse_s", "lse_t", "shift")
-        a1, a2 = div.element_terms(s - lse_s, t - lse_t, s - t, shift, opts)
+
+    def body(rows, s, t, kept, work):
+        x = _shard_elements(s, t, *_row_values(row[rows], "lse_s", "lse_t", "shift"), opts, work)
+        a1, a2 = div.element_terms(x, opts, work.take(), work.take())
         scalars[rows] = torch.where(kept[:, None], torch.stack([a1.sum(-1), a2.sum(-1)], 1), 0.0)
+
+    _for_each_shard_chunk(student, teacher, labels, opts, body)
     return scalars
 
 
@@ -294,7 +545,9 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
     N, W = student.shape
     loss = empty(N, dtype=row.dtype, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
-    for rows, z, s, t, kept in _shard_chunks(student, teacher, labels, opts):
+    soft_grad_scale = grad_scale.to(row.dtype) * (opts.soft_scale / opts.temperature)
+
+    def body(rows, s, t, kept, work):
         r = row[rows]
         lse_s, lse_t, lse_z, shift, nan_row, A1, A2 = _row_values(
             r, "lse_s", "lse_t", "lse_z", "shift", "nan_row", "A1", "A2")
@@ -305,14 +558,21 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
             row_loss = row_loss + opts.hard_weight * (lse_z - _row_values(r, "z_y")[0])
         loss[rows] = torch.where(kept, row_loss[:, 0], 0.0)
         if grad is None:
-            continue
-        g = div.divergence_grad(s - lse_s, t - lse_t, s - t, shift, A1, A2, opts)
-        g = g * (opts.soft_scale / opts.temperature) + nan_row
-        if opts.hard_weight != 0:
+            return
+        ce_grad = None
+        if opts.hard_weight != 0:  # read before the gradient, which may overwrite the student (inplace)
             local = labels[rows].long() - vocab_start
-            owned = ((local >= 0) & (local < W)).to(g.dtype)
-            ce_grad = (z - lse_z).exp()
+            owned = ((local >= 0) & (local < W)).to(s.dtype)
+            ce_grad = torch.sub(student[rows].to(s.dtype), lse_z, out=work.take()).exp_()
             ce_grad.scatter_add_(1, local.clamp(0, W - 1)[:, None], -owned[:, None])
-            g = g + opts.hard_weight * ce_grad
-        grad[rows] = torch.where(kept[:, None], g * grad_scale, 0.0)
+        x = _shard_elements(s, t, lse_s, lse_t, shift, opts, work)
+        g = div.divergence_grad(x, A1, A2, opts, _grad_out(grad, rows.start, rows.stop, work),
+                                scale=soft_grad_scale + nan_row)
+        if ce_grad is not None:
+            g.add_(ce_grad.mul_(grad_scale.to(s.dtype) * opts.hard_weight))
+        _zero_rows(g, ~kept)
+        if g.data_ptr() != grad[rows].data_ptr():  # not computed in place
+            grad[rows] = g
+
+    _for_each_shard_chunk(student, teacher, labels, opts, body)
     return loss, grad

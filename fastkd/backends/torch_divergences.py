@@ -1,41 +1,136 @@
 """The divergences in PyTorch: the mirror of ``kernels/divergences.py``.
 
 Same functions, same order, same table (value D from the row scalars A1, A2, per-element terms,
-dD/ds, and the top-k point derivatives), written with whole-tensor ops over ``[rows, V]`` (row
-scalars ``[rows, 1]``). The kernels' plumbing (divergence_scalars, load_scaled_block) has no
-mirror, and fold_row_statistics takes whole rows at once. See that file for the notation.
+dD/ds, and the top-k point derivatives); see that file for the notation. Where a kernel holds a
+tile of one row in registers, the torch backend holds a chunk of rows: ``[rows, V]`` tensors (row
+scalars ``[rows, 1]``) in buffers allocated once per call and reused by every chunk. On the CPU
+every torch op is a pass over the chunk's memory, and a pass that writes in place costs about half
+of one that writes a third buffer; so the functions write into the ``out`` buffers they are given
+or over their inputs, and ``Elements`` holds each per-element quantity of a chunk that the
+kernels' functions take as arguments (ls, lt, q, p, s_minus_t, shift), plus log M and sign(p - q),
+computed once, on first use: a kernel recomputes log M in each pass. The kernels' plumbing
+(divergence_scalars, load_tile, load_teacher_tiles, finish_row_statistics, row_loss) has no
+mirror, and fold_row_statistics takes whole rows at once.
+
+``_masked_product(w, x, out)`` is the kernels' ``tl.where(w > 0, w * x, 0.0)``: w * x with the
+NaNs of 0 * inf cleared (torch.where does not vectorise on the CPU: it costs twenty passes of a
+multiply). The weight w is a probability and x a log-ratio: in a row with finite log-sum-exps, x
+is NaN or infinite with w = 0 only where a log-probability is -inf, so those NaNs are the only
+ones; a row with a NaN or +inf input is undefined and set NaN as a whole by the caller. One case
+differs from tl.where: where w > 0 and x is inf - inf = NaN, which happens only in a row whose
+divergence is +inf (a log-ratio of +inf meets a row scalar of +inf), w * x is 0 here and NaN in
+the kernels; that row's gradient is not finite either way.
 """
 import torch
 
 from ..options import KDOptions
 
+INF = float("inf")
 
-def _where(live, x):
-    return torch.where(live, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+def _nan_to_zero(x):
+    return x.nan_to_num_(nan=0.0, posinf=INF, neginf=-INF)
+
+
+def _masked_product(weight, x, out=None):
+    """``weight * x``, 0 where the weight is 0 (into ``out``; see the module docstring)."""
+    return _nan_to_zero(torch.mul(weight, x, out=out))
 
 
 def finite(m):
     """A finite stand-in for a maximum that is -inf (a row entirely -inf)."""
-    return torch.where(m == float("-inf"), torch.zeros((), dtype=m.dtype, device=m.device), m)
+    return m.clamp(min=torch.finfo(m.dtype).min)
 
 
-def cross_term_elements(e_s, e_t, s, t, opts: KDOptions):
+class Elements:
+    """One chunk of rows as the table reads it: ls, lt, q, p, s_minus_t ``[rows, V]`` and ``shift``
+    ``[rows, 1]`` (or a number), the kernels' arguments, plus lm (log M) and sign_p_minus_q.
+    Each is defined (``define``) as a tensor or as a function that computes it, and computed once,
+    on first use, so that the element_terms and divergence_grad of a chunk read the same buffers
+    and a quantity that no formula of the divergence reads costs nothing. Defaults: q = exp(ls),
+    p = exp(lt), lm = log_mixture(ls, lt), sign_p_minus_q = sign(shift - s_minus_t), in buffers
+    of ``work`` (``take()`` / ``give_back()``)."""
+
+    def __init__(self, opts: KDOptions, work, shift=0.0, **sources):
+        self.opts, self.work, self.shift = opts, work, shift
+        self._sources, self._values = sources, {}
+
+    def define(self, **sources):
+        self._sources.update(sources)
+
+    def _get(self, name):
+        if name not in self._values:
+            # The defaults are methods looked up here: stored, they would keep self alive in a cycle.
+            source = self._sources[name] if name in self._sources else getattr(self, "_" + name)
+            self._values[name] = source if isinstance(source, torch.Tensor) else source()
+        return self._values[name]
+
+    ls = property(lambda self: self._get("ls"))
+    lt = property(lambda self: self._get("lt"))
+    q = property(lambda self: self._get("q"))
+    p = property(lambda self: self._get("p"))
+    s_minus_t = property(lambda self: self._get("s_minus_t"))
+    lm = property(lambda self: self._get("lm"))
+    sign_p_minus_q = property(lambda self: self._get("sign_p_minus_q"))
+
+    def _q(self):
+        return torch.exp(self.ls, out=self.work.take())
+
+    def _p(self):
+        return torch.exp(self.lt, out=self.work.take())
+
+    def _lm(self):
+        _, log_weight_p, log_weight_q = self.opts.mixture_weights()
+        scratch = self.work.take()
+        lm = log_mixture(self.ls, self.lt, log_weight_p, log_weight_q, self.work.take(), scratch)
+        self.work.give_back(scratch)
+        return lm
+
+    def _sign_p_minus_q(self):  # lt - ls = shift - s_minus_t
+        out = self.work.take()
+        return sign(torch.sub(self.shift, self.s_minus_t, out=out), out)
+
+
+def _reads_log_probabilities(opts: KDOptions):
+    """Whether the divergence's formulas read ls and lt (the mixture divergences, through log M);
+    the others read q, p and s_minus_t only."""
+    return opts.divergence in ("jsd", "skew_kl", "skew_reverse_kl")
+
+
+def cross_term_elements(e_s, e_t, x: Elements, opts: KDOptions, out):
     """The terms of kl's cross term e^(t - m_t) (t - s), or reverse_kl's e^(s - m_s) (s - t), 0 where
-    the weight is 0."""
-    if opts.divergence == "kl":
-        return _where(e_t > 0, e_t * (t - s))
-    return _where(e_s > 0, e_s * (s - t))
+    the weight is 0, into ``out``."""
+    if opts.divergence == "kl":  # e_t (t - s) = -(e_t (s - t)), exactly
+        return _masked_product(e_t, x.s_minus_t, out).neg_()
+    return _masked_product(e_s, x.s_minus_t, out)
 
 
-def fold_row_statistics(s, t, opts: KDOptions):
+def fold_row_statistics(s, t, x: Elements, opts: KDOptions):
     """Row maxima m and sums of exps d of s and t ``[rows, 1]``, and kl's cross term
-    sum e^(t - m_t) (t - s) or reverse_kl's sum e^(s - m_s) (s - t) (0 for the others)."""
+    sum e^(t - m_t) (t - s) or reverse_kl's sum e^(s - m_s) (s - t) (0 for the others).
+
+    In place: ``x.s_minus_t`` is computed first where the divergence reads it, then s and t become
+    s - m_s and t - m_t; ``x`` is given ls, lt as those minus log d and q = e_s / d_s,
+    p = e_t / d_t as the kernels; the exps e = e^(s - m) overwrite s and t too where no ls, lt is
+    read."""
+    log_probabilities = _reads_log_probabilities(opts)
+    if not log_probabilities:
+        x.s_minus_t  # noqa: B018 - computed from s and t before they change
     m_s, m_t = s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
-    e_s, e_t = (s - finite(m_s)).exp(), (t - finite(m_t)).exp()
+    s.sub_(finite(m_s))
+    t.sub_(finite(m_t))
+    e_s = torch.exp(s, out=x.work.take() if log_probabilities else s)
+    e_t = torch.exp(t, out=x.work.take() if log_probabilities else t)
+    d_s, d_t = e_s.sum(-1, keepdim=True), e_t.sum(-1, keepdim=True)
     cross = torch.zeros_like(m_s)
     if opts.has_cross_term:
-        cross = cross_term_elements(e_s, e_t, s, t, opts).sum(-1, keepdim=True)
-    return m_s, e_s.sum(-1, keepdim=True), m_t, e_t.sum(-1, keepdim=True), cross
+        terms = cross_term_elements(e_s, e_t, x, opts, x.work.take())
+        cross = terms.sum(-1, keepdim=True)
+        x.work.give_back(terms)
+    x.define(q=lambda: e_s.mul_(d_s.reciprocal()), p=lambda: e_t.mul_(d_t.reciprocal()))
+    if log_probabilities:
+        x.define(ls=lambda: s.sub_(d_s.log()), lt=lambda: t.sub_(d_t.log()))
+    return m_s, d_s, m_t, d_t, cross
 
 
 def mixture_log_prob(lts, log_teacher_weights):
@@ -43,7 +138,7 @@ def mixture_log_prob(lts, log_teacher_weights):
     where every p_i is 0)."""
     terms = torch.stack([lt + log_w for lt, log_w in zip(lts, log_teacher_weights)])
     hi = terms.amax(0)
-    return torch.where(hi == float("-inf"), hi, finite(hi) + (terms - finite(hi)).exp().sum(0).log())
+    return torch.where(hi == -INF, hi, finite(hi) + (terms - finite(hi)).exp().sum(0).log())
 
 
 def log_ratio_shift(m_s, d_s, m_t, d_t):
@@ -57,37 +152,47 @@ def cross_term_scalars(cross, d_s, d_t, shift, opts: KDOptions):
     return (cross / d_t, -shift) if opts.divergence == "kl" else (cross / d_s, shift)
 
 
-def log_mixture(ls, lt, log_weight_p, log_weight_q):
-    return torch.logaddexp(lt + log_weight_p, ls + log_weight_q)
+def log_mixture(ls, lt, log_weight_p, log_weight_q, out=None, scratch=None):
+    """log M into ``out`` (``scratch``: one more buffer of the same shape)."""
+    return torch.logaddexp(torch.add(lt, log_weight_p, out=out), torch.add(ls, log_weight_q, out=scratch),
+                           out=out)
 
 
-def sign(x):
-    return torch.sign(x)
+def sign(x, out=None):
+    """-1, 0 or 1; 0 at NaN too (torch.sign's convention), as the kernels'."""
+    return torch.sign(x, out=out)
 
 
-def skew_kl_ratio(ls, lt, lm, p, mix_weight):
+def skew_kl_ratio(ls, lt, lm, p, mix_weight, out=None):
     """r = p q / M of skew_kl from log q, log p and log M, guarded by log q (not q): with a tiny
     skew, r ~ p / (1 - skew) where q underflows. At skew 0 with q = 0 its limit p."""
-    return torch.where(ls > float("-inf"), (lt + ls - lm).exp(), p if mix_weight == 0 else torch.zeros_like(p))
+    r = torch.add(lt, ls, out=out).sub_(lm).exp_()
+    if mix_weight == 0:
+        return torch.where(ls > -INF, r, p, out=r)
+    # With mix_weight > 0, lm is finite wherever ls or lt is: where ls = -inf, r is exp(-inf) = 0,
+    # or NaN ((-inf) - (-inf)) where lt = -inf too.
+    return _nan_to_zero(r)
 
 
-def element_terms(ls, lt, s_minus_t, shift, opts: KDOptions):
-    """The per-element terms a1, a2 of the row scalars A1, A2."""
-    q, p = ls.exp(), lt.exp()
+def element_terms(x: Elements, opts: KDOptions, out1, out2):
+    """The per-element terms a1, a2 of the row scalars A1, A2, into ``out1``, ``out2``."""
     name = opts.divergence
     if name == "kl":
-        return _where(p > 0, -p * s_minus_t), -p * shift
+        return _masked_product(x.p, x.s_minus_t, out1).neg_(), torch.mul(x.p, x.shift, out=out2).neg_()
     if name == "reverse_kl":
-        return _where(q > 0, q * s_minus_t), q * shift
+        return _masked_product(x.q, x.s_minus_t, out1), torch.mul(x.q, x.shift, out=out2)
     if name == "tvd":
-        return (p - q).abs(), q * sign(shift - s_minus_t)
+        return torch.sub(x.p, x.q, out=out1).abs_(), torch.mul(x.q, x.sign_p_minus_q, out=out2)
     mix, log_wp, log_wq = opts.mixture_weights()
-    lm = log_mixture(ls, lt, log_wp, log_wq)
     if name == "jsd":
-        return _where(p > 0, p * (lt - lm)), _where(q > 0, q * (ls - lm))
+        return (_masked_product(x.p, torch.sub(x.lt, x.lm, out=out1), out1),
+                _masked_product(x.q, torch.sub(x.ls, x.lm, out=out2), out2))
     if name == "skew_kl":
-        return _where(p > 0, p * (lt - lm)), skew_kl_ratio(ls, lt, lm, p, mix)
-    return _where(q > 0, q * (ls - lm)), _where(q > 0, (log_wq + 2 * ls - lm).exp())
+        return (_masked_product(x.p, torch.sub(x.lt, x.lm, out=out1), out1),
+                skew_kl_ratio(x.ls, x.lt, x.lm, x.p, mix, out2))
+    # a2 = 0 where q = 0: there ls = -inf, so 2 ls - lm is -inf, or NaN where lm = -inf too.
+    a2 = _nan_to_zero(torch.mul(x.ls, 2.0, out=out2).add_(log_wq).sub_(x.lm).exp_())
+    return _masked_product(x.q, torch.sub(x.ls, x.lm, out=out1), out1), a2
 
 
 def divergence_value(A1, A2, opts: KDOptions):
@@ -102,24 +207,30 @@ def divergence_value(A1, A2, opts: KDOptions):
     return A1
 
 
-def divergence_grad(ls, lt, s_minus_t, shift, A1, A2, opts: KDOptions):
-    """dD/ds per element for a normalised student."""
-    q = ls.exp()
+def divergence_grad(x: Elements, A1, A2, opts: KDOptions, out, scale=1.0):
+    """dD/ds per element for a normalised student, times ``scale`` (a number or per row
+    ``[rows, 1]``), into ``out``."""
     name = opts.divergence
     if name == "kl":
-        return q - lt.exp()
+        return torch.sub(x.q, x.p, out=out).mul_(scale)
     if name == "reverse_kl":
-        return _where(q > 0, q * (s_minus_t - A1))
+        return _masked_product(x.q, torch.sub(x.s_minus_t, A1, out=out), out).mul_(scale)
     if name == "tvd":
-        return 0.5 * q * (A2 - sign(shift - s_minus_t))
+        return torch.sub(A2, x.sign_p_minus_q, out=out).mul_(x.q).mul_(0.5 * scale)
     mix, log_wp, log_wq = opts.mixture_weights()
-    lm = log_mixture(ls, lt, log_wp, log_wq)
     if name == "jsd":
-        return (1 - mix) * _where(q > 0, q * (ls - lm - A2))
+        return _masked_product(x.q, torch.sub(x.ls, x.lm, out=out).sub_(A2), out).mul_((1 - mix) * scale)
+    scratch = x.work.take()
     if name == "skew_kl":
-        return (1 - mix) * (q * A2 - skew_kl_ratio(ls, lt, lm, lt.exp(), mix))
-    # a q / M as exp(log a + ls - lm): 0 at a = 0, not 0 * inf.
-    return _where(q > 0, q * (ls - lm - (log_wq + ls - lm).exp() - (A1 - A2)))
+        r = skew_kl_ratio(x.ls, x.lt, x.lm, x.p, mix, scratch)
+        g = torch.mul(x.q, A2, out=out).sub_(r).mul_((1 - mix) * scale)
+    else:
+        # a q / M as exp(log a + ls - lm): 0 at a = 0, not 0 * inf.
+        log_ratio = torch.sub(x.ls, x.lm, out=out)
+        a_q_over_m = torch.add(log_ratio, log_wq, out=scratch).exp_()
+        g = _masked_product(x.q, log_ratio.sub_(a_q_over_m).sub_(A1 - A2), out).mul_(scale)
+    x.work.give_back(scratch)
+    return g
 
 
 def point_grad(lp, lq, opts: KDOptions):
@@ -130,7 +241,7 @@ def point_grad(lp, lq, opts: KDOptions):
         return -p, -(lp - lq).exp()
     if name == "reverse_kl":
         g = lq - lp + 1
-        return _where(q > 0, q * g), g
+        return _masked_product(q, g), g
     if name == "tvd":
         g = -0.5 * sign(lp - lq)
         return q * g, g
@@ -138,8 +249,8 @@ def point_grad(lp, lq, opts: KDOptions):
     lm = log_mixture(lq, lp, log_wp, log_wq)
     if name == "jsd":
         g = (1 - mix) * (lq - lm)
-        return _where(q > 0, q * g), g
+        return _masked_product(q, g), g
     if name == "skew_kl":
         return -(1 - mix) * skew_kl_ratio(lq, lp, lm, p, mix), -(1 - mix) * (lp - lm).exp()
     g = lq - lm + 1 - mix * (lq - lm).exp()
-    return _where(q > 0, q * g), g
+    return _masked_product(q, g), g

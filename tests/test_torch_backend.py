@@ -1,0 +1,135 @@
+"""The torch backend's own machinery: the single-threaded chunk workers on the CPU (same results as
+the calling thread's loop, no setting of the caller's changed, nothing of a call kept alive, errors
+raised in the caller), the reused chunk buffers, and the torch table's conventions that differ in
+form from the kernels' (``sign`` of NaN, the masked products at -inf columns)."""
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+
+from fastkd.backends import torch as torch_backend
+from fastkd.backends import torch_divergences as div
+from fastkd.options import make_options
+from helpers import DIVERGENCES
+
+needs_workers = pytest.mark.skipif(torch_backend._openmp_runtime() is None,
+                                   reason="the workers need torch built with OpenMP, on Linux")
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _forward(student, teachers, labels, opts, workers, monkeypatch, **kw):
+    with monkeypatch.context() as patch:
+        if not workers:
+            patch.setattr(torch_backend, "_openmp_runtime", lambda: None)
+        return torch_backend.kd_forward(student, teachers, labels, torch.tensor([0.25]), opts, **kw)
+
+
+@needs_workers
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_workers_give_the_calling_threads_results(divergence, two_threads, monkeypatch):
+    """Bit for bit, with -inf columns, an undefined row, ignored rows, the hard CE, a bf16 student,
+    in place, and a mixture of two teachers."""
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(37, 50, generator=gen) * 3, torch.randn(37, 50, generator=gen) * 3
+    s[:, 7], t[:, 7] = -float("inf"), -float("inf")
+    t[5] = float("nan")
+    labels = torch.randint(0, 50, (37,), generator=gen)
+    labels[::4] = -100
+    cases = [
+        (s, t, None, make_options(divergence=divergence, temperature=1.5, beta=0.3, skew=0.2), {}),
+        (s, t, labels, make_options(divergence=divergence, hard_weight=0.5), {}),
+        (s.bfloat16(), t, labels, make_options(divergence=divergence), {}),
+        (s, (t, torch.randn(37, 50, generator=gen)), None,
+         make_options(divergence=divergence, teacher_weights=(0.3, 0.7)), {}),
+    ]
+    for student, teachers, labels_, opts, kw in cases:
+        loss, grad = _forward(student, teachers, labels_, opts, True, monkeypatch, chunk_bytes=4 * 50 * 3)
+        loss0, grad0 = _forward(student, teachers, labels_, opts, False, monkeypatch, chunk_bytes=4 * 50 * 3)
+        torch.testing.assert_close(loss, loss0, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(grad, grad0, rtol=0, atol=0, equal_nan=True)
+    inplace = s.clone()
+    _forward(inplace, t, labels, make_options(divergence=divergence), True, monkeypatch, inplace=True,
+             chunk_bytes=4 * 50 * 3)
+    torch.testing.assert_close(inplace, _forward(s, t, labels, make_options(divergence=divergence), False,
+                                                 monkeypatch, chunk_bytes=4 * 50 * 3)[1],
+                               rtol=0, atol=0, equal_nan=True)
+
+
+@needs_workers
+def test_workers_leave_the_callers_thread_settings_alone(two_threads, monkeypatch):
+    """Each worker sets OpenMP's thread count of its own thread only: the caller, and threads
+    started later, keep torch's setting."""
+    s, t = torch.randn(64, 40), torch.randn(64, 40)
+    torch_backend.kd_forward(s, t, None, torch.ones(1), make_options(), chunk_bytes=4 * 40 * 8)
+    assert torch.get_num_threads() == 2
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [2]
+
+
+@needs_workers
+def test_nothing_of_a_call_outlives_it(two_threads):
+    """The workers drop their task once it is done: the call's gradient and inputs are freed."""
+    s, t = torch.randn(64, 40), torch.randn(64, 40)
+    loss, grad = torch_backend.kd_forward(s, t, None, torch.ones(1), make_options(divergence="jsd"),
+                                          chunk_bytes=4 * 40 * 8)
+    refs = [weakref.ref(x) for x in (s, t, loss, grad)]
+    del s, t, loss, grad
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+
+
+@needs_workers
+def test_an_error_in_a_chunk_is_raised_in_the_caller(two_threads, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("chunk failed")
+
+    monkeypatch.setattr(div, "divergence_grad", broken)
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        torch_backend.kd_forward(torch.randn(64, 40), torch.randn(64, 40), None, torch.ones(1), make_options(),
+                                 chunk_bytes=4 * 40 * 8)
+    monkeypatch.undo()
+    loss, _ = torch_backend.kd_forward(torch.zeros(64, 40), torch.zeros(64, 40), None, torch.ones(1),
+                                       make_options(), chunk_bytes=4 * 40 * 8)
+    assert (loss == 0).all()  # the workers still serve
+
+
+def test_workspace_hands_out_each_buffer_once_per_chunk_and_reuses_them():
+    work = torch_backend.Workspace([(0, 4), (4, 7)], 5, torch.float32, torch.device("cpu"))
+    work.next_chunk(4)
+    a, b = work.take(), work.take()
+    assert a.shape == (4, 5) and a.data_ptr() != b.data_ptr()
+    work.give_back(a)
+    assert work.take().data_ptr() == a.data_ptr()
+    work.next_chunk(3)
+    c, d = work.take(), work.take()
+    assert {c.data_ptr(), d.data_ptr()} == {a.data_ptr(), b.data_ptr()} and c.shape == (3, 5)
+    assert len(work.buffers) == 2
+
+
+def test_sign_is_zero_at_nan_as_the_kernels():
+    x = torch.tensor([float("nan"), -2.0, 0.0, 3.0, -float("inf")])
+    assert div.sign(x).tolist() == [0.0, -1.0, 0.0, 1.0, -1.0]
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_masked_vocabulary_gives_zero_terms_and_gradient(divergence):
+    """Columns where both distributions are 0 (-inf logits): every element term and the gradient
+    there are 0, not the NaN of 0 * inf, for every divergence (the masked products)."""
+    s, t = torch.randn(3, 17), torch.randn(3, 17)
+    s[:, 4:9] = t[:, 4:9] = -float("inf")
+    opts = make_options(divergence=divergence, beta=0.3, skew=0.2)
+    loss, grad = torch_backend.kd_forward(s, t, None, torch.ones(1), opts)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert (grad[:, 4:9] == 0).all()
