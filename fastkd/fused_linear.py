@@ -42,7 +42,7 @@ block holds two bf16 ones), or, with teacher_logits, into a half-size block of i
 Memory beyond the inputs: the ``[N, H]`` hidden gradient, the ``[V, H]`` weight-gradient
 accumulator (plus the weight-dtype copy returned for bf16/fp16 weights), and the chunk buffers:
 at most two float32 ``[chunk, V]`` blocks, three with a student softcap (the torch backend adds
-its few work buffers of 4 MiB, as for kd_loss; without a float32-output matmul, bf16/fp16 inputs
+its work buffers, as for kd_loss: see ``fastkd.backends.torch``; without a float32-output matmul, bf16/fp16 inputs
 add a float32 copy of the chunk's hidden rows ``[chunk, H]`` and one weight tile of
 UPCAST_TILE_BYTES). That is O(chunk V + N H + V H), never O(N V).
 

@@ -4,6 +4,11 @@ TRITON_INTERPRET must be set before any kernel module (or triton) is imported, s
 at the top of the first file pytest loads.
 """
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
 
 import torch
 
@@ -14,6 +19,49 @@ import pytest  # noqa: E402
 
 import fastkd.backends.torch  # noqa: E402
 import fastkd.backends.triton  # noqa: E402
+
+
+def _patch_triton_language_once_per_launch():
+    """Speed of the interpreter, not behaviour. A launch patches triton.language (the modules tl
+    and tl.core, shared by every kernel file) with the interpreter's builtins, and Triton 3.6-3.9
+    patch the same modules again at every call of a @triton.jit helper in every program, listing
+    the modules' members each time: 60 % of a small launch. Within a launch nothing undoes a patch
+    before its end, so a helper's patch of modules already patched in that launch is skipped."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+
+    patch_lang = getattr(interpreter, "_patch_lang", None)
+    executor = getattr(interpreter, "GridExecutor", None)
+    if patch_lang is None or executor is None or not hasattr(interpreter, "_LangPatchScope"):
+        return  # another interpreter than the one described above: leave it as it is
+    import triton.language as tl
+
+    launch = {"running": False, "patched": set()}  # ids of the modules patched in this launch
+
+    def patch_lang_once(fn):
+        wanted = {id(value) for value in fn.__globals__.values() if value is tl or value is tl.core}
+        if launch["running"] and wanted <= launch["patched"]:
+            return interpreter._LangPatchScope()  # nothing to undo
+        scope = patch_lang(fn)
+        if launch["running"]:
+            launch["patched"] |= wanted
+        return scope
+
+    run_grid = executor.__call__
+
+    def run_grid_patching_once(self, *args, **kwargs):
+        launch.update(running=True, patched=set())
+        try:
+            return run_grid(self, *args, **kwargs)
+        finally:
+            launch.update(running=False, patched=set())
+
+    interpreter._patch_lang = patch_lang_once
+    executor.__call__ = run_grid_patching_once
+
+
+_patch_triton_language_once_per_launch()
 
 
 def pytest_addoption(parser):
@@ -30,6 +78,90 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(skip_slow)
+    items.sort(key=_uses_background_jobs)  # stable: the tests that wait for a background job last
+
+
+# ------------------------------------------------------------------------------ background jobs
+class BackgroundJob:
+    """A check that runs in a subprocess (the sm_90 compiles: a minute of one core). The jobs of
+    the selected tests start one after another when collection ends, on the second core while the
+    interpreter tests keep the first busy, and the tests that wait for them run last. A test module
+    declares its jobs in ``BACKGROUND_JOBS``: {name: function(dir) -> argv for python, or None
+    where the check cannot run here}; its tests take the ``background_jobs`` fixture and call
+    ``background_jobs[name].wait()``. Each job runs without TRITON_INTERPRET, in a temporary
+    ``dir`` that holds its own Triton cache."""
+
+    def __init__(self, argv_of):
+        self.dir = tempfile.mkdtemp(prefix="fastkd-job-")
+        self.argv = argv_of(self.dir)
+        self.process, self.started = None, threading.Event()
+        self.lock, self.stopped = threading.Lock(), False
+
+    def run(self):
+        """Run the command to its end (in the jobs' thread)."""
+        with self.lock:
+            if self.argv is not None and not self.stopped:
+                env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+                env["TRITON_CACHE_DIR"] = os.path.join(self.dir, "triton-cache")
+                self.output = open(os.path.join(self.dir, "output"), "w+")
+                self.process = subprocess.Popen([sys.executable, *self.argv], env=env, stdout=self.output,
+                                                stderr=subprocess.STDOUT, text=True)
+            self.started.set()
+        if self.process is not None:
+            self.process.wait()
+
+    def wait(self, timeout=1200):
+        """(return code, output) of the finished command."""
+        assert self.argv is not None, "this job cannot run here"
+        assert self.started.wait(timeout), "the job did not start"
+        self.process.wait(timeout)
+        self.output.seek(0)
+        return self.process.returncode, self.output.read()
+
+    def stop(self):
+        with self.lock:
+            self.stopped = True
+            self.started.set()
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self.output.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_BACKGROUND = {}  # job name -> BackgroundJob, in the order they run
+
+
+def _uses_background_jobs(item):
+    return "background_jobs" in getattr(item, "fixturenames", ())
+
+
+def _run_background_jobs(jobs):
+    for job in jobs:
+        job.run()
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        if _uses_background_jobs(item) and hasattr(item, "module"):
+            for name, argv_of in getattr(item.module, "BACKGROUND_JOBS", {}).items():
+                if name not in _BACKGROUND:
+                    _BACKGROUND[name] = BackgroundJob(argv_of)
+    if _BACKGROUND:
+        threading.Thread(target=_run_background_jobs, args=(list(_BACKGROUND.values()),), daemon=True).start()
+
+
+def pytest_sessionfinish(session):
+    jobs = list(_BACKGROUND.values())
+    _BACKGROUND.clear()
+    for job in jobs:
+        job.stop()
+
+
+@pytest.fixture(scope="session")
+def background_jobs():
+    return _BACKGROUND
 
 
 @pytest.fixture(autouse=True)

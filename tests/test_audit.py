@@ -6,8 +6,7 @@ here, the byte counter in this (interpreter) process, and the model against figu
 """
 import csv
 import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,34 +21,38 @@ BUDGETS = {cases.case_id(c): c.budget for c in cases.CASES if c.gate}
 KNOWN_SPILLS_IN_LOOPS = {}  # case id -> (Triton version prefix, why); none today
 
 
-def _start_audit(out, *flags):
-    """Start ``python -m fastkd.audit`` (without the interpreter flag this process has)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(out / "triton-cache")
-    command = [sys.executable, "-m", "fastkd.audit", "--out", str(out), *flags]
-    return out, subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _audit(*flags):
+    """The argv of ``python -m fastkd.audit`` into a job's directory, or None without the tools."""
+    def argv_of(out):
+        from fastkd.audit.command import tools_missing
+
+        return None if tools_missing() else ["-m", "fastkd.audit", "--out", out, *flags]
+    return argv_of
 
 
-def _read_audit(out, child):
-    output, _ = child.communicate(timeout=600)
-    assert child.returncode == 0, output[-4000:]
-    (path,) = out.glob("audit_sm90_*.csv")
+# The gated cases at an aligned V and kl at an unaligned one, beside the other tests
+# (conftest.BackgroundJob).
+BACKGROUND_JOBS = {"audit gate": _audit("--gate", "--v", str(ALIGNED_V)),
+                   "audit unaligned": _audit("--cases", "kd_loss kl", "--v", str(UNALIGNED_V))}
+
+
+def _read_audit(job):
+    returncode, output = job.wait(timeout=600)
+    assert returncode == 0, output[-4000:]
+    (path,) = Path(job.dir).glob("audit_sm90_*.csv")
     with open(path) as f:
         return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
-def audits(tmp_path_factory):
-    """The gated cases at an aligned V and kl at an unaligned one, audited side by side."""
+def audits(background_jobs):
     from fastkd.audit.command import tools_missing
 
     why = tools_missing()
     if why:
         pytest.skip(f"the audit needs Triton's NVIDIA tools: {why}")
-    gate = _start_audit(tmp_path_factory.mktemp("audit-gate"), "--gate", "--v", str(ALIGNED_V))
-    unaligned = _start_audit(tmp_path_factory.mktemp("audit-unaligned"), "--cases", "kd_loss kl",
-                             "--v", str(UNALIGNED_V))
-    return {"gate": _read_audit(*gate), "unaligned": _read_audit(*unaligned)}
+    return {"gate": _read_audit(background_jobs["audit gate"]),
+            "unaligned": _read_audit(background_jobs["audit unaligned"])}
 
 
 @pytest.fixture(scope="module")

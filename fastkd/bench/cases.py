@@ -98,13 +98,12 @@ FUSED_LINEAR_PROVIDERS = ("torch-eager", "fastkd-unfused", "fastkd-triton", "lig
 PRESETS = {
     # The default on a CPU-only machine, a few minutes on 2 cores. First the headline case (the
     # torch backend against the eager idiom and its torch.compile, kl at N = 4096, V = 32000, fp32),
-    # then jsd at N = 2048 with torch.compile as well; a V sweep, the other divergences and softmax
-    # at N = 256; the sparse top-k loss and its extraction beside dense kd_loss at V = 128256.
+    # then every divergence at N = 2048 with torch.compile as well; a V sweep and softmax at
+    # N = 256; the sparse top-k loss and its extraction beside dense kd_loss at V = 128256.
     "cpu": (
         Grid(ns=(4096,), vs=(32000,), providers=CPU_WITH_COMPILE),
-        Grid(divergences=("jsd",), ns=(2048,), vs=(32000,), providers=CPU_WITH_COMPILE),
+        Grid(divergences=DIVERGENCES, ns=(2048,), vs=(32000,), providers=CPU_WITH_COMPILE),
         Grid(ns=(256,), vs=(8192, 32000, 128256)),
-        Grid(divergences=_OTHER_DIVERGENCES, ns=(256,), vs=(32000,)),
         Grid(ops=("softmax", "log_softmax"), ns=(256,), vs=(32000,)),
         Grid(ops=("kd_loss", "topk_kd_loss"), ns=(32,), vs=(128256,), ks=(16, 128, 1024)),
         Grid(ops=("teacher_topk",), ns=(32,), vs=(128256,), ks=(16, 128, 1024), modes=("fwd",)),
