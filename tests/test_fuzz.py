@@ -164,9 +164,19 @@ def _row_error_scales(s, t, c):
     acc = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
     big = _largest_finite(s, t)
     soft_scale = c["soft_weight"] * (c["temperature"] ** 2 if c["t2_scale"] else 1.0)
-    soft = 8 * EPS[acc] * (1 + big / c["temperature"]) * math.sqrt(c["V"])
+    soft = 8 * EPS[acc] * (1 + max(big / c["temperature"], _largest_log_weight(c))) * math.sqrt(c["V"])
     hard = 8 * EPS[acc] * (1 + big) * math.sqrt(c["V"]) * c["hard_weight"]
     return soft * soft_scale + hard, soft * soft_scale / c["temperature"] + hard
+
+
+def _largest_log_weight(c):
+    """log(1 / w) of the divergence's smallest mixture weight w (0 without a mixture). A log-ratio
+    against the mixture M reaches it: with a skew of 1e-107, skew_reverse_kl's log(q / M) is
+    log(1 / skew) = 245 where p = 0, and the row's terms of that size cancel down to its gradient,
+    so rounding errs by eps times that, as it does by eps |s| / T for large logits."""
+    weight = {"jsd": c["beta"], "skew_kl": c["skew"], "skew_reverse_kl": c["skew"]}.get(c["divergence"])
+    weights = [w for w in (weight, None if weight is None else 1 - weight) if w]
+    return max((-math.log(w) for w in weights), default=0.0)
 
 
 def _assert_close(actual, oracle, same, dtype, absolute, what, roundings=1.0):
@@ -284,6 +294,13 @@ FOUND = {
     "skew_kl_tiny_skew_underflowed_q": dict(
         seed=21, lead=(3,), V=33, temperature=0.0546875, relation="close", divergence="skew_kl", skew=5.07e-260,
         mask="one_hot_teacher", labels="some_ignored", hard_weight=0.5, t2_scale=False, upstream=-0.7),
+    # float64, skew_reverse_kl with a skew of 4.6e-107 and a one-hot teacher: log-ratios of
+    # log(1 / skew) = 245 cancel down to the gradient, so float64 rounding errs by eps * 245 there,
+    # more than the tolerance's conditioning term allowed (the logits' size only); it now counts
+    # log(1 / w) of the mixture weights too.
+    "skew_reverse_kl_tiny_skew_float64_conditioning": dict(
+        seed=882672, lead=(5,), V=17, student_dtype=torch.float64, divergence="skew_reverse_kl",
+        skew=4.571551677709313e-107, mask="one_hot_teacher", t2_scale=False, upstream=-0.7),
     # The float32 reference rounded a tiny skew to 0 (log 0 = -inf): NaN instead of a finite loss.
     "reference_tiny_skew": dict(V=2, divergence="skew_kl", skew=4.18e-47, temperature=0.05, scale=0.0,
                                 mask="student_only", soft_weight=0.0, want_grad=False),
