@@ -67,8 +67,22 @@ def unaligned_rows(audits):
 
 def _kernels(rows, case_id, v):
     found = [r for r in rows if r["case"] == case_id and int(r["v"]) == v and r["kernel"] != "step"]
+    if not found and "resident" in case_id and _cluster_missing():
+        pytest.skip(f"{case_id} at V={v} is the clustered kernel: {_cluster_missing()}")
     assert found, f"the audit has no row for {case_id} at V={v}"
     return found
+
+
+def _cluster_missing():
+    """Why this Triton compiles no clustered kernel (None where it does): the resident cases need
+    one beyond 8192 columns."""
+    import triton
+
+    from fastkd.backends.triton import CLUSTER_TRITON
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= CLUSTER_TRITON:
+        return None
+    return f"it needs Triton >= {'.'.join(map(str, CLUSTER_TRITON))}; this is Triton {triton.__version__}"
 
 
 def _known(case_id):
