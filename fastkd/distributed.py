@@ -53,7 +53,6 @@ group as ``group``. The backward is local (no collective): it scales the gradien
 forward by the upstream gradient / normaliser, as ``fastkd.autograd.KDLossFunction`` does. The input
 gradient of a column-parallel LM head is still the model's to all-reduce over the vocab group.
 """
-import numbers
 
 import torch
 import torch.distributed as dist  # importing it initialises nothing
@@ -61,7 +60,7 @@ import torch.distributed as dist  # importing it initialises nothing
 from .backends import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS, implementation
 from .buffers import empty
 from .checks import check_label_range
-from .options import CROSS_TERM_SIDE, KDOptions, Reduction
+from .options import CROSS_TERM_SIDE, KDOptions, Reduction, check_int
 from .reduction import grad_scale, normaliser
 
 STATS = {name: i for i, name in enumerate(VOCAB_PARALLEL_STATS)}
@@ -179,13 +178,7 @@ def check_group(group):
 
 
 def check_vocab_start(vocab_start):
-    if vocab_start is None:
-        return None
-    if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral):
-        raise TypeError(f"vocab_start must be an int or None, got {type(vocab_start).__name__}")
-    if vocab_start < 0:
-        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
-    return int(vocab_start)
+    return None if vocab_start is None else check_int("vocab_start", vocab_start, minimum=0)
 
 
 def group_name(group):
@@ -198,11 +191,10 @@ def vocab_shard_layout(width, vocab_start=None, *, group=None):
 
     A set-up check (it gathers Python ints, so it synchronises): raises ``ValueError`` naming the
     ranks whose shards overlap or leave a gap. Call it on every rank of ``group``."""
-    if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
-        raise ValueError(f"width must be a positive int, got {width!r}")
+    width = check_int("width", width, minimum=1)
     vocab_start = check_vocab_start(vocab_start)
     rank, size = check_group(group)
-    mine = (rank * int(width) if vocab_start is None else vocab_start, int(width))
+    mine = (rank * width if vocab_start is None else vocab_start, width)
     layout = [None] * size
     dist.all_gather_object(layout, mine, group=group)
     order = sorted(range(size), key=lambda r: layout[r][0])

@@ -152,13 +152,12 @@ def make_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore
     hard_weight, soft_weight = _real("hard_weight", hard_weight), _real("soft_weight", soft_weight)
     if hard_weight < 0 or soft_weight < 0:
         raise ValueError(f"hard_weight and soft_weight must be >= 0, got {hard_weight} and {soft_weight}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = check_int("ignore_index", ignore_index)
     check_bool("t2_scale", t2_scale)
     if teacher_temperature is not None:
         teacher_temperature = check_temperature(teacher_temperature, "teacher_temperature")
     return KDOptions(check_temperature(temperature), divergence, beta, skew, hard_weight, soft_weight,
-                     t2_scale, int(ignore_index), teacher_temperature, tuple(teacher_weights))
+                     t2_scale, ignore_index, teacher_temperature, tuple(teacher_weights))
 
 
 def as_teachers(teacher_logits, name="teacher_logits"):
@@ -283,11 +282,10 @@ def check_labels(student, labels, opts: KDOptions, *, name="student_logits"):
 
 
 def check_k(k, V):
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = check_int("k", k)
     if not 1 <= k <= V:
         raise ValueError(f"k must be in [1, V] = [1, {V}], got {k}")
-    return int(k)
+    return k
 
 
 STORED_TEMPERATURE = "fastkd_temperature"  # the attribute teacher_topk / TeacherCache put on log-probabilities
@@ -467,10 +465,13 @@ def check_transforms(student_logit_scale, student_softcap, teacher_logit_scale, 
 
 
 def check_chunk_size(chunk_size):
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return int(chunk_size)
+    return None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
+
+
+def check_int(name, value, minimum=None):
+    """``value`` as an int (bool refused), at least ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)

@@ -159,15 +159,7 @@ def select(names=None, gate_only=False):
 
 def run_step(case, inputs):
     """Run ``case``'s launches on ``inputs`` with its environment set."""
-    import os
+    from ..bench.providers import environment_variables
 
-    saved = {k: os.environ.get(k) for k in case.env}
-    os.environ.update(case.env)
-    try:
+    with environment_variables(case.env.items()):
         case.step(inputs, **case.options)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
