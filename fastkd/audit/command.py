@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -99,18 +98,6 @@ def audit(cases, vs, n, dtype_name, arch):
     return rows, unavailable
 
 
-def _commit():
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
 def _ints(text):
     try:
         values = tuple(int(x) for x in text.split(",") if x)
@@ -162,12 +149,13 @@ def run(args):
         return 2
     import triton
 
+    from ..bench.runner import git_commit
     from . import report, traffic
 
     vs = tuple(dict.fromkeys(args.v + ((args.headline_v,) if args.headline_v not in args.v else ())))
     start = time.perf_counter()
     rows, unavailable = audit(selected, vs, args.n, args.dtype, args.arch)
-    meta = dict(arch=args.arch, triton=triton.__version__, commit=_commit(),
+    meta = dict(arch=args.arch, triton=triton.__version__, commit=git_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
     stem = args.out / f"audit_sm{args.arch}_triton{triton.__version__}_{meta['date']}"
     args.out.mkdir(parents=True, exist_ok=True)

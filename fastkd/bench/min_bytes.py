@@ -18,7 +18,7 @@ moves more than the fwd floor on purpose. fused_linear_kd is bound by its matmul
 each of the four [N, V, H] products (student and teacher logits forward, the hidden and weight
 gradients backward) costs 2·N·V·H flops; fwd counts the first two, bwd the last two.
 """
-from .cases import Case
+from .cases import TOPK_OPS, Case
 
 _NV_ACCESSES = {
     "kd_loss": {"fwd": 2, "bwd": 2, "fwd+bwd": 3},
@@ -36,7 +36,7 @@ def min_bytes(case: Case) -> int:
     element = case.torch_dtype.itemsize
     if case.op == "fused_linear_kd":
         return _FUSED_LINEAR_ACCESSES[case.mode] * element * (case.n + case.v) * case.h
-    topk = TOPK_BYTES_PER_ENTRY * case.n * case.k if case.op in ("topk_kd_loss", "teacher_topk") else 0
+    topk = TOPK_BYTES_PER_ENTRY * case.n * case.k if case.op in TOPK_OPS else 0
     return _NV_ACCESSES[case.op][case.mode] * element * case.n * case.v + topk
 
 

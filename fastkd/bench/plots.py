@@ -3,12 +3,9 @@ memory per provider, and time and peak memory against V, one line per provider, 
 group (op, divergence, dtype, mode, N, k, H) that has at least two V."""
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
-
-def _ok(x):
-    return isinstance(x, (int, float)) and math.isfinite(x)
+from .report import _ok, _rounds
 
 
 def _key(r):
@@ -53,7 +50,7 @@ def _headline_plot(plt, rows, path, copy_gbps, device):
     medians = [r["ms_p50"] for r in case]
     spread = []
     for r in case:
-        rounds = [float(t) for t in str(r.get("round_ms", "")).split()]
+        rounds = _rounds(r)
         low, high = (min(rounds), max(rounds)) if rounds else (r["ms_p20"], r["ms_p80"])
         spread.append((max(0.0, r["ms_p50"] - low), max(0.0, high - r["ms_p50"])))
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -117,8 +117,7 @@ def final_hidden_states(model, core, inputs):
     if backbone is core:
         raise TypeError(f"{type(core).__name__} has no separate backbone (base_model is the model itself); "
                         "DistillationTrainer needs a causal LM with an LM head (get_output_embeddings())")
-    if _accepts(backbone.forward, "use_cache"):
-        inputs = {**inputs, "use_cache": False}
+    inputs = {**inputs, **_no_cache(backbone)}
     if model is core:
         return backbone(**inputs)[0]
     caught = []
@@ -137,8 +136,7 @@ def check_fused_logits(model, core, inputs, side, logit_scale, softcap):
     logits on the last CHECK_POSITIONS positions of ``inputs`` (module docstring)."""
     backbone, head = core.base_model, core.get_output_embeddings()
     extra = {"logits_to_keep": CHECK_POSITIONS} if _accepts(core.forward, "logits_to_keep") else {}
-    if _accepts(core.forward, "use_cache"):
-        extra["use_cache"] = False
+    extra.update(_no_cache(core))
     caught = []
     handle = backbone.register_forward_hook(lambda module, args, output: caught.append(output[0]))
     modes = [(module, module.training) for module in core.modules()]
