@@ -234,10 +234,13 @@ def check_teacher_constant(name, x):
         raise ValueError(f"{name} requires grad; the teacher is a constant: pass {name}.detach()")
 
 
-def _vocabulary_hint(student_name, teacher_name, v_student, v_teacher):
-    """How to distil across vocabularies that differ only in padding: views of the shared columns."""
+def _vocabulary_hint(student, teacher, v_student, v_teacher):
+    """How to distil across vocabularies that differ only in padding: a view of the wider side's
+    shared columns. ``student``, ``teacher``: (argument name, whether it is a weight ``[V, H]``,
+    whose vocabulary is its first dim, rather than logits ``[..., V]``)."""
     v = min(v_student, v_teacher)
-    wider = f"{teacher_name}[..., :{v}]" if v_teacher > v_student else f"{student_name}[..., :{v}]"
+    name, is_weight = teacher if v_teacher > v_student else student
+    wider = f"{name}[:{v}] (and its bias likewise)" if is_weight else f"{name}[..., :{v}]"
     return (f"; if the two vocabularies are one tokenizer's, the wider one padded (e.g. 151936 and 152064 columns), "
             f"pass {wider}: a view, read without a copy, that takes the loss over the shared first {v} columns, "
             "each side renormalised there")
@@ -251,7 +254,7 @@ def check_kd_inputs(student, teachers, labels, opts: KDOptions):
         name = "teacher_logits" if len(teachers) == 1 else f"teacher_logits[{i}]"
         check_logits(name, teacher)
         if student.shape != teacher.shape:
-            hint = (_vocabulary_hint("student_logits", name, student.shape[-1], teacher.shape[-1])
+            hint = (_vocabulary_hint(("student_logits", False), (name, False), student.shape[-1], teacher.shape[-1])
                     if student.shape[:-1] == teacher.shape[:-1] else "")
             raise ValueError(f"student_logits shape {tuple(student.shape)} and {name} shape "
                              f"{tuple(teacher.shape)} differ{hint}")
@@ -402,7 +405,7 @@ def check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hid
             name = "teacher_logits" if len(logits) == 1 else f"teacher_logits[{i}]"
             check_logits(name, z)
             if tuple(z.shape) != lead + (V,):
-                hint = _vocabulary_hint("student_weight", name, V, z.shape[-1]) if tuple(z.shape[:-1]) == lead else ""
+                hint = _vocabulary_hint(("student_weight", True), (name, False), V, z.shape[-1]) if tuple(z.shape[:-1]) == lead else ""
                 raise ValueError(f"{name} shape {tuple(z.shape)} is not the student logits shape {lead + (V,)} "
                                  f"(student_hidden leading dims and V of student_weight){hint}")
             if z.device != device:
@@ -429,12 +432,9 @@ def check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hid
                 raise ValueError(f"{prefix}_hidden shape {tuple(h.shape)} and student_hidden shape "
                                  f"{tuple(student_hidden.shape)} differ in their leading (token) dims")
             if w.shape[0] != V:
-                v = min(V, w.shape[0])
-                view = f"{prefix}_weight[:{v}]" if w.shape[0] > V else f"student_weight[:{v}]"
+                hint = _vocabulary_hint(("student_weight", True), (f"{prefix}_weight", True), V, w.shape[0])
                 raise ValueError(f"{prefix}_weight has V = {w.shape[0]} rows and student_weight V = {V}; student "
-                                 "and teacher need the same vocabulary; if the two are one tokenizer's, the wider "
-                                 f"padded, pass {view} (and the bias likewise): a view, no copy, and the loss over "
-                                 f"the shared first {v} columns, each side renormalised there")
+                                 f"and teacher need the same vocabulary{hint}")
             for name, x in tensors:
                 check_teacher_constant(name, x)
             teachers.append(("linear", h, w, b))

@@ -237,3 +237,8 @@ def test_padded_vocabularies_say_which_view_to_pass(backend):
     w, wt = torch.randn(24, 4, generator=gen), torch.randn(29, 4, generator=gen)
     with pytest.raises(ValueError, match=r"pass teacher_weight\[:24\]"):
         fastkd.fused_linear_kd_loss(torch.randn(3, 4), w, torch.randn(3, 4), wt, backend=backend)
+    with pytest.raises(ValueError, match=r"pass student_weight\[:24\] \(and its bias likewise\)"):
+        fastkd.fused_linear_kd_loss(torch.randn(3, 4), wt, torch.randn(3, 4), w, backend=backend)
+    # A student head wider than the teacher's logits: the view is of the weight's rows, not of H.
+    with pytest.raises(ValueError, match=r"pass student_weight\[:24\] \(and its bias likewise\)"):
+        fastkd.fused_linear_kd_loss(torch.randn(3, 4), wt, teacher_logits=student, backend=backend)
