@@ -79,11 +79,6 @@ def default_chunk_size(V, H, blocks=2):
     return rows
 
 
-def _kd_forward(backend, z, z_ts, labels, grad_scale, opts, need_grad):
-    """Row losses and the logits gradient (times ``grad_scale``), written over ``z``."""
-    return implementation(backend).kd_forward(z, z_ts, labels, grad_scale, opts, inplace=True, need_grad=need_grad)
-
-
 # ---------------------------------------------------------------------------------------------
 # Chunk logits: float32 products, the transforms and their gradient
 
@@ -217,7 +212,8 @@ def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backe
         z = _transform_(_linear_into(z_buffer[: r1 - r0], h, weight, bias), student_transform, tanh)
         z_ts = [_teacher_chunk(t, buffer, r0, r1, teacher_transform) for t, buffer in zip(teachers, t_buffers)]
         label = None if labels is None else labels[r0:r1]
-        loss, g = _kd_forward(backend, z, z_ts, label, grad_scale, opts, need_grad)
+        # Row losses and the logits gradient (times grad_scale), written over z.
+        loss, g = impl.kd_forward(z, z_ts, label, grad_scale, opts, inplace=True, need_grad=need_grad)
         row_loss[r0:r1] = loss
         if not need_grad:
             continue

@@ -64,11 +64,6 @@ def rows(x):
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def teacher_tuple(teachers):
-    """A teacher ``[N, V]`` or a sequence of them (a mixture) as a tuple."""
-    return tuple(teachers) if isinstance(teachers, (list, tuple)) else (teachers,)
-
-
 def flat_labels(labels):
     """Labels ``[...]`` as ``[N]`` (a view where one exists, any stride), or None."""
     return None if labels is None else labels.reshape(-1)

@@ -36,8 +36,8 @@ import threading
 import torch
 
 from ..buffers import accumulation_dtype, empty, gradient_buffer
-from ..options import KDOptions
-from . import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS, teacher_tuple
+from ..options import KDOptions, as_teachers
+from . import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS
 from . import torch_divergences as div
 
 # Of one [rows, V] buffer of float32 (float64 buffers hold as many rows, twice the bytes).
@@ -299,7 +299,7 @@ def _mixture_elements(s, teachers, r0, r1, opts, work):
 def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplace=False, need_grad=True,
                chunk_bytes=None):
     """Per-row loss ``[N]`` and student gradient ``[N, V]``, as ``fastkd.backends.triton.kd_forward``."""
-    teachers = teacher_tuple(teachers)
+    teachers = as_teachers(teachers)
     N, V = student.shape
     acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
     loss = empty(N, dtype=acc, device=student.device)

@@ -12,8 +12,8 @@ import os
 import torch
 
 from ..buffers import accumulation_dtype, empty, gradient_buffer
-from ..options import TAILS, KDOptions
-from . import interpreter_enabled, teacher_tuple
+from ..options import TAILS, KDOptions, as_teachers
+from . import interpreter_enabled
 
 MAX_BLOCK_V = 4096
 MAX_TEACHERS = 4  # the dense kernel's mixture of teachers (kernels/kd_loss.py has as many weight slots)
@@ -121,7 +121,7 @@ def kd_kernel(V, device, acc_dtype=torch.float32, name=None, num_teachers=1):
     fits = V <= resident_capacity(acc_dtype)
     if name == "auto":
         return "resident" if fits and num_teachers == 1 else "two_pass"
-    if num_teachers > 1 and name not in ("two_pass",):
+    if num_teachers > 1 and name != "two_pass":
         raise NotImplementedError(f"{name} kernel: one teacher only; a mixture of teachers runs the two-pass kernel")
     if name == "cluster" or (name == "resident" and not fits):
         why = cluster_unavailable(device)
@@ -159,7 +159,7 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
     MAX_TEACHERS of them, mixed with ``opts.teacher_weights``."""
     from ..kernels import kd_loss
 
-    teachers = teacher_tuple(teachers)
+    teachers = as_teachers(teachers)
     N, V = student.shape
     acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
     loss = empty(N, dtype=acc, device=student.device)
@@ -178,7 +178,7 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
         loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
         V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, *log_teacher_weights, opts.ignore_index,
         DIVERGENCE=opts.divergence_code, NUM_TEACHERS=len(teachers), HAS_LABELS=labels is not None,
-        HAS_CE=opts.hard_weight != 0, CE_FROM_STUDENT=opts.temperature == 1.0, WRITE_GRAD=grad is not None,
+        HAS_CE=opts.hard_weight != 0, CE_FROM_STUDENT=opts.hard_weight != 0 and opts.temperature == 1.0, WRITE_GRAD=grad is not None,
         ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, VEC=_vec(student, *teachers), num_warps=warps,
     )
     return loss, grad
@@ -207,7 +207,7 @@ def _legacy_kd_forward(student, teachers, labels, grad_scale, opts, loss, grad, 
     gradient, here with the reduction's normaliser (the same bytes as the old backward)."""
     from ..kernels import legacy_kd_loss
 
-    if opts.teacher_T != opts.temperature or len(teachers) > 1:
+    if opts.teacher_T != opts.temperature:  # (kd_kernel refuses it a mixture of teachers)
         raise NotImplementedError("the legacy kernel has one teacher and one temperature for student and teacher")
     (teacher,) = teachers
     N, V = student.shape
