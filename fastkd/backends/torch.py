@@ -287,9 +287,9 @@ def _mixture_elements(s, teachers, r0, r1, opts, work):
     lts, defined = [], torch.isfinite(m_s + d_s.log())[:, 0]
     for teacher in teachers:
         t = _scaled(teacher[r0:r1], opts.teacher_T, work.take())
-        lts.append(t.log_softmax(-1))
-        defined = defined & torch.isfinite(t.logsumexp(-1))
-        work.give_back(t)
+        lse = t.logsumexp(-1, keepdim=True)
+        defined = defined & torch.isfinite(lse[:, 0])
+        lts.append(t.sub_(lse))  # lt_i = t_i - lse(t_i), as the kernel
     lt = div.mixture_log_prob(lts, opts.log_teacher_weights())
     x = div.Elements(opts, work, torch.zeros_like(m_s), ls=ls, lt=lt, q=lambda: e_s.mul_(d_s.reciprocal()),
                      s_minus_t=lambda: torch.sub(ls, lt, out=work.take()))

@@ -136,9 +136,7 @@ def fold_row_statistics(s, t, x: Elements, opts: KDOptions):
 def mixture_log_prob(lts, log_teacher_weights):
     """log p of the teachers' mixture p = sum_i w_i p_i from their log-probabilities ``lts`` (-inf
     where every p_i is 0)."""
-    terms = torch.stack([lt + log_w for lt, log_w in zip(lts, log_teacher_weights)])
-    hi = terms.amax(0)
-    return torch.where(hi == -INF, hi, finite(hi) + (terms - finite(hi)).exp().sum(0).log())
+    return torch.logsumexp(torch.stack([lt + log_w for lt, log_w in zip(lts, log_teacher_weights)]), 0)
 
 
 def log_ratio_shift(m_s, d_s, m_t, d_t):
