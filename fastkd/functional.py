@@ -23,6 +23,13 @@ from .options import (IDENTITY, as_teachers, check_stored_temperature, mark_temp
                       check_teacher_weights, check_transforms, make_options, make_reduction)
 
 
+def _check_teacher_count(backend, num_teachers):
+    limit = implementation("triton").MAX_TEACHERS
+    if backend == "triton" and num_teachers > limit:
+        raise ValueError(f"the Triton kernels take up to {limit} teachers, got {num_teachers}; use backend='torch' "
+                         "for more")
+
+
 def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1,
             labels=None, ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True,
             reduction="batchmean", inplace=False, backend="auto", check_finite=False, num_items_in_batch=None,
@@ -78,9 +85,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     check_values(student_logits, teachers, labels, opts, check_finite)
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_logits)
-    if backend == "triton" and len(teachers) > implementation("triton").MAX_TEACHERS:
-        raise ValueError(f"the Triton kernels take up to {implementation('triton').MAX_TEACHERS} teachers, got "
-                         f"{len(teachers)}; use backend='torch' for more")
+    _check_teacher_count(backend, len(teachers))
     return KDLossFunction.apply(student_logits, teachers, labels, opts, reduction, backend, inplace)
 
 
@@ -313,9 +318,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_hidden)
 
-    if backend == "triton" and len(teachers) > implementation("triton").MAX_TEACHERS:
-        raise ValueError(f"the Triton kernels take up to {implementation('triton').MAX_TEACHERS} teachers, got "
-                         f"{len(teachers)}; use backend='torch' for more")
+    _check_teacher_count(backend, len(teachers))
 
     V, H = student_weight.shape
     lead = student_hidden.shape[:-1]

@@ -27,6 +27,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def _log(weight):
+    """log of a mixture weight (-inf for 0)."""
+    return math.log(weight) if weight > 0 else float("-inf")
+
+
 @dataclass(frozen=True)
 class KDOptions:
     """What the kernels (and their torch peers) compute per row; the reduction is ``Reduction``'s."""
@@ -50,7 +55,7 @@ class KDOptions:
         return len(self.teacher_weights)
 
     def log_teacher_weights(self):
-        return tuple(math.log(w) if w > 0 else float("-inf") for w in self.teacher_weights)
+        return tuple(map(_log, self.teacher_weights))
 
     @property
     def divergence_code(self):
@@ -76,8 +81,7 @@ class KDOptions:
             mix, w_p, w_q = self.skew, 1.0 - self.skew, self.skew
         else:
             return 0.0, 0.0, 0.0
-        log = lambda w: math.log(w) if w > 0 else float("-inf")  # noqa: E731
-        return mix, log(w_p), log(w_q)
+        return mix, _log(w_p), _log(w_q)
 
 
 @dataclass(frozen=True)

@@ -43,18 +43,18 @@ def log(x):
 
 
 @triton.jit
+def finite(m):
+    """A finite stand-in (0) for a maximum that is -inf (nothing but -inf so far)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def online_max_update(m, x):
     """New running max of ``m`` and block ``x``, a finite stand-in for it, and the factor
     ``exp(m - new)`` that rescales sums taken against the old max (0 when the old max was -inf)."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_safe = finite(m_new)
     return m_new, m_safe, exp(m - m_safe)
-
-
-@triton.jit
-def finite(m):
-    """A finite stand-in (0) for a maximum that is -inf (nothing but -inf so far)."""
-    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -89,8 +89,7 @@ def log_add_exp(a, b):
     """log(exp(a) + exp(b)), exact when either side underflows and -inf when both are -inf."""
     hi = tl.maximum(a, b)
     lo = tl.minimum(a, b)
-    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
-    return tl.where(hi == float("-inf"), float("-inf"), hi + log(1.0 + exp(lo - hi_safe)))
+    return tl.where(hi == float("-inf"), float("-inf"), hi + log(1.0 + exp(lo - finite(hi))))
 
 
 @triton.jit
