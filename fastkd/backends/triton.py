@@ -1,8 +1,8 @@
 """The one place that launches Triton kernels: allocates outputs, picks block sizes and grids.
 
 Every launcher takes 2-D tensors whose last dimension is contiguous (any row stride), labels
-``[N]`` of any stride, and an optional ``block_v`` override so tests can force the multi-block
-paths at tiny V. ``fastkd.backends.torch`` has the same functions with the same results. Triton
+``[N]`` of any stride; the block width is at most MAX_BLOCK_V (tests lower it to force the
+multi-block paths at tiny V). ``fastkd.backends.torch`` has the same functions with the same results. Triton
 and the kernels are imported on first use, never at ``import fastkd``.
 """
 import functools
@@ -31,8 +31,8 @@ def _pow2(n):
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def _block_and_warps(V, block_v):
-    block = max(block_v or min(MAX_BLOCK_V, _pow2(V)), 16)
+def _block_and_warps(V):
+    block = max(min(MAX_BLOCK_V, _pow2(V)), 16)
     warps = 16 if block >= 4096 else 8 if block >= 2048 else 4
     return block, warps
 
@@ -151,8 +151,7 @@ def _kd_scalars(opts: KDOptions):
 # ---------------------------------------------------------------------------------------------- dense
 
 
-def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplace=False, need_grad=True,
-               block_v=None):
+def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplace=False, need_grad=True):
     """Per-row loss ``[N]`` (float32; float64 for float64 input) and the student gradient ``[N, V]``
     (student dtype, times ``grad_scale`` ``[1]``; None unless ``need_grad``), written into
     ``student``'s storage with ``inplace``. ``teachers``: a teacher ``[N, V]``, or up to
@@ -169,7 +168,7 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
         return loss, grad
     if kernel in ("resident", "cluster"):
         return _resident_kd_forward(student, teachers[0], labels, grad_scale, opts, loss, grad, kernel == "cluster")
-    block, warps = _block_and_warps(V, block_v)
+    block, warps = _block_and_warps(V)
     if kernel == "legacy":
         return _legacy_kd_forward(student, teachers, labels, grad_scale, opts, loss, grad, block, warps)
     log_teacher_weights = opts.log_teacher_weights() + (0.0,) * (MAX_TEACHERS - len(teachers))
@@ -228,7 +227,7 @@ def _legacy_kd_forward(student, teachers, labels, grad_scale, opts, loss, grad, 
     return loss, grad
 
 
-def scale_rows(grad, scale, *, out=None, block_v=None):
+def scale_rows(grad, scale, *, out=None):
     """``grad * scale[:, None]`` (``scale``: one value per row, or one value, read on the device),
     written to ``out``, which may be ``grad`` itself: then an upstream gradient of 1 costs nothing."""
     from ..kernels import scale as scale_kernels
@@ -237,7 +236,7 @@ def scale_rows(grad, scale, *, out=None, block_v=None):
     out = empty((N, V), dtype=grad.dtype, device=grad.device) if out is None else out
     if N == 0 or V == 0:
         return out
-    block, warps = _block_and_warps(V, block_v)
+    block, warps = _block_and_warps(V)
     scale_kernels.scale_rows_kernel[(N,)](
         grad, grad.stride(0), out, out.stride(0), scale, 0 if scale.numel() == 1 else scale.stride(0), V,
         IN_PLACE=out is grad, ACC_DTYPE=_tl_dtype(accumulation_dtype(grad.dtype)), BLOCK_V=block,
@@ -249,14 +248,14 @@ def scale_rows(grad, scale, *, out=None, block_v=None):
 # -------------------------------------------------------------------------------------------- softmax
 
 
-def softmax_forward(x, temperature, *, log, block_v=None):
+def softmax_forward(x, temperature, *, log):
     from ..kernels import softmax
 
     N, V = x.shape
     y = empty((N, V), dtype=x.dtype, device=x.device)
     if N == 0:
         return y
-    block, warps = _block_and_warps(V, block_v)
+    block, warps = _block_and_warps(V)
     softmax.softmax_forward_kernel[(N,)](
         x, x.stride(0), y, y.stride(0), V, 1.0 / temperature,
         LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)), BLOCK_V=block, num_warps=warps,
@@ -264,14 +263,14 @@ def softmax_forward(x, temperature, *, log, block_v=None):
     return y
 
 
-def softmax_backward(y, dy, temperature, *, log, block_v=None):
+def softmax_backward(y, dy, temperature, *, log):
     from ..kernels import softmax
 
     N, V = y.shape
     dx = empty((N, V), dtype=y.dtype, device=y.device)
     if N == 0:
         return dx
-    block, warps = _block_and_warps(V, block_v)
+    block, warps = _block_and_warps(V)
     softmax.softmax_backward_kernel[(N,)](
         y, y.stride(0), dy, dy.stride(0), dx, dx.stride(0), V, 1.0 / temperature,
         LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(y.dtype, dy.dtype)), BLOCK_V=block, num_warps=warps,
@@ -282,7 +281,7 @@ def softmax_backward(y, dy, temperature, *, log, block_v=None):
 # ---------------------------------------------------------------------------------------------- top-k
 
 
-def teacher_topk(logits, k, temperature, *, block_v=None):
+def teacher_topk(logits, k, temperature):
     """Top-k log-probabilities of softmax(logits / T) ``[N, k]`` (float32; float64 for float64
     logits), sorted descending, and their columns ``[N, k]`` int32. Needs k <= ``MAX_TOPK_K``."""
     from ..kernels import topk
@@ -296,7 +295,7 @@ def teacher_topk(logits, k, temperature, *, block_v=None):
     if k > MAX_TOPK_K:
         raise ValueError(f"the Triton top-k kernel takes k <= {MAX_TOPK_K}, got k={k}")
     k_pad = max(2, _pow2(k))
-    block, warps = _block_and_warps(V, block_v)
+    block, warps = _block_and_warps(V)
     block = max(block, k_pad)
     warps = min(warps, 8)  # at 16 warps (128 registers a thread) the merge spills; 8: 184, none (k = 64)
     topk.teacher_topk_kernel[(N,)](
@@ -307,7 +306,7 @@ def teacher_topk(logits, k, temperature, *, block_v=None):
 
 
 def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_scale, opts: KDOptions, tail, *,
-                    inplace=False, need_grad=True, block_v=None, block_k=None):
+                    inplace=False, need_grad=True):
     """Per-row loss ``[N]`` and the dense student gradient ``[N, V]`` of the top-k KD loss, as
     ``kd_forward`` (the math is at the top of ``kernels/topk_kd_loss.py``)."""
     from ..kernels import topk_kd_loss
@@ -321,8 +320,8 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
         return loss, grad
     # The listed columns' gradients, parked between the kernel's passes (see its docstring).
     scratch = loss if grad is None else empty((N, K), dtype=acc, device=student.device)
-    block, warps = _block_and_warps(V, block_v)
-    block_k = block_k or min(MAX_BLOCK_K, max(2, _pow2(K)))
+    block, warps = _block_and_warps(V)
+    block_k = min(MAX_BLOCK_K, max(2, _pow2(K)))
     inv_temperature, _, mix, log_wp, log_wq = _kd_scalars(opts)
     topk_kd_loss.topk_kd_forward_kernel[(N,)](
         student, student.stride(0), teacher_logprobs, teacher_logprobs.stride(0),
@@ -339,7 +338,7 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
 # ----------------------------------------------------------------------- vocabulary-parallel shards
 
 
-def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start, *, block_v=None):
+def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start):
     """The shard's per-row statistics ``[N, len(VOCAB_PARALLEL_STATS)]`` (accumulation dtype)."""
     from ..kernels import vocab_parallel
     from . import VOCAB_PARALLEL_STATS
@@ -349,7 +348,7 @@ def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start, *, blo
     stats = empty((N, len(VOCAB_PARALLEL_STATS)), dtype=acc, device=student.device)
     if N == 0:
         return stats
-    block, warps = _block_and_warps(W, block_v)
+    block, warps = _block_and_warps(W)
     inv_temperature, inv_teacher_temperature, *_ = _kd_scalars(opts)
     vocab_parallel.partial_stats_kernel[(N,)](
         student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, stats), stats,
@@ -360,7 +359,7 @@ def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start, *, blo
     return stats
 
 
-def row_scalars(student, teacher, labels, row, opts: KDOptions, *, block_v=None):
+def row_scalars(student, teacher, labels, row, opts: KDOptions):
     """The shard's part of the row scalars A1, A2 ``[N, 2]`` from the global values in ``row``."""
     from ..kernels import vocab_parallel
 
@@ -368,7 +367,7 @@ def row_scalars(student, teacher, labels, row, opts: KDOptions, *, block_v=None)
     scalars = empty((N, 2), dtype=row.dtype, device=student.device)
     if N == 0:
         return scalars
-    block, warps = _block_and_warps(W, block_v)
+    block, warps = _block_and_warps(W)
     vocab_parallel.row_scalars_kernel[(N,)](
         student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row, scalars,
         W, *_kd_scalars(opts), opts.ignore_index,
@@ -379,7 +378,7 @@ def row_scalars(student, teacher, labels, row, opts: KDOptions, *, block_v=None)
 
 
 def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, vocab_start, *, inplace=False,
-                 need_grad=True, block_v=None):
+                 need_grad=True):
     """The row losses ``[N]`` and the shard's gradient ``[N, W]`` (student dtype, times
     ``grad_scale``; None unless ``need_grad``) from the global row values ``row``."""
     from ..kernels import vocab_parallel
@@ -389,7 +388,7 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
     grad = gradient_buffer(student, inplace, need_grad)
     if N == 0:
         return loss, grad
-    block, warps = _block_and_warps(W, block_v)
+    block, warps = _block_and_warps(W)
     vocab_parallel.shard_finish_kernel[(N,)](
         student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row,
         loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
