@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..backends import triton as triton_backend
 from ..options import DIVERGENCES
 
 # kd_loss: dense logits. topk_kd_loss: the student against a teacher's top-k log-probabilities
@@ -89,7 +90,7 @@ class Grid:
 
 _OTHER_DIVERGENCES = tuple(d for d in DIVERGENCES if d != "kl")
 GPU_VS = (32000, 50257, 128256, 151936, 262144)
-KD_KERNELS = ("legacy", "two_pass", "resident", "cluster")  # FASTKD_KD_KERNEL values besides "auto"
+KD_KERNELS = tuple(k for k in triton_backend.KD_KERNELS if k != "auto")  # FASTKD_KD_KERNEL values but "auto"
 KERNEL_VARIANTS = tuple(f"fastkd-triton[{kernel}]" for kernel in KD_KERNELS)
 CPU_WITH_COMPILE = ("torch-eager", "fastkd-torch", "torch-compile")
 GPU_PROVIDERS = ("torch-eager", "fastkd-triton", "fastkd-torch", "torch-compile", "liger")
