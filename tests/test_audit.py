@@ -237,12 +237,41 @@ def test_unknown_case_or_size_is_an_error(capsys):
 
 
 def test_model_reproduces_the_hand_worked_h200_figures():
-    elements = 8192 * 128256
-    seconds, bound = model.modelled_seconds(elements, 14, 4.25, 2.07)
-    assert bound == "bytes" and seconds * 1e3 == pytest.approx(3.42, abs=0.005)
-    seconds, bound = model.modelled_seconds(elements, 18, 7.25, 5.44)
-    assert bound == "issue" and seconds * 1e3 == pytest.approx(elements * 5.44 / (4 * 132 * 1.98e9) * 1e3)
+    """Two CTAs or more per SM: the limits overlap (issue at 0.75 of its peak). One CTA per SM and no
+    loop: its phases add up, per wave of CTAs."""
+    n, v = 8192, 128256
+    elements = n * v
+    two_pass = model.KernelWork(rows=n, v=v, padded_v=v, loaded=8, stored=2, l2_hit_bytes=0, mufu=4.25,
+                                instructions=1.5, ctas_per_sm=3, passes=2)
+    seconds, bound = model.kernel_seconds(two_pass)
+    assert bound == "bytes" and seconds * 1e3 == pytest.approx(elements * 10 / 4.3e12 * 1e3)
+    busy = model.KernelWork(rows=n, v=v, padded_v=v, loaded=4, stored=2, l2_hit_bytes=0, mufu=7.25,
+                            instructions=5.44, ctas_per_sm=2, passes=2)
+    seconds, bound = model.kernel_seconds(busy)
+    assert bound == "issue" and seconds == pytest.approx(elements * 5.44 / (4 * 132 * 1.98e9 * 0.75))
+    padded = model.KernelWork(rows=n, v=50257, padded_v=51200, loaded=4, stored=2, l2_hit_bytes=0, mufu=7.25,
+                              instructions=5.44, ctas_per_sm=2, passes=2)
+    assert model.kernel_seconds(padded)[0] == pytest.approx(n * 51200 * 5.44 / (4 * 132 * 1.98e9 * 0.75))
+    resident = model.KernelWork(rows=n, v=v, padded_v=131072, loaded=4, stored=2, l2_hit_bytes=0, mufu=1.0,
+                                instructions=1.0, ctas_per_sm=1, ctas_per_row=16, loop_free=True, cluster_barriers=8)
+    per_cta = (0.7e-6 + v / 16 * 4 / (4.3e12 / 132) + 131072 / 16 * 1.0 / (4 * 1.98e9 * 0.75) + 8 * 0.25e-6
+               + v / 16 * 2 / (4.3e12 / 132) + 0.7e-6)
+    seconds, bound = model.kernel_seconds(resident)
+    assert bound == "phases" and seconds == pytest.approx(-(-n * 16 // 132) * per_cta)
     assert model.floor_seconds(6 * elements) * 1e3 == pytest.approx(1.47, abs=0.005)
+
+
+def test_ctas_per_sm_from_registers_and_threads():
+    assert model.ctas_per_sm(40, 16) == 3      # 40 x 512 = 20480 registers a CTA
+    assert model.ctas_per_sm(76, 16) == 1      # allocated as 80: 40960, one CTA
+    assert model.ctas_per_sm(123, 16) == 1
+    assert model.ctas_per_sm(64, 8) == 4
+
+
+def test_no_l2_bound_is_never_faster():
+    work = model.KernelWork(rows=8192, v=128256, padded_v=128256, loaded=12, stored=2, l2_hit_bytes=3, mufu=4,
+                            instructions=2, ctas_per_sm=3, passes=3)
+    assert model.kernel_seconds(work, l2=False)[0] > model.kernel_seconds(work)[0]
 
 
 def test_l2_model_hand_worked():

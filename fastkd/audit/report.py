@@ -9,15 +9,21 @@ from dataclasses import dataclass
 from . import cases, model, sass
 
 MODEL_TEXT = (
-    "modelled time = max(bytes requested / {bw:.1f} TB/s, MUFU ops / ({mufu} per clock x {sms} SMs x "
-    "{ghz:.2f} GHz), warp-instructions / ({issue} per clock x {sms} SMs x {ghz:.2f} GHz)); floor = the "
-    "least bytes a fused forward + backward moves (fastkd.bench.min_bytes; 6 N V for bf16 KD) / "
-    "{bw:.1f} TB/s. The bytes are DRAM bytes: those requested less the modelled L2 hits of the passes that "
-    "re-read a row ({l2:.0f} MB of L2 shared by the rows in flight; see `fastkd/audit/model.py`). A kernel whose "
-    "loops request no bytes (the backward's `scale_rows` at an upstream gradient of 1: it returns at once) is "
-    "modelled as costing nothing."
-).format(l2=model.H200.l2_bytes / 1e6, bw=model.H200.bandwidth / 1e12, mufu=model.H200.mufu_per_clock, sms=model.H200.sms,
-         ghz=model.H200.clock / 1e9, issue=model.H200.issue_per_clock)
+    "per kernel, CTAs per SM from its registers and threads; elements iterated including the masked padding of "
+    "the last tile; overlapped time = max(DRAM bytes / {bw:.1f} TB/s, MUFU ops / ({mufu} per clock x {sms} SMs x "
+    "{ghz:.2f} GHz), warp-instructions / ({issue} per clock x {sms} SMs x {ghz:.2f} GHz x an issue efficiency of "
+    "{eff:.2f})). A kernel at one CTA per SM has nothing to hide its phases behind: without loops (row-resident, "
+    "clustered) its time is the sum of its phases per wave of CTAs (DRAM latency {lat:.1f} µs + loads at the SM's "
+    "share of the bandwidth + instructions + cluster barriers x {bar:.2f} µs + stores + the fence after them); with "
+    "loops, the overlapped time plus a DRAM latency per pass per wave. A step is its kernels one after another. "
+    "floor = the least bytes a fused forward + backward moves (fastkd.bench.min_bytes; 6 N V for bf16 KD) / "
+    "{bw:.1f} TB/s. The DRAM bytes are those requested less the modelled L2 hits of passes that re-read a row "
+    "({l2:.0f} MB of L2 shared by the rows in flight); every time is also given with no L2 hit (\"no L2\"). "
+    "Issue efficiency, latency and barrier cost are assumptions (`fastkd/audit/model.py`). A kernel whose loops "
+    "request no bytes (the backward's `scale_rows` at an upstream gradient of 1: it returns at once) costs nothing."
+).format(l2=model.H200.l2_bytes / 1e6, bw=model.H200.bandwidth / 1e12, mufu=model.H200.mufu_per_clock,
+         sms=model.H200.sms, ghz=model.H200.clock / 1e9, issue=model.H200.issue_per_clock, eff=model.ISSUE_EFFICIENCY,
+         lat=model.DRAM_LATENCY_SECONDS * 1e6, bar=model.CLUSTER_BARRIER_SECONDS * 1e6)
 
 
 @dataclass
@@ -50,20 +56,32 @@ class Row:
     def dram_bytes_per_element(self):
         return [loaded + stored - self.l2_hits(k, loaded)[1] for k, (_, loaded, stored) in zip(self.kernels, self.traffic)]
 
+    def padded_v(self, kernel):
+        """Elements a row's programs iterate over: V rounded up to the tile of one iteration (of a CTA,
+        times the CTAs of a cluster)."""
+        tile = kernel.block * kernel.ctas
+        return -(-self.v // tile) * tile
+
+    def work(self, kernel, loaded, stored):
+        return model.KernelWork(
+            rows=self.n, v=self.v, padded_v=self.padded_v(kernel), loaded=loaded, stored=stored,
+            l2_hit_bytes=self.l2_hits(kernel, loaded)[1], mufu=kernel.mufu_per_element,
+            instructions=kernel.instructions_per_element,
+            ctas_per_sm=model.ctas_per_sm(kernel.registers, kernel.num_warps), ctas_per_row=kernel.ctas,
+            passes=kernel.passes, loop_free=kernel.loop_free, cluster_barriers=kernel.cluster_barriers)
+
     def _runs(self, kernel, requested):
         return kernel.loop_free or requested > cases.BUDGET_SLACK
 
-    def modelled(self):
-        """(seconds, bound) of the whole step."""
-        running = [(k, b) for k, b in zip(self.kernels, self.bytes_per_element) if self._runs(k, b)]
-        return model.modelled_seconds(
-            self.n * self.v, sum(self.dram_bytes_per_element), sum(k.mufu_per_element for k, _ in running),
-            sum(k.instructions_per_element for k, _ in running))
+    def kernel_times(self, l2=True):
+        """[(seconds, bound)] of each kernel of the step; a kernel that requests nothing costs nothing."""
+        return [model.kernel_seconds(self.work(k, loaded, stored), l2) if self._runs(k, loaded + stored) else (0.0, "")
+                for k, (_, loaded, stored) in zip(self.kernels, self.traffic)]
 
-    @property
-    def cluster_seconds(self):
-        """The assumed cost of the step's cluster barriers (model.cluster_seconds; 0 without a cluster)."""
-        return sum(model.cluster_seconds(self.n, k.ctas, k.cluster_barriers) for k in self.kernels)
+    def modelled(self, l2=True):
+        """(seconds, bound) of the whole step: its kernels one after another; the bound of the longest."""
+        times = self.kernel_times(l2)
+        return sum(t for t, _ in times), max(times)[1]
 
     @property
     def upper_bound(self):
@@ -77,6 +95,10 @@ class Row:
     @property
     def fraction_of_floor(self):
         return None if self.floor_bytes is None else self.floor_seconds / self.modelled()[0]
+
+    @property
+    def fraction_of_floor_no_l2(self):
+        return None if self.floor_bytes is None else self.floor_seconds / self.modelled(l2=False)[0]
 
 
 def _short(name):
@@ -92,16 +114,16 @@ def csv_rows(rows, meta):
     for row in rows:
         common = dict(case=row.case_id, divergence=row.case.options.get("divergence", ""), flags=row.case.flags,
                       dtype=row.dtype, n=row.n, v=row.v, **meta)
-        for kernel, (_, loaded, stored) in zip(row.kernels, row.traffic):
-            seconds, bound = model.modelled_seconds(row.n * row.v, loaded + stored, kernel.mufu_per_element,
-                                                    kernel.instructions_per_element)
+        for kernel, (_, loaded, stored), (seconds, bound), (no_l2, _) in zip(
+                row.kernels, row.traffic, row.kernel_times(), row.kernel_times(l2=False)):
             out.append(dict(
                 common, kernel=_short(kernel.name), num_warps=kernel.num_warps, elements_per_iteration=kernel.block,
                 registers=kernel.registers, shared_bytes=kernel.shared, spill_store_bytes=kernel.spill_store_bytes,
                 spill_load_bytes=kernel.spill_load_bytes, spill_in_loop=kernel.spill_in_loop,
                 async_copies=kernel.async_copies, divisible_by_16=" ".join(kernel.divisible), ctas=kernel.ctas,
+                ctas_per_sm=model.ctas_per_sm(kernel.registers, kernel.num_warps),
+                padded_fraction=round(row.padded_v(kernel) / row.v - 1, 4),
                 cluster_barriers_per_row=kernel.cluster_barriers,
-                assumed_cluster_ms=round(model.cluster_seconds(row.n, kernel.ctas, kernel.cluster_barriers) * 1e3, 4),
                 passes=kernel.passes, loop_free=kernel.loop_free,
                 main_loop_lines=_loop_field(kernel, lambda loop: loop.source_line or loop.step),
                 widest_load_bits=_loop_field(kernel, lambda loop: max(loop.widths("LDG"), default=0)),
@@ -118,16 +140,16 @@ def csv_rows(rows, meta):
                 modelled_dram_bytes_per_element=round(loaded + stored - row.l2_hits(kernel, loaded)[1], 4),
                 mufu_per_element=round(kernel.mufu_per_element, 4),
                 warp_instructions_per_element=round(kernel.instructions_per_element, 4),
-                modelled_ms=round(seconds * 1e3, 4), modelled_bound=bound, floor_ms="",
-                modelled_fraction_of_floor=""))
+                modelled_ms=round(seconds * 1e3, 4), modelled_ms_no_l2=round(no_l2 * 1e3, 4), modelled_bound=bound,
+                floor_ms="", modelled_fraction_of_floor=""))
         seconds, bound = row.modelled()
         out.append(dict(
             common, kernel="step", bytes_per_element=round(sum(row.bytes_per_element), 4),
             modelled_dram_bytes_per_element=round(sum(row.dram_bytes_per_element), 4),
             mufu_per_element=round(sum(k.mufu_per_element for k in row.kernels), 4),
             warp_instructions_per_element=round(sum(k.instructions_per_element for k in row.kernels), 4),
-            modelled_ms=round(seconds * 1e3, 4), modelled_bound=bound,
-            assumed_cluster_ms=round(row.cluster_seconds * 1e3, 4),
+            modelled_ms=round(seconds * 1e3, 4), modelled_ms_no_l2=round(row.modelled(l2=False)[0] * 1e3, 4),
+            modelled_bound=bound,
             floor_ms="" if row.floor_bytes is None else round(row.floor_seconds * 1e3, 4),
             modelled_fraction_of_floor="" if row.floor_bytes is None else round(row.fraction_of_floor, 4)))
     return out
@@ -158,40 +180,39 @@ def _table(header, lines):
 
 
 def headline_table(rows):
-    header = ["case", "kernels", "CTAs/row", "regs", "spill B st/ld", "spill in loop", "smem B",
+    header = ["case", "kernels", "CTAs/row", "regs", "CTAs/SM", "padded", "spill B st/ld", "spill in loop", "smem B",
               "widest load per main loop (bits)", "passes", "B/elt requested", "MUFU/elt", "warp-instr/elt",
-              "modelled L2 hits of re-reads", "modelled DRAM B/elt", "modelled ms", "modelled % of floor",
-              "modelled bound", "cluster barriers/row", "+ cluster cost (assumed) ms"]
+              "modelled L2 hits of re-reads", "modelled DRAM B/elt", "cluster barriers/row", "modelled ms",
+              "modelled % of floor", "modelled bound", "modelled ms, no L2 (% of floor)"]
     lines = []
     for row in rows:
         k = row.kernels
         seconds, bound = row.modelled()
         lines.append([
             row.case_id, _plus(_short(x.name) for x in k), _plus(x.ctas for x in k), _plus(x.registers for x in k),
+            _plus(model.ctas_per_sm(x.registers, x.num_warps) for x in k),
+            _plus(f"{100 * (row.padded_v(x) / row.v - 1):.0f} %" for x in k),
             _plus(f"{x.spill_store_bytes}/{x.spill_load_bytes}" for x in k),
             "yes" if any(x.spill_in_loop for x in k) else "no", _plus(x.shared for x in k),
             _plus("·".join(map(str, x.widest_loads)) for x in k), _plus(x.passes for x in k),
             _plus(row.bytes_per_element, "{:.2f}"), _plus(_bounded(x, x.mufu_per_element) for x in k),
             _plus(_bounded(x, x.instructions_per_element) for x in k),
             _plus(f"{100 * row.l2_hits(x, loaded)[0]:.0f} %" for x, (_, loaded, _) in zip(k, row.traffic)),
-            f"{sum(row.dram_bytes_per_element):.2f}", f"{row.upper_bound}{seconds * 1e3:.2f}",
-            "" if row.floor_bytes is None else f"{100 * row.fraction_of_floor:.0f} %", bound,
-            _plus(x.cluster_barriers for x in k), _with_cluster(row)])
+            f"{sum(row.dram_bytes_per_element):.2f}", _plus(x.cluster_barriers for x in k),
+            f"{row.upper_bound}{seconds * 1e3:.2f}",
+            "" if row.floor_bytes is None else f"{100 * row.fraction_of_floor:.0f} %", bound, _no_l2(row)])
     return _table(header, lines)
 
 
-def _with_cluster(row):
-    """Modelled ms plus the assumed cluster cost (and its % of the floor), blank without a cluster."""
-    if not row.cluster_seconds:
-        return ""
-    total = row.modelled()[0] + row.cluster_seconds
-    pct = "" if row.floor_bytes is None else f" ({100 * row.floor_seconds / total:.0f} %)"
-    return f"{total * 1e3:.2f}{pct}"
+def _no_l2(row):
+    """Modelled ms with no L2 hit (and its % of the floor)."""
+    pct = "" if row.floor_bytes is None else f" ({100 * row.fraction_of_floor_no_l2:.0f} %)"
+    return f"{row.upper_bound}{row.modelled(l2=False)[0] * 1e3:.2f}{pct}"
 
 
 def by_v_table(rows, vs):
     """Modelled ms (and % of the floor) of every case at every V."""
-    header = ["case"] + [f"V = {v}" for v in vs]
+    header = ["case"] + [f"V = {v}" for v in vs]  # each cell: with the modelled L2 hits; with none
     cells = {(r.case_id, r.v): r for r in rows}
     lines = []
     for case_id in dict.fromkeys(r.case_id for r in rows):
@@ -199,8 +220,7 @@ def by_v_table(rows, vs):
         for v in vs:
             r = cells.get((case_id, v))
             pct = "" if r is None or r.floor_bytes is None else f" ({100 * r.fraction_of_floor:.0f} %)"
-            cluster = f"; {_with_cluster(r)} with the cluster cost" if r is not None and r.cluster_seconds else ""
-            line.append("–" if r is None else f"{r.upper_bound}{r.modelled()[0] * 1e3:.2f}{pct}{cluster}")
+            line.append("–" if r is None else f"{r.upper_bound}{r.modelled()[0] * 1e3:.2f}{pct}; {_no_l2(r)}")
         lines.append(line)
     return _table(header, lines)
 
@@ -248,8 +268,9 @@ How the columns are counted, per element of the `[N, V]` inputs (a step's kernel
   unit of the MUFU rate.
 - **CTAs/row, cluster barriers/row**: a kernel launched with `num_ctas` > 1 splits each row over a thread-block
   cluster (`.reqnctapercluster` in its PTX); its cluster barriers are the `UCGABAR_WAIT` (barrier.cluster.wait)
-  of its SASS, each met once per row by a loop-free kernel. Their cost is not in the modelled time: the last column
-  adds the assumed cost of `fastkd.audit.model.cluster_seconds` ({barrier_us:.2f} µs a barrier, nothing hiding it).
+  of its SASS, each met once per row by a loop-free kernel, each costing an assumed {barrier_us:.2f} µs in the
+  phase sum. **CTAs/SM**: from registers (allocated in multiples of 8 a thread) and threads. **padded**: the share
+  of iterated elements past V (the masked lanes of the last tile), which issue instructions but load nothing.
 - **unroll**: ptxas unrolling k times leaves adds of BLOCK_V, 2 BLOCK_V, ..., k BLOCK_V to the loop index; of several
   SASS loops from one source loop (unrolled body, remainder) the most unrolled counts. `≤`: a main loop jumps over
   part of its body (teacher_topk skips its merge for most blocks), and every instruction is counted as if it ran.
@@ -294,7 +315,7 @@ def markdown(rows, meta, headline_v, vs, aligned_v, unaligned_v, traffic_shape, 
         "",
         headline_table(headline),
         "",
-        f"## Modelled ms (and % of the floor) by V, N = {meta['n']}",
+        f"## Modelled ms (and % of the floor) by V, N = {meta['n']}: with the modelled L2 hits; with none",
         "",
         by_v_table(rows, vs),
     ]
