@@ -9,6 +9,7 @@
 #   gpu_check.log    versions, nvidia-smi, install, tests, the kernel check, the bench's progress and tables
 #   env.json         GPU, torch, triton, python, date, commit, exit status of each step
 #   resident_v8192.tar   the V = 8192 bench's CSV / JSON / tables
+#   profile.tar      bench/profile_kernels.py: DRAM bytes per element, issue-slot use, occupancy (ncu)
 #   <gpu>_<date>_headline+fused-linear.csv / .json / .md / _summary.md, and its PNGs (packed into
 #   plots.tar when there would be more than 8 files); see bench/results/README.md
 # Optional wheels (e.g. liger-kernel) placed in .whl/ are installed into /tmp/site first; .whl/ is
@@ -109,6 +110,15 @@ TRITON_INTERPRET=$RESIDENT_INTERPRET timeout -k 10 60 "$PY" -m fastkd.cli bench 
 RESIDENT_RC=$?
 (cd "$OUT" && tar -cf resident_v8192.tar resident_v8192 && rm -rf resident_v8192)
 
+log "kernel profile: DRAM bytes, issue slots, occupancy under ncu, else timed (timeout 90 s)"
+# What the model assumes and a GPU can measure (bench/profile_kernels.py): skipped in a CPU dry run.
+PROFILE_RC=skipped
+if [ "$PRESET" != smoke ]; then
+    timeout -k 10 90 "$PY" bench/profile_kernels.py "$OUT/profile" >>"$LOG" 2>&1
+    PROFILE_RC=$?
+    (cd "$OUT" && tar -cf profile.tar profile && rm -rf profile)
+fi
+
 BENCH_S=$(left)
 [ "$BENCH_S" -gt 400 ] && BENCH_S=400
 [ "$BENCH_S" -lt 60 ] && BENCH_S=60 # (timeout 0 would mean none)
@@ -121,7 +131,7 @@ BENCH_RC=$?
 [ "$BENCH_RC" = 1 ] && log "bench: a Triton kernel variant failed its check against fastkd-triton (see the log)"
 
 log "environment record"
-TESTS_RC=$TESTS_RC KERNELS_RC=$KERNELS_RC RESIDENT_RC=$RESIDENT_RC BENCH_RC=$BENCH_RC INSTALL_RC=$INSTALL_RC \
+TESTS_RC=$TESTS_RC KERNELS_RC=$KERNELS_RC RESIDENT_RC=$RESIDENT_RC PROFILE_RC=$PROFILE_RC BENCH_RC=$BENCH_RC INSTALL_RC=$INSTALL_RC \
     WHEEL_RC=$WHEEL_RC timeout 60 "$PY" - "$OUT/env.json" <<'EOF' >>"$LOG" 2>&1
 import datetime, json, os, platform, sys
 import torch
@@ -137,7 +147,7 @@ info = {
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     "commit": os.environ.get("FASTKD_COMMIT", "unknown"),
     "exit_status": {k.lower(): os.environ[k] for k in ("WHEEL_RC", "INSTALL_RC", "TESTS_RC", "KERNELS_RC",
-                                                       "RESIDENT_RC", "BENCH_RC")},
+                                                       "RESIDENT_RC", "PROFILE_RC", "BENCH_RC")},
 }
 with open(sys.argv[1], "w") as f:
     json.dump(info, f, indent=2)
