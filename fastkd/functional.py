@@ -18,7 +18,7 @@ from .backends import flat_labels, implementation, resolve_backend, rows
 from .distributed import check_group, check_vocab_start, group_name
 from .checks import (check_index_values, check_label_range, check_values, debug_enabled,
                      without_repeated_indices)
-from .options import (IDENTITY, as_teachers, check_stored_temperature, mark_temperature, check_bool, check_chunk_size, check_dim, check_fused_inputs, check_k,
+from .options import (IDENTITY, as_teachers, check_stored_temperature, mark_temperature, check_bool, check_chunk_size, check_dim, check_fused_inputs, check_inplace, check_k,
                       check_kd_inputs, check_labels, check_logits, check_tail, check_temperature, check_topk_inputs,
                       check_teacher_weights, check_transforms, make_options, make_reduction)
 
@@ -53,7 +53,8 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
 
     The loss is float32 (float64 for float64 input); the student gradient, computed in the forward,
     has the student's dtype. ``inplace=True`` writes that gradient into ``student_logits``' storage:
-    do not read those logits afterwards. ``backend``: ``"triton"``, ``"torch"`` or ``"auto"``.
+    do not read those logits afterwards (a student whose elements overlap, such as an ``expand``ed
+    view, is a ValueError). ``backend``: ``"triton"``, ``"torch"`` or ``"auto"``.
     Every tensor may be a non-contiguous view (``labels[:, 1:]``, a column, a ``tensor_split``
     chunk): the result is that of its contiguous copy.
 
@@ -81,7 +82,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
                         t2_scale=t2_scale, teacher_temperature=teacher_temperature,
                         teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
     check_kd_inputs(student_logits, teachers, labels, opts)
-    check_bool("inplace", inplace)
+    check_inplace(inplace, student_logits)
     check_values(student_logits, teachers, labels, opts, check_finite)
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_logits)
@@ -179,7 +180,7 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="buc
     check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
     check_stored_temperature(teacher_logprobs, opts)
     check_labels(student_logits, labels, opts)
-    check_bool("inplace", inplace)
+    check_inplace(inplace, student_logits)
     if validate_indices is not None:
         check_bool("validate_indices", validate_indices)
     V = student_logits.shape[-1]
@@ -222,7 +223,7 @@ def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_st
         raise TypeError("vocab_parallel_kd_loss takes one teacher_shard (a tensor); a mixture of teachers is "
                         "kd_loss's and fused_linear_kd_loss's")
     check_kd_inputs(student_shard, (teacher_shard,), labels, opts)
-    check_bool("inplace", inplace)
+    check_inplace(inplace, student_shard, "student_shard")
     vocab_start = check_vocab_start(vocab_start)
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_shard)

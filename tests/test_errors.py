@@ -145,3 +145,51 @@ def test_tensors_on_different_devices():
         pytest.skip("needs two CUDA devices for the cuda:0 / cuda:1 case")
     with pytest.raises(ValueError, match="student_logits is on cuda:0 and teacher_logits on cuda:1"):
         fastkd.kd_loss(s, t.to("cuda:1"))
+
+
+def _overlapping_students():
+    base = torch.randn(1, 50)
+    return {"expand": base.expand(4, 50),                                  # every row one row
+            "as_strided": torch.randn(60).as_strided((4, 50), (3, 1)),     # rows that share columns
+            "expand 3-d": torch.randn(2, 1, 50).expand(2, 3, 50)}
+
+
+INPLACE_CALLS = {
+    "kd_loss": lambda s, backend: fastkd.kd_loss(s, torch.randn(s.shape), inplace=True, backend=backend),
+    "KDLoss": lambda s, backend: fastkd.KDLoss(inplace=True, backend=backend)(s, torch.randn(s.shape)),
+    "topk_kd_loss": lambda s, backend: fastkd.topk_kd_loss(s, *fastkd.teacher_topk(torch.randn(s.shape), 4),
+                                                           inplace=True, backend=backend),
+    "TopKKDLoss": lambda s, backend: fastkd.TopKKDLoss(inplace=True, backend=backend)(
+        s, *fastkd.teacher_topk(torch.randn(s.shape), 4)),
+    "vocab_parallel_kd_loss": lambda s, backend: fastkd.vocab_parallel_kd_loss(
+        s, torch.randn(s.shape), inplace=True, backend=backend),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("entry", list(INPLACE_CALLS))
+@pytest.mark.parametrize("view", list(_overlapping_students()))
+def test_inplace_on_an_overlapping_student_is_refused(entry, view, backend):
+    student = _overlapping_students()[view].requires_grad_(False)
+    name = "student_shard" if entry == "vocab_parallel_kd_loss" else "student_logits"
+    with pytest.raises(ValueError, match=rf"inplace=True needs {name} whose elements do not overlap"):
+        INPLACE_CALLS[entry](student, backend)
+
+
+NON_OVERLAPPING = {"row-strided": lambda base: base[:, :10], "every other column": lambda base: base[:, ::2],
+                   "transposed": lambda base: base[:, :4].t(), "a new size-1 dim": lambda base: base[0].expand(1, 20)}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("view", list(NON_OVERLAPPING))
+def test_inplace_on_views_that_do_not_overlap(view, backend):
+    """Views whose elements are distinct take ``inplace=True``: the loss and gradient of eager PyTorch."""
+    base = torch.randn(10, 20, dtype=torch.float64, requires_grad=True)
+    base_copy = base.detach().clone().requires_grad_(True)
+    teacher = torch.randn(NON_OVERLAPPING[view](base).shape, dtype=torch.float64)
+    expected = reference.kd_loss(NON_OVERLAPPING[view](base_copy * 1), teacher, temperature=2.0)
+    expected.backward()
+    loss = fastkd.kd_loss(NON_OVERLAPPING[view](base * 1), teacher, temperature=2.0, inplace=True, backend=backend)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(base.grad, base_copy.grad)
