@@ -193,3 +193,45 @@ def test_inplace_on_views_that_do_not_overlap(view, backend):
     loss.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(base.grad, base_copy.grad)
+
+
+def _fused_linear(reduction):
+    def call(h, backend):
+        w = torch.randn(10, h.shape[-1], dtype=h.dtype)
+        return fastkd.fused_linear_kd_loss(h, w, teacher_logits=torch.randn(h.shape[0], 10, dtype=h.dtype),
+                                           reduction=reduction, backend=backend).sum()
+    return call
+
+
+ONCE_DIFFERENTIABLE = {
+    "kd_loss": lambda s, backend: fastkd.kd_loss(s, torch.randn(s.shape, dtype=s.dtype), backend=backend),
+    "kd_loss none": lambda s, backend: fastkd.kd_loss(s, torch.randn(s.shape, dtype=s.dtype), reduction="none",
+                                                      backend=backend).sum(),
+    "topk_kd_loss": lambda s, backend: fastkd.topk_kd_loss(s, *fastkd.teacher_topk(torch.randn(s.shape), 3),
+                                                           backend=backend),
+    "fused_linear_kd_loss": _fused_linear("batchmean"),
+    "fused_linear_kd_loss none": _fused_linear("none"),
+    "softmax (triton)": lambda s, backend: (fastkd.softmax(s, 2.0, backend="triton") ** 2).sum(),
+    "log_softmax (triton)": lambda s, backend: (fastkd.log_softmax(s, 2.0, backend="triton") ** 2).sum(),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("entry", list(ONCE_DIFFERENTIABLE))
+def test_double_backward_raises_at_the_call(entry, backend):
+    x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    loss = ONCE_DIFFERENTIABLE[entry](x, backend)
+    with pytest.raises(RuntimeError, match="differentiable once.*create_graph=True"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # Once differentiable is still differentiable: the same graph, without create_graph.
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.shape == x.shape and torch.isfinite(grad).all()
+
+
+def test_every_function_backward_is_once_differentiable():
+    """vocab_parallel_kd_loss's Function included (its call needs a process group)."""
+    functions = [f for f in vars(fastkd.autograd).values()
+                 if isinstance(f, type) and issubclass(f, torch.autograd.Function) and f is not torch.autograd.Function]
+    assert fastkd.autograd.VocabParallelKDLossFunction in functions
+    for function in functions:
+        assert function.backward.__code__ is fastkd.autograd.once_differentiable(lambda: None).__code__, function
