@@ -74,7 +74,8 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
 
     Works inside ``torch.compile(fullgraph=True)``: the fused call is a custom operator
     (``fastkd.ops``). Under ``torch.autocast`` the logits keep their dtype and the statistics
-    stay float32.
+    stay float32. Differentiable once (as every fastkd loss): a backward with ``create_graph=True``
+    raises RuntimeError.
     """
     teachers = as_teachers(teacher_logits)
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
@@ -100,12 +101,13 @@ def _softmax(x, temperature, dim, backend, log):
 
 
 def softmax(x, temperature=1.0, dim=-1, backend="auto"):
-    """softmax(x / temperature) along ``dim``, differentiable, in x's dtype (float32 statistics)."""
+    """softmax(x / temperature) along ``dim``, in x's dtype (float32 statistics); differentiable (once on the
+    Triton backend: a backward with ``create_graph=True`` raises; the torch backend is plain autograd)."""
     return _softmax(x, temperature, dim, backend, log=False)
 
 
 def log_softmax(x, temperature=1.0, dim=-1, backend="auto"):
-    """log_softmax(x / temperature) along ``dim``, differentiable, in x's dtype (float32 statistics)."""
+    """log_softmax(x / temperature) along ``dim``, in x's dtype (float32 statistics); differentiable as ``softmax``."""
     return _softmax(x, temperature, dim, backend, log=True)
 
 
