@@ -29,8 +29,9 @@ def once_differentiable(backward):
     """Wrap a Function's ``backward`` to raise a clear RuntimeError under ``create_graph=True``.
 
     Autograd runs a backward with grad mode on exactly when the caller asked for a graph of the
-    gradient (double backward: a gradient penalty, a Hessian-vector product). ``torch.compile``
-    traces the backward ahead of time with grad mode on; its own double backward raises there."""
+    gradient (double backward: a gradient penalty, a Hessian-vector product). Under ``torch.compile``
+    the backward is traced ahead of time, where this check cannot see the later call; there torch
+    raises its own "does not currently support double backward" when the gradient's graph is used."""
     @functools.wraps(backward)
     def checked(ctx, *grads):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():

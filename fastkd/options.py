@@ -142,7 +142,7 @@ def check_inplace(inplace, student, name="student_logits"):
     check_bool("inplace", inplace)
     if inplace and _may_overlap(student):
         raise ValueError(f"inplace=True needs {name} whose elements do not overlap in memory, but its strides "
-                         f"{tuple(student.stride())} for shape {tuple(student.shape)} reuse elements (an expand()ed "
+                         f"{tuple(student.stride())} for shape {tuple(student.shape)} may overlap (an expand()ed "
                          "or otherwise self-overlapping view): pass inplace=False, or a .contiguous() copy")
     return inplace
 
