@@ -10,13 +10,37 @@ Under ``torch.compile`` the backward is traced ahead of time, so it is written o
 inductor reuses the saved gradient's buffer for the result (the backward graph owns it: a donated
 buffer), which keeps the same single ``[N, V]`` buffer; torch then refuses ``retain_graph=True`` for
 that graph unless ``torch._functorch.config.donated_buffer`` is turned off.
+
+Every backward is wrapped by ``once_differentiable``: the gradients come from the forward's kernels,
+not from differentiable torch ops, so a backward asked to build a graph (``create_graph=True``)
+raises at that call instead of returning a gradient that silently has none.
 """
+import functools
+
 import torch
 
 from . import ops
 from .backends import flat_labels, implementation, rows
 from .buffers import accumulation_dtype
 from .reduction import grad_scale, normaliser, reduce
+
+
+def once_differentiable(backward):
+    """Wrap a Function's ``backward`` to raise a clear RuntimeError under ``create_graph=True``.
+
+    Autograd runs a backward with grad mode on exactly when the caller asked for a graph of the
+    gradient (double backward: a gradient penalty, a Hessian-vector product). Under ``torch.compile``
+    the backward is traced ahead of time, where this check cannot see the later call; there torch
+    raises its own "does not currently support double backward" when the gradient's graph is used."""
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(
+                "fastkd's losses and fused softmax are differentiable once: their gradient comes from the forward's "
+                "kernels, so a backward with create_graph=True (double backward, a gradient penalty, a "
+                "Hessian-vector product) is not supported; use fastkd.reference (plain PyTorch) for higher derivatives")
+        return backward(ctx, *grads)
+    return checked
 
 
 def graph_is_kept():
@@ -67,6 +91,7 @@ class KDLossFunction(torch.autograd.Function):
         return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         return (scaled_student_grad(ctx, grad_loss),) + (None,) * 6
 
@@ -84,6 +109,7 @@ class TopKKDLossFunction(torch.autograd.Function):
         return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         return (scaled_student_grad(ctx, grad_loss),) + (None,) * 8
 
@@ -100,6 +126,7 @@ class VocabParallelKDLossFunction(torch.autograd.Function):
         return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         return (scaled_student_grad(ctx, grad_loss),) + (None,) * 8
 
@@ -146,6 +173,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
         return reduce(row_loss, norm, reduction, out_shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         opts, want = ctx.opts, ctx.want
         hidden_dtype, weight_dtype = ctx.dtypes
@@ -188,6 +216,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return y2.view(ctx.shape).movedim(-1, dim).contiguous()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         y2, scalars = ctx.saved_tensors
         dx2 = torch.ops.fastkd.softmax_backward(y2, rows(dy.movedim(ctx.dim, -1)), scalars, ctx.log)

@@ -18,7 +18,7 @@ from .backends import flat_labels, implementation, resolve_backend, rows
 from .distributed import check_group, check_vocab_start, group_name
 from .checks import (check_index_values, check_label_range, check_values, debug_enabled,
                      without_repeated_indices)
-from .options import (IDENTITY, as_teachers, check_stored_temperature, mark_temperature, check_bool, check_chunk_size, check_dim, check_fused_inputs, check_k,
+from .options import (IDENTITY, as_teachers, check_stored_temperature, mark_temperature, check_bool, check_chunk_size, check_dim, check_fused_inputs, check_inplace, check_k,
                       check_kd_inputs, check_labels, check_logits, check_tail, check_temperature, check_topk_inputs,
                       check_teacher_weights, check_transforms, make_options, make_reduction)
 
@@ -53,7 +53,8 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
 
     The loss is float32 (float64 for float64 input); the student gradient, computed in the forward,
     has the student's dtype. ``inplace=True`` writes that gradient into ``student_logits``' storage:
-    do not read those logits afterwards. ``backend``: ``"triton"``, ``"torch"`` or ``"auto"``.
+    do not read those logits afterwards (a student whose elements overlap, such as an ``expand``ed
+    view, is a ValueError). ``backend``: ``"triton"``, ``"torch"`` or ``"auto"``.
     Every tensor may be a non-contiguous view (``labels[:, 1:]``, a column, a ``tensor_split``
     chunk): the result is that of its contiguous copy.
 
@@ -73,7 +74,8 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
 
     Works inside ``torch.compile(fullgraph=True)``: the fused call is a custom operator
     (``fastkd.ops``). Under ``torch.autocast`` the logits keep their dtype and the statistics
-    stay float32.
+    stay float32. Differentiable once (as every fastkd loss): a backward with ``create_graph=True``
+    raises RuntimeError.
     """
     teachers = as_teachers(teacher_logits)
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
@@ -81,7 +83,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
                         t2_scale=t2_scale, teacher_temperature=teacher_temperature,
                         teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
     check_kd_inputs(student_logits, teachers, labels, opts)
-    check_bool("inplace", inplace)
+    check_inplace(inplace, student_logits)
     check_values(student_logits, teachers, labels, opts, check_finite)
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_logits)
@@ -99,12 +101,13 @@ def _softmax(x, temperature, dim, backend, log):
 
 
 def softmax(x, temperature=1.0, dim=-1, backend="auto"):
-    """softmax(x / temperature) along ``dim``, differentiable, in x's dtype (float32 statistics)."""
+    """softmax(x / temperature) along ``dim``, in x's dtype (float32 statistics); differentiable (once on the
+    Triton backend: a backward with ``create_graph=True`` raises; the torch backend is plain autograd)."""
     return _softmax(x, temperature, dim, backend, log=False)
 
 
 def log_softmax(x, temperature=1.0, dim=-1, backend="auto"):
-    """log_softmax(x / temperature) along ``dim``, differentiable, in x's dtype (float32 statistics)."""
+    """log_softmax(x / temperature) along ``dim``, in x's dtype (float32 statistics); differentiable as ``softmax``."""
     return _softmax(x, temperature, dim, backend, log=True)
 
 
@@ -179,7 +182,7 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="buc
     check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
     check_stored_temperature(teacher_logprobs, opts)
     check_labels(student_logits, labels, opts)
-    check_bool("inplace", inplace)
+    check_inplace(inplace, student_logits)
     if validate_indices is not None:
         check_bool("validate_indices", validate_indices)
     V = student_logits.shape[-1]
@@ -222,7 +225,7 @@ def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_st
         raise TypeError("vocab_parallel_kd_loss takes one teacher_shard (a tensor); a mixture of teachers is "
                         "kd_loss's and fused_linear_kd_loss's")
     check_kd_inputs(student_shard, (teacher_shard,), labels, opts)
-    check_bool("inplace", inplace)
+    check_inplace(inplace, student_shard, "student_shard")
     vocab_start = check_vocab_start(vocab_start)
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_shard)

@@ -123,6 +123,30 @@ def check_bool(name, value):
     return value
 
 
+def _may_overlap(x):
+    """True when two elements of ``x`` may share memory (a stride-0 dimension, an ``as_strided``
+    view that folds onto itself), from its sizes and strides alone: no data is read. Dimensions of
+    more than one element, by increasing stride, must each step past all the earlier ones span;
+    a layout that interleaves its dimensions passes no such test and counts as overlapping."""
+    span = 0
+    for stride, size in sorted((abs(st), sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def check_inplace(inplace, student, name="student_logits"):
+    """``inplace`` a bool, and with ``inplace=True`` a ``student`` whose elements do not overlap:
+    the gradient written into overlapping storage would keep only one row's value."""
+    check_bool("inplace", inplace)
+    if inplace and _may_overlap(student):
+        raise ValueError(f"inplace=True needs {name} whose elements do not overlap in memory, but its strides "
+                         f"{tuple(student.stride())} for shape {tuple(student.shape)} may overlap (an expand()ed "
+                         "or otherwise self-overlapping view): pass inplace=False, or a .contiguous() copy")
+    return inplace
+
+
 def check_temperature(temperature, name="temperature"):
     temperature = _real(name, temperature)
     if temperature <= 0:

@@ -220,3 +220,13 @@ def test_vocab_parallel_compiles_fullgraph(backend, one_rank_group):
         torch.testing.assert_close(loss, fastkd.kd_loss(h @ w, t, temperature=T, labels=labels, hard_weight=0.5,
                                                         divergence="jsd", num_items_in_batch=7, backend="torch"))
     assert counter.frame_count == 2
+
+
+def test_double_backward_of_a_compiled_loss_raises():
+    """Eager raises at the create_graph call (tests/test_errors.py); compiled, the backward is traced
+    ahead of time, so torch's own error comes when the gradient's graph is used."""
+    compiled = torch.compile(_student_step("torch"), fullgraph=True, backend="aot_eager")
+    h, w, t, labels = _inputs()
+    (grad,) = torch.autograd.grad(compiled(h, w, t, labels, 2.0, 0.5), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.square().sum().backward()

@@ -145,3 +145,93 @@ def test_tensors_on_different_devices():
         pytest.skip("needs two CUDA devices for the cuda:0 / cuda:1 case")
     with pytest.raises(ValueError, match="student_logits is on cuda:0 and teacher_logits on cuda:1"):
         fastkd.kd_loss(s, t.to("cuda:1"))
+
+
+def _overlapping_students():
+    base = torch.randn(1, 50)
+    return {"expand": base.expand(4, 50),                                  # every row one row
+            "as_strided": torch.randn(60).as_strided((4, 50), (3, 1)),     # rows that share columns
+            "expand 3-d": torch.randn(2, 1, 50).expand(2, 3, 50)}
+
+
+INPLACE_CALLS = {
+    "kd_loss": lambda s, backend: fastkd.kd_loss(s, torch.randn(s.shape), inplace=True, backend=backend),
+    "KDLoss": lambda s, backend: fastkd.KDLoss(inplace=True, backend=backend)(s, torch.randn(s.shape)),
+    "topk_kd_loss": lambda s, backend: fastkd.topk_kd_loss(s, *fastkd.teacher_topk(torch.randn(s.shape), 4),
+                                                           inplace=True, backend=backend),
+    "TopKKDLoss": lambda s, backend: fastkd.TopKKDLoss(inplace=True, backend=backend)(
+        s, *fastkd.teacher_topk(torch.randn(s.shape), 4)),
+    "vocab_parallel_kd_loss": lambda s, backend: fastkd.vocab_parallel_kd_loss(
+        s, torch.randn(s.shape), inplace=True, backend=backend),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("entry", list(INPLACE_CALLS))
+@pytest.mark.parametrize("view", list(_overlapping_students()))
+def test_inplace_on_an_overlapping_student_is_refused(entry, view, backend):
+    student = _overlapping_students()[view].requires_grad_(False)
+    name = "student_shard" if entry == "vocab_parallel_kd_loss" else "student_logits"
+    with pytest.raises(ValueError, match=rf"inplace=True needs {name} whose elements do not overlap"):
+        INPLACE_CALLS[entry](student, backend)
+
+
+NON_OVERLAPPING = {"row-strided": lambda base: base[:, :10], "every other column": lambda base: base[:, ::2],
+                   "transposed": lambda base: base[:, :4].t(), "a new size-1 dim": lambda base: base[0].expand(1, 20)}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("view", list(NON_OVERLAPPING))
+def test_inplace_on_views_that_do_not_overlap(view, backend):
+    """Views whose elements are distinct take ``inplace=True``: the loss and gradient of eager PyTorch."""
+    base = torch.randn(10, 20, dtype=torch.float64, requires_grad=True)
+    base_copy = base.detach().clone().requires_grad_(True)
+    teacher = torch.randn(NON_OVERLAPPING[view](base).shape, dtype=torch.float64)
+    expected = reference.kd_loss(NON_OVERLAPPING[view](base_copy * 1), teacher, temperature=2.0)
+    expected.backward()
+    loss = fastkd.kd_loss(NON_OVERLAPPING[view](base * 1), teacher, temperature=2.0, inplace=True, backend=backend)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(base.grad, base_copy.grad)
+
+
+def _fused_linear(reduction):
+    def call(h, backend):
+        w = torch.randn(10, h.shape[-1], dtype=h.dtype)
+        return fastkd.fused_linear_kd_loss(h, w, teacher_logits=torch.randn(h.shape[0], 10, dtype=h.dtype),
+                                           reduction=reduction, backend=backend).sum()
+    return call
+
+
+ONCE_DIFFERENTIABLE = {
+    "kd_loss": lambda s, backend: fastkd.kd_loss(s, torch.randn(s.shape, dtype=s.dtype), backend=backend),
+    "kd_loss none": lambda s, backend: fastkd.kd_loss(s, torch.randn(s.shape, dtype=s.dtype), reduction="none",
+                                                      backend=backend).sum(),
+    "topk_kd_loss": lambda s, backend: fastkd.topk_kd_loss(s, *fastkd.teacher_topk(torch.randn(s.shape), 3),
+                                                           backend=backend),
+    "fused_linear_kd_loss": _fused_linear("batchmean"),
+    "fused_linear_kd_loss none": _fused_linear("none"),
+    "softmax (triton)": lambda s, backend: (fastkd.softmax(s, 2.0, backend="triton") ** 2).sum(),
+    "log_softmax (triton)": lambda s, backend: (fastkd.log_softmax(s, 2.0, backend="triton") ** 2).sum(),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("entry", list(ONCE_DIFFERENTIABLE))
+def test_double_backward_raises_at_the_call(entry, backend):
+    x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    loss = ONCE_DIFFERENTIABLE[entry](x, backend)
+    with pytest.raises(RuntimeError, match="differentiable once.*create_graph=True"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # Once differentiable is still differentiable: the same graph, without create_graph.
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.shape == x.shape and torch.isfinite(grad).all()
+
+
+def test_every_function_backward_is_once_differentiable():
+    """vocab_parallel_kd_loss's Function included (its call needs a process group)."""
+    functions = [f for f in vars(fastkd.autograd).values()
+                 if isinstance(f, type) and issubclass(f, torch.autograd.Function) and f is not torch.autograd.Function]
+    assert fastkd.autograd.VocabParallelKDLossFunction in functions
+    for function in functions:
+        assert function.backward.__code__ is fastkd.autograd.once_differentiable(lambda: None).__code__, function

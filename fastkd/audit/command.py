@@ -10,7 +10,8 @@ import time
 import warnings
 from pathlib import Path
 
-DEFAULT_OUT = Path("bench") / "results" / "local"
+from ..bench.arguments import default_out
+
 DEFAULT_VS = (8192, 32000, 50257, 128256, 262144)  # 8192: a row one CTA of the resident kernel holds
 HEADLINE_V = 128256
 UNALIGNED_V = 50257
@@ -117,7 +118,9 @@ def add_arguments(parser):
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="student and teacher dtype")
     parser.add_argument("--cases", nargs="+", metavar="TEXT", help="only cases whose name contains one of these")
     parser.add_argument("--gate", action="store_true", help="only the cases the CI gate checks")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: fastkd bench's, bench/results/local/ of the checkout, "
+                             "git-ignored; ~/.cache/fastkd/bench for an installed fastkd)")
     parser.add_argument("--list", action="store_true", help="print the cases, compile nothing")
     return parser
 
@@ -157,8 +160,9 @@ def run(args):
     rows, unavailable = audit(selected, vs, args.n, args.dtype, args.arch)
     meta = dict(arch=args.arch, triton=triton.__version__, commit=git_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
-    stem = args.out / f"audit_sm{args.arch}_triton{triton.__version__}_{meta['date']}"
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out if args.out is not None else default_out()
+    stem = out / f"audit_sm{args.arch}_triton{triton.__version__}_{meta['date']}"
+    out.mkdir(parents=True, exist_ok=True)
     report.write_csv(f"{stem}.csv", rows, meta)
     text = report.markdown(rows, dict(meta, n=args.n, dtype=args.dtype), args.headline_v, vs, args.headline_v,
                            UNALIGNED_V, traffic.SHAPE, unavailable)

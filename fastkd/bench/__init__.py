@@ -5,9 +5,17 @@ the fused linear + KD loss are its cases.
 cases.py is the table of cases and presets, providers.py the registry of implementations (with the
 formula each runs), min_bytes.py the least traffic (and matmul work) of each case, runner.py the
 timing, the one peak-memory measurement and the checks, report.py the CSV / JSON / tables / summary,
-plots.py the optional PNGs, command.py the command line. Nothing optional (triton, matplotlib,
-liger_kernel, torch.compile) is imported before it is used.
+plots.py the optional PNGs, arguments.py the command line's arguments (torch-free, so that
+``fastkd bench --help`` answers at once), command.py the run. Nothing optional (triton, matplotlib,
+liger_kernel, torch.compile), nor torch itself, is imported before it is used.
 """
-from .command import main
+
+
+def main(argv=None, prog="fastkd bench"):
+    """Run ``fastkd bench`` with ``argv``; returns the exit status."""
+    from .command import main as run_main
+
+    return run_main(argv, prog)
+
 
 __all__ = ["main"]

@@ -2,26 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from pathlib import Path
 
 import torch
 
-from .cases import DTYPES, MODES, OPS, PRESETS, default_preset, select_cases
-from .providers import PROVIDERS, select_providers
-from .runner import MIN_ROUNDS
-
-
-def default_out():
-    """``bench/results/local/`` of the checkout fastkd runs from (git-ignored); for an installed
-    copy, ``$XDG_CACHE_HOME/fastkd/bench`` (``~/.cache/fastkd/bench``): never the working directory."""
-    root = Path(__file__).resolve().parents[2]
-    if (root / "pyproject.toml").exists() and (root / "bench").is_dir():
-        return root / "bench" / "results" / "local"
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "fastkd" / "bench"
+from .arguments import build_parser, default_out
+from .cases import default_preset, select_cases
+from .providers import select_providers
 
 
 def _words(values):
@@ -37,44 +26,6 @@ def _ints(values):
         return [int(w) for w in words]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers, got {' '.join(words)}") from None
-
-
-def add_arguments(parser):
-    parser.add_argument("--preset", nargs="+", metavar="P",
-                        help=f"case sets, run in order: {', '.join(PRESETS)} (default: 'headline' on a GPU, "
-                             "'cpu' otherwise)")
-    parser.add_argument("--ops", nargs="+", metavar="OP", help=f"replace the preset's ops: {', '.join(OPS)}")
-    parser.add_argument("--divergences", nargs="+", metavar="D", help="replace the preset's divergences")
-    parser.add_argument("--n", nargs="+", metavar="N", help="replace the preset's row counts (tokens)")
-    parser.add_argument("--v", nargs="+", metavar="V", help="replace the preset's vocabulary sizes")
-    parser.add_argument("--k", nargs="+", metavar="K", help="replace the preset's top-k sizes (top-k ops)")
-    parser.add_argument("--h", nargs="+", metavar="H", help="replace the preset's hidden sizes (fused_linear_kd)")
-    parser.add_argument("--dtypes", nargs="+", metavar="DT", help=f"replace the preset's dtypes: {', '.join(DTYPES)}")
-    parser.add_argument("--modes", nargs="+", metavar="M", help=f"replace the preset's modes: {', '.join(MODES)}")
-    parser.add_argument("--providers", nargs="+", metavar="P",
-                        help=f"providers of every case (default: each grid's, else all that run by default "
-                             f"here): {', '.join(PROVIDERS)}, or fastkd-triton[KERNEL] for any FASTKD_KD_KERNEL")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:K")
-    parser.add_argument("--threads", type=int, metavar="K",
-                        help="torch CPU threads (default: torch's choice); 1 steadies timings on a busy machine")
-    parser.add_argument("--rounds", type=int, default=MIN_ROUNDS, metavar="R",
-                        help=f"CPU: alternating rounds per case at least (default {MIN_ROUNDS})")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: bench/results/local/ of the checkout, git-ignored; "
-                             "~/.cache/fastkd/bench for an installed fastkd)")
-    parser.add_argument("--quick", "--smoke", action="store_true",
-                        help="few repetitions and a small copy: checks that everything runs, numbers are rough")
-    parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
-    parser.add_argument("--list", action="store_true", help="print the cases, their providers and what each "
-                                                            "provider runs; run nothing")
-    return parser
-
-
-def build_parser(prog="fastkd bench"):
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Benchmark fastkd against torch eager, torch.compile and Liger: time, "
-        "speed-up, peak extra memory, GB/s and the fraction of the copy bandwidth measured in the same run.")
-    return add_arguments(parser)
 
 
 def _device(name):
