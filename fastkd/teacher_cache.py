@@ -268,11 +268,14 @@ class TeacherCache:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise TeacherCacheError(f"{index_path} is corrupted: {e}") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise TeacherCacheError(f"{index_path} is not a {FORMAT} index")
+            found = index.get("format") if isinstance(index, dict) else None
+            raise TeacherCacheError(f"{index_path} is not a {FORMAT} index (field format = {found!r})")
         version = index.get("format_version")
         if version not in READS_VERSIONS:
-            raise TeacherCacheError(f"{index_path} has format_version {version!r}; this fastkd reads versions "
+            raise TeacherCacheError(f"{index_path} has field format_version = {version!r}; this fastkd reads versions "
                                     f"{', '.join(map(str, READS_VERSIONS))}")
+        if version >= 2 or "header_crc32" in index:  # version 1 had no header_crc32
+            _check_header_crc32(index, index_path)
 
         def field(name, convert, valid=lambda value: True, index=index, where=""):
             try:
@@ -316,10 +319,8 @@ class TeacherCache:
                                             f"expected {shard[f'{part}_bytes']}")
                 if size != n * self.k * size_of:  # the indices' size checks k, then the log-probs' checks dtype
                     raise TeacherCacheError(
-                        f"{index_path}: field {name} = {index[name]!r} does not match shard file {file}: {size} bytes "
-                        f"are not shards[{i}].tokens * k * {size_of} = {n} * {self.k} * {size_of}")
-        if version >= 2:
-            _check_header_crc32(index, index_path)
+                        f"{index_path}: field {name} = {index[name]!r} (or shards[{i}].tokens) does not match shard "
+                        f"file {file}: {size} bytes, not tokens * k * {size_of} = {n} * {self.k} * {size_of}")
         self._maps = {}
         if verify:
             self.verify()
