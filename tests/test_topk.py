@@ -1,5 +1,6 @@
 """Sparse top-k teacher: ``teacher_topk`` and ``topk_kd_loss`` (Triton path in the interpreter, and
 the torch backend) against the dense float64 reference ``fastkd.reference.topk_kd_loss``."""
+import math
 import pickle
 
 import pytest
@@ -423,11 +424,12 @@ def test_probabilities_or_shifted_values_are_refused_on_cpu(backend):
     masked = lp.clone()
     masked[1, 4:] = float("-inf")
     fastkd.topk_kd_loss(s, masked, idx, temperature=2.0, backend=backend)
-    # k = V of a uniform teacher: log(1/300) rounded to bf16 makes the log-sum-exp 0.016 (twice bf16's
-    # eps); rounding is not refused (the checks run before the backend: the torch one is quicker)
-    flat_lp, flat_idx = fastkd.teacher_topk(torch.zeros(2, 300), 300)
-    for dtype in (torch.bfloat16, torch.float16):
-        fastkd.topk_kd_loss(torch.randn(2, 300), flat_lp.to(dtype), flat_idx, backend="torch")
+    # k = V of a uniform teacher: log(1/3072) = -8.030 rounds to -8.0 in bf16, which makes the row's
+    # log-sum-exp 0.030 (4 eps of bf16); rounding is not refused (the checks run before the backend)
+    V = 3072
+    uniform = torch.full((1, V), -math.log(V)).to(torch.bfloat16)
+    assert 0.03 < float(uniform.float().logsumexp(-1)) < 0.031
+    fastkd.topk_kd_loss(torch.randn(1, V), uniform, torch.arange(V)[None], backend="torch")
 
 
 def test_value_checks_read_device_tensors_only_under_check_finite():
