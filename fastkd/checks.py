@@ -107,8 +107,8 @@ def check_values(student, teachers, labels, opts: KDOptions, check_finite):
 
 
 def _check_logprob_rows(logprobs, keep, shape, check_nan):
-    """ValueError naming the first kept row of ``logprobs`` ``[N, k]`` (leading dims ``shape``) with a value above 0 or a
-    log-sum-exp above 0, beyond the rounding of its dtype (or a NaN, with ``check_nan``)."""
+    """ValueError naming the first kept row of ``logprobs`` ``[N, k]`` (leading dims ``shape``) with
+    a value or a log-sum-exp above 0, beyond the rounding of its dtype (or a NaN, with ``check_nan``)."""
     x = logprobs.detach()[keep].to(torch.float64 if logprobs.dtype == torch.float64 else torch.float32)
     if x.numel() == 0:
         return

@@ -305,12 +305,13 @@ class TeacherCache:
         self.shard_tokens = [field("tokens", _json_int, lambda n: n >= 0, shard, f"shards[{i}].")
                              for i, shard in enumerate(self.shards)]
         if sum(self.shard_tokens) != tokens:
-            raise TeacherCacheError(f"{index_path} is corrupted: field tokens: its shards hold {sum(self.shard_tokens)} "
-                                    f"tokens, its header says {tokens}")
+            raise TeacherCacheError(f"{index_path} is corrupted: field tokens: its shards hold "
+                                    f"{sum(self.shard_tokens)} tokens, its header says {tokens}")
         self._starts = [0, *itertools.accumulate(self.shard_tokens)]
         for i, (shard, n) in enumerate(zip(self.shards, self.shard_tokens)):
             for part, size_of, name in (("indices", 4, "k"), ("logprobs", item, "dtype")):
-                file = _shard_file(self.path, field(part, lambda name: name, index=shard, where=f"shards[{i}]."), index_path)
+                name_of_file = field(part, lambda value: value, index=shard, where=f"shards[{i}].")
+                file = _shard_file(self.path, name_of_file, index_path)
                 if not file.is_file():
                     raise TeacherCacheError(f"shard file {file} is missing")
                 size = file.stat().st_size

@@ -26,9 +26,9 @@ class TopK(tuple):
         if not isinstance(logprobs, torch.Tensor) or not isinstance(indices, torch.Tensor):
             raise TypeError(f"TopK takes tensors logprobs and indices, got {type(logprobs).__name__} and "
                             f"{type(indices).__name__}")
-        if logprobs.shape != indices.shape:
+        if logprobs.shape != indices.shape or logprobs.dim() == 0:
             raise ValueError(f"TopK: logprobs shape {tuple(logprobs.shape)} and indices shape "
-                             f"{tuple(indices.shape)} differ")
+                             f"{tuple(indices.shape)} must be the same [..., k]")
         self = super().__new__(cls, (logprobs, indices))
         self.temperature = None if temperature is None else check_temperature(temperature)
         return self
@@ -91,8 +91,9 @@ def split_topk(teacher_logprobs, teacher_indices, temperature, name, remedy):
         raise TypeError("a fastkd.TopK holds the indices: pass it alone, without teacher_indices")
     stored = teacher_logprobs.temperature
     if stored is not None and stored != temperature:
-        raise ValueError(f"the top-k teacher was taken at temperature {stored} (its .temperature), but {name} is {temperature}: stored "
-                         f"log-probabilities cannot be re-tempered; {remedy.format(stored=stored)}")
+        raise ValueError(f"the top-k teacher was taken at temperature {stored} (its .temperature), but {name} is "
+                         f"{temperature}: stored log-probabilities cannot be re-tempered; "
+                         + remedy.format(stored=stored))
     return tuple(teacher_logprobs)
 
 

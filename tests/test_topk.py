@@ -368,7 +368,8 @@ def test_topk_value_keeps_its_temperature_through_reshaping(device):
     assert lp is topk.logprobs and idx is topk.indices
     forms = {"view": topk.view(-1, 4), "reshape": topk.reshape(6, 4), "flatten": topk.flatten(),
              "contiguous": topk.contiguous().view(6, 4), "to": topk.to(device).to(torch.float64).view(6, 4),
-             "rows": topk.rows((slice(None), slice(0, 3))).flatten(), "pickle": pickle.loads(pickle.dumps(topk.view(6, 4)))}
+             "rows": topk.rows((slice(None), slice(0, 3))).flatten(),
+             "pickle": pickle.loads(pickle.dumps(topk.view(6, 4)))}
     for name, form in forms.items():
         assert isinstance(form, fastkd.TopK) and form.temperature == 2.0, name
         assert form.logprobs.shape == form.indices.shape == (6, 4) and form.indices.dtype == torch.int32, name
@@ -384,13 +385,15 @@ def test_topk_value_keeps_its_temperature_through_reshaping(device):
     assert row.logprobs.shape == (3, 4) and row.temperature == 2.0
     unknown = fastkd.TopK(lp.view(6, 4), idx.view(6, 4))  # no temperature: taken to be at the loss's, as plain tensors
     assert unknown.temperature is None
-    assert torch.equal(fastkd.topk_kd_loss(s, unknown, temperature=1.0), fastkd.topk_kd_loss(s, *unknown, temperature=1.0))
+    assert torch.equal(fastkd.topk_kd_loss(s, unknown, temperature=1.0),
+                       fastkd.topk_kd_loss(s, *unknown, temperature=1.0))
 
 
 def test_topk_value_errors():
     lp, idx = fastkd.teacher_topk(logits(2, 9), 3)
     s = logits(2, 9)
     cases = [(lambda: fastkd.TopK(lp, idx[:, :2]), ValueError, "logprobs shape"),
+             (lambda: fastkd.TopK(lp[0, 0], idx[0, 0]), ValueError, r"must be the same \[..., k\]"),
              (lambda: fastkd.TopK(lp.tolist(), idx), TypeError, "TopK takes tensors"),
              (lambda: fastkd.TopK(lp, idx, 0.0), ValueError, "temperature must be > 0"),
              (lambda: fastkd.TopK(lp, idx, float("inf")), ValueError, "temperature must be finite"),
