@@ -421,6 +421,13 @@ def test_probabilities_or_shifted_values_are_refused_on_cpu(backend):
                             (torch.where(torch.arange(4)[:, None] == 2, lp.exp(), lp), 2, "above 0")):
         with pytest.raises(ValueError, match=f"teacher_logprobs row {row} .*{match}"):
             fastkd.topk_kd_loss(s, bad, idx, temperature=2.0, backend=backend)
+    strided = torch.cat([lp.exp(), lp], -1)[:, :8]  # a non-contiguous view of probabilities, then of log-probs
+    with pytest.raises(ValueError, match="teacher_logprobs row 0 .*above 0"):
+        fastkd.topk_kd_loss(s, strided, idx, temperature=2.0, backend=backend)
+    fastkd.topk_kd_loss(s, torch.cat([lp.exp(), lp], -1)[:, 8:], idx.t().contiguous().t(), temperature=2.0,
+                        backend=backend)
+    empty = fastkd.teacher_topk(logits(0, 50), 8, temperature=2.0)  # N = 0
+    assert fastkd.topk_kd_loss(logits(0, 50), empty, temperature=2.0, backend=backend) == 0
     ignored = torch.tensor([0, -100, 0, 0])
     fastkd.topk_kd_loss(s, torch.where(ignored[:, None] == -100, lp.exp(), lp), idx, labels=ignored,
                         temperature=2.0, backend=backend)
