@@ -1,6 +1,6 @@
 """Checks that read tensor values, kept apart from ``options`` (which never does).
 
-Three kinds, all outside the hot path:
+Four kinds, all outside the hot path:
 - labels on the CPU are range-checked for the hard CE on every call (host memory: no device sync);
   on a GPU an out-of-range label instead makes its row NaN, which ``check_finite=True`` reports.
 - ``check_finite=True`` (a debug option: it synchronises with the device) scans every row that is
@@ -11,6 +11,8 @@ Three kinds, all outside the hot path:
   or on the Triton path when asked (``validate_indices=True`` or ``FASTKD_DEBUG=1``): reading them
   synchronises with the device. Unchecked, ``without_repeated_indices`` makes a row that repeats an
   index NaN on the device instead (no synchronisation).
+- the top-k teacher's log-probabilities (``check_topk_values``: every value and each row's
+  log-sum-exp <= 0, within rounding) on CPU tensors, and anywhere under ``check_finite=True``.
 Ignored rows are never read by the kernels, so they are never checked either.
 """
 import os
@@ -102,6 +104,46 @@ def check_values(student, teachers, labels, opts: KDOptions, check_finite):
     check_label_range(labels, student.shape[-1], opts)
     if check_finite:
         check_finite_inputs(student, teachers, labels, opts)
+
+
+def _check_logprob_rows(logprobs, keep, shape, check_nan):
+    """ValueError naming the first kept row of ``logprobs`` ``[N, k]`` (leading dims ``shape``) with
+    a value or a log-sum-exp above 0, beyond the rounding of its dtype (or a NaN, with ``check_nan``)."""
+    x = logprobs.detach()[keep].to(torch.float64 if logprobs.dtype == torch.float64 else torch.float32)
+    if x.numel() == 0:
+        return
+    rows = keep.nonzero()[:, 0]
+    # log-probabilities rounded to the dtype move each value, hence the log-sum-exp, by up to eps · |value|
+    eps = torch.finfo(logprobs.dtype).eps
+    weights = torch.softmax(x, -1).nan_to_num(0.0)
+    spread = (weights * torch.where(x.isfinite(), x.abs(), 0.0)).sum(-1)
+    tolerance = 2 * eps * (1 + spread)
+    lse = torch.logsumexp(x, -1)
+    reasons = [("holds a value above 0: not log-probabilities (probabilities, or shifted values?)",
+                (x > tolerance[:, None]).any(-1)),
+               ("has a log-sum-exp above 0 (its probabilities sum to more than 1): not log-probabilities",
+                lse > tolerance)]
+    if check_nan:
+        reasons.insert(0, ("contains NaN", x.isnan().any(-1)))
+    bad = torch.stack([flags for _, flags in reasons]).any(0)
+    if bad.any():
+        r = int(bad.nonzero()[0, 0])
+        reason = next(reason for reason, flags in reasons if flags[r])
+        raise ValueError(_describe_row("teacher_logprobs", int(rows[r]), shape, reason))
+
+
+def check_topk_values(student, logprobs, labels, opts: KDOptions, check_finite):
+    """All value checks of one ``topk_kd_loss`` call: those of ``check_values`` for the student and
+    labels, and ``teacher_logprobs`` are log-probabilities (``_check_logprob_rows``) on CPU tensors
+    and under ``check_finite``, on kept rows (ignored rows may hold anything)."""
+    check_values(student, (), labels, opts, check_finite)
+    if not (check_finite or logprobs.device.type == "cpu") or torch.compiler.is_compiling():
+        return
+    k = logprobs.shape[-1]
+    flat = logprobs.reshape(-1, k)
+    keep = (torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device) if labels is None
+            else labels.reshape(-1) != opts.ignore_index)
+    _check_logprob_rows(flat, keep, logprobs.shape[:-1], check_nan=check_finite)
 
 
 def debug_enabled():

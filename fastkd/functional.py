@@ -16,11 +16,12 @@ from .autograd import (FusedLinearKDFunction, KDLossFunction, SoftmaxFunction, T
                        VocabParallelKDLossFunction)
 from .backends import flat_labels, implementation, resolve_backend, rows
 from .distributed import check_group, check_vocab_start, group_name
-from .checks import (check_index_values, check_label_range, check_values, debug_enabled,
+from .checks import (check_index_values, check_topk_values, check_values, debug_enabled,
                      without_repeated_indices)
-from .options import (IDENTITY, as_teachers, check_stored_temperature, mark_temperature, check_bool, check_chunk_size, check_dim, check_fused_inputs, check_inplace, check_k,
+from .options import (IDENTITY, as_teachers, check_bool, check_chunk_size, check_dim, check_fused_inputs, check_inplace, check_k,
                       check_kd_inputs, check_labels, check_logits, check_tail, check_temperature, check_topk_inputs,
                       check_teacher_weights, check_transforms, make_options, make_reduction)
+from .topk_values import TopK, topk_teacher
 
 
 def _check_teacher_count(backend, num_teachers):
@@ -113,10 +114,13 @@ def log_softmax(x, temperature=1.0, dim=-1, backend="auto"):
 
 def teacher_topk(teacher_logits, k, *, temperature=1.0, backend="auto"):
     """The k largest log-probabilities of ``softmax(teacher_logits / temperature)`` over the last
-    dimension, and where they are: ``(logprobs, indices)``, both ``[..., k]``.
+    dimension, and where they are: a ``fastkd.TopK``, the pair ``(logprobs, indices)``, both
+    ``[..., k]``, with ``.temperature``.
 
     ``logprobs`` is float32 (float64 for float64 logits), sorted descending; ``indices`` is int32.
-    These are what ``topk_kd_loss`` takes, at the same temperature. Not differentiable (the
+    This is what ``topk_kd_loss`` and ``TeacherCache.writer(...).append`` take; they refuse it at
+    another temperature (reshape it with its own methods, ``TopK.view`` etc., which keep the
+    temperature; a tensor's own methods give plain tensors, which carry none). Not differentiable (the
     teacher is a constant). Ties: the Triton kernel lists equal values lowest index first (float64
     logits are ranked by their float32 rounding); ``torch.topk`` (torch backend, and the Triton
     backend for k > 1024) leaves their order unspecified. ``backend``: ``"triton"``, ``"torch"``,
@@ -136,24 +140,27 @@ def teacher_topk(teacher_logits, k, *, temperature=1.0, backend="auto"):
     else:
         logprobs, indices = implementation("torch").teacher_topk(x, k, temperature)
     lead = teacher_logits.shape[:-1]
-    return mark_temperature(logprobs.view(*lead, k), temperature), indices.view(*lead, k)
+    return TopK(logprobs.view(*lead, k), indices.view(*lead, k), temperature)
 
 
-def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="bucket", temperature=1.0,
+def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices=None, *, tail="bucket", temperature=1.0,
                  divergence="kl", beta=0.5, skew=0.1, labels=None, ignore_index=-100, hard_weight=0.0,
                  soft_weight=1.0, t2_scale=True, reduction="batchmean", inplace=False, backend="auto",
-                 validate_indices=None, num_items_in_batch=None, teacher_temperature=None):
+                 validate_indices=None, num_items_in_batch=None, teacher_temperature=None, check_finite=False):
     """KD loss of a student ``[..., V]`` against a sparse teacher: its top-k log-probabilities
     ``teacher_logprobs`` ``[..., k]`` at ``temperature`` (as ``teacher_topk`` returns them) at
     columns ``teacher_indices`` ``[..., k]`` (int32 or int64, distinct, in [0, V)).
 
+    The teacher may instead be one ``fastkd.TopK`` (what ``teacher_topk`` and ``TeacherCache``
+    return, reshaped with its own methods if need be) in place of the two tensors:
+    ``topk_kd_loss(student_logits, topk, ...)``.
+
     Temperatures. Stored log-probabilities cannot be re-tempered (their tail is gone), so
     ``teacher_temperature`` declares the temperature they were taken at, and they are used as they
     are; the student is taken at ``temperature`` (and T**2 is the student's T). Undeclared (None),
-    they are taken to be at ``temperature``. Log-probabilities as ``teacher_topk`` and
-    ``TeacherCache`` return them carry their temperature (``fastkd_temperature``): one that differs
-    from the declared (or assumed) temperature is a ValueError, never a silent mismatch. A tensor
-    you copy, move or slice carries no mark and is trusted.
+    they are taken to be at ``temperature``. A ``TopK`` carries the temperature it was taken at:
+    one that differs from the declared (or assumed) temperature is a ValueError, never a silent
+    mismatch. Plain tensors carry none and are taken as declared.
 
     The student is softmax(student_logits / T) over its full vocabulary. ``tail`` says what
     becomes of the mass outside the k listed tokens:
@@ -169,6 +176,12 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="buc
     ``kd_loss``. The gradient reaches every student logit (through the normalisation), so it is a
     dense ``[..., V]`` tensor in the student's dtype, computed in the forward.
 
+    Value checks (kept rows only). On CPU tensors, and anywhere with ``check_finite=True`` (which
+    synchronises with the device), ``teacher_logprobs`` must be log-probabilities: every value <= 0
+    and each row's log-sum-exp <= 0, within their dtype's rounding (probabilities, or shifted
+    values, are a ValueError). ``check_finite=True`` also raises ValueError for a NaN there and for
+    what ``kd_loss``'s ``check_finite`` reports of the student and the labels.
+
     Index checks read the indices (a device synchronisation), so they run on the torch backend,
     and on the Triton path only with ``validate_indices=True`` or ``FASTKD_DEBUG=1`` in the
     environment; they raise ValueError for an index outside [0, V) or repeated in a row. Unchecked,
@@ -179,14 +192,14 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="buc
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                         t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     tail = check_tail(tail)
+    teacher_logprobs, teacher_indices = topk_teacher(teacher_logprobs, teacher_indices, opts)
     check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
-    check_stored_temperature(teacher_logprobs, opts)
     check_labels(student_logits, labels, opts)
     check_inplace(inplace, student_logits)
     if validate_indices is not None:
         check_bool("validate_indices", validate_indices)
     V = student_logits.shape[-1]
-    check_label_range(labels, V, opts)
+    check_topk_values(student_logits, teacher_logprobs, labels, opts, check_finite)
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_logits)
     if validate_indices or (validate_indices is None and (backend == "torch" or debug_enabled())):

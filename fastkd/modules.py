@@ -50,25 +50,27 @@ class KDLoss(torch.nn.Module):
 
 class TopKKDLoss(torch.nn.Module):
     """``topk_kd_loss`` as a module:
-    ``TopKKDLoss(temperature=2.0, tail="bucket")(student_logits, teacher_logprobs, teacher_indices, labels)``.
+    ``TopKKDLoss(temperature=2.0, tail="bucket")(student_logits, topk, labels=labels)`` with a
+    ``fastkd.TopK``, or ``(student_logits, teacher_logprobs, teacher_indices, labels)``.
 
     Takes the keyword options of ``fastkd.topk_kd_loss`` (checked here, once).
     """
 
     def __init__(self, *, tail="bucket", temperature=1.0, divergence="kl", beta=0.5, skew=0.1,
                  ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True, reduction="batchmean",
-                 inplace=False, backend="auto", validate_indices=None, teacher_temperature=None):
+                 inplace=False, backend="auto", validate_indices=None, teacher_temperature=None, check_finite=False):
         super().__init__()
         self.options = _kd_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                                    t2_scale=t2_scale, reduction=reduction, teacher_temperature=teacher_temperature)
         self.tail = check_tail(tail)
         self.inplace, self.backend, self.validate_indices = inplace, check_backend(backend), validate_indices
+        self.check_finite = check_bool("check_finite", check_finite)
 
-    def forward(self, student_logits, teacher_logprobs, teacher_indices, labels=None, num_items_in_batch=None):
+    def forward(self, student_logits, teacher_logprobs, teacher_indices=None, labels=None, num_items_in_batch=None):
         return topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, labels=labels, tail=self.tail,
                             inplace=self.inplace, backend=self.backend, validate_indices=self.validate_indices,
-                            num_items_in_batch=num_items_in_batch, **self.options)
+                            num_items_in_batch=num_items_in_batch, check_finite=self.check_finite, **self.options)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in {"tail": self.tail, **self.options}.items())

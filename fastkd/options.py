@@ -319,29 +319,6 @@ def check_k(k, V):
     return k
 
 
-STORED_TEMPERATURE = "fastkd_temperature"  # the attribute teacher_topk / TeacherCache put on log-probabilities
-
-
-def mark_temperature(logprobs, temperature):
-    """``logprobs`` with the temperature it was taken at attached (``STORED_TEMPERATURE``)."""
-    setattr(logprobs, STORED_TEMPERATURE, float(temperature))
-    return logprobs
-
-
-def check_stored_temperature(logprobs, opts: KDOptions):
-    """ValueError when ``logprobs`` carry a stored temperature other than the declared teacher
-    temperature (the student's when undeclared): stored log-probabilities cannot be re-tempered."""
-    stored = getattr(logprobs, STORED_TEMPERATURE, None)
-    if stored is None or stored == opts.teacher_T:
-        return
-    declared = ("teacher_temperature" if opts.teacher_temperature is not None
-                else "temperature (teacher_temperature not given)")
-    raise ValueError(f"teacher_logprobs were taken at temperature {stored} (teacher_topk / TeacherCache), but "
-                     f"{declared} is {opts.teacher_T}: they cannot be re-tempered; pass teacher_temperature={stored} "
-                     f"to use them as stored (the student at temperature={opts.temperature}), or take them again at "
-                     "the temperature you want")
-
-
 def check_topk_inputs(student, logprobs, indices):
     """Check a student ``[..., V]`` against a top-k teacher ``logprobs``/``indices`` ``[..., k]``."""
     check_logits("student_logits", student)

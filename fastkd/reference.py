@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_index_values, check_values
-from .options import (as_teachers, check_dim, check_stored_temperature, check_kd_inputs, check_labels, check_logits, check_tail,
+from .options import (as_teachers, check_dim, check_kd_inputs, check_labels, check_logits, check_tail,
                       check_teacher_weights, check_temperature, check_topk_inputs, make_options, make_reduction)
+from .topk_values import topk_teacher
 
 
 def _compute_dtype(*tensors):
@@ -157,13 +158,14 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     return _reduce(row_loss, keep, V, reduction, student_logits.shape[:-1])
 
 
-def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="bucket", temperature=1.0,
+def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices=None, *, tail="bucket", temperature=1.0,
                  divergence="kl", beta=0.5, skew=0.1, labels=None, ignore_index=-100, hard_weight=0.0,
                  soft_weight=1.0, t2_scale=True, reduction="batchmean", inplace=False, backend="auto",
-                 validate_indices=None, num_items_in_batch=None, teacher_temperature=None):
-    """``fastkd.topk_kd_loss`` built densely (``inplace``/``backend``/``validate_indices`` ignored:
-    the indices are always checked; ``teacher_temperature`` declares the stored log-probabilities'
-    temperature, as there).
+                 validate_indices=None, num_items_in_batch=None, teacher_temperature=None, check_finite=False):
+    """``fastkd.topk_kd_loss`` built densely (``inplace``/``backend``/``validate_indices``/``check_finite``
+    ignored: the indices are always checked, the log-probabilities never; the teacher may be a
+    ``fastkd.TopK``, and ``teacher_temperature`` declares the stored log-probabilities' temperature,
+    as there).
 
     The listed columns are scattered into a ``[N, V]`` mask over the student's full log-softmax; the
     student's points are its log-probabilities at the listed columns and (``tail="bucket"``) the
@@ -176,8 +178,8 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices, *, tail="buc
                         t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     reduction = make_reduction(reduction, num_items_in_batch)
     tail = check_tail(tail)
+    teacher_logprobs, teacher_indices = topk_teacher(teacher_logprobs, teacher_indices, opts)
     check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
-    check_stored_temperature(teacher_logprobs, opts)
     check_labels(student_logits, labels, opts)
     dtype = _compute_dtype(student_logits, teacher_logprobs)
     V, k = student_logits.shape[-1], teacher_logprobs.shape[-1]

@@ -4,7 +4,8 @@ Layout of a cache directory (no pickle; raw little-endian arrays that ``numpy.me
 
     index.json                      format, version, k, vocab_size, temperature, dtype, tokens,
                                     bytes_per_token and, per shard, its files, token count,
-                                    byte sizes and CRC-32 checksums (plus any user metadata)
+                                    byte sizes and CRC-32 checksums (plus any user metadata);
+                                    header_crc32: the CRC-32 of each of these fields' JSON
     shard-00000.logprobs.bin        [tokens, k] float16 / bfloat16 / float32 log-probabilities
     shard-00000.indices.bin         [tokens, k] int32 vocabulary indices
     ...
@@ -13,16 +14,19 @@ Bytes per token: k * (2 + 4) for float16 / bfloat16 log-probabilities (6 k: 384 
 at k = 1024), k * 8 for float32. float16 is the default: log-probabilities lie in [-inf, 0], where
 it keeps 11 significant bits to bfloat16's 8 (the tail mass 1 - sum p is sensitive to them).
 
-Opening a cache reads ``index.json`` and checks every shard's size (a truncated or missing shard
-raises ``TeacherCacheError``); ``verify=True`` / ``verify()`` also recomputes the checksums (reads
+Opening a cache reads ``index.json`` and checks every field of it: each against the shard files
+where they tell (a shard's size against its token count, k and dtype; the token count against the
+shards'), and each against its CRC-32 in the header's ``header_crc32`` (written with it), so that an
+edited field (a dtype, a temperature) is a ``TeacherCacheError`` naming it, as is a truncated or
+missing shard; ``verify=True`` / ``verify()`` also recomputes the shards' checksums (reads
 everything); every read checks that its indices lie in [0, vocab_size). The index is written last,
 atomically, by ``close()``: a writer that never closed leaves no index, hence no readable cache.
 
     with TeacherCache.writer("cache/", k=64, vocab_size=V, temperature=2.0) as w:
         for batch in data:
-            w.append(*fastkd.teacher_topk(teacher(batch), 64, temperature=2.0))
+            w.append(fastkd.teacher_topk(teacher(batch), 64, temperature=2.0))
     cache = TeacherCache("cache/")
-    logprobs, indices = cache[1000:1512]          # tokens 1000..1511, torch tensors
+    topk = cache[1000:1512]          # tokens 1000..1511: a fastkd.TopK at temperature 2.0
 """
 import bisect
 import itertools
@@ -34,15 +38,53 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .options import mark_temperature
+from .topk_values import TopK, split_topk
 
 FORMAT = "fastkd-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds header_crc32
+READS_VERSIONS = (1, 2)
 INDEX_FILE = "index.json"
 # name -> (numpy storage dtype, torch dtype); bfloat16 is stored as its raw 16 bits.
 DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16),
           "float32": (np.float32, torch.float32)}
 _CRC_CHUNK = 64 * 2**20
+
+
+def _json_int(value):
+    """An int of the index (a JSON integer, not a float, bool or string)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _json_of(kind):
+    """A converter that takes a value of the index only if it is a ``kind`` (dict, list)."""
+    def check(value):
+        if not isinstance(value, kind):
+            raise TypeError(f"expected a {kind.__name__}, got {type(value).__name__}")
+        return value
+    return check
+
+
+def _header_crc32(index):
+    """The CRC-32 of each field of ``index`` (its JSON text, keys sorted), ``header_crc32`` aside."""
+    return {name: zlib.crc32(json.dumps(value, sort_keys=True).encode()) for name, value in index.items()
+            if name != "header_crc32"}
+
+
+def _check_header_crc32(index, index_path):
+    """TeacherCacheError naming the first field of ``index`` edited (or added, or removed) since
+    its writer checksummed the header."""
+    stored = index.get("header_crc32")
+    if not isinstance(stored, dict):
+        raise TeacherCacheError(f"{index_path} is corrupted: field header_crc32 is missing or not a mapping")
+    computed = _header_crc32(index)
+    for name in sorted(set(stored) | set(computed)):
+        if name not in computed:
+            raise TeacherCacheError(f"{index_path} is corrupted: field {name} is missing")
+        if stored.get(name) != computed[name]:
+            raise TeacherCacheError(f"{index_path} is corrupted: field {name} = {index[name]!r} does not match its "
+                                    "CRC-32 in header_crc32 (the header was edited after the cache was written)")
 
 
 class TeacherCacheError(ValueError):
@@ -103,11 +145,16 @@ class TeacherCacheWriter:
         self._open = None  # the shard being written: its files, name, token count and checksums
         self._closed = False
 
-    def append(self, logprobs, indices):
-        """Append tokens: ``logprobs`` (any float dtype, stored as ``dtype``) and ``indices``
-        (integers in [0, vocab_size)), both ``[..., k]``, on any device."""
+    def append(self, logprobs, indices=None):
+        """Append tokens: a ``fastkd.TopK`` (what ``teacher_topk`` returns), or ``logprobs`` (any
+        float dtype, stored as ``dtype``) and ``indices`` (integers in [0, vocab_size)), both
+        ``[..., k]``, on any device. A ``TopK`` taken at another temperature than the cache's is a
+        ValueError; plain tensors are taken to be at the cache's temperature."""
         if self._closed:
             raise ValueError("this TeacherCacheWriter is closed")
+        logprobs, indices = split_topk(logprobs, indices, self.temperature, "the cache's temperature",
+                                       "append them to a cache opened at temperature={stored}, or take them "
+                                       "again at the cache's")
         if not isinstance(logprobs, torch.Tensor) or not isinstance(indices, torch.Tensor):
             raise TypeError("logprobs and indices must be torch.Tensors")
         if logprobs.shape != indices.shape or logprobs.dim() == 0 or logprobs.shape[-1] != self.k:
@@ -168,6 +215,7 @@ class TeacherCacheWriter:
                  "vocab_size": self.vocab_size, "temperature": self.temperature, "dtype": self.dtype,
                  "index_dtype": "int32", "tokens": sum(s["tokens"] for s in self._shards),
                  "bytes_per_token": self.k * (item + 4), "shards": self._shards, "metadata": self.metadata}
+        index["header_crc32"] = _header_crc32(index)
         tmp = self.path / (INDEX_FILE + ".tmp")
         tmp.write_text(json.dumps(index, indent=1))
         os.replace(tmp, self.path / INDEX_FILE)
@@ -198,9 +246,10 @@ def _shard_file(directory, name, index_path):
 
 
 class TeacherCache:
-    """Reads a cache written by ``TeacherCache.writer``: ``cache[start:stop]`` (or ``read``) gives
-    ``(logprobs [n, k] in the stored dtype, indices [n, k] int32)`` as torch tensors, copied from
-    memory-mapped shards, for any token range (across shard boundaries too).
+    """Reads a cache written by ``TeacherCache.writer``: ``cache[start:stop]`` (or ``read``) gives a
+    ``fastkd.TopK`` ``(logprobs [n, k] in the stored dtype, indices [n, k] int32)`` at the cache's
+    temperature, torch tensors copied from memory-mapped shards, for any token range (across shard
+    boundaries too); ``cache[i]`` gives token i's (``[k]``).
 
     Attributes: ``k``, ``vocab_size``, ``temperature`` (pass it to ``topk_kd_loss``), ``dtype``,
     ``bytes_per_token``, ``shard_tokens``, ``metadata``; ``len(cache)`` is the token count.
@@ -219,35 +268,60 @@ class TeacherCache:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise TeacherCacheError(f"{index_path} is corrupted: {e}") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise TeacherCacheError(f"{index_path} is not a {FORMAT} index")
-        if index.get("format_version") != FORMAT_VERSION:
-            raise TeacherCacheError(f"{index_path} has format_version {index.get('format_version')!r}; "
-                                    f"this fastkd reads version {FORMAT_VERSION}")
-        try:
-            self.k, self.vocab_size = int(index["k"]), int(index["vocab_size"])
-            self.temperature = float(index["temperature"])
-            self._dtype_name = _dtype_name(index["dtype"])
-            self.shards = list(index["shards"])
-            tokens = int(index["tokens"])
-            self.bytes_per_token = int(index["bytes_per_token"])
-            self.metadata = dict(index.get("metadata", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise TeacherCacheError(f"{index_path} is corrupted: {type(e).__name__}: {e}") from None
+            found = index.get("format") if isinstance(index, dict) else None
+            raise TeacherCacheError(f"{index_path} is not a {FORMAT} index (field format = {found!r})")
+        version = index.get("format_version")
+        if version not in READS_VERSIONS:
+            raise TeacherCacheError(f"{index_path} has field format_version = {version!r}; this fastkd reads versions "
+                                    f"{', '.join(map(str, READS_VERSIONS))}")
+        if version >= 2 or "header_crc32" in index:  # version 1 had no header_crc32
+            _check_header_crc32(index, index_path)
+
+        def field(name, convert, valid=lambda value: True, index=index, where=""):
+            try:
+                value = convert(index[name])
+            except KeyError:
+                raise TeacherCacheError(f"{index_path} is corrupted: field {where}{name} is missing") from None
+            except (TypeError, ValueError, OverflowError) as e:
+                raise TeacherCacheError(f"{index_path} is corrupted: field {where}{name}: {e}") from None
+            if not valid(value):
+                raise TeacherCacheError(f"{index_path} is corrupted: field {where}{name} = {index[name]!r} is invalid")
+            return value
+
+        self.k = field("k", _json_int, lambda k: k >= 1)
+        self.vocab_size = field("vocab_size", _json_int, lambda v: self.k <= v < 2**31)
+        self.temperature = field("temperature", float, lambda t: 0 < t < float("inf"))
+        self._dtype_name = field("dtype", _dtype_name)
+        field("index_dtype", str, lambda name: name == "int32")
+        tokens = field("tokens", _json_int, lambda n: n >= 0)
+        self.bytes_per_token = field("bytes_per_token", _json_int)
+        self.metadata = field("metadata", _json_of(dict)) if version >= 2 else dict(index.get("metadata", {}))
+        self.shards = field("shards", _json_of(list))
         self.dtype = DTYPES[self._dtype_name][1]
-        self.shard_tokens = [int(s["tokens"]) for s in self.shards]
+        item = np.dtype(DTYPES[self._dtype_name][0]).itemsize
+        if self.bytes_per_token != self.k * (item + 4):
+            raise TeacherCacheError(f"{index_path}: field bytes_per_token = {self.bytes_per_token} does not match "
+                                    f"k * ({self._dtype_name} size + 4) = {self.k * (item + 4)}")
+        self.shard_tokens = [field("tokens", _json_int, lambda n: n >= 0, shard, f"shards[{i}].")
+                             for i, shard in enumerate(self.shards)]
         if sum(self.shard_tokens) != tokens:
-            raise TeacherCacheError(f"{index_path} is corrupted: its shards hold {sum(self.shard_tokens)} tokens, "
-                                    f"its header says {tokens}")
+            raise TeacherCacheError(f"{index_path} is corrupted: field tokens: its shards hold "
+                                    f"{sum(self.shard_tokens)} tokens, its header says {tokens}")
         self._starts = [0, *itertools.accumulate(self.shard_tokens)]
-        for shard in self.shards:
-            for part in ("logprobs", "indices"):
-                file = _shard_file(self.path, shard[part], index_path)
+        for i, (shard, n) in enumerate(zip(self.shards, self.shard_tokens)):
+            for part, size_of, name in (("indices", 4, "k"), ("logprobs", item, "dtype")):
+                name_of_file = field(part, lambda value: value, index=shard, where=f"shards[{i}].")
+                file = _shard_file(self.path, name_of_file, index_path)
                 if not file.is_file():
                     raise TeacherCacheError(f"shard file {file} is missing")
-                size, expected = file.stat().st_size, int(shard[f"{part}_bytes"])
-                if size != expected:
+                size = file.stat().st_size
+                if size != field(f"{part}_bytes", _json_int, index=shard, where=f"shards[{i}]."):
                     raise TeacherCacheError(f"shard file {file} is truncated or corrupted: {size} bytes, "
-                                            f"expected {expected}")
+                                            f"expected {shard[f'{part}_bytes']}")
+                if size != n * self.k * size_of:  # the indices' size checks k, then the log-probs' checks dtype
+                    raise TeacherCacheError(
+                        f"{index_path}: field {name} = {index[name]!r} (or shards[{i}].tokens) does not match shard "
+                        f"file {file}: {size} bytes, not tokens * k * {size_of} = {n} * {self.k} * {size_of}")
         self._maps = {}
         if verify:
             self.verify()
@@ -281,9 +355,8 @@ class TeacherCache:
         return self._maps[i]
 
     def read(self, start, stop, *, device=None):
-        """Tokens ``start`` to ``stop - 1``: ``(logprobs [n, k], indices [n, k] int32)``, on ``device``
-        when given. The log-probabilities carry the cache's temperature, which ``topk_kd_loss``
-        checks (moved with ``device=``, they keep it; a tensor moved afterwards does not)."""
+        """Tokens ``start`` to ``stop - 1``: a ``fastkd.TopK`` ``(logprobs [n, k], indices [n, k]
+        int32)`` at the cache's temperature (which ``topk_kd_loss`` checks), on ``device`` when given."""
         n = len(self)
         if not 0 <= start <= stop <= n:
             raise IndexError(f"token range [{start}, {stop}) is outside [0, {n})")
@@ -311,19 +384,17 @@ class TeacherCache:
                                     f"lies outside [0, {self.vocab_size})")
         if device is not None:
             lp, idx = lp.to(device), idx.to(device)
-        return mark_temperature(lp, self.temperature), idx
+        return TopK(lp, idx, self.temperature)
 
     def __getitem__(self, item):
         if isinstance(item, slice):
             start, stop, step = item.indices(len(self))
             if step != 1:
                 raise IndexError("TeacherCache slices take step 1 (read contiguous token ranges)")
-            lp, idx = self.read(start, max(start, stop))
-            return lp, idx
+            return self.read(start, max(start, stop))
         if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
             i = int(item) + (len(self) if item < 0 else 0)
             if not 0 <= i < len(self):
                 raise IndexError(f"token {item} is outside a cache of {len(self)} tokens")
-            lp, idx = self.read(i, i + 1)
-            return mark_temperature(lp[0], self.temperature), idx[0]
+            return self.read(i, i + 1).rows(0)
         raise TypeError(f"TeacherCache indices are ints or slices, got {type(item).__name__}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import TeacherCache, TeacherCacheError
+from fastkd import TeacherCache, TeacherCacheError, teacher_cache
 
 
 def teacher_outputs(tokens, k, V, *, dtype=torch.float32):
@@ -63,11 +63,32 @@ def test_cache_feeds_topk_kd_loss(tmp_path):
     V, k, T = 40, 6, 2.0
     teacher = torch.randn(10, V) * 3
     student = torch.randn(10, V) * 3
-    lp, idx = fastkd.teacher_topk(teacher, k, temperature=T)
-    cache = write(tmp_path, [(lp, idx)], k=k, vocab_size=V, temperature=T, dtype=torch.float32)
-    cached_lp, cached_idx = cache[2:8]
-    loss = fastkd.topk_kd_loss(student[2:8], cached_lp, cached_idx, temperature=cache.temperature)
+    topk = fastkd.teacher_topk(teacher, k, temperature=T)
+    with TeacherCache.writer(tmp_path, k=k, vocab_size=V, temperature=T, dtype=torch.float32) as w:
+        w.append(topk.rows(slice(0, 4)))
+        w.append(topk.rows(slice(4, None)).view(2, 3, k))
+    cache = TeacherCache(tmp_path)
+    cached = cache[2:8]
+    assert isinstance(cached, fastkd.TopK) and cached.temperature == T
+    loss = fastkd.topk_kd_loss(student[2:8], cached, temperature=T)
+    lp, idx = topk
     torch.testing.assert_close(loss, fastkd.topk_kd_loss(student[2:8], lp[2:8], idx[2:8], temperature=T))
+
+
+def test_append_refuses_top_k_taken_at_another_temperature(tmp_path):
+    """The cache's temperature is what every read declares: a TopK at another temperature (kept
+    through the TopK's own reshaping and moves) is refused; plain tensors are taken to be at it."""
+    teacher = torch.randn(6, 20)
+    at_1 = fastkd.teacher_topk(teacher, 4, temperature=1.0)
+    with TeacherCache.writer(tmp_path, k=4, vocab_size=20, temperature=2.0) as w:
+        for wrong in (at_1, at_1.view(2, 3, 4), at_1.to(torch.float16), at_1.flatten(), at_1.rows(slice(1, 3))):
+            with pytest.raises(ValueError, match=r"taken at temperature 1.0 .*the cache's temperature is 2.0"):
+                w.append(wrong)
+        with pytest.raises(TypeError, match="without teacher_indices"):
+            w.append(at_1, at_1.indices)
+        w.append(fastkd.teacher_topk(teacher, 4, temperature=2.0))
+        w.append(*at_1)  # plain tensors: the caller's word
+    assert len(TeacherCache(tmp_path)) == 12
 
 
 def test_pickled_reader_reopens_its_maps(tmp_path):
@@ -120,10 +141,10 @@ def test_damaged_or_missing_index(tmp_path):
     with pytest.raises(TeacherCacheError, match="index.json is corrupted"):
         TeacherCache(tmp_path)
     index.write_text(json.dumps({**header, "format_version": 99}))
-    with pytest.raises(TeacherCacheError, match="format_version 99"):
+    with pytest.raises(TeacherCacheError, match="format_version = 99"):
         TeacherCache(tmp_path)
     index.write_text(json.dumps({**header, "tokens": 6}))
-    with pytest.raises(TeacherCacheError, match="header says 6"):
+    with pytest.raises(TeacherCacheError, match="field tokens = 6 does not match its CRC-32"):
         TeacherCache(tmp_path)
 
 
@@ -160,6 +181,61 @@ def test_shard_names_cannot_reach_outside_the_cache(tmp_path, name):
     index = cache / "index.json"
     header = json.loads(index.read_text())
     header["shards"][0]["logprobs"] = name
+    header["header_crc32"] = teacher_cache._header_crc32(header)  # crafted with consistent checksums
     index.write_text(json.dumps(header))
     with pytest.raises(TeacherCacheError, match="plain file names inside the cache directory"):
         TeacherCache(cache)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("format", "other"), ("format_version", 1), ("format_version", 3), ("k", 3), ("vocab_size", 50),
+    ("temperature", 1.0), ("dtype", "bfloat16"), ("dtype", "float32"), ("index_dtype", "int64"), ("tokens", 19),
+    ("bytes_per_token", 25), ("metadata", {"teacher": "other"}), ("shards", "first shard's tokens"),
+    ("shards", "a checksum"), ("added", 1), ("header_crc32", None)])
+def test_every_edited_header_field_is_named(tmp_path, field, value):
+    """Every field of index.json is checked at open, against the shard files where they tell (sizes
+    against k, dtype and token counts) and against its CRC-32 in header_crc32: an edit is a
+    TeacherCacheError naming the field, never garbage values or numpy's mmap error."""
+    lp, idx = teacher_outputs(20, 4, 100)
+    write(tmp_path, [(lp, idx)], k=4, vocab_size=100, temperature=2.0, tokens_per_shard=8, metadata={"teacher": "t"})
+    header = json.loads((tmp_path / "index.json").read_text())
+    if field == "shards":
+        header["shards"][0]["tokens" if value == "first shard's tokens" else "logprobs_crc32"] += 1
+    elif value is None:
+        del header[field]
+    else:
+        header[field] = value
+    (tmp_path / "index.json").write_text(json.dumps(header))
+    with pytest.raises(TeacherCacheError, match=rf"field {field}\b"):
+        TeacherCache(tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [("k", 3), ("k", 5), ("dtype", "float32"), ("tokens", 21)])
+def test_header_fields_are_checked_against_the_shards(tmp_path, field, value):
+    """The same edits with the checksums rewritten to match (or a version-1 cache, which has none):
+    the shard files' sizes still name the field."""
+    lp, idx = teacher_outputs(20, 4, 100)
+    write(tmp_path, [(lp, idx)], k=4, vocab_size=100, temperature=1.0, tokens_per_shard=8)
+    header = json.loads((tmp_path / "index.json").read_text())
+    header[field] = value
+    if field in ("k", "dtype"):  # keep bytes_per_token consistent, so that the shards are what disagree
+        item = {"float16": 2, "float32": 4}[header["dtype"]]
+        header["bytes_per_token"] = header["k"] * (item + 4)
+    header["header_crc32"] = teacher_cache._header_crc32(header)
+    (tmp_path / "index.json").write_text(json.dumps(header))
+    with pytest.raises(TeacherCacheError, match=rf"field {field}\b"):
+        TeacherCache(tmp_path)
+    del header["header_crc32"]
+    (tmp_path / "index.json").write_text(json.dumps({**header, "format_version": 1}))
+    with pytest.raises(TeacherCacheError, match=rf"field {field}\b"):
+        TeacherCache(tmp_path)
+
+
+def test_version_1_caches_still_open(tmp_path):
+    lp, idx = teacher_outputs(5, 2, 10)
+    write(tmp_path, [(lp, idx)], k=2, vocab_size=10, temperature=1.5, dtype=torch.float32)
+    header = json.loads((tmp_path / "index.json").read_text())
+    del header["header_crc32"]
+    (tmp_path / "index.json").write_text(json.dumps({**header, "format_version": 1}))
+    cache = TeacherCache(tmp_path, verify=True)
+    assert cache.temperature == 1.5 and torch.equal(cache[:].logprobs, lp) and torch.equal(cache[:].indices, idx)

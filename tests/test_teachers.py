@@ -3,7 +3,7 @@
 - A mixture of teachers p = sum_i w_i softmax(t_i / T_t): every divergence, both backends, the
   fused linear path, against the float64 oracle; one teacher is today's loss bit for bit.
 - teacher_temperature beside temperature (T**2 is the student's), on every path that takes raw
-  teacher logits; top-k log-probabilities carry the temperature they were taken at and a mismatch
+  teacher logits; a top-k teacher (fastkd.TopK) carries the temperature it was taken at and a mismatch
   is refused unless declared.
 - Vocabularies that differ in padding: a clear error that says which view to pass, and that view
   gives the loss over the shared columns.
@@ -196,25 +196,25 @@ def test_vocab_parallel_takes_the_teachers_temperature(backend, one_rank_group):
 def test_topk_refuses_a_temperature_mismatch_unless_declared(backend, tmp_path):
     gen = torch.Generator().manual_seed(8)
     s, t = torch.randn(4, 20, generator=gen), torch.randn(4, 20, generator=gen)
-    lp, idx = fastkd.teacher_topk(t, 5, temperature=2.0)
-    assert lp.fastkd_temperature == 2.0
+    topk = fastkd.teacher_topk(t, 5, temperature=2.0)
+    assert topk.temperature == 2.0
     with pytest.raises(ValueError, match=r"taken at temperature 2.0 .* pass teacher_temperature=2.0"):
-        fastkd.topk_kd_loss(s, lp, idx, temperature=1.0, backend=backend)
+        fastkd.topk_kd_loss(s, topk, temperature=1.0, backend=backend)
     with pytest.raises(ValueError, match="taken at temperature 2.0"):
-        fastkd.topk_kd_loss(s, lp, idx, temperature=1.0, teacher_temperature=3.0, backend=backend)
-    declared = fastkd.topk_kd_loss(s, lp, idx, temperature=1.0, teacher_temperature=2.0, backend=backend)
-    torch.testing.assert_close(declared, reference.topk_kd_loss(s, lp, idx, temperature=1.0, teacher_temperature=2.0))
-    fastkd.topk_kd_loss(s, lp, idx, temperature=2.0, backend=backend)  # the same temperature: no declaration needed
-    fastkd.topk_kd_loss(s, lp.clone(), idx, temperature=1.0, backend=backend)  # an unmarked copy is trusted
+        fastkd.topk_kd_loss(s, topk, temperature=1.0, teacher_temperature=3.0, backend=backend)
+    declared = fastkd.topk_kd_loss(s, topk, temperature=1.0, teacher_temperature=2.0, backend=backend)
+    torch.testing.assert_close(declared, reference.topk_kd_loss(s, topk, temperature=1.0, teacher_temperature=2.0))
+    fastkd.topk_kd_loss(s, topk, temperature=2.0, backend=backend)  # the same temperature: no declaration needed
+    lp, idx = topk
+    fastkd.topk_kd_loss(s, lp, idx, temperature=1.0, backend=backend)  # plain tensors are taken as declared
 
     with fastkd.TeacherCache.writer(tmp_path, k=5, vocab_size=20, temperature=2.0) as writer:
-        writer.append(lp, idx)
+        writer.append(topk)
     cache = fastkd.TeacherCache(tmp_path)
-    cached_lp, cached_idx = cache[0:4]
     with pytest.raises(ValueError, match="taken at temperature 2.0"):
-        fastkd.TopKKDLoss(temperature=1.0, backend=backend)(s, cached_lp, cached_idx)
-    fastkd.TopKKDLoss(temperature=1.0, teacher_temperature=cache.temperature, backend=backend)(s, cached_lp, cached_idx)
-    assert cache.read(0, 2, device="cpu")[0].fastkd_temperature == 2.0 and cache[1][0].fastkd_temperature == 2.0
+        fastkd.TopKKDLoss(temperature=1.0, backend=backend)(s, cache[0:4])
+    fastkd.TopKKDLoss(temperature=1.0, teacher_temperature=cache.temperature, backend=backend)(s, cache[0:4])
+    assert cache.read(0, 2, device="cpu").temperature == 2.0 and cache[1].temperature == 2.0
 
 
 # ---------------------------------------------------------------- padded vocabularies

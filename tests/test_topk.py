@@ -1,11 +1,16 @@
 """Sparse top-k teacher: ``teacher_topk`` and ``topk_kd_loss`` (Triton path in the interpreter, and
 the torch backend) against the dense float64 reference ``fastkd.reference.topk_kd_loss``."""
+import math
+import pickle
+
 import pytest
 import torch
 
 import fastkd
 import fastkd.backends.triton
 from fastkd import reference
+from fastkd.checks import check_topk_values
+from fastkd.options import make_options
 
 from helpers import DIVERGENCES, assert_close_to_oracle, logits
 
@@ -348,3 +353,107 @@ def test_teacher_topk_then_loss_round_trip(device):
     lp, idx = fastkd.teacher_topk(t, 13, temperature=3.0, backend="triton")
     loss = fastkd.topk_kd_loss(s, lp, idx, temperature=3.0, backend="triton")
     torch.testing.assert_close(loss, reference.kd_loss(s, t, temperature=3.0), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- fastkd.TopK, the top-k teacher as one value
+
+def test_topk_value_keeps_its_temperature_through_reshaping(device):
+    """teacher_topk returns a fastkd.TopK; its own reshaping and moves apply to both tensors and keep
+    the temperature, so each still refuses a loss at another temperature, and each gives the loss
+    of the plain tensors it holds."""
+    s = logits(6, 11, device=device)
+    topk = fastkd.teacher_topk(logits(2, 3, 11, device=device), 4, temperature=2.0)
+    assert isinstance(topk, fastkd.TopK) and topk.temperature == 2.0 and topk.logprobs.shape == (2, 3, 4)
+    lp, idx = topk  # unpacks as the pair
+    assert lp is topk.logprobs and idx is topk.indices
+    forms = {"view": topk.view(-1, 4), "reshape": topk.reshape(6, 4), "flatten": topk.flatten(),
+             "contiguous": topk.contiguous().view(6, 4), "to": topk.to(device).to(torch.float64).view(6, 4),
+             "rows": topk.rows((slice(None), slice(0, 3))).flatten(),
+             "pickle": pickle.loads(pickle.dumps(topk.view(6, 4)))}
+    for name, form in forms.items():
+        assert isinstance(form, fastkd.TopK) and form.temperature == 2.0, name
+        assert form.logprobs.shape == form.indices.shape == (6, 4) and form.indices.dtype == torch.int32, name
+        with pytest.raises(ValueError, match=r"taken at temperature 2.0 .* pass teacher_temperature=2.0"):
+            fastkd.topk_kd_loss(s, form, temperature=1.0)
+        expected = fastkd.topk_kd_loss(s, lp.reshape(6, 4).to(form.logprobs.dtype), idx.reshape(6, 4), temperature=2.0)
+        assert torch.equal(fastkd.topk_kd_loss(s, form, temperature=2.0), expected), name
+        assert torch.equal(fastkd.topk_kd_loss(s, form, temperature=1.0, teacher_temperature=2.0),
+                           fastkd.topk_kd_loss(s, *form, temperature=1.0, teacher_temperature=2.0)), name
+    with pytest.raises(ValueError, match="taken at temperature 2.0"):
+        fastkd.TopKKDLoss(temperature=1.0)(s, topk.view(6, 4))
+    row = topk.rows(1)
+    assert row.logprobs.shape == (3, 4) and row.temperature == 2.0
+    unknown = fastkd.TopK(lp.view(6, 4), idx.view(6, 4))  # no temperature: taken to be at the loss's, as plain tensors
+    assert unknown.temperature is None
+    assert torch.equal(fastkd.topk_kd_loss(s, unknown, temperature=1.0),
+                       fastkd.topk_kd_loss(s, *unknown, temperature=1.0))
+
+
+def test_topk_value_errors():
+    lp, idx = fastkd.teacher_topk(logits(2, 9), 3)
+    s = logits(2, 9)
+    cases = [(lambda: fastkd.TopK(lp, idx[:, :2]), ValueError, "logprobs shape"),
+             (lambda: fastkd.TopK(lp[0, 0], idx[0, 0]), ValueError, r"must be the same \[..., k\]"),
+             (lambda: fastkd.TopK(lp.tolist(), idx), TypeError, "TopK takes tensors"),
+             (lambda: fastkd.TopK(lp, idx, 0.0), ValueError, "temperature must be > 0"),
+             (lambda: fastkd.TopK(lp, idx, float("inf")), ValueError, "temperature must be finite"),
+             (lambda: fastkd.TopK(lp, idx, 1.0).flatten(0, -1), ValueError, "end_dim must leave the last dim"),
+             (lambda: fastkd.topk_kd_loss(s, fastkd.TopK(lp, idx), idx), TypeError, "without teacher_indices"),
+             (lambda: fastkd.topk_kd_loss(s, lp), TypeError, "teacher_indices is required")]
+    for make, error, match in cases:
+        with pytest.raises(error, match=match):
+            make()
+
+
+# ---------------------------------------------------------------- log-probability values
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_probabilities_or_shifted_values_are_refused_on_cpu(backend):
+    """Values that are not log-probabilities (a value above 0, or a row whose probabilities sum to
+    more than 1) are a ValueError naming the argument and row, on CPU tensors whatever the backend;
+    ignored rows may hold anything; -inf entries and rounding to bf16 / fp16 are fine."""
+    s = logits(4, 50)
+    lp, idx = fastkd.teacher_topk(logits(4, 50), 8, temperature=2.0)
+    positive = lp.clone()
+    positive[0, 3] = 1e-3
+    for bad, row, match in ((lp.exp(), 0, "above 0"), (lp + 1, 0, "above 0"), (positive, 0, "a value above 0"),
+                            (lp - lp.amax(-1, keepdim=True), 0, "a log-sum-exp above 0"),
+                            (torch.where(torch.arange(4)[:, None] == 2, lp.exp(), lp), 2, "above 0")):
+        with pytest.raises(ValueError, match=f"teacher_logprobs row {row} .*{match}"):
+            fastkd.topk_kd_loss(s, bad, idx, temperature=2.0, backend=backend)
+    strided = torch.cat([lp.exp(), lp], -1)[:, :8]  # a non-contiguous view of probabilities, then of log-probs
+    with pytest.raises(ValueError, match="teacher_logprobs row 0 .*above 0"):
+        fastkd.topk_kd_loss(s, strided, idx, temperature=2.0, backend=backend)
+    fastkd.topk_kd_loss(s, torch.cat([lp.exp(), lp], -1)[:, 8:], idx.t().contiguous().t(), temperature=2.0,
+                        backend=backend)
+    empty = fastkd.teacher_topk(logits(0, 50), 8, temperature=2.0)  # N = 0
+    assert fastkd.topk_kd_loss(logits(0, 50), empty, temperature=2.0, backend=backend) == 0
+    ignored = torch.tensor([0, -100, 0, 0])
+    fastkd.topk_kd_loss(s, torch.where(ignored[:, None] == -100, lp.exp(), lp), idx, labels=ignored,
+                        temperature=2.0, backend=backend)
+    masked = lp.clone()
+    masked[1, 4:] = float("-inf")
+    fastkd.topk_kd_loss(s, masked, idx, temperature=2.0, backend=backend)
+    # k = V of a uniform teacher: log(1/3072) = -8.030 rounds to -8.0 in bf16, which makes the row's
+    # log-sum-exp 0.030 (4 eps of bf16); rounding is not refused (the checks run before the backend)
+    V = 3072
+    uniform = torch.full((1, V), -math.log(V)).to(torch.bfloat16)
+    assert 0.03 < float(uniform.float().logsumexp(-1)) < 0.031
+    fastkd.topk_kd_loss(torch.randn(1, V), uniform, torch.arange(V)[None], backend="torch")
+
+
+def test_value_checks_read_device_tensors_only_under_check_finite():
+    """Off the CPU the values are read (a synchronisation) only under check_finite: the check skips
+    meta tensors, which cannot be read, unless asked; check_finite also names a NaN."""
+    opts = make_options(temperature=1.0)
+    s, lp = torch.empty(3, 10, device="meta"), torch.empty(3, 4, device="meta")
+    check_topk_values(s, lp, None, opts, check_finite=False)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        check_topk_values(s, lp, None, opts, check_finite=True)
+    lp, idx = fastkd.teacher_topk(logits(3, 10), 4)
+    lp[1, 2] = float("nan")
+    fastkd.topk_kd_loss(logits(3, 10), lp, idx)  # without check_finite a NaN makes its row NaN, as in kd_loss
+    with pytest.raises(ValueError, match="teacher_logprobs row 1 contains NaN"):
+        fastkd.topk_kd_loss(logits(3, 10), lp, idx, check_finite=True)
+    with pytest.raises(ValueError, match="teacher_logprobs row 1 contains NaN"):
+        fastkd.TopKKDLoss(check_finite=True)(logits(3, 10), lp, idx)

@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason='transformers is not installed (pip install -e ".[hf]")')
 pytest.importorskip("accelerate", reason='accelerate is not installed (pip install -e ".[hf]")')
 
+import fastkd  # noqa: E402
 from fastkd import reference  # noqa: E402
 from fastkd.integrations.transformers import DistillationTrainer  # noqa: E402
 
@@ -262,3 +263,44 @@ def test_teacher_temperature_reaches_the_loss(tmp_path):
     expected = expected / int((labels != -100).sum())
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(loss.detach(), _own_logits_loss(student, teacher, batch).detach(), rtol=1e-3)
+
+
+def _topk_collator(teacher, k, temperature):
+    """default_data_collator plus the batch's sparse teacher: a fastkd.TopK [B, S, k] of the
+    teacher's logits (as a collator reading a fastkd.TeacherCache would give it)."""
+    def collate(rows):
+        batch = transformers.default_data_collator(rows)
+        with torch.no_grad():
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch["teacher_topk"] = fastkd.teacher_topk(logits, k, temperature=temperature)
+        return batch
+    return collate
+
+
+def test_a_sparse_teacher_in_the_batch_needs_no_teacher_model(tmp_path):
+    """A batch's teacher_topk (a fastkd.TopK) is distilled with topk_kd_loss on the student's own
+    logits, shifted as the labels are; its temperature is checked; the Trainer moves it and keeps it."""
+    student, teacher = _llama(16, 1, seed=1), _llama(32, 2, seed=2)
+    collate = _topk_collator(teacher, 8, temperature=KD["temperature"])
+    trainer = _trainer(tmp_path, student, None)
+    batch = collate(_dataset(4))
+    loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    lp, idx = batch["teacher_topk"]
+    labels = batch["labels"][:, 1:]
+    expected = reference.topk_kd_loss(s, lp[:, :-1], idx[:, :-1], labels=labels, reduction="sum", **KD)
+    torch.testing.assert_close(loss.detach(), expected / int((labels != -100).sum()), rtol=1e-5, atol=1e-6)
+
+    at_another = _topk_collator(teacher, 8, temperature=1.0)(_dataset(4))
+    with pytest.raises(ValueError, match=r"taken at temperature 1.0 .*pass teacher_temperature=1.0"):
+        trainer.compute_loss(trainer.model, at_another)
+    with pytest.raises(ValueError, match="needs teacher_topk"):
+        trainer.compute_loss(trainer.model, transformers.default_data_collator(_dataset(4)))
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                                          report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trained = DistillationTrainer(model=student, args=args, train_dataset=_dataset(2), data_collator=collate, **KD)
+    before = student.lm_head.weight.detach().clone()
+    trained.train()
+    assert not torch.equal(before, student.lm_head.weight)

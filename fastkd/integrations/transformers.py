@@ -44,19 +44,29 @@ the model's own head kept to one position (``logits_to_keep=1`` where the model 
 backbone's output caught by a forward hook; unwrapped models run their backbone (``base_model``)
 alone. Both models need the same vocabulary. Evaluation returns the loss (no logits: there are
 none to return).
+
+A sparse teacher instead (offline distillation, e.g. from a ``fastkd.TeacherCache``): a batch whose
+``teacher_topk`` entry is a ``fastkd.TopK`` ``[B, S, k]``, the top k of the teacher's next-token
+distribution at each input position (as ``teacher_topk`` gives it from the teacher's logits), is
+distilled with ``fastkd.topk_kd_loss`` on the student's own ``forward().logits``, shifted as the
+labels are; no teacher runs, and ``teacher_model`` may be None. The TopK's temperature is checked
+as ``topk_kd_loss`` checks it (declare another with ``teacher_temperature``). The data collator
+builds the TopK; the Trainer moves it to the device with its temperature.
 """
 import inspect
 
 import torch
 import transformers
 
-from ..functional import fused_linear_kd_loss, kd_loss
+from ..functional import fused_linear_kd_loss, kd_loss, topk_kd_loss
 from ..fused_linear import linear_logits
 from ..options import check_logit_transform, make_options
+from ..topk_values import TopK
 
 KD_OPTION_DEFAULTS = dict(temperature=1.0, teacher_temperature=None, divergence="kl", beta=0.5, skew=0.1,
                           hard_weight=0.0, soft_weight=1.0, t2_scale=True)
 SIDES = ("student", "teacher")
+TOPK_COLUMN = "teacher_topk"  # a batch's sparse teacher, a fastkd.TopK (module docstring)
 
 
 def _softcap(config):
@@ -172,7 +182,8 @@ def check_fused_logits(model, core, inputs, side, logit_scale, softcap):
 class DistillationTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose loss distils ``teacher_model`` into ``model`` (module docstring).
 
-    Keyword options (besides the Trainer's): ``teacher_model`` (required), and those of
+    Keyword options (besides the Trainer's): ``teacher_model`` (None only when every batch carries
+    ``teacher_topk``, a ``fastkd.TopK``: module docstring), and those of
     ``fastkd.kd_loss``: ``temperature``, ``teacher_temperature``, ``divergence``, ``beta``, ``skew``, ``hard_weight``
     (weight of the cross-entropy with the labels), ``soft_weight``, ``t2_scale``; plus
     ``chunk_size`` and ``backend`` of ``fastkd.fused_linear_kd_loss``, and its logit transforms
@@ -183,7 +194,7 @@ class DistillationTrainer(transformers.Trainer):
     ``forward().logits`` instead (any model, ``[tokens, V]`` memory; no transform options then).
     """
 
-    def __init__(self, *args, teacher_model, chunk_size=None, backend="auto", fused=True,
+    def __init__(self, *args, teacher_model=None, chunk_size=None, backend="auto", fused=True,
                  student_logit_scale="auto", student_softcap="auto", teacher_logit_scale="auto",
                  teacher_softcap="auto", **kwargs):
         kd_options = {name: kwargs.pop(name, default) for name, default in KD_OPTION_DEFAULTS.items()}
@@ -196,29 +207,46 @@ class DistillationTrainer(transformers.Trainer):
             raise ValueError("student_logit_scale, student_softcap, teacher_logit_scale and teacher_softcap "
                              "apply to the fused path only; with fused=False the models' own logits are used")
         super().__init__(*args, **kwargs)
-        if not isinstance(teacher_model, torch.nn.Module):
-            raise TypeError(f"teacher_model must be a torch.nn.Module, got {type(teacher_model).__name__}")
+        if teacher_model is not None and not isinstance(teacher_model, torch.nn.Module):
+            raise TypeError(f"teacher_model must be a torch.nn.Module (or None, with teacher_topk in every batch), "
+                            f"got {type(teacher_model).__name__}")
         self.kd_options = dict(kd_options, backend=backend)
         self.chunk_size, self.fused = chunk_size, fused
         self.logit_transforms = {}
         for side, module in zip(SIDES, (self.accelerator.unwrap_model(self.model), teacher_model)):
+            if module is None:
+                continue
             scale, softcap = known_logit_transform(module)
             scale = scale if given[f"{side}_logit_scale"] == "auto" else given[f"{side}_logit_scale"]
             softcap = softcap if given[f"{side}_softcap"] == "auto" else given[f"{side}_softcap"]
             self.logit_transforms[side] = tuple(check_logit_transform(side, scale, softcap))
-        self.logits_checked = not fused
-        teacher_model.eval()
-        teacher_model.requires_grad_(False)
-        if getattr(teacher_model, "hf_device_map", None) is None:
-            teacher_model.to(self.args.device)
+        self.logits_checked = not fused or teacher_model is None
+        if teacher_model is not None:
+            teacher_model.eval()
+            teacher_model.requires_grad_(False)
+            if getattr(teacher_model, "hf_device_map", None) is None:
+                teacher_model.to(self.args.device)
         self.teacher_model = teacher_model
+
+    def _prepare_input(self, data):
+        if isinstance(data, TopK):  # a tuple the Trainer would rebuild from its parts, losing the temperature
+            return data.to(self.args.device)
+        return super()._prepare_input(data)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "labels" not in inputs and "shift_labels" not in inputs:
             raise ValueError("DistillationTrainer needs `labels` in each batch (-100 on the tokens to ignore), "
                              "as the Trainer's causal-LM loss does; e.g. DataCollatorForLanguageModeling(mlm=False)")
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", TOPK_COLUMN)}
         core = self.accelerator.unwrap_model(model)
+        topk = inputs.get(TOPK_COLUMN)
+        if topk is not None and not isinstance(topk, TopK):
+            raise TypeError(f"the batch's {TOPK_COLUMN} must be a fastkd.TopK, got {type(topk).__name__}")
+        if topk is None and self.teacher_model is None:
+            raise ValueError(f"DistillationTrainer without a teacher_model needs {TOPK_COLUMN} (a fastkd.TopK) in "
+                             "each batch")
+        if topk is not None:
+            return self._topk_loss(model, core, model_inputs, inputs, topk, return_outputs, num_items_in_batch)
         self.teacher_model.eval()
         if not self.logits_checked:
             for side, (wrapped, module) in zip(SIDES, ((model, core), (self.teacher_model, self.teacher_model))):
@@ -252,7 +280,20 @@ class DistillationTrainer(transformers.Trainer):
                 teacher_logit_scale=teacher_scale, teacher_softcap=teacher_softcap, **self.kd_options)
         else:
             loss = kd_loss(student, teacher, labels=labels, num_items_in_batch=num_items_in_batch, **self.kd_options)
+        return self._finish(loss, return_outputs, num_items_in_batch)
 
+    def _topk_loss(self, model, core, model_inputs, inputs, topk, return_outputs, num_items_in_batch):
+        """The loss against the batch's sparse teacher ``topk`` (module docstring)."""
+        student = model(**model_inputs, **_no_cache(core)).logits
+        labels = inputs.get("shift_labels")
+        if labels is None:  # position i predicts token i + 1
+            labels = inputs["labels"][:, 1:]
+            student, topk = student[:, :-1], topk.rows((slice(None), slice(None, -1)))
+        loss = topk_kd_loss(student, topk.to(student.device), labels=labels.to(student.device),
+                            num_items_in_batch=num_items_in_batch, **self.kd_options)
+        return self._finish(loss, return_outputs, num_items_in_batch)
+
+    def _finish(self, loss, return_outputs, num_items_in_batch):
         if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
             # num_items_in_batch counts the tokens of every process, and DDP averages the gradients
             # over processes: scale back up, as the Trainer does for its own loss.
