@@ -15,6 +15,7 @@ from .functional import (fused_linear_kd_loss, kd_loss, log_softmax, softmax, te
 from .modules import FusedLinearKDLoss, KDLoss, TopKKDLoss
 from .teacher_cache import TeacherCache, TeacherCacheError, TeacherCacheWriter
 from .topk_values import TopK
+from . import serving
 
 __version__ = "0.1.0"
 __all__ = ["kd_loss", "KDLoss", "softmax", "log_softmax", "reference", "__version__",
