@@ -41,7 +41,7 @@ class _Where:
 
     def error(self, message, position=None):
         at = "" if position is None else f", position {position}"
-        return ValueError(f"teacher answer (request {self.request!r}{at}): {message}")
+        return ValueError(f"teacher answer of request {self.request!r}{at}: {message}")
 
 
 def _logprob(value, where, position):
