@@ -250,7 +250,7 @@ def test_retried_requests_and_a_server_that_stays_down(server, uninterrupted, tm
     requests = server.requests
     with pytest.raises(ServingError, match=r"sequence 0: .*/nope/generate answered HTTP 404"):
         fill_cache(tmp_path / "d", sequences_for_test(), url=server.url + "/nope", concurrency=1, **FILL)
-    assert server.requests == requests + 1  # a 404 is not retried
+    assert server.requests - requests <= 2  # sequence 0 and maybe 1 (2 * concurrency queued), neither retried
 
 
 def test_interrupted_run_resumes_byte_for_byte(server, uninterrupted, tmp_path):
