@@ -132,12 +132,15 @@ class TeacherCacheWriter:
             if header != writer._header():
                 raise TeacherCacheError(f"{progress} was written with {header}, not {writer._header()}: "
                                         "resume with the same options, or delete the directory")
-            for shard in shards:
-                for part in ("logprobs", "indices"):
+            for shard, part in itertools.product(shards, ("logprobs", "indices")):
+                try:
                     file = _shard_file(writer.path, shard[part], progress)
-                    if not file.is_file() or file.stat().st_size != shard[f"{part}_bytes"] \
-                            or _file_crc32(file) != shard[f"{part}_crc32"]:
-                        raise TeacherCacheError(f"shard file {file} does not match {progress}")
+                    intact = file.is_file() and file.stat().st_size == shard[f"{part}_bytes"] \
+                        and _file_crc32(file) == shard[f"{part}_crc32"]
+                except (KeyError, TypeError) as e:
+                    raise TeacherCacheError(f"{progress} is corrupted: {type(e).__name__}: {e}") from None
+                if not intact:
+                    raise TeacherCacheError(f"shard file {file} does not match {progress}")
             writer._shards = shards
         kept = {shard[part] for shard in writer._shards for part in ("logprobs", "indices")}
         for old in writer.path.glob("shard-*.bin"):
