@@ -133,14 +133,14 @@ class TeacherServer:
                     failing = n <= server.fail_first or (server.fail_after is not None and n > server.fail_after)
                     status, answer = (503, {"error": "overloaded"}) if failing else server.answer(self.path, body)
                     data = json.dumps(answer).encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                finally:
+                finally:  # before the answer leaves: the client may send its next request at once
                     with server._lock:
                         server.in_flight -= 1
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
         return Handler
 

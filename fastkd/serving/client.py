@@ -13,6 +13,7 @@ leaves the same bytes as a run that never stopped. The dataset's token ids are h
 cache's metadata, so a resume on other data is refused.
 """
 import hashlib
+import http.client
 import json
 import sys
 import time
@@ -56,13 +57,17 @@ def _post(url, body, *, timeout, retries, backoff, api_key, name):
     for attempt in range(retries + 1):
         try:
             with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=timeout) as answer:
-                return json.loads(answer.read())
+                text = answer.read()
+            try:
+                return json.loads(text)
+            except ValueError:
+                raise ValueError(f"{name}: {url} answered with invalid JSON: {text[:200]!r}") from None
         except urllib.error.HTTPError as e:
             if e.code not in RETRIED_STATUS:
                 detail = e.read()[:500].decode(errors="replace")
                 raise ServingError(f"{name}: {url} answered HTTP {e.code}: {detail}") from None
             failure = f"HTTP {e.code}"
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
             failure = f"{type(e).__name__}: {e}"
         if attempt < retries:
             time.sleep(min(backoff * 2**attempt, _MAX_WAIT))
@@ -136,10 +141,12 @@ def fill_cache(path, sequences, *, url, format, k, vocab_size, temperature=1.0, 
     metadata = {"serving": {"format": format, "model": model, "dataset_sha256": digest}}
     options = dict(k=k, vocab_size=vocab_size, temperature=temperature, dtype=dtype,
                    tokens_per_shard=tokens_per_shard, metadata=metadata)
-    if Path(path, INDEX_FILE).is_file():
+    if Path(path, INDEX_FILE).is_file():  # a finished run: the same one, or an error
         cache = TeacherCache(path)
-        if cache.metadata.get("serving") != metadata["serving"]:
-            raise FileExistsError(f"{path} already holds a teacher cache of other data or another server")
+        name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+        if (cache.k, cache.vocab_size, cache.temperature, name(cache.dtype), cache.metadata) != \
+                (k, vocab_size, float(temperature), name(dtype), metadata):
+            raise FileExistsError(f"{path} already holds a teacher cache of other data, options or server")
         return cache
     endpoint = url.rstrip("/")
     with TeacherCacheWriter.resume(Path(path), **options) as writer:

@@ -18,13 +18,14 @@ tail). Anything malformed (a missing position, an id outside [0, vocab_size), a 
 position whose probabilities sum above 1: logits rather than log-probabilities) is a ValueError
 naming the request and the position.
 """
+import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..options import check_temperature, mark_temperature
+from ..options import check_int, check_k, check_temperature, mark_temperature
 from ..topk_values import TopK
 
 FORMATS = ("vllm", "sglang", "openai")
@@ -83,7 +84,7 @@ def _position(entries, k, vocab_size, vocab, where, position):
     merged = {}
     for token, value in entries:
         i = _token_id(token, vocab, where, position)
-        if not 0 <= i < vocab_size:
+        if i < 0 or (vocab_size is not None and i >= vocab_size):
             raise where.error(f"token id {i} is outside [0, vocab_size) = [0, {vocab_size})", position)
         lp = _logprob(value, where, position)
         if i in merged and merged[i] != lp and abs(merged[i] - lp) > 1e-6 * max(1.0, abs(lp)):
@@ -94,7 +95,7 @@ def _position(entries, k, vocab_size, vocab, where, position):
         raise where.error("the listed probabilities sum above 1: not log-probabilities of one distribution "
                           "(logits, or a wrong temperature?)", position)
     ranked = sorted(merged.items(), key=lambda item: (-item[1], item[0]))[:k]
-    pad = (i for i in range(vocab_size) if i not in merged)
+    pad = (i for i in itertools.count() if i not in merged)
     ranked += [(next(pad), -math.inf) for _ in range(k - len(ranked))]
     return [lp for _, lp in ranked], [i for i, _ in ranked]
 
@@ -211,7 +212,7 @@ def _openai(response, choice, where):
 _EXTRACT = {"vllm": _vllm, "sglang": _sglang, "openai": _openai}
 
 
-def read_topk(response, format, k, *, vocab_size, temperature=1.0, tokens=None, vocab=None, choice=0,
+def read_topk(response, format, k, *, vocab_size=None, temperature=1.0, tokens=None, vocab=None, choice=0,
               request=None):
     """The teacher's top-k at each prompt position of ``response``, as ``fastkd.TopK``.
 
@@ -220,7 +221,7 @@ def read_topk(response, format, k, *, vocab_size, temperature=1.0, tokens=None, 
     completions / chat completions asked with ``prompt_logprobs=k``), ``"sglang"`` (/generate with
     ``return_logprob``, ``logprob_start_len=0``, ``top_logprobs_num=k``) or ``"openai"`` (completions
     ``logprobs=k, echo=True``; chat ``logprobs.content``: the generated positions). ``k``: entries per
-    position kept. ``vocab_size``: ids must lie in [0, vocab_size). ``temperature``: the temperature
+    position kept. ``vocab_size``: when given, ids must lie in [0, vocab_size). ``temperature``: the temperature
     the server's log-probabilities carry, recorded on the result so that ``topk_kd_loss`` refuses a
     mismatch: 1.0 for raw log-probabilities (vLLM's default ``logprobs_mode=raw_logprobs``, which its
     prompt log-probabilities use; SGLang's), the request's sampling temperature for vLLM's
@@ -235,12 +236,8 @@ def read_topk(response, format, k, *, vocab_size, temperature=1.0, tokens=None, 
     """
     if format not in _EXTRACT:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    for name, value in (("k", k), ("vocab_size", vocab_size), ("choice", choice)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "choice" else 1):
-            raise ValueError(f"{name} must be a {'non-negative' if name == 'choice' else 'positive'} int, "
-                             f"got {value!r}")
-    if k > vocab_size:
-        raise ValueError(f"k={k} exceeds vocab_size={vocab_size}")
+    k = check_int("k", k, minimum=1) if vocab_size is None else check_k(k, check_int("vocab_size", vocab_size, 1))
+    choice = check_int("choice", choice, minimum=0)
     temperature = check_temperature(temperature)
     where = _Where(_answer_id(response) if request is None else request)
     try:
