@@ -114,8 +114,8 @@ class TeacherCacheWriter:
 
     @classmethod
     def resume(cls, path, **options):
-        """A writer (``options`` as for the constructor) that records each
-        finished shard in ``progress.json`` and, when that file is already there, continues after
+        """A writer (``options`` as for the constructor) that records each finished shard in
+        ``progress.json`` and, when that file is already there, continues after
         the shards it lists (checking their sizes and CRC-32s, and that ``options`` are the same),
         dropping any shard that was being written. Until ``close()`` writes the index (and removes
         ``progress.json``) the cache does not open. An interrupted, resumed writer leaves the same
@@ -129,7 +129,7 @@ class TeacherCacheWriter:
                 header, shards = saved["header"], list(saved["shards"])
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
                 raise TeacherCacheError(f"{progress} is corrupted: {e}") from None
-            if header != writer._header():
+            if header != json.loads(json.dumps(writer._header())):
                 raise TeacherCacheError(f"{progress} was written with {header}, not {writer._header()}: "
                                         "resume with the same options, or delete the directory")
             for shard, part in itertools.product(shards, ("logprobs", "indices")):

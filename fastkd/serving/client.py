@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..options import check_int, check_k
 from ..teacher_cache import INDEX_FILE, TeacherCache, TeacherCacheWriter
 from .formats import FORMATS, read_topk
 
@@ -134,9 +135,9 @@ def fill_cache(path, sequences, *, url, format, k, vocab_size, temperature=1.0, 
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    for name, value in (("concurrency", concurrency), ("retries", retries)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "concurrency" else 0):
-            raise ValueError(f"{name} must be an int >= {1 if name == 'concurrency' else 0}, got {value!r}")
+    vocab_size = check_int("vocab_size", vocab_size, minimum=1)
+    k = check_k(k, vocab_size)
+    concurrency, retries = check_int("concurrency", concurrency, minimum=1), check_int("retries", retries, minimum=0)
     sequences, digest = _dataset(sequences, vocab_size)
     metadata = {"serving": {"format": format, "model": model, "dataset_sha256": digest}}
     options = dict(k=k, vocab_size=vocab_size, temperature=temperature, dtype=dtype,

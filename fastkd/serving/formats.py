@@ -87,7 +87,7 @@ def _position(entries, k, vocab_size, vocab, where, position):
         if i < 0 or (vocab_size is not None and i >= vocab_size):
             raise where.error(f"token id {i} is outside [0, vocab_size) = [0, {vocab_size})", position)
         lp = _logprob(value, where, position)
-        if i in merged and merged[i] != lp and abs(merged[i] - lp) > 1e-6 * max(1.0, abs(lp)):
+        if i in merged and not math.isclose(merged[i], lp, rel_tol=1e-6, abs_tol=1e-6):
             raise where.error(f"token id {i} is listed twice, with log-probabilities {merged[i]} and {lp} "
                               "(token strings that map to one id? use token ids)", position)
         merged[i] = max(merged.get(i, -math.inf), lp)
