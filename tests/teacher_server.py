@@ -69,9 +69,10 @@ class TeacherServer:
             return self._vllm(body)
         return self._openai(body)
 
-    def _top(self, lp, k):
+    def _top(self, lp, k, token=None):
+        """(id, logprob) of the k largest of ``lp``, then ``token``'s (the token beside the top-k)."""
         values, indices = lp.topk(k)
-        return list(zip(indices.tolist(), values.tolist()))
+        return list(zip(indices.tolist(), values.tolist())) + ([] if token is None else [(token, lp[token].item())])
 
     def _vllm(self, body):
         ids, k = body["prompt"], body["prompt_logprobs"]
@@ -79,9 +80,9 @@ class TeacherServer:
         table = [None]
         for i in range(1, len(ids)):
             row = lp[i - 1]
-            entries = self._top(row, k) + [(ids[i], row[ids[i]].item())]  # the prompt token beside the top-k
             rank = lambda j: int((row > row[j]).sum()) + 1  # noqa: E731
-            table.append({str(j): {"logprob": v, "rank": rank(j), "decoded_token": token_string(j)} for j, v in entries})
+            table.append({str(j): {"logprob": v, "rank": rank(j), "decoded_token": token_string(j)}
+                          for j, v in self._top(row, k, ids[i])})
         choice = {"index": 0, "text": token_string(int(lp[-1].argmax())), "logprobs": None,
                   "finish_reason": "length", "prompt_logprobs": table}
         return 200, {"id": "cmpl-test", "object": "text_completion", "model": "tiny", "choices": [choice],
@@ -92,12 +93,13 @@ class TeacherServer:
         lp = self.logprobs(ids)
         sampled = int(lp[-1].argmax())
         tokens = ids + [sampled]
-        top = [None] + [{self._token(j): v for j, v in self._top(lp[i - 1], k) + [(tokens[i], lp[i - 1, tokens[i]].item())]}
+        top = [None] + [{self._token(j): v for j, v in self._top(lp[i - 1], k, tokens[i])}
                         for i in range(1, len(tokens))]
         logprobs = {"tokens": [self._token(t) for t in tokens],
                     "token_logprobs": [None] + [lp[i - 1, tokens[i]].item() for i in range(1, len(tokens))],
                     "top_logprobs": top, "text_offset": list(range(len(tokens)))}
-        choice = {"index": 0, "text": "".join(map(token_string, tokens)), "logprobs": logprobs, "finish_reason": "length"}
+        choice = {"index": 0, "text": "".join(map(token_string, tokens)), "logprobs": logprobs,
+                  "finish_reason": "length"}
         return 200, {"id": "cmpl-test", "object": "text_completion", "model": "tiny", "choices": [choice],
                      "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(tokens)}}
 

@@ -107,10 +107,10 @@ def _vllm(edit):
 MALFORMED = [  # (format, answer, read_topk options, the error's words)
     ("vllm", _vllm(lambda t: t.__setitem__(0, {"1": {"logprob": -0.1}})), {}, r"position 0: the first prompt token"),
     ("vllm", _vllm(lambda t: t.__setitem__(2, None)), {}, r"position 2: no distribution"),
-    ("vllm", _vllm(lambda t: t[1].__setitem__("999999", {"logprob": -5.0})), {}, r"position 1: token id 999999 is outside"),
+    ("vllm", _vllm(lambda t: t[1].__setitem__("999999", {"logprob": -5.0})), {}, r"position 1: token id 999999 is out"),
     ("vllm", _vllm(lambda t: t[3]["42"].__setitem__("logprob", 1.5)), {}, r"position 3: .* > 0: these are logits"),
     ("vllm", _vllm(lambda t: t[3]["8"].__setitem__("logprob", -0.01)), {}, r"position 3: .* sum above 1"),
-    ("vllm", _vllm(lambda t: t[2]["9"].__setitem__("logprob", float("nan"))), {}, r"position 2: log-probability is NaN"),
+    ("vllm", _vllm(lambda t: t[2]["9"].__setitem__("logprob", float("nan"))), {}, r"position 2: .* is NaN"),
     ("vllm", _vllm(lambda t: t[2]["9"].__setitem__("logprob", "high")), {}, r"position 2: .* is not a number"),
     ("vllm", _vllm(lambda t: t[1].__setitem__("a", {"logprob": -5.0})), {}, r"key 'a' is not a token id"),
     ("vllm", _vllm(lambda t: t.pop()), {"tokens": [1, 15, 7, 42]}, r"3 prompt positions for a prompt of 4 tokens"),
@@ -250,8 +250,8 @@ def test_retried_requests_and_a_server_that_stays_down(server, uninterrupted, tm
     assert files(tmp_path / "c") == uninterrupted
     requests = server.requests
     with pytest.raises(ServingError, match=r"sequence 0: .*/nope/generate answered HTTP 404"):
-        fill_cache(tmp_path / "d", sequences_for_test(), url=server.url + "/nope", concurrency=1, **FILL)
-    assert server.requests - requests <= 2  # sequence 0 and maybe 1 (2 * concurrency queued), neither retried
+        fill_cache(tmp_path / "d", sequences_for_test()[:1], url=server.url + "/nope", **FILL)
+    assert server.requests == requests + 1  # a 404 is not retried
 
 
 def test_interrupted_run_resumes_byte_for_byte(server, uninterrupted, tmp_path):

@@ -102,7 +102,7 @@ def _position(entries, k, vocab_size, vocab, where, position):
 
 # --------------------------------------------------------------------- one extractor per format
 # Each returns (positions, echoed prompt ids or None, the first position's number); positions is a
-# list of lists of (token, logprob) pairs, None where the server gives no distribution.
+# list of lists of (token, logprob) pairs, None where the server gives no distribution (None or empty).
 
 def _prompt(positions, where):
     """The prompt positions after token 0, which must have no distribution."""
@@ -168,7 +168,8 @@ def _vllm(response, choice, where):
         echoed = None
     if table is None:
         raise where.error("prompt_logprobs is null: ask with prompt_logprobs=k")
-    positions = [None if p is None else [(_vllm_id(token, where), _vllm_entry(value)) for token, value in p.items()]
+    # position 0 is None ({} in vLLM's FlatLogprobs)
+    positions = [None if not p else [(_vllm_id(token, where), _vllm_entry(value)) for token, value in p.items()]
                  for p in table]
     return _prompt(positions, where), None if echoed is None else list(echoed), 1
 
@@ -205,7 +206,7 @@ def _openai(response, choice, where):
     usage = response.get("usage") or {}
     if usage.get("prompt_tokens") is not None:
         top, tokens = top[:usage["prompt_tokens"]], None if tokens is None else tokens[:usage["prompt_tokens"]]
-    positions = [None if p is None else list(p.items()) for p in top]
+    positions = [None if not p else list(p.items()) for p in top]
     return _prompt(positions, where), tokens, 1
 
 
@@ -219,16 +220,17 @@ def read_topk(response, format, k, *, vocab_size=None, temperature=1.0, tokens=N
     ``response``: a parsed JSON answer (dict, or SGLang's list for a batch) or vLLM's offline
     ``RequestOutput``. ``format``: ``"vllm"`` (``prompt_logprobs``: offline, or the server's
     completions / chat completions asked with ``prompt_logprobs=k``), ``"sglang"`` (/generate with
-    ``return_logprob``, ``logprob_start_len=0``, ``top_logprobs_num=k``) or ``"openai"`` (completions
-    ``logprobs=k, echo=True``; chat ``logprobs.content``: the generated positions). ``k``: entries per
-    position kept. ``vocab_size``: when given, ids must lie in [0, vocab_size). ``temperature``: the temperature
-    the server's log-probabilities carry, recorded on the result so that ``topk_kd_loss`` refuses a
-    mismatch: 1.0 for raw log-probabilities (vLLM's default ``logprobs_mode=raw_logprobs``, which its
-    prompt log-probabilities use; SGLang's), the request's sampling temperature for vLLM's
-    ``processed_logprobs``. ``tokens``: the prompt ids sent; when given, the answer must have
-    ``len(tokens) - 1`` positions and echo these ids (where it echoes any). ``vocab``: token string ->
-    id, for answers keyed by token strings. ``choice``: which choice (or batch entry). ``request``:
-    a name for error messages (default: the answer's id).
+    ``return_logprob``, ``logprob_start_len=0``, ``top_logprobs_num=k``) or ``"openai"``
+    (completions ``logprobs=k, echo=True``; chat ``logprobs.content``: the generated positions).
+    ``k``: entries kept per position. ``vocab_size``: when given, ids must lie in [0, vocab_size).
+    ``temperature``: the temperature the server's log-probabilities carry, recorded on the result
+    so that ``topk_kd_loss`` refuses a mismatch: 1.0 for raw log-probabilities (vLLM's default
+    ``logprobs_mode=raw_logprobs``) and for any answer to a request at temperature 1.0; the
+    request's temperature for log-probabilities a server processed with it (vLLM's
+    ``processed_logprobs``). ``tokens``: the prompt ids sent; when given, the answer must have
+    ``len(tokens) - 1`` positions and echo these ids (where it echoes ids). ``vocab``: token string
+    -> id, for answers keyed by token strings. ``choice``: which choice (or batch entry).
+    ``request``: a name for error messages (default: the answer's id).
 
     Returns ``TopK(logprobs [n, k] float32 (descending), indices [n, k] int32, temperature)``; its
     log-probabilities carry the temperature as ``teacher_topk``'s do. Token 0 (no distribution) is
