@@ -11,15 +11,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-VOCAB_SIZE = 256
+VOCAB_SIZE = 251  # odd
 
 
 def tiny_llama(seed=0):
+    """A 2-layer Llama, random and seeded, its LM head scaled so that it is as peaked as a trained
+    model (the top 8 tokens hold 75-99 % of the mass)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    return model
 
 
 def token_string(i):
@@ -30,8 +35,8 @@ def token_string(i):
 class TeacherServer:
     """``with TeacherServer(model) as server: server.url`` serves until the block ends."""
 
-    def __init__(self, model, *, token_ids=True, delay=0.0):
-        self.model, self.token_ids, self.delay = model, token_ids, delay
+    def __init__(self, model, *, token_ids=True, delay=0.0, masked=()):
+        self.model, self.token_ids, self.delay, self.masked = model, token_ids, delay, list(masked)
         self.fail_first = 0        # answer 503 to the first n requests
         self.fail_after = None     # answer 503 to every request after the first n
         self.requests = 0
@@ -51,11 +56,15 @@ class TeacherServer:
         self._http.server_close()
         self._thread.join()
 
-    def logprobs(self, ids):
-        """float32 log_softmax of the model's logits for ``ids``: [len(ids), V]."""
+    def logits(self, ids):
+        """The model's logits for ``ids`` (``masked`` columns at -inf): [len(ids), V]."""
         with self._model_lock, torch.no_grad():
-            logits = self.model(torch.tensor([ids])).logits[0].float()
-        return torch.log_softmax(logits, -1)
+            logits = self.model(torch.tensor([ids])).logits[0]
+        logits[:, self.masked] = float("-inf")
+        return logits
+
+    def logprobs(self, ids):
+        return torch.log_softmax(self.logits(ids).float(), -1)
 
     def _token(self, i):
         return f"token_id:{i}" if self.token_ids else token_string(i)

@@ -177,10 +177,15 @@ def server(model):
         yield s
 
 
-def expected_topk(model, ids, k):
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1]
-    return logits, fastkd.teacher_topk(logits, k)
+def expected_topk(server, ids, k):
+    """The server's logits for ``ids[:-1]`` and their ``teacher_topk``, ties listed lower id first
+    (as ``read_topk`` lists them; ``torch.topk`` leaves their order open)."""
+    logits = server.logits(ids)[:-1]
+    lp, idx = fastkd.teacher_topk(logits, k)
+    by_id = idx.sort(dim=-1, stable=True).indices
+    lp, idx = lp.gather(-1, by_id), idx.gather(-1, by_id)
+    by_value = lp.sort(dim=-1, descending=True, stable=True).indices
+    return logits, (lp.gather(-1, by_value), idx.gather(-1, by_value))
 
 
 def post(url, route, body):
@@ -189,17 +194,30 @@ def post(url, route, body):
         return json.loads(answer.read())
 
 
-@pytest.mark.parametrize("format, token_ids", [("vllm", True), ("openai", True), ("openai", False), ("sglang", True)])
-def test_server_top_k_equals_teacher_topk(model, format, token_ids):
-    ids, k = [7, 201, 33, 33, 0, 255, 18, 90, 4], 5
-    with TeacherServer(model, token_ids=token_ids) as server:
+@pytest.mark.parametrize("format, token_ids, dtype", [
+    ("vllm", True, torch.float32), ("openai", True, torch.float32), ("openai", False, torch.float32),
+    ("sglang", True, torch.float32), ("vllm", True, torch.bfloat16)])
+def test_server_top_k_equals_teacher_topk(model, format, token_ids, dtype):
+    ids, k = [7, 201, 33, 33, 0, 250, 18, 90, 4], 5
+    with TeacherServer(copy.deepcopy(model).to(dtype), token_ids=token_ids) as server:
         answer = post(server.url, *request_body(format, ids, k))
+        logits, (want_lp, want_idx) = expected_topk(server, ids, k)
     vocab = None if token_ids else {token_string(i): i for i in range(VOCAB_SIZE)}
     topk = read_topk(answer, format, k, vocab_size=VOCAB_SIZE, tokens=ids, vocab=vocab)
-    logits, (want_lp, want_idx) = expected_topk(model, ids, k)
     assert topk.indices.equal(want_idx)
     oracle = torch.log_softmax(logits.double(), -1).gather(-1, want_idx.long())
     assert_close_to_oracle(topk.logprobs, oracle, want_lp, dtype=torch.float32)
+
+
+def test_masked_vocabulary(model):
+    """-inf columns (a masked vocabulary): k above the unmasked count lists -inf entries."""
+    ids, k = [3, 9, 27, 81], 6
+    with TeacherServer(model, masked=range(4, VOCAB_SIZE)) as server:
+        answer = post(server.url, *request_body("sglang", ids, k))  # JSON -Infinity for -inf
+        want_lp, want_idx = expected_topk(server, ids, k)[1]
+    topk = read_topk(answer, "sglang", k, vocab_size=VOCAB_SIZE, tokens=ids)
+    torch.testing.assert_close(topk.logprobs, want_lp)
+    assert topk.indices[:, :4].equal(want_idx[:, :4]) and topk.logprobs[:, 4:].eq(-INF).all()
 
 
 def sequences_for_test():
@@ -221,14 +239,35 @@ def test_fill_cache_holds_teacher_topk_with_bounded_concurrency(model, tmp_path,
     monkeypatch.setitem(sys.modules, "tqdm", None)  # the progress line without tqdm
     with TeacherServer(model, delay=0.03) as server:
         cache = fill_cache(tmp_path / "c", views, url=server.url, concurrency=3, **{**FILL, "progress": True})
+        want = [expected_topk(server, s, 4)[1] for s in seqs if len(s) > 1]
     assert 2 <= server.max_in_flight <= 3, server.max_in_flight
     assert server.requests == sum(len(s) > 1 for s in seqs)
     assert "fastkd.serving: 50/50 tokens (100%)" in capsys.readouterr().err
-    want = [expected_topk(model, s, 4)[1] for s in seqs if len(s) > 1]
     lp, idx = cache[:]
     assert len(cache) == sum(len(s) - 1 for s in seqs) and cache.temperature == 1.0
     assert idx.equal(torch.cat([w[1] for w in want]))
     torch.testing.assert_close(lp, torch.cat([w[0] for w in want]).half(), rtol=2**-10, atol=2**-12)
+
+
+def test_training_from_the_cache_lines_up_with_the_student(model, tmp_path):
+    """With k = V the cache holds whole distributions: the teacher's own ``logits[:, :-1]`` as the
+    student give a KL of ~0 (float16 storage), the rows shifted by one a large one."""
+    seqs = [s for s in sequences_for_test() if len(s) > 2][:4]
+    with TeacherServer(model) as server:
+        cache = fill_cache(tmp_path / "c", seqs, url=server.url, **{**FILL, "k": VOCAB_SIZE})
+        student = torch.cat([server.logits(s)[:-1] for s in seqs])
+    logprobs, indices = cache[:]
+    assert fastkd.topk_kd_loss(student, logprobs, indices) < 1e-4
+    assert fastkd.topk_kd_loss(student.roll(1, 0), logprobs, indices) > 1.0
+
+
+def test_one_token_sequences_need_no_request(server, tmp_path):
+    cache = fill_cache(tmp_path / "c", [[5], torch.tensor([7])], url=server.url, **FILL)
+    assert len(cache) == 0 and server.requests == 0 and cache[:][0].shape == (0, 4)
+    with pytest.raises(ValueError, match=r"sequences\[1\] holds a token id outside \[0, vocab_size\)"):
+        fill_cache(tmp_path / "d", [[5, 6], [7, VOCAB_SIZE]], url=server.url, **FILL)
+    with pytest.raises(ValueError, match=r"sequences\[0\] must be a non-empty 1-D sequence"):
+        fill_cache(tmp_path / "d", [[]], url=server.url, **FILL)
 
 
 def files(path):
