@@ -142,6 +142,9 @@ def test_bad_arguments(options, words):
     call = dict(response=fixture("vllm_completions"), format="vllm", k=2, vocab_size=151936)
     with pytest.raises((ValueError, TypeError), match=words):
         read_topk(**{**call, **options})
+
+
+def test_tokens_cannot_check_the_chat_form():
     with pytest.raises(ValueError, match="the chat form has none"):
         read_topk(fixture("openai_chat"), "openai", 2, vocab_size=151936, tokens=[1, 2])
 
