@@ -2,7 +2,8 @@
 config) behind ``http.server`` on 127.0.0.1, answering as vLLM's OpenAI-compatible server
 (``/v1/completions`` with ``prompt_logprobs``, or ``logprobs`` + ``echo``) and as SGLang's
 ``/generate`` do, with the top-k of ``log_softmax`` of its logits. It can fail on purpose (HTTP
-503 for the first n requests, or after n requests) and records the most requests it held at once.
+503 for the first n requests, or after n requests), hold requests after n unanswered, and records
+the most requests it worked on at once.
 """
 import json
 import threading
@@ -39,6 +40,8 @@ class TeacherServer:
         self.model, self.token_ids, self.delay, self.masked = model, token_ids, delay, list(masked)
         self.fail_first = 0        # answer 503 to the first n requests
         self.fail_after = None     # answer 503 to every request after the first n
+        self.hold_after = None     # hold every request after the first n until ``release`` is set
+        self.release = threading.Event()
         self.requests = 0
         self.in_flight = self.max_in_flight = 0
         self._lock, self._model_lock = threading.Lock(), threading.Lock()
@@ -52,6 +55,7 @@ class TeacherServer:
         return self
 
     def __exit__(self, *exc):
+        self.release.set()
         self._http.shutdown()
         self._http.server_close()
         self._thread.join()
@@ -141,17 +145,22 @@ class TeacherServer:
                 try:
                     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                     time.sleep(server.delay)
+                    if server.hold_after is not None and n > server.hold_after:
+                        server.release.wait()
                     failing = n <= server.fail_first or (server.fail_after is not None and n > server.fail_after)
                     status, answer = (503, {"error": "overloaded"}) if failing else server.answer(self.path, body)
                     data = json.dumps(answer).encode()
                 finally:  # before the answer leaves: the client may send its next request at once
                     with server._lock:
                         server.in_flight -= 1
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a client killed while its request was held
 
         return Handler
 

@@ -321,23 +321,26 @@ def test_interrupted_run_resumes_byte_for_byte(server, uninterrupted, tmp_path):
 
 
 def test_killed_client_resumes_byte_for_byte(model, uninterrupted, tmp_path):
-    """A client process killed with SIGKILL while it writes, then run again."""
+    """A client process killed with SIGKILL while a request is in flight, then run again."""
     path = tmp_path / "c"
     root = Path(__file__).resolve().parents[1]
     script = ("import sys, json; sys.path.insert(0, sys.argv[1]); from fastkd.serving import fill_cache; "
               "fill_cache(sys.argv[2], json.loads(sys.argv[3]), url=sys.argv[4], concurrency=1, "
               "**json.loads(sys.argv[5]))")
-    with TeacherServer(model, delay=0.05) as server:
+    with TeacherServer(model) as server:
+        server.hold_after = 6  # the client waits on its 7th request until it is killed
         client = subprocess.Popen([sys.executable, "-c", script, str(root), str(path),
                                    json.dumps(sequences_for_test()), server.url, json.dumps(FILL)])
         try:
             deadline = time.monotonic() + 120
-            while not (path / "progress.json").is_file() or server.requests < 8:
-                assert client.poll() is None and time.monotonic() < deadline, "the client ended before it was killed"
+            while server.requests <= 6:
+                assert client.poll() is None and time.monotonic() < deadline, "the client stopped early"
                 time.sleep(0.01)
         finally:
             os.kill(client.pid, signal.SIGKILL)
             client.wait()
-        assert not (path / "index.json").exists()
+        assert (path / "progress.json").is_file() and not (path / "index.json").exists()
+        server.hold_after = None
+        server.release.set()
         fill_cache(path, sequences_for_test(), url=server.url, **FILL)
     assert files(path) == uninterrupted
