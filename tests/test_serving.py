@@ -344,3 +344,10 @@ def test_killed_client_resumes_byte_for_byte(model, uninterrupted, tmp_path):
         server.release.set()
         fill_cache(path, sequences_for_test(), url=server.url, **FILL)
     assert files(path) == uninterrupted
+
+
+def test_sglang_echoes_its_last_ids_as_0():
+    """SGLang echoes prompt ids >= its vocab_size - 1 as 0: such a 0 is not a mismatch."""
+    answer = fixture("sglang_generate")
+    answer["meta_info"]["input_token_logprobs"][3][1] = 0
+    assert read_topk(answer, "sglang", 2, tokens=[128000, 791, 6864, 315]).indices.shape == (3, 2)
