@@ -4,7 +4,6 @@ and OpenAI documentation) and on a local server running a tiny Llama, whose top-
 a resume after an interruption that leaves the same bytes as a run that never stopped."""
 import copy
 import json
-import math
 import os
 import re
 import signal
