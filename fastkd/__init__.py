@@ -27,7 +27,7 @@ _PUBLIC = {
 __all__ = ["kd_loss", "KDLoss", "softmax", "log_softmax", "reference", "__version__",
            "fused_linear_kd_loss", "FusedLinearKDLoss",
            "teacher_topk", "topk_kd_loss", "TopKKDLoss", "TeacherCache", "TeacherCacheWriter",
-           "TeacherCacheError", "TopK", "vocab_parallel_kd_loss", "vocab_shard_layout"]
+           "TeacherCacheError", "TopK", "vocab_parallel_kd_loss", "vocab_shard_layout", "serving"]
 
 
 def __getattr__(name):

@@ -44,6 +44,7 @@ FORMAT = "fastkd-teacher-cache"
 FORMAT_VERSION = 2  # 2 adds header_crc32
 READS_VERSIONS = (1, 2)
 INDEX_FILE = "index.json"
+PROGRESS_FILE = "progress.json"  # a resumable writer's finished shards, until its index is written
 # name -> (numpy storage dtype, torch dtype); bfloat16 is stored as its raw 16 bits.
 DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16),
           "float32": (np.float32, torch.float32)}
@@ -104,6 +105,12 @@ def _to_numpy(logprobs, name):
     return x.view(torch.int16).numpy().view(np.uint16) if name == "bfloat16" else x.numpy()
 
 
+def _write_atomically(path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def _file_crc32(path):
     crc = 0
     with open(path, "rb") as f:
@@ -133,7 +140,8 @@ class TeacherCacheWriter:
             raise FileExistsError(f"{self.path} already holds a teacher cache; pass overwrite=True to replace it")
         self.path.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            (self.path / INDEX_FILE).unlink(missing_ok=True)
+            for name in (INDEX_FILE, PROGRESS_FILE):
+                (self.path / name).unlink(missing_ok=True)
             for old in self.path.glob("shard-*.bin"):
                 old.unlink()
         self.k, self.vocab_size, self.temperature = k, vocab_size, temperature
@@ -144,6 +152,52 @@ class TeacherCacheWriter:
         self._shards = []
         self._open = None  # the shard being written: its files, name, token count and checksums
         self._closed = False
+        self._resumable = False
+
+    @classmethod
+    def resume(cls, path, **options):
+        """A writer (``options`` as for the constructor) that records each finished shard in
+        ``progress.json`` and, when that file is already there, continues after
+        the shards it lists (checking their sizes and CRC-32s, and that ``options`` are the same),
+        dropping any shard that was being written. Until ``close()`` writes the index (and removes
+        ``progress.json``) the cache does not open. An interrupted, resumed writer leaves the same
+        bytes as an uninterrupted one, given the same appends after ``written_tokens``."""
+        writer = cls(path, **options)
+        writer._resumable = True
+        progress = writer.path / PROGRESS_FILE
+        if progress.is_file():
+            try:
+                saved = json.loads(progress.read_text())
+                header, shards = saved["header"], list(saved["shards"])
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise TeacherCacheError(f"{progress} is corrupted: {e}") from None
+            if header != json.loads(json.dumps(writer._header())):
+                raise TeacherCacheError(f"{progress} was written with {header}, not {writer._header()}: "
+                                        "resume with the same options, or delete the directory")
+            for shard, part in itertools.product(shards, ("logprobs", "indices")):
+                try:
+                    file = _shard_file(writer.path, shard[part], progress)
+                    intact = file.is_file() and file.stat().st_size == shard[f"{part}_bytes"] \
+                        and _file_crc32(file) == shard[f"{part}_crc32"]
+                except (KeyError, TypeError) as e:
+                    raise TeacherCacheError(f"{progress} is corrupted: {type(e).__name__}: {e}") from None
+                if not intact:
+                    raise TeacherCacheError(f"shard file {file} does not match {progress}")
+            writer._shards = shards
+        kept = {shard[part] for shard in writer._shards for part in ("logprobs", "indices")}
+        for old in writer.path.glob("shard-*.bin"):
+            if old.name not in kept:
+                old.unlink()
+        return writer
+
+    @property
+    def written_tokens(self):
+        """Tokens appended so far (for a resumed writer: those of the shards it kept)."""
+        return sum(s["tokens"] for s in self._shards) + (self._open["tokens"] if self._open else 0)
+
+    def _header(self):
+        return {"k": self.k, "vocab_size": self.vocab_size, "temperature": self.temperature, "dtype": self.dtype,
+                "tokens_per_shard": self.tokens_per_shard, "metadata": self.metadata}
 
     def append(self, logprobs, indices=None):
         """Append tokens: a ``fastkd.TopK`` (what ``teacher_topk`` returns), or ``logprobs`` (any
@@ -195,6 +249,9 @@ class TeacherCacheWriter:
     def _finish_shard(self):
         shard, self._open = self._open, None
         for f in shard["files"]:
+            if self._resumable:  # on disk before progress.json names it
+                f.flush()
+                os.fsync(f.fileno())
             f.close()
         n, name = shard["tokens"], shard["name"]
         self._shards.append({
@@ -203,6 +260,8 @@ class TeacherCacheWriter:
             "indices_bytes": n * self.k * 4,
             "logprobs_crc32": shard["logprobs_crc32"], "indices_crc32": shard["indices_crc32"],
         })
+        if self._resumable:
+            _write_atomically(self.path / PROGRESS_FILE, {"header": self._header(), "shards": self._shards})
 
     def close(self):
         """Finish the last shard and write ``index.json`` (atomically). Returns the cache path."""
@@ -216,9 +275,8 @@ class TeacherCacheWriter:
                  "index_dtype": "int32", "tokens": sum(s["tokens"] for s in self._shards),
                  "bytes_per_token": self.k * (item + 4), "shards": self._shards, "metadata": self.metadata}
         index["header_crc32"] = _header_crc32(index)
-        tmp = self.path / (INDEX_FILE + ".tmp")
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, self.path / INDEX_FILE)
+        _write_atomically(self.path / INDEX_FILE, index)
+        (self.path / PROGRESS_FILE).unlink(missing_ok=True)
         self._closed = True
         return self.path
 

@@ -239,3 +239,38 @@ def test_version_1_caches_still_open(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps({**header, "format_version": 1}))
     cache = TeacherCache(tmp_path, verify=True)
     assert cache.temperature == 1.5 and torch.equal(cache[:].logprobs, lp) and torch.equal(cache[:].indices, idx)
+
+
+def test_resumed_writer_continues_after_its_finished_shards(tmp_path):
+    """``TeacherCacheWriter.resume``: an interrupted writer's finished shards are kept (the one being
+    written is dropped), and the result is byte for byte that of one uninterrupted writer."""
+    k, V = 3, 50
+    lp, idx = teacher_outputs(20, k, V, dtype=torch.float16)
+    options = dict(k=k, vocab_size=V, temperature=1.0, tokens_per_shard=6)
+    write(tmp_path / "whole", [(lp, idx)], **options)
+    path = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        with TeacherCache.writer.resume(path, **options) as w:
+            w.append(lp[:14], idx[:14])  # shards of 6 and 6 finished, 2 tokens of the third written
+            raise KeyboardInterrupt
+    assert (path / "shard-00002.logprobs.bin").stat().st_size == 2 * k * 2 and not (path / "index.json").exists()
+    with pytest.raises(TeacherCacheError, match="resume with the same options"):
+        TeacherCache.writer.resume(path, **{**options, "temperature": 2.0})
+    w = TeacherCache.writer.resume(path, **options)
+    assert w.written_tokens == 12 and not (path / "shard-00002.logprobs.bin").exists()
+    w.append(lp[12:], idx[12:])
+    w.close()
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
+    assert not (path / "progress.json").exists()
+
+
+def test_resume_refuses_a_damaged_shard(tmp_path):
+    options = dict(k=2, vocab_size=10, temperature=1.0, tokens_per_shard=4)
+    lp, idx = teacher_outputs(6, 2, 10)
+    w = TeacherCache.writer.resume(tmp_path, **options)
+    w.append(lp, idx)  # one finished shard, recorded in progress.json; never closed
+    shard = tmp_path / "shard-00000.indices.bin"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(TeacherCacheError, match="shard-00000.indices.bin does not match"):
+        TeacherCache.writer.resume(tmp_path, **options)
