@@ -158,7 +158,8 @@ def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, 
         loss = fastkd.fused_linear_kd_loss(d_hidden, d_weight, student_bias=d_bias if bias else None,
                                            labels=d_labels, chunk_size=3, **d_teacher, **kw)
         _backward_dtensor(loss, reduction)
-    assert count.numel < min(n_rows * V, V * H), f"a process made a tensor of {count.numel} elements"
+    if kw.get("backend") != "triton":  # Triton's interpreter copies its arguments' storages; a launch does not
+        assert count.numel < min(n_rows * V, V * H), f"a process made a tensor of {count.numel} elements"
     torch.testing.assert_close(loss.full_tensor(), single.detach(), rtol=1e-5, atol=1e-6)
     for d, leaf in zip((d_hidden, d_weight, d_bias), leaves):
         if d is d_bias and not bias:
@@ -247,7 +248,7 @@ def _two_ranks(rank, world_size, port):
     cases.append(("fused-tp-uneven-softcap", check_fused_tp,
                   dict(mesh=mesh, hidden_placements=[Replicate()], weight_placements=[Shard(0)], widths=(6, 5),
                        seed=33, divergence="reverse_kl", student_softcap=5.0, teacher_logit_scale=0.5,
-                       num_items_in_batch=5)))
+                       num_items_in_batch=5, backend="triton")))
     cases.append(("fsdp-head", check_fsdp_head, dict(mesh=mesh, seed=40, rank=rank, world_size=world_size,
                                                      divergence="skew_kl", hard_weight=0.5, temperature=2.0)))
     _run(rank, cases)
@@ -313,11 +314,9 @@ def test_four_ranks():
     spawn(_four_ranks, 4)
 
 
-def test_the_dispatch_check_imports_nothing():
+def test_the_dispatch_check_imports_nothing(monkeypatch):
     """``has_dtensor`` on plain tensors (the check every call makes) imports no DTensor code."""
-    import subprocess
     import sys
-    code = ("import sys, torch, fastkd; from fastkd.dtensor import has_dtensor; "
-            "print(has_dtensor(torch.ones(1), [torch.ones(1)], None), 'torch.distributed.tensor' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    monkeypatch.delitem(sys.modules, "torch.distributed.tensor", raising=False)
+    assert not has_dtensor(torch.ones(1), [torch.ones(1)], None)
+    assert "torch.distributed.tensor" not in sys.modules
