@@ -116,13 +116,14 @@ class _Layout:
             return None if x is None else x.to_local()
         return _HeadLocal.apply(x, self.row_dims)
 
-    def global_items(self, labels, n_rows, ignore_index, kwargs):
-        """``num_items_in_batch`` for the local call: the given one, or the kept-row count over the
-        mesh dims that shard rows (None when no dim does: the local count is the global one)."""
+    def global_items(self, labels, rows, ignore_index, kwargs):
+        """``num_items_in_batch`` for the local call of ``rows`` (this rank's student, logits or
+        hidden states): the given one, or the kept-row count over the mesh dims that shard rows
+        (None when no dim does: the local count is the global one)."""
         if kwargs["num_items_in_batch"] is not None or not self.row_dims or \
                 kwargs["reduction"] not in ("batchmean", "mean"):
             return kwargs["num_items_in_batch"]
-        count = (torch.full((), n_rows, dtype=torch.int64) if labels is None else
+        count = (torch.full((), rows.shape[:-1].numel(), dtype=torch.int64, device=rows.device) if labels is None else
                  (labels.detach() != ignore_index).sum())
         return _SumOverRows.apply(count, self)
 
@@ -148,7 +149,8 @@ class _HeadLocal(torch.autograd.Function):
     def forward(ctx, x, row_dims):
         ctx.spec = x.device_mesh, tuple(x.placements), x.shape, x.stride()
         ctx.row_dims = row_dims
-        return x.to_local().view_as(x.to_local())
+        local = x.to_local()
+        return local.view_as(local)  # a new tensor: the DTensor's own local tensor gets no grad_fn
 
     @staticmethod
     def backward(ctx, grad):
@@ -193,7 +195,7 @@ def kd_loss(kwargs, local_loss, vocab_parallel_loss):
     teachers = layout.local("teacher_logits", kwargs.pop("teacher_logits"))
     labels = layout.local("labels", kwargs.pop("labels"), layout.row_placements())
     local = student.to_local()
-    kwargs["num_items_in_batch"] = layout.global_items(labels, local.shape[:-1].numel(), kwargs["ignore_index"], kwargs)
+    kwargs["num_items_in_batch"] = layout.global_items(labels, local, kwargs["ignore_index"], kwargs)
     if layout.vocab_dim is None:
         loss = local_loss(local, teachers, labels=labels, **kwargs)
     else:
@@ -221,7 +223,7 @@ def topk_kd_loss(kwargs, local_loss):
     logprobs, indices = (layout.local(name, kwargs.pop(name)) for name in ("teacher_logprobs", "teacher_indices"))
     labels = layout.local("labels", kwargs.pop("labels"))
     local = student.to_local()
-    kwargs["num_items_in_batch"] = layout.global_items(labels, local.shape[:-1].numel(), kwargs["ignore_index"], kwargs)
+    kwargs["num_items_in_batch"] = layout.global_items(labels, local, kwargs["ignore_index"], kwargs)
     loss = local_loss(local, logprobs, indices, labels=labels, **kwargs)
     return layout.wrap(loss, kwargs["reduction"], student.shape[:-1])
 
@@ -265,8 +267,7 @@ def fused_linear_kd_loss(kwargs, local_loss):
     kwargs = dict(kwargs)
     hidden = kwargs.pop("student_hidden").to_local()
     labels = layout.local("labels", kwargs.pop("labels"))
-    kwargs["num_items_in_batch"] = layout.global_items(labels, hidden.shape[:-1].numel(), kwargs["ignore_index"],
-                                                       kwargs)
+    kwargs["num_items_in_batch"] = layout.global_items(labels, hidden, kwargs["ignore_index"], kwargs)
     kwargs["teacher_hidden"] = layout.local("teacher_hidden", kwargs["teacher_hidden"])
     if layout.vocab_dim is None:
         heads = {name: _replicated(name, kwargs[name], layout) for name in _HEADS}
@@ -311,13 +312,13 @@ def _vocab_slice(name, x, layout, placements, v0, width, dim):
 def _vocab_parallel_linear(hidden, labels, weight, head, layout, kw):
     """The vocabulary-parallel fused linear loss of the local tensors (``fastkd.vocab_parallel_linear``),
     validated as ``fastkd.fused_linear_kd_loss`` validates its arguments."""
+    from torch.distributed.tensor import Shard
+
     if kw["teacher_weights"] is not None:
         raise ValueError(f"teacher_weights: a mixture of teachers is not available with the head sharded by "
                          f"vocabulary (student_weight placements {head.placements})")
     local_weight = layout.head(weight)
     v0, width = _vocab_start(weight, head, dim=0), local_weight.shape[0]
-    from torch.distributed.tensor import Shard
-
     heads = (layout, head.placements, v0, width, 0)
     bias = _vocab_slice("student_bias", kw["student_bias"], *heads)
     t_weight = _vocab_slice("teacher_weight", kw["teacher_weight"], *heads)

@@ -310,7 +310,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
 
     DTensor heads (tensor-parallel ``Shard(0)``, or FSDP2-sharded) and hidden states: see ``fastkd.dtensor``.
     """
-    if dtensor.has_dtensor(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits):
+    if dtensor.has_dtensor(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                           teacher_logits):
         return dtensor.fused_linear_kd_loss(dict(locals()), fused_linear_kd_loss)
     dtype = _autocast_dtype(student_hidden)
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
