@@ -54,9 +54,20 @@ def _full(x):
     return x.full_tensor() if has_dtensor(x) else x
 
 
+def _strided(d, requires_grad=False):
+    """``d`` again, its local tensor a non-contiguous view (every other element of a wider tensor)."""
+    from torch.distributed.tensor import DTensor
+    local = d.to_local()
+    view = torch.stack([local, local], -1)[..., 0]
+    assert not view.is_contiguous() or view.numel() <= 1
+    out = DTensor.from_local(view, d.device_mesh, d.placements, run_check=False, shape=d.shape, stride=d.stride())
+    return out.detach().requires_grad_(requires_grad)
+
+
 def check_kd(mesh, placements, widths, *, seed, dtype=torch.float32, n_rows=7, teachers=1, dtensor_labels=True,
-             topk=None, items=None, **kw):
-    """kd_loss (or topk_kd_loss with ``topk`` = k) of DTensors against the single-process call."""
+             topk=None, items=None, views=False, **kw):
+    """kd_loss (or topk_kd_loss with ``topk`` = k) of DTensors against the single-process call;
+    ``views``: their local tensors non-contiguous views."""
     Replicate, Shard, distribute_tensor = _dt()
     student, teacher, labels, _ = make_case(widths, seed=seed, n_rows=n_rows, dtype=dtype)
     others = [make_case(widths, seed=seed + 100, n_rows=n_rows, dtype=torch.bfloat16)[1] for _ in range(teachers - 1)]
@@ -82,14 +93,18 @@ def check_kd(mesh, placements, widths, *, seed, dtype=torch.float32, n_rows=7, t
     row_placements = [Replicate() if p in (Shard(1), Shard(-1)) else p for p in placements]
     d_student = distribute_tensor(student, mesh, placements).requires_grad_()
     t_placements = placements if topk is None else row_placements
-    d_teacher = (distribute_tensor(teacher_args, mesh, t_placements) if torch.is_tensor(teacher_args) else
-                 [distribute_tensor(t, mesh, t_placements) for t in teacher_args])
+    d_teacher = [distribute_tensor(t, mesh, t_placements) for t in
+                 ([teacher_args] if torch.is_tensor(teacher_args) else teacher_args)]
     d_labels = None if labels is None else distribute_tensor(labels, mesh, row_placements)
+    if views:
+        d_student, d_teacher = _strided(d_student, True), [_strided(t) for t in d_teacher]
+        d_labels = None if d_labels is None else _strided(d_labels)
     if d_labels is not None and not dtensor_labels:
         local = d_labels.to_local()
         d_labels = torch.stack([local, local], -1)[..., 0]  # a plain, non-contiguous local view
     with LargestTensor() as count:
-        loss = call(d_student, d_teacher if topk is None else tuple(d_teacher), labels=d_labels, **kw)
+        loss = call(d_student, (d_teacher if teachers > 1 else d_teacher[0]) if topk is None else tuple(d_teacher),
+                    labels=d_labels, **kw)
         _backward_dtensor(loss, reduction)
     assert has_dtensor(loss) and has_dtensor(d_student.grad)
     assert tuple(d_student.grad.placements) == tuple(d_student.placements)
@@ -198,8 +213,10 @@ def check_fsdp_head(mesh, *, seed, rank, world_size, n_rows=6, H=5, V=11, **kw):
             single_loss, single_hidden_grad = single.detach(), x.grad
     h, th, labels = data[rank]
     x = h.clone().requires_grad_()
-    loss = fastkd.fused_linear_kd_loss(x, head.weight, th, d_teacher.weight.detach(), labels=labels, **kw)
-    loss.backward()
+    with LargestTensor() as count:
+        loss = fastkd.fused_linear_kd_loss(x, head.weight, th, d_teacher.weight.detach(), labels=labels, **kw)
+        loss.backward()
+    assert count.numel < n_rows * V, f"a process made a tensor of {count.numel} elements (N V = {n_rows * V})"
     assert not has_dtensor(loss) and has_dtensor(head.weight.grad)
     assert tuple(head.weight.grad.placements) == tuple(head.weight.placements)
     torch.testing.assert_close(loss, single_loss, rtol=1e-6, atol=1e-7)
@@ -235,6 +252,12 @@ def _two_ranks(rank, world_size, port):
         ("vocab-items", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(5, 4), seed=22, hard_weight=0.5,
                                        items=11, reduction="mean")),
         ("rows-no-rows", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(5, 4), seed=23, n_rows=0)),
+        ("vocab-no-rows", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(5, 4), seed=26, n_rows=0,
+                                         divergence="jsd", hard_weight=0.5)),
+        ("vocab-views", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(5, 4), seed=27, views=True,
+                                       divergence="skew_reverse_kl", hard_weight=0.5, temperature=0.7)),
+        ("rows-views-bf16", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(5, 4), seed=28, views=True,
+                                           dtype=torch.bfloat16, teachers=2, divergence="kl", hard_weight=0.5)),
         ("rows-topk", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(5, 4), seed=24, topk=3,
                                      hard_weight=0.5, temperature=2.0)),
         ("replicate-topk-none", check_kd, dict(mesh=mesh, placements=[Replicate()], widths=(5, 4), seed=25, topk=3,
