@@ -281,19 +281,30 @@ def _two_ranks(rank, world_size, port):
 
 def _errors(mesh):
     """Placements that cannot be served raise, naming them."""
-    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     student, teacher, labels, _ = make_case((4, 4), seed=50, n_rows=4)
     vocab = distribute_tensor(student, mesh, [Shard(1)])
     with pytest.raises(ValueError, match="placements"):
         fastkd.kd_loss(vocab, distribute_tensor(teacher, mesh, [Shard(0)]))
     with pytest.raises(TypeError, match="student_logits must be a DTensor"):
         fastkd.kd_loss(student, distribute_tensor(teacher, mesh, [Shard(1)]))
-    from torch.distributed.tensor import DTensor
     partial = DTensor.from_local(student, mesh, [Partial()])
     with pytest.raises(ValueError, match="P\\(sum\\)"):
         fastkd.kd_loss(partial, DTensor.from_local(teacher, mesh, [Partial()]))
     with pytest.raises(ValueError, match="cannot serve student_logits placements"):
         fastkd.topk_kd_loss(vocab, *fastkd.teacher_topk(teacher, 2))
+    with pytest.raises(TypeError, match="mixture of 2 teachers"):
+        fastkd.kd_loss(vocab, [distribute_tensor(teacher, mesh, [Shard(1)])] * 2)
+    with pytest.raises(ValueError, match="labels has placements"):
+        fastkd.kd_loss(vocab, distribute_tensor(teacher, mesh, [Shard(1)]),
+                       labels=distribute_tensor(labels, mesh, [Shard(0)]),
+                       hard_weight=0.5)
+    hidden = distribute_tensor(torch.randn(4, 3), mesh, [Replicate()])
+    head = distribute_tensor(torch.randn(8, 3), mesh, [Shard(0)])
+    with pytest.raises(TypeError, match="mixture of 2 teachers"):
+        fastkd.fused_linear_kd_loss(hidden, head, teacher_logits=[teacher, teacher])
+    with pytest.raises(ValueError, match="teacher_weight has placements"):
+        fastkd.fused_linear_kd_loss(hidden, head, hidden, distribute_tensor(torch.randn(8, 3), mesh, [Replicate()]))
     with pytest.raises(ValueError, match="student_weight placements"):
         fastkd.fused_linear_kd_loss(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]),
                                     distribute_tensor(torch.randn(8, 3), mesh, [Shard(0)]),
