@@ -152,6 +152,12 @@ def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, 
     single = fastkd.fused_linear_kd_loss(leaves[0], leaves[1], student_bias=leaves[2] if bias else None,
                                          labels=labels, chunk_size=3, **teacher, **kw)
     _backward(single, leaves[0], reduction)
+    # The float64 yardstick: the same call in float64 (the fused loss is checked against the oracle elsewhere).
+    exact = [x.double().requires_grad_() for x in (hidden, weight, b)]
+    exact_teacher = {name: x.double() for name, x in teacher.items()}
+    oracle = fastkd.fused_linear_kd_loss(exact[0], exact[1], student_bias=exact[2] if bias else None, labels=labels,
+                                         chunk_size=3, **exact_teacher, **kw)
+    _backward(oracle, exact[0], reduction)
 
     d_hidden = distribute_tensor(hidden, mesh, hidden_placements).requires_grad_()
     d_weight = distribute_tensor(weight, mesh, weight_placements).requires_grad_()
@@ -176,12 +182,15 @@ def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, 
     if kw.get("backend") != "triton":  # Triton's interpreter copies its arguments' storages; a launch does not
         assert count.numel < min(n_rows * V, V * H), f"a process made a tensor of {count.numel} elements"
     torch.testing.assert_close(loss.full_tensor(), single.detach(), rtol=1e-5, atol=1e-6)
-    for d, leaf in zip((d_hidden, d_weight, d_bias), leaves):
+    assert_close_to_oracle(loss.full_tensor(), oracle.detach(), single.detach(), dtype=torch.float32, grows_with=V)
+    for d, leaf, truth in zip((d_hidden, d_weight, d_bias), leaves, exact):
         if d is d_bias and not bias:
             continue
         assert tuple(d.grad.placements) == tuple(d.placements)
         scale = leaf.grad.abs().max().item()
-        torch.testing.assert_close(d.grad.full_tensor(), leaf.grad, rtol=1e-5, atol=1e-5 * scale)
+        grad = d.grad.full_tensor()
+        torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-5 * scale)
+        assert_close_to_oracle(grad / scale, truth.grad / scale, leaf.grad / scale, dtype=torch.float32, grows_with=V)
 
 
 def check_fsdp_head(mesh, *, seed, rank, world_size, n_rows=6, H=5, V=11, **kw):
