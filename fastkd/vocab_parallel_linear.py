@@ -11,6 +11,11 @@ gradients (its own rows, no exchange) and into a partial hidden gradient G W; on
 ``[N, H]`` hidden gradient per call sums the partials. No rank ever holds ``[N, V]`` logits or the
 whole head: the memory is the fused linear loss's with V replaced by W.
 
+The exchanges go chunk by chunk (2-3 all-reduces per chunk, the same bytes per row as one call of
+``vocab_parallel_kd_loss`` on all rows): exchanging once per call would need every chunk's logits
+twice, before and after the exchange, so each chunk would be projected twice (or the ``[N, W]``
+logits kept). Larger chunks mean fewer, larger all-reduces.
+
 ``reduction="none"``, as in the fused loss, computes only the row losses in the forward and
 recomputes the chunks (with their collectives) in the backward, once the per-row upstream gradient
 is known. No custom operator wraps this call: it is not traceable by ``torch.compile``.
