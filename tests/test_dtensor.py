@@ -133,9 +133,9 @@ def check_kd(mesh, placements, widths, *, seed, dtype=torch.float32, n_rows=7, t
 
 
 def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, n_rows=8, H=6, bias=True,
-                   teacher_dtensor=True, teacher_logits=False, **kw):
+                   teacher_dtensor=True, teacher_logits=False, dtype=torch.float32, **kw):
     """fused_linear_kd_loss of a head sharded by vocabulary rows (tensor parallel) against the
-    single-process call on the whole head."""
+    single-process call on the whole head (student hidden states, head and bias in ``dtype``)."""
     Replicate, Shard, distribute_tensor = _dt()
     V, reduction = sum(widths), kw.get("reduction", "batchmean")
     gen = torch.Generator().manual_seed(seed)
@@ -146,6 +146,7 @@ def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, 
     labels = torch.randint(0, V, (n_rows,), generator=gen)
     labels[1] = -100
     t_logits = t_hidden @ t_weight.T + t_bias
+    hidden, weight, b = (x.to(dtype) for x in (hidden, weight, b))
     teacher = dict(teacher_logits=t_logits) if teacher_logits else dict(teacher_hidden=t_hidden, teacher_weight=t_weight,
                                                                        teacher_bias=t_bias)
     leaves = [x.clone().requires_grad_() for x in (hidden, weight, b)]
@@ -182,15 +183,16 @@ def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, 
     if kw.get("backend") != "triton":  # Triton's interpreter copies its arguments' storages; a launch does not
         assert count.numel < min(n_rows * V, V * H), f"a process made a tensor of {count.numel} elements"
     torch.testing.assert_close(loss.full_tensor(), single.detach(), rtol=1e-5, atol=1e-6)
-    assert_close_to_oracle(loss.full_tensor(), oracle.detach(), single.detach(), dtype=torch.float32, grows_with=V)
+    assert_close_to_oracle(loss.full_tensor(), oracle.detach(), single.detach(), dtype=dtype, grows_with=V)
     for d, leaf, truth in zip((d_hidden, d_weight, d_bias), leaves, exact):
         if d is d_bias and not bias:
             continue
         assert tuple(d.grad.placements) == tuple(d.placements)
         scale = leaf.grad.abs().max().item()
         grad = d.grad.full_tensor()
-        torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-5 * scale)
-        assert_close_to_oracle(grad / scale, truth.grad / scale, leaf.grad / scale, dtype=torch.float32, grows_with=V)
+        if dtype == torch.float32:
+            torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-5 * scale)
+        assert_close_to_oracle(grad / scale, truth.grad / scale, leaf.grad / scale, dtype=dtype, grows_with=V)
 
 
 def check_fsdp_head(mesh, *, seed, rank, world_size, n_rows=6, H=5, V=11, **kw):
@@ -281,6 +283,10 @@ def _two_ranks(rank, world_size, port):
                   dict(mesh=mesh, hidden_placements=[Replicate()], weight_placements=[Shard(0)], widths=(6, 5),
                        seed=33, divergence="reverse_kl", student_softcap=5.0, teacher_logit_scale=0.5,
                        num_items_in_batch=5, backend="triton")))
+    cases.append(("fused-tp-bf16", check_fused_tp,
+                  dict(mesh=mesh, hidden_placements=[Replicate()], weight_placements=[Shard(0)], widths=(16, 16),
+                       seed=34, H=16, n_rows=12, dtype=torch.bfloat16, divergence="kl", hard_weight=0.5,
+                       temperature=2.0)))
     cases.append(("fsdp-head", check_fsdp_head, dict(mesh=mesh, seed=40, rank=rank, world_size=world_size,
                                                      divergence="skew_kl", hard_weight=0.5, temperature=2.0)))
     _run(rank, cases)
