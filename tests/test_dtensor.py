@@ -7,9 +7,17 @@ the float64 oracle as they are; and, where anything is sharded, that no process 
 large as the full ``[N, V]`` logits (the fused linear loss: nor as large as the ``[V, H]`` head),
 counted by ``LargestTensor`` over every aten op of the call, forward and backward.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -34,14 +42,8 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def _dt():
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    return Replicate, Shard, distribute_tensor
-
-
 def _weights(loss):
     """Per-row upstream gradients for ``reduction="none"`` (as ``_backward`` uses), placed as ``loss``."""
-    _, _, distribute_tensor = _dt()
     weights = torch.arange(1.0, loss.numel() + 1).reshape(loss.shape)
     return distribute_tensor(weights, loss.device_mesh, loss.placements)
 
@@ -50,13 +52,8 @@ def _backward_dtensor(loss, reduction):
     (loss * _weights(loss)).sum().backward() if reduction == "none" else (2.0 * loss).backward()
 
 
-def _full(x):
-    return x.full_tensor() if has_dtensor(x) else x
-
-
 def _strided(d, requires_grad=False):
     """``d`` again, its local tensor a non-contiguous view (every other element of a wider tensor)."""
-    from torch.distributed.tensor import DTensor
     local = d.to_local()
     view = torch.stack([local, local], -1)[..., 0]
     assert not view.is_contiguous() or view.numel() <= 1
@@ -68,7 +65,6 @@ def check_kd(mesh, placements, widths, *, seed, dtype=torch.float32, n_rows=7, t
              topk=None, items=None, views=False, **kw):
     """kd_loss (or topk_kd_loss with ``topk`` = k) of DTensors against the single-process call;
     ``views``: their local tensors non-contiguous views."""
-    Replicate, Shard, distribute_tensor = _dt()
     student, teacher, labels, _ = make_case(widths, seed=seed, n_rows=n_rows, dtype=dtype)
     others = [make_case(widths, seed=seed + 100, n_rows=n_rows, dtype=torch.bfloat16)[1] for _ in range(teachers - 1)]
     V, reduction = sum(widths), kw.get("reduction", "batchmean")
@@ -136,7 +132,6 @@ def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, 
                    teacher_dtensor=True, teacher_logits=False, dtype=torch.float32, **kw):
     """fused_linear_kd_loss of a head sharded by vocabulary rows (tensor parallel) against the
     single-process call on the whole head (student hidden states, head and bias in ``dtype``)."""
-    Replicate, Shard, distribute_tensor = _dt()
     V, reduction = sum(widths), kw.get("reduction", "batchmean")
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n_rows, H, generator=gen)
@@ -199,8 +194,6 @@ def check_fsdp_head(mesh, *, seed, rank, world_size, n_rows=6, H=5, V=11, **kw):
     """An FSDP2-sharded head (fully_shard), each rank with its own rows: the loss is this rank's
     single-process loss and the head's gradient (Shard(0), as FSDP2 keeps it) the mean over the
     ranks of theirs."""
-    from torch.distributed.fsdp import fully_shard
-
     gen = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(H, V, bias=False)
     with torch.no_grad():
@@ -211,7 +204,7 @@ def check_fsdp_head(mesh, *, seed, rank, world_size, n_rows=6, H=5, V=11, **kw):
     fully_shard(head, mesh=mesh)
     d_teacher = fully_shard(torch.nn.Linear(H, V, bias=False), mesh=mesh)
     with torch.no_grad():
-        d_teacher.weight.copy_(_dt()[2](t_weight, mesh, d_teacher.weight.placements))
+        d_teacher.weight.copy_(distribute_tensor(t_weight, mesh, d_teacher.weight.placements))
 
     expected = torch.zeros_like(weight)
     for r, (h, th, labels) in enumerate(data):
@@ -245,8 +238,6 @@ def _run(rank, cases):
 
 def _two_ranks(rank, world_size, port):
     _init(rank, world_size, port)
-    from torch.distributed.device_mesh import init_device_mesh
-    Replicate, Shard, _ = _dt()
     mesh = init_device_mesh("cpu", (world_size,))
     cases = []
     for i, divergence in enumerate(DIVERGENCES):
@@ -296,7 +287,6 @@ def _two_ranks(rank, world_size, port):
 
 def _errors(mesh):
     """Placements that cannot be served raise, naming them."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     student, teacher, labels, _ = make_case((4, 4), seed=50, n_rows=4)
     vocab = distribute_tensor(student, mesh, [Shard(1)])
     with pytest.raises(ValueError, match="placements"):
@@ -329,8 +319,6 @@ def _errors(mesh):
 def _four_ranks(rank, world_size, port):
     """A 2 x 2 mesh (rows over "dp", vocabulary over "tp"), and a 1-D mesh of 4 with uneven shards."""
     _init(rank, world_size, port)
-    from torch.distributed.device_mesh import init_device_mesh
-    Replicate, Shard, _ = _dt()
     mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     mesh1 = init_device_mesh("cpu", (4,))
     cases = []
@@ -365,7 +353,6 @@ def test_four_ranks():
 
 def test_the_dispatch_check_imports_nothing(monkeypatch):
     """``has_dtensor`` on plain tensors (the check every call makes) imports no DTensor code."""
-    import sys
     monkeypatch.delitem(sys.modules, "torch.distributed.tensor", raising=False)
     assert not has_dtensor(torch.ones(1), [torch.ones(1)], None)
     assert "torch.distributed.tensor" not in sys.modules
@@ -375,10 +362,6 @@ def test_example_under_torchrun(tmp_path):
     """examples/distill_dtensor.py as users run it (``torchrun --nproc-per-node 2``), tensor-parallel
     heads: it runs, checks its loss against gathered logits, and all-reduces exactly the bytes
     docs/distributed.md counts: (2 N + 2) + (5 N + 1) float32 per step for kl with the hard CE."""
-    import json
-    import os
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "tp.json"
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
