@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from . import fused_linear
+from . import dtensor, fused_linear
 from .autograd import (FusedLinearKDFunction, KDLossFunction, SoftmaxFunction, TopKKDLossFunction,
                        VocabParallelKDLossFunction)
 from .backends import flat_labels, implementation, resolve_backend, rows
@@ -77,7 +77,11 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     (``fastkd.ops``). Under ``torch.autocast`` the logits keep their dtype and the statistics
     stay float32. Differentiable once (as every fastkd loss): a backward with ``create_graph=True``
     raises RuntimeError.
+
+    DTensor logits (``torch.distributed.tensor``): their placements decide, see ``fastkd.dtensor``.
     """
+    if dtensor.has_dtensor(student_logits, teacher_logits, labels):
+        return dtensor.kd_loss(dict(locals()), kd_loss, vocab_parallel_kd_loss)
     teachers = as_teachers(teacher_logits)
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
@@ -187,7 +191,11 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices=None, *, tail
     environment; they raise ValueError for an index outside [0, V) or repeated in a row. Unchecked,
     either makes its row NaN (loss and gradient). ``validate_indices=False`` skips the checks
     everywhere.
+
+    DTensor logits with their rows sharded or replicated: see ``fastkd.dtensor``.
     """
+    if dtensor.has_dtensor(student_logits, teacher_logprobs, teacher_indices, labels):
+        return dtensor.topk_kd_loss(dict(locals()), topk_kd_loss)
     opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                         t2_scale=t2_scale, teacher_temperature=teacher_temperature)
@@ -315,7 +323,12 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     the same, the products of those bf16/fp16 operands). Works inside
     ``torch.compile(fullgraph=True)``: the chunk loop is the custom operator
     ``fastkd::fused_linear_pass``.
+
+    DTensor heads (tensor-parallel ``Shard(0)``, or FSDP2-sharded) and hidden states: see ``fastkd.dtensor``.
     """
+    if dtensor.has_dtensor(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                           teacher_logits):
+        return dtensor.fused_linear_kd_loss(dict(locals()), fused_linear_kd_loss)
     dtype = _autocast_dtype(student_hidden)
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
         _autocast(x, dtype) for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,

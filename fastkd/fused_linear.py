@@ -169,7 +169,7 @@ def _teacher_chunk(teacher, buffer, r0, r1, transform):
 
 
 def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backend, chunk, *, want, row_scale=None,
-                 transforms=(IDENTITY, IDENTITY)):
+                 transforms=(IDENTITY, IDENTITY), chunk_loss=None):
     """One pass over the rows of ``hidden`` ``[N, H]``.
 
     ``teachers``: a tuple of ``("logits", z_t [N, V])`` or ``("linear", h_t [N, Ht], W_t, b_t)``,
@@ -177,7 +177,9 @@ def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backe
     which of (hidden, weight, bias) gradients to compute; ``grad_scale`` ``[1]`` multiplies every
     logits gradient (the reduction's 1 / normaliser); ``row_scale`` ``[N]`` multiplies each row's
     (the "none" reduction's backward); ``transforms``: the student's and the teacher's
-    ``LogitTransform``. Returns the row losses ``[N]`` and the gradients (hidden in its dtype,
+    ``LogitTransform``; ``chunk_loss(z, z_ts, labels, need_grad) -> (row losses, G')`` replaces the
+    backend's ``kd_forward`` (the vocabulary-parallel loss: ``fastkd.vocab_parallel_linear``).
+    Returns the row losses ``[N]`` and the gradients (hidden in its dtype,
     weight and bias in the accumulation dtype) or None.
     """
     want_hidden, want_weight, want_bias = want
@@ -213,7 +215,10 @@ def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backe
         z_ts = [_teacher_chunk(t, buffer, r0, r1, teacher_transform) for t, buffer in zip(teachers, t_buffers)]
         label = None if labels is None else labels[r0:r1]
         # Row losses and the logits gradient (times grad_scale), written over z.
-        loss, g = impl.kd_forward(z, z_ts, label, grad_scale, opts, inplace=True, need_grad=need_grad)
+        if chunk_loss is None:
+            loss, g = impl.kd_forward(z, z_ts, label, grad_scale, opts, inplace=True, need_grad=need_grad)
+        else:
+            loss, g = chunk_loss(z, z_ts, label, need_grad)
         row_loss[r0:r1] = loss
         if not need_grad:
             continue
