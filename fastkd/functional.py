@@ -24,8 +24,10 @@ from .options import (IDENTITY, as_teachers, check_stored_temperature, mark_temp
 
 
 def _check_teacher_count(backend, num_teachers):
+    if backend != "triton" or num_teachers == 1:
+        return
     limit = implementation("triton").MAX_TEACHERS
-    if backend == "triton" and num_teachers > limit:
+    if num_teachers > limit:
         raise ValueError(f"the Triton kernels take up to {limit} teachers, got {num_teachers}; use backend='torch' "
                          "for more")
 

@@ -25,6 +25,11 @@ workers pay those holding the interpreter lock. Measured with the workers: chunk
 1.5 times, 0.25 MiB twice as long; 4 MiB was no faster overall (faster for reverse_kl, slower
 for tvd, whose buffers then leave the caches). The buffers stay a few percent of the gradient.
 On a GPU chunks are GPU_CHUNK_FACTOR times larger.
+
+Small calls. A call of one chunk and at most SMALL_ELEMENTS elements (a classifier's
+distillation, a few rows) runs on the calling thread in fresh tensors, its row statistics by fused
+ops (``_small_elements``): there each op costs its microseconds of Python and dispatch, not a pass
+over memory, so the fewest ops win.
 """
 import ctypes
 import functools
@@ -47,10 +52,7 @@ CHUNK_BYTES = 2 * 2**20
 GPU_CHUNK_FACTOR = 4
 
 
-# A call of one chunk and at most this many elements (N * V) runs on the calling thread, in fresh
-# tensors, with fused ops where the chunk loop writes in place (_small_elements): at such sizes
-# every op costs its few microseconds of Python and dispatch, not its pass over memory, so fewer
-# ops win, and the worker threads' hand-over would cost more than the work.
+# Small calls (module docstring): one chunk of at most this many elements (N * V).
 SMALL_ELEMENTS = 2**16
 
 
