@@ -421,6 +421,7 @@ class Progress:
 
     def stop(self):
         self._stop.set()
+        self._thread.join()
 
 
 # ----------------------------------------------------------------------------------------- cases
