@@ -54,8 +54,9 @@ float32 blocks stay below the float32 ``[V, H]`` weight-gradient accumulator tha
 anyway. MATMUL_ROWS is the least that lets the three matmuls of a chunk (2 chunk H V flops each,
 for one read of the V H weight) run near full speed (H = 1024, V = 32000 on a CPU: 64 rows 21,
 256 rows 31, 4096 rows 36 GFLOP/s): with a small H, chunks of H // 4 rows made the fused loss
-slower than the unfused one (H = 256, V = 32000, N = 8192 on 2 cores: 64-row chunks 1.42 times the
-time of materialising the logits); there the blocks may exceed the (small) weight, by 256 V floats.
+slower than the unfused one (H = 256, V = 32000, fp32 fwd + bwd on 2 shared cores, N = 4096, one
+run, 3 alternating rounds: 64-row chunks 1.40 times the time of materialising the logits, 256 rows
+0.93 times); there the blocks may exceed the (small) weight, by 256 V floats.
 The chunk is the driver's own, independent of the torch backend's chunks (``kd_forward`` cuts each
 driver chunk into its own, which its worker threads share).
 """
