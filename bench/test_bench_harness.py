@@ -10,6 +10,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -277,6 +278,39 @@ def test_gpu_path_on_a_cuda_stand_in(monkeypatch):
     assert fused["tflops"] == pytest.approx(min_flops(cases[1]) / (fused["ms_p50"] * 1e-3) / 1e12)
     assert ("fused_linear_kd", "fastkd-unfused") in by and ("kd_loss", "fastkd-unfused") not in by
     assert fused["diff_vs_eager"] < 1e-5
+
+
+def test_long_cases_print_progress_with_estimates(monkeypatch):
+    """Every PROGRESS_S a line: the case, its phase, about how long the case and the run have left
+    (from the rounds so far, and from the cases done)."""
+    def slow(case):
+        def forward(s, t):
+            time.sleep(0.03)
+            return s.sum() + t.sum()
+        return forward
+
+    monkeypatch.setattr(runner, "PROGRESS_S", 0.01)
+    monkeypatch.setattr(runner, "ROUND_BUDGET_S", 0.1)
+    provider = Provider("slow", lambda d: None, slow, lambda c: "sleeps")
+    cases = [Case("kd_loss", "kl", "fp32", 4, 8, "fwd+bwd"), Case("kd_loss", "kl", "fp32", 4, 16, "fwd+bwd")]
+    lines = []
+    runner.run_cases({c: [provider] for c in cases}, CPU, min_rounds=3, log=lines.append)
+    progress = [line for line in lines if line.lstrip().startswith("...")]
+    assert any("case 1/2" in line and "preparing slow" in line for line in progress)
+    timing = [line for line in progress if "timing, round" in line]
+    assert any(re.search(r"case 2/2 .*left: case about \d+ s, run about \d+ s", line) for line in timing)
+    count = len(lines)
+    time.sleep(0.05)
+    assert len(lines) == count  # the progress thread ends with the run
+
+
+def test_kd_loss_ce_providers_compute_the_same_loss():
+    case = Case("kd_loss_ce", "kl", "fp32", 6, 10, "fwd+bwd")
+    inputs = runner.make_inputs(case, CPU)
+    eager = PROVIDERS["torch-eager"].make(case)(*inputs.args)
+    mine = PROVIDERS["fastkd-torch"].make(case)(*inputs.args)
+    torch.testing.assert_close(mine, eager)
+    assert "cross_entropy" in PROVIDERS["torch-eager"].describe(case)
 
 
 # ----------------------------------------------------------------------------------------- the command

@@ -47,13 +47,18 @@ add a float32 copy of the chunk's hidden rows ``[chunk, H]`` and one weight tile
 UPCAST_TILE_BYTES). That is O(chunk V + N H + V H), never O(N V).
 
 Default chunk (``default_chunk_size``): ``H // 4`` rows rounded down to a power of two, clamped to
-[MIN_CHUNK_ROWS, MAX_CHUNK_ROWS], then halved (not below MIN_CHUNK_ROWS) while the chunk's
-float32 blocks together exceed MAX_CHUNK_BYTES. Tying the chunk to H keeps each block at most a
-quarter of the weight's elements (chunk V <= V H / 4), so the two or three float32 blocks stay
-below the float32 ``[V, H]`` weight-gradient accumulator that must be held anyway, and for real
-models (H >= 1024) gives chunks of 256+ rows, enough for the three matmuls of a chunk
-(2 chunk H V flops each, for one read of the V H weight) to run near full speed (H = 1024,
-V = 32000 on a CPU: 64 rows 21, 256 rows 31, 4096 rows 36 GFLOP/s).
+[MATMUL_ROWS, MAX_CHUNK_ROWS], then halved (not below MIN_CHUNK_ROWS) while the chunk's float32
+blocks together exceed MAX_CHUNK_BYTES. Tying the chunk to H keeps each block at most a quarter of
+the weight's elements (chunk V <= V H / 4) for real models (H >= 1024), so the two or three
+float32 blocks stay below the float32 ``[V, H]`` weight-gradient accumulator that must be held
+anyway. MATMUL_ROWS is the least that lets the three matmuls of a chunk (2 chunk H V flops each,
+for one read of the V H weight) run near full speed (H = 1024, V = 32000 on a CPU: 64 rows 21,
+256 rows 31, 4096 rows 36 GFLOP/s): with a small H, chunks of H // 4 rows made the fused loss
+slower than the unfused one (H = 256, V = 32000, fp32 fwd + bwd on 2 shared cores, N = 4096, one
+run, 3 alternating rounds: 64-row chunks 1.40 times the time of materialising the logits, 256 rows
+0.93 times); there the blocks may exceed the (small) weight, by 256 V floats.
+The chunk is the driver's own, independent of the torch backend's chunks (``kd_forward`` cuts each
+driver chunk into its own, which its worker threads share).
 """
 import functools
 import math
@@ -65,6 +70,7 @@ from .buffers import accumulation_dtype, empty
 from .options import IDENTITY, check_logit_transform
 
 MIN_CHUNK_ROWS = 16
+MATMUL_ROWS = 256
 MAX_CHUNK_ROWS = 1024
 MAX_CHUNK_BYTES = 2**30  # all the float32 [chunk, V] blocks of a chunk together
 UPCAST_TILE_BYTES = 8 * 2**20  # the float32 weight tile of the upcast product (no float32-output matmul)
@@ -73,7 +79,7 @@ UPCAST_TILE_BYTES = 8 * 2**20  # the float32 weight tile of the upcast product (
 def default_chunk_size(V, H, blocks=2):
     """Rows per chunk for vocabulary ``V``, hidden size ``H`` and ``blocks`` float32 ``[chunk, V]``
     buffers (2; 3 with a student softcap): the rule in the module docstring."""
-    rows = min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, 1 << max(0, (max(H, 1) // 4).bit_length() - 1)))
+    rows = min(MAX_CHUNK_ROWS, max(MATMUL_ROWS, 1 << max(0, (max(H, 1) // 4).bit_length() - 1)))
     while rows > MIN_CHUNK_ROWS and blocks * rows * V * 4 > MAX_CHUNK_BYTES:
         rows //= 2
     return rows

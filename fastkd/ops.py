@@ -26,6 +26,11 @@ Python scalar); every later value reuses that graph. ``torch.compile(dynamic=Tru
 one recompile. Strings, bools and ints (divergence, flags, ignore_index, backend) are ordinary op
 arguments: changing one recompiles.
 
+Outside ``torch.compile`` the wrappers below call the backend directly (``traced()`` is False): the
+dispatcher's path through a custom op (packing the scalars, the op's schema, autograd and dynamo
+wrappers) costs some 40 µs a call, most of a small call's time, and buys nothing without a
+compiler. The ops and the direct call run the same backend function on the same arguments.
+
 Autocast. The ops run with autocast off, so the inputs keep their dtypes and the statistics stay in
 float32 (float64 for float64 inputs) whatever autocast region the caller is in.
 """
@@ -59,6 +64,12 @@ def unpack_kd_options(scalars, divergence, t2_scale, ignore_index):
     temperature, teacher_temperature, beta, skew, hard_weight, soft_weight, *teacher_weights = scalars.tolist()
     return KDOptions(temperature, divergence, beta, skew, hard_weight, soft_weight, t2_scale, ignore_index,
                      teacher_temperature, tuple(teacher_weights))
+
+
+def traced():
+    """Whether the call is being traced (``torch.compile``, ``torch.export``): then the wrappers go
+    through the custom ops, else they call the backend directly."""
+    return torch.compiler.is_compiling()
 
 
 def _static(opts: KDOptions):
@@ -122,6 +133,11 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, backend, 
     """Per-row loss ``[N]`` and the student gradient ``[N, V]`` (times ``grad_scale``; None unless
     ``need_grad``; ``student`` itself, overwritten, with ``inplace``) of ``[N, V]`` rows against the
     list of teachers (their mixture, with ``opts.teacher_weights``)."""
+    if not traced():
+        with autocast_off(student.device):
+            row_loss, grad = implementation(backend).kd_forward(student, teachers, labels, grad_scale, opts,
+                                                                inplace=inplace, need_grad=need_grad)
+        return row_loss, student if inplace else grad
     scalars = pack_kd_scalars(opts)
     if inplace:
         return torch.ops.fastkd.kd_forward_inplace(student, teachers, labels, grad_scale, scalars, *_static(opts),
@@ -170,6 +186,11 @@ def _(student, logprobs, indices, labels, grad_scale, scalars, divergence, t2_sc
 def topk_kd_forward(student, logprobs, indices, labels, grad_scale, opts: KDOptions, tail, backend, *, inplace,
                     need_grad):
     """``kd_forward`` of the top-k loss."""
+    if not traced():
+        with autocast_off(student.device):
+            row_loss, grad = implementation(backend).topk_kd_forward(student, logprobs, indices, labels, grad_scale,
+                                                                     opts, tail, inplace=inplace, need_grad=need_grad)
+        return row_loss, student if inplace else grad
     scalars = pack_kd_scalars(opts)
     if inplace:
         return torch.ops.fastkd.topk_kd_forward_inplace(student, logprobs, indices, labels, grad_scale, scalars,
@@ -230,6 +251,13 @@ def vocab_parallel_forward(student, teacher, labels, opts: KDOptions, reduction:
                            vocab_start, *, inplace, need_grad):
     """One rank's per-row loss ``[N]``, shard gradient ``[N, W]`` (or None) and the reduction's
     normaliser (0-d; 1 for "sum" and "none"), the collectives over the group ``group_name`` included."""
+    if not traced():
+        from .distributed import run_rank
+
+        with autocast_off(student.device):
+            row_loss, grad, norm = run_rank(student, teacher, labels, opts, reduction, backend, group_name,
+                                            vocab_start, inplace=inplace, need_grad=need_grad)
+        return row_loss, student if inplace else grad, norm
     scalars = pack_kd_scalars(opts)
     items = reduction.num_items_in_batch
     if items is not None and not isinstance(items, torch.Tensor):
@@ -286,6 +314,10 @@ def fused_linear_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, 
                       row_scale=None, transforms=(IDENTITY, IDENTITY)):
     """``fastkd.fused_linear.chunked_pass`` through the ``fastkd::fused_linear_pass`` operator:
     same arguments and results."""
+    if not traced():
+        with autocast_off(hidden.device):
+            return fused_linear.chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backend, chunk,
+                                             want=want, row_scale=row_scale, transforms=transforms)
     logits = [t[1] for t in teachers if t[0] == "logits"]
     linear = [t[1:] for t in teachers if t[0] == "linear"]
     row_loss, *grads = torch.ops.fastkd.fused_linear_pass(

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fastkd
+import fastkd.backends.torch
 import fastkd.backends.triton
 from fastkd import reference
 
@@ -49,13 +50,18 @@ def _check(actual, truth, eager, scale, out_dtype, what):
 
 @pytest.mark.parametrize("V", [32000, 128256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "torch-small"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_no_less_accurate_than_float32_pytorch(divergence, backend, dtype, V, monkeypatch, device):
     """On a GPU (the GPU check) this runs the compiled kernels: their exp and log on the hardware
-    units are held to the same rule."""
+    units are held to the same rule. ``torch-small``: the torch backend's path for small calls
+    (one chunk by fused ops, ``SMALL_ELEMENTS``), made to take these rows."""
     if device.type == "cpu":
         monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 32768)  # few interpreter steps
+    if backend == "torch-small":
+        monkeypatch.setattr(fastkd.backends.torch, "CHUNK_BYTES", 2**30)
+        monkeypatch.setattr(fastkd.backends.torch, "SMALL_ELEMENTS", 2**30)
+        backend = "torch"
     T = 1.5
     kw = dict(divergence=divergence, temperature=T, beta=0.3, skew=0.2)
     for case, (student, teacher) in _cases(V, dtype).items():

@@ -196,14 +196,16 @@ def test_default_chunk_size_rule():
     assert fused_linear.default_chunk_size(128256, 4096) == 1024
     assert fused_linear.default_chunk_size(128256, 4096, blocks=3) == 512  # a student softcap's third block
     assert fused_linear.default_chunk_size(262144, 8192) == 512
-    assert fused_linear.default_chunk_size(10, 3) == fused_linear.MIN_CHUNK_ROWS
+    assert fused_linear.default_chunk_size(10, 3) == fused_linear.MATMUL_ROWS  # a small H: rows for the matmuls
+    assert fused_linear.default_chunk_size(32000, 256) == 256
     assert fused_linear.default_chunk_size(2**24, 8192) == 16
-    for V, H in ((32000, 1024), (262144, 8192), (50257, 768), (128256, 4096)):
+    for V, H in ((32000, 1024), (262144, 8192), (50257, 768), (128256, 4096), (32000, 256)):
         for blocks in (2, 3):
             rows = fused_linear.default_chunk_size(V, H, blocks)
             # the float32 blocks together: <= 1 GiB, and below the float32 [V, H] weight gradient
-            assert blocks * rows * V * 4 <= min(fused_linear.MAX_CHUNK_BYTES, 4 * V * H)
-            assert rows <= max(H // 4, 16)
+            # from H = 1024 on (a smaller H: 256 rows at most)
+            assert blocks * rows * V * 4 <= min(fused_linear.MAX_CHUNK_BYTES, max(4 * V * H, blocks * 256 * V * 4))
+            assert rows <= max(H // 4, 256)
 
 
 def test_three_dim_hidden_module_and_retain_graph():

@@ -64,6 +64,44 @@ def test_workers_give_the_calling_threads_results(divergence, two_threads, monke
                                rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_small_calls_give_the_chunk_loops_results(divergence, monkeypatch):
+    """The path of a small call (one chunk by fused ops, SMALL_ELEMENTS) against the chunk loop: the
+    same values to float32 rounding and the same NaN rows, with -inf columns, an undefined row, a
+    label out of range, ignored rows, the hard CE, a bf16 student, views, and in place."""
+    gen = torch.Generator().manual_seed(5)
+    s, t = torch.randn(9, 13, generator=gen) * 3, torch.randn(9, 13, generator=gen) * 3
+    s[:, 4], t[:, 4] = -float("inf"), -float("inf")
+    t[:, 6] = -float("inf")  # the teacher alone masks a column
+    s[2] = float("nan")
+    labels = torch.randint(0, 13, (9,), generator=gen)
+    labels[::4], labels[5] = -100, 13
+    wide = torch.randn(9, 20, generator=gen)
+    wide[2] = float("nan")
+    cases = [
+        (s, t, None, make_options(divergence=divergence, temperature=1.5, beta=0.3, skew=0.2)),
+        (s, t, labels, make_options(divergence=divergence, hard_weight=0.5)),
+        (s.bfloat16(), t, labels, make_options(divergence=divergence, teacher_temperature=0.7)),
+        (wide[:, 3:16], t, labels[::1], make_options(divergence=divergence, soft_weight=0.3, t2_scale=False)),
+    ]
+
+    def forward(student, teacher, labels_, opts, small, **kw):
+        monkeypatch.setattr(torch_backend, "SMALL_ELEMENTS", 2**20 if small else 0)
+        return torch_backend.kd_forward(student, teacher, labels_, torch.tensor([0.25]), opts, chunk_bytes=2**20,
+                                        **kw)
+
+    for student, teacher, labels_, opts in cases:
+        loss, grad = forward(student, teacher, labels_, opts, True)
+        loss0, grad0 = forward(student, teacher, labels_, opts, False)
+        torch.testing.assert_close(loss, loss0, equal_nan=True)
+        torch.testing.assert_close(grad, grad0, equal_nan=True)
+        assert torch.isnan(loss).any()  # the undefined row (and, with labels, the label out of range)
+    inplace = s.clone()
+    forward(inplace, t, labels, make_options(divergence=divergence), True, inplace=True)
+    torch.testing.assert_close(inplace, forward(s, t, labels, make_options(divergence=divergence), False)[1],
+                               equal_nan=True)
+
+
 @needs_workers
 def test_workers_leave_the_callers_thread_settings_alone(two_threads, monkeypatch):
     """Each worker sets OpenMP's thread count of its own thread only: the caller, and threads

@@ -25,6 +25,11 @@ workers pay those holding the interpreter lock. Measured with the workers: chunk
 1.5 times, 0.25 MiB twice as long; 4 MiB was no faster overall (faster for reverse_kl, slower
 for tvd, whose buffers then leave the caches). The buffers stay a few percent of the gradient.
 On a GPU chunks are GPU_CHUNK_FACTOR times larger.
+
+Small calls. A call of one chunk and at most SMALL_ELEMENTS elements (a classifier's
+distillation, a few rows) runs on the calling thread in fresh tensors, its row statistics by fused
+ops (``_small_elements``): there each op costs its microseconds of Python and dispatch, not a pass
+over memory, so the fewest ops win.
 """
 import ctypes
 import functools
@@ -45,6 +50,10 @@ CHUNK_BYTES = 2 * 2**20
 # Chunks on a GPU are this many times larger (8 MiB, the size before the CPU's was measured): there
 # every op is a kernel launch, and the CPU's cache sizes do not apply. Not measured on a GPU.
 GPU_CHUNK_FACTOR = 4
+
+
+# Small calls (module docstring): one chunk of at most this many elements (N * V).
+SMALL_ELEMENTS = 2**16
 
 
 def chunks(N, V, chunk_bytes=None, device=None):
@@ -90,10 +99,10 @@ class Workspace:
 
 
 class FreshBuffers:
-    """A stand-in for ``Workspace`` that allocates every buffer like ``template`` (small top-k tensors)."""
+    """A stand-in for ``Workspace`` that allocates every buffer like ``template`` (small tensors)."""
 
     def __init__(self, template):
-        self.template = template
+        self.template, self.dtype = template, template.dtype
 
     def take(self):
         return torch.empty_like(self.template)
@@ -269,12 +278,24 @@ def _row_factor(scale, defined):
 
 def _one_teacher_elements(s, t, opts, work):
     """The chunk's Elements of one teacher (s and t change in place: see fold_row_statistics), the
-    first pass's statistics, its cross term, and the rows with both distributions."""
+    rows with both distributions, and the row scalars (A1, A2) where the first pass gives them
+    (kl, reverse_kl: from the cross term), else None."""
     x = div.Elements(opts, work, s_minus_t=lambda: torch.sub(s, t, out=work.take()))
     m_s, d_s, m_t, d_t, cross = div.fold_row_statistics(s, t, x, opts)
     x.shift = div.log_ratio_shift(m_s, d_s, m_t, d_t)
     defined = torch.isfinite(m_s + d_s.log())[:, 0] & torch.isfinite(m_t + d_t.log())[:, 0]
-    return x, d_s, d_t, cross, defined
+    scalars = div.cross_term_scalars(cross, d_s, d_t, x.shift, opts) if opts.has_cross_term else None
+    return x, defined, scalars
+
+
+def _small_elements(s, t, opts, work):
+    """``_one_teacher_elements`` of a small call (SMALL_ELEMENTS): each row's log-sum-exp by one
+    fused op and ls, lt, q, p, s - t out of place, in fresh tensors, as the mixture's; some ten ops
+    where the in-place first pass takes twenty. The row scalars come from element_terms."""
+    lse_s, lse_t = s.logsumexp(-1, keepdim=True), t.logsumexp(-1, keepdim=True)
+    shift = lse_s - lse_t  # finite exactly where both log-sum-exps are
+    x = div.Elements(opts, work, shift, ls=lambda: s - lse_s, lt=lambda: t - lse_t, s_minus_t=lambda: s - t)
+    return x, torch.isfinite(shift[:, 0]), None
 
 
 def _mixture_elements(s, teachers, r0, r1, opts, work):
@@ -293,7 +314,7 @@ def _mixture_elements(s, teachers, r0, r1, opts, work):
     lt = div.mixture_log_prob(lts, opts.log_teacher_weights())
     x = div.Elements(opts, work, torch.zeros_like(m_s), ls=ls, lt=lt, q=lambda: e_s.mul_(d_s.reciprocal()),
                      s_minus_t=lambda: torch.sub(ls, lt, out=work.take()))
-    return x, defined
+    return x, defined, None
 
 
 def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplace=False, need_grad=True,
@@ -314,11 +335,11 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
         s = _scaled(student[r0:r1], opts.temperature, work.take())
         if len(teachers) == 1:
             t = _scaled(teachers[0][r0:r1], opts.teacher_T, work.take())
-            x, d_s, d_t, cross, defined = _one_teacher_elements(s, t, opts, work)
+            x, defined, scalars = (_small_elements if small else _one_teacher_elements)(s, t, opts, work)
         else:
-            x, defined = _mixture_elements(s, teachers, r0, r1, opts, work)
-        if opts.has_cross_term:
-            A1, A2 = div.cross_term_scalars(cross, d_s, d_t, x.shift, opts)
+            x, defined, scalars = _mixture_elements(s, teachers, r0, r1, opts, work)
+        if scalars is not None:
+            A1, A2 = scalars
         else:
             a1, a2 = div.element_terms(x, opts, work.take(), work.take())
             A1, A2 = a1.sum(-1, keepdim=True), a2.sum(-1, keepdim=True)
@@ -335,7 +356,12 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
                 g.add_(ce_grad.mul_(grad_scale.to(acc) * opts.hard_weight))
         _finish_rows(loss, grad, r0, r1, row_loss, g, defined, labels, opts.ignore_index)
 
-    for_each_chunk(chunks(N, V, chunk_bytes, student.device), V, acc, student.device, one_chunk)
+    ranges = chunks(N, V, chunk_bytes, student.device)
+    small = len(ranges) == 1 and N * V <= SMALL_ELEMENTS
+    if small:  # one chunk, on this thread, in fresh tensors
+        one_chunk(0, N, FreshBuffers(empty((N, V), dtype=acc, device=student.device)))
+    else:
+        for_each_chunk(ranges, V, acc, student.device, one_chunk)
     return loss, grad
 
 

@@ -20,8 +20,10 @@ from ..options import DIVERGENCES
 # kd_loss: dense logits. topk_kd_loss: the student against a teacher's top-k log-probabilities
 # (tail="bucket"); teacher_topk: extracting them. fused_linear_kd: the LM head matmuls and the loss
 # (hidden states and weights in, the [N, V] logits never stored by the fused providers).
-OPS = ("kd_loss", "softmax", "log_softmax", "topk_kd_loss", "teacher_topk", "fused_linear_kd")
-DIVERGENCE_OPS = ("kd_loss", "topk_kd_loss", "fused_linear_kd")
+# kd_loss_ce: classic (Hinton-style) distillation of a classifier, the dense loss at CE_TEMPERATURE
+# with hard labels, CE_WEIGHT on each of the soft loss and the cross-entropy.
+OPS = ("kd_loss", "kd_loss_ce", "softmax", "log_softmax", "topk_kd_loss", "teacher_topk", "fused_linear_kd")
+DIVERGENCE_OPS = ("kd_loss", "kd_loss_ce", "topk_kd_loss", "fused_linear_kd")
 TOPK_OPS = ("topk_kd_loss", "teacher_topk")
 MODES = ("fwd", "bwd", "fwd+bwd")
 OP_MODES = {op: MODES for op in OPS} | {"teacher_topk": ("fwd",)}  # the teacher has no gradient
@@ -31,6 +33,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TEMPERATURE = 2.0
 BETA = 0.5  # jsd: symmetric, so every library's convention for beta gives the same value
 SKEW = 0.1
+CE_TEMPERATURE = 20.0  # kd_loss_ce: Hinton et al.'s classifier distillation runs at high T
+CE_WEIGHT = 0.5  # kd_loss_ce: hard_weight = soft_weight
 
 
 @dataclass(frozen=True)
@@ -96,11 +100,22 @@ CPU_WITH_COMPILE = ("torch-eager", "fastkd-torch", "torch-compile")
 GPU_PROVIDERS = ("torch-eager", "fastkd-triton", "fastkd-torch", "torch-compile", "liger")
 FUSED_LINEAR_PROVIDERS = ("torch-eager", "fastkd-unfused", "fastkd-triton", "liger")
 
+# Small calls, where the per-call cost of the host path (validation, dispatch, the chunk loop's
+# small ops) dominates: a classifier's distillation (V = 8 and 10, with labels at T = 20), a
+# mid-size vocabulary at few rows, many rows of a tiny vocabulary. Milliseconds a call.
+SMALL = (
+    Grid(ns=(4,), vs=(8,)),
+    Grid(ops=("kd_loss_ce",), ns=(100,), vs=(10,)),
+    Grid(ns=(128,), vs=(1000,)),
+    Grid(ns=(4096,), vs=(10,)),
+)
+
 PRESETS = {
     # The default on a CPU-only machine, a few minutes on 2 cores. First the headline case (the
     # torch backend against the eager idiom and its torch.compile, kl at N = 4096, V = 32000, fp32),
     # then every divergence at N = 2048 with torch.compile as well; a V sweep and softmax at
-    # N = 256; the sparse top-k loss and its extraction beside dense kd_loss at V = 128256.
+    # N = 256; the sparse top-k loss and its extraction beside dense kd_loss at V = 128256; the
+    # small calls.
     "cpu": (
         Grid(ns=(4096,), vs=(32000,), providers=CPU_WITH_COMPILE),
         Grid(divergences=DIVERGENCES, ns=(2048,), vs=(32000,), providers=CPU_WITH_COMPILE),
@@ -108,7 +123,9 @@ PRESETS = {
         Grid(ops=("softmax", "log_softmax"), ns=(256,), vs=(32000,)),
         Grid(ops=("kd_loss", "topk_kd_loss"), ns=(32,), vs=(128256,), ks=(16, 128, 1024)),
         Grid(ops=("teacher_topk",), ns=(32,), vs=(128256,), ks=(16, 128, 1024), modes=("fwd",)),
+        *SMALL,
     ),
+    "small": SMALL,
     # The GPU cases (H200 targets): bf16, N = 8192; headline kl at V = 128256, then 32000 and
     # 262144, timed with torch.compile (compiling takes most of a minute per case, so only here)
     # and with the variants of the dense Triton kernel side by side; the other divergences;

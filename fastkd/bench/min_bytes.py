@@ -5,7 +5,7 @@ Counted per element (``e`` bytes for the case's dtype; O(N) terms such as per-ro
 
 | op | fwd | bwd | fwd+bwd |
 |---|---|---|---|
-| kd_loss | read student + teacher [N, V]: 2e | read one saved [N, V], write the gradient: 2e | read both, write the gradient: 3e |
+| kd_loss, kd_loss_ce | read student + teacher [N, V]: 2e | read one saved [N, V], write the gradient: 2e | read both, write the gradient: 3e |
 | softmax, log_softmax | read x, write y: 2e | read y and dy, write dx: 3e | 5e |
 | topk_kd_loss | read the student [N, V]: 1e | 2e, as kd_loss | read the student, write the gradient: 2e |
 | teacher_topk | read the teacher [N, V]: 1e | - | - |
@@ -22,6 +22,7 @@ from .cases import TOPK_OPS, Case
 
 _NV_ACCESSES = {
     "kd_loss": {"fwd": 2, "bwd": 2, "fwd+bwd": 3},
+    "kd_loss_ce": {"fwd": 2, "bwd": 2, "fwd+bwd": 3},
     "softmax": {"fwd": 2, "bwd": 3, "fwd+bwd": 5},
     "log_softmax": {"fwd": 2, "bwd": 3, "fwd+bwd": 5},
     "topk_kd_loss": {"fwd": 1, "bwd": 2, "fwd+bwd": 2},

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import fastkd
 
 from ..backends import interpreter_enabled, triton_installed
-from .cases import BETA, KD_KERNELS, SKEW, TEMPERATURE, Case
+from .cases import BETA, CE_TEMPERATURE, CE_WEIGHT, KD_KERNELS, SKEW, TEMPERATURE, Case
 
 KD_KERNEL_VARIABLE = "FASTKD_KD_KERNEL"
 REFUSED = (ValueError, NotImplementedError)  # how the launcher says it has no such kernel
@@ -87,6 +87,12 @@ def eager_kd_loss(divergence: str, T: float = TEMPERATURE) -> Callable:
             "skew_reverse_kl": skew_reverse_kl, "tvd": tvd}.get(divergence, reference)
 
 
+def eager_kd_loss_ce(divergence: str) -> Callable:
+    """The soft loss at CE_TEMPERATURE plus the cross-entropy at T = 1, CE_WEIGHT each."""
+    soft = eager_kd_loss(divergence, CE_TEMPERATURE)
+    return lambda s, t, labels: CE_WEIGHT * soft(s, t) + CE_WEIGHT * F.cross_entropy(s, labels)
+
+
 def eager_softmax(op: str, T: float = TEMPERATURE) -> Callable:
     fn = torch.softmax if op == "softmax" else torch.log_softmax
     return lambda x: fn(x / T, dim=-1)
@@ -118,6 +124,8 @@ def eager_forward(case: Case) -> Optional[Callable]:
     """The eager idiom of ``case`` (None where there is none: top-k losses other than kl)."""
     if case.op == "kd_loss":
         return eager_kd_loss(case.divergence)
+    if case.op == "kd_loss_ce":
+        return eager_kd_loss_ce(case.divergence)
     if case.op in ("softmax", "log_softmax"):
         return eager_softmax(case.op)
     if case.op == "topk_kd_loss":
@@ -146,6 +154,8 @@ def _eager_formula(divergence):
 def describe_eager(case: Case) -> Optional[str]:
     if case.op == "kd_loss":
         return _eager_formula(case.divergence)
+    if case.op == "kd_loss_ce":
+        return f"{CE_WEIGHT}·({_eager_formula(case.divergence)}, T = {CE_TEMPERATURE:g}) + {CE_WEIGHT}·cross_entropy(s, labels)"
     if case.op in ("softmax", "log_softmax"):
         return f"{case.op}(x/T)"
     if case.op == "topk_kd_loss":
@@ -167,6 +177,10 @@ def _fastkd(backend):
         if case.op == "kd_loss":
             options = _kd_options(case, backend)
             return lambda s, t: fastkd.kd_loss(s, t, **options)
+        if case.op == "kd_loss_ce":
+            options = dict(_kd_options(case, backend), temperature=CE_TEMPERATURE, hard_weight=CE_WEIGHT,
+                           soft_weight=CE_WEIGHT)
+            return lambda s, t, labels: fastkd.kd_loss(s, t, labels=labels, **options)
         if case.op in ("softmax", "log_softmax"):
             fn = fastkd.softmax if case.op == "softmax" else fastkd.log_softmax
             return lambda x: fn(x, TEMPERATURE, backend=backend)
@@ -188,6 +202,8 @@ def _describe_fastkd(backend):
         scale = f"divergence={case.divergence!r}, t2_scale={t2_scale(case.divergence)}, " if case.divergence else ""
         call = {
             "kd_loss": f"fastkd.kd_loss(s, t, T, {scale}backend={backend!r})",
+            "kd_loss_ce": f"fastkd.kd_loss(s, t, T={CE_TEMPERATURE:g}, {scale}labels=labels, "
+                          f"hard_weight={CE_WEIGHT}, soft_weight={CE_WEIGHT}, backend={backend!r})",
             "softmax": f"fastkd.softmax(x, T, backend={backend!r})",
             "log_softmax": f"fastkd.log_softmax(x, T, backend={backend!r})",
             "topk_kd_loss": f'fastkd.topk_kd_loss(s, *teacher_topk(t, k, T), tail="bucket", {scale}'

@@ -29,6 +29,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,10 @@ COLUMNS = ("op", "divergence", "provider", "mode", "dtype", "n", "v", "k", "h", 
 QUANTILES = (0.5, 0.2, 0.8)
 NAN = float("nan")
 COPY_NUMEL = {(True, False): 2**28, (True, True): 2**26, (False, False): 2**25, (False, True): 2**24}  # (gpu, quick)
-MIN_ROUNDS = 5  # CPU: alternating rounds per case at least (--rounds)
+MIN_ROUNDS = 3  # CPU: alternating rounds per case at least (--rounds)
+MAX_ROUNDS = 1000  # CPU: and at most, while ROUND_BUDGET_S per provider lasts
+ROUND_BUDGET_S = 0.5
+PROGRESS_S = 30.0  # a run prints where it stands at least this often
 
 # A kernel variant passes its check when its loss is within LOSS_RTOL of the reference's and every
 # gradient within GRAD_TOL[dtype] of it, relative to the gradient's largest magnitude: a few
@@ -74,14 +78,20 @@ def quantiles(times_ms):
     return tuple(q.tolist())
 
 
-def time_cpu(fns, quick, min_rounds=MIN_ROUNDS):
+def time_cpu(fns, quick, min_rounds=MIN_ROUNDS, progress=None):
     """Per-round times in ms of each of ``fns``: one call of each per round, the order rotating by
-    one place every round; at least ``min_rounds`` rounds, then more while the time budget lasts."""
-    min_rounds, max_rounds, budget_s = (2, 3, 0.05) if quick else (min_rounds, max(min_rounds, 30), 1.0 * len(fns))
+    one place every round; at least ``min_rounds`` rounds, then more while the time budget lasts
+    (ROUND_BUDGET_S per provider, up to MAX_ROUNDS: small calls get many rounds, long ones
+    ``min_rounds``). ``progress`` (a Progress) is told of each round."""
+    min_rounds, max_rounds, budget_s = ((2, 3, 0.05) if quick else
+                                        (min_rounds, max(min_rounds, MAX_ROUNDS), ROUND_BUDGET_S * len(fns)))
     times = [[] for _ in fns]
     start = time.perf_counter()
     for round_ in range(max_rounds):
-        if round_ >= min_rounds and time.perf_counter() - start > budget_s:
+        elapsed = time.perf_counter() - start
+        if progress is not None:
+            progress.timing(round_, elapsed, min_rounds, max_rounds, budget_s)
+        if round_ >= min_rounds and elapsed > budget_s:
             break
         for i in range(len(fns)):
             j = (i + round_) % len(fns)
@@ -266,6 +276,10 @@ def make_inputs(case, device, seed=0):
     if case.op == "kd_loss":
         s = randn(n, v).requires_grad_()
         return Inputs((s, randn(n, v)), (s,), None)
+    if case.op == "kd_loss_ce":
+        s = randn(n, v).requires_grad_()
+        labels = torch.randint(0, v, (n,), generator=generator, device=device)
+        return Inputs((s, randn(n, v), labels), (s,), None)
     if case.op in ("softmax", "log_softmax"):
         x = randn(n, v).requires_grad_()
         return Inputs((x,), (x,), randn(n, v) if case.mode != "fwd" else None)
@@ -338,6 +352,76 @@ def compare(case, mine, reference):
     passed = loss_diff <= LOSS_RTOL and grad_diff <= GRAD_TOL[case.dtype]
     text = f"loss {loss_diff:.1e}, grad {grad_diff:.1e} (limits {LOSS_RTOL:.0e}, {GRAD_TOL[case.dtype]:.1e})"
     return passed, text
+
+
+# ----------------------------------------------------------------------------------------- progress
+def case_weight(case, providers):
+    """A rough cost of a case, for the run's estimate of what is left: its bytes per provider, the
+    matmul flops of a fused linear case (a CPU does some 10 GFLOP/s per byte/s it copies), and a
+    minute per torch.compile (inductor's C++ build)."""
+    compiled = sum(p.name == "torch-compile" for p in providers)
+    return len(providers) * (min_bytes(case) + min_flops(case) / 10 + 1e7) + compiled * 3e10
+
+
+def _seconds(s):
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+class Progress:
+    """Where a run stands, printed from a daemon thread every PROGRESS_S seconds: the case, its phase
+    (preparing a provider: the first call, a compile; or timing), about how long the case and the
+    whole run have left. The case's estimate comes from its rounds so far; the run's from the time
+    per ``case_weight`` of the cases done (or of this one, at the first)."""
+
+    def __init__(self, weights, log):
+        self.weights, self.log = weights, log
+        self.start = time.perf_counter()
+        self.done_weight, self.step, self.case, self.case_start = 0.0, 0, "", self.start
+        self.phase, self.case_left = "starting", None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastkd-bench-progress", daemon=True)
+        self._thread.start()
+
+    def begin_case(self, step, case):
+        self.step, self.case, self.case_start = step, case.name, time.perf_counter()
+        self.phase, self.case_left = "preparing", None
+
+    def end_case(self, weight):
+        self.done_weight += weight
+
+    def preparing(self, provider_name):
+        self.phase, self.case_left = f"preparing {provider_name} (first calls)", None
+
+    def timing(self, round_, elapsed, min_rounds, max_rounds, budget_s):
+        if round_ == 0:
+            self.phase, self.case_left = "timing", None
+            return
+        per_round = elapsed / round_
+        rounds = min(max_rounds, max(min_rounds, math.ceil(budget_s / per_round)))
+        self.phase, self.case_left = f"timing, round {round_ + 1} of about {rounds}", (rounds - round_) * per_round
+
+    def line(self):
+        now = time.perf_counter()
+        in_case = now - self.case_start
+        weight_left = sum(self.weights[self.step - 1:]) if self.step else sum(self.weights)
+        if self.done_weight > 0:
+            run_left = (now - self.start - in_case) / self.done_weight * weight_left
+        elif self.step and self.case_left is not None:  # the first case: its own pace
+            run_left = (in_case + self.case_left) / self.weights[0] * weight_left
+        else:
+            run_left = None
+        case_left = "unknown" if self.case_left is None else f"about {_seconds(self.case_left)}"
+        run = "unknown" if run_left is None else f"about {_seconds(max(run_left, self.case_left or 0))}"
+        return (f"      ... {_seconds(now - self.start)} into the run, case {self.step}/{len(self.weights)} "
+                f"{self.case}: {self.phase}, {_seconds(in_case)} in the case, left: case {case_left}, run {run}")
+
+    def _run(self):
+        while not self._stop.wait(PROGRESS_S):
+            self.log(self.line())
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
 
 
 # ----------------------------------------------------------------------------------------- cases
@@ -500,11 +584,13 @@ def _run_provider(case, provider, inputs, device, quick, references):
         return _error_note(error), ""
 
 
-def _measure_case(case, providers, inputs, device, quick, min_rounds):
+def _measure_case(case, providers, inputs, device, quick, min_rounds, progress=None):
     """{provider name: Measured or (note, check)}; providers without an implementation left out."""
     results, prepared = {}, {}
     references = _Reference(case, inputs)
     for provider in providers:
+        if progress is not None:
+            progress.preparing(provider.name)
         outcome = _run_provider(case, provider, inputs, device, quick, references)
         if outcome is None:
             continue
@@ -516,7 +602,7 @@ def _measure_case(case, providers, inputs, device, quick, min_rounds):
     del references
     if prepared:
         try:
-            times = time_cpu([call for call, *_ in prepared.values()], quick, min_rounds)
+            times = time_cpu([call for call, *_ in prepared.values()], quick, min_rounds, progress)
             for (name, (_, value, peak, first_ms, check)), rounds in zip(prepared.items(), times):
                 results[name] = Measured(quantiles(rounds), rounds, peak, value, first_ms, check)
         except Exception as error:  # noqa: BLE001
@@ -535,7 +621,7 @@ def _speedups(result, baseline):
     return baseline.ms[0] / result.ms[0], NAN, NAN
 
 
-def _case_rows(case, providers, device, quick, min_rounds, env, copy_gbps, log):
+def _case_rows(case, providers, device, quick, min_rounds, env, copy_gbps, log, progress=None):
     base = dict(op=case.op, divergence=case.divergence, mode=case.mode, dtype=case.dtype, n=case.n, v=case.v,
                 k=case.k or "", h=case.h or "", min_bytes=min_bytes(case))
     skip = does_not_fit(case, device, len(providers))
@@ -544,7 +630,7 @@ def _case_rows(case, providers, device, quick, min_rounds, env, copy_gbps, log):
         return [_row(env, **base, provider=p.name, note=skip, **_nan_metrics()) for p in providers
                 if p.describe(case) is not None]
     inputs = make_inputs(case, device)
-    results = _measure_case(case, providers, inputs, device, quick, min_rounds)
+    results = _measure_case(case, providers, inputs, device, quick, min_rounds, progress)
     del inputs
     _release(device)
     baseline = results.get(BASELINE)
@@ -588,16 +674,21 @@ def run_cases(case_providers, device, *, quick=False, min_rounds=MIN_ROUNDS, log
     rows = [copy_row]
     gc.collect()
     gc.freeze()  # the collections before each measurement then skip the libraries' objects (seconds)
+    weights = [case_weight(case, providers) for case, providers in case_providers.items()]
+    progress = Progress(weights, log)
     try:
         for step, (case, providers) in enumerate(case_providers.items(), 1):
             log(f"[{step:>3}/{len(case_providers)}] {case.name}  ({min_bytes(case) / 1e9:.3g} GB minimum)")
+            progress.begin_case(step, case)
             try:
-                rows += _case_rows(case, providers, device, quick, min_rounds, env, copy_row["gbps"], log)
+                rows += _case_rows(case, providers, device, quick, min_rounds, env, copy_row["gbps"], log, progress)
             except KeyboardInterrupt:
                 log(f"interrupted: keeping the {step - 1} cases finished")
                 break
+            progress.end_case(weights[step - 1])
             if on_case_done is not None:
                 on_case_done(rows, env)
     finally:
+        progress.stop()
         gc.unfreeze()
     return rows, env
