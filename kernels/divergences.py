@@ -9,23 +9,27 @@ Notation (one row): z student logits, s = z / T_s, t = teacher logits / T_t, V c
     computed as (s - max s) - log(sum exp(s - max s)): rounding lse(s), which is as large as the
     logits, would put an error of eps |s| on every log-probability; the max cancels exactly instead.
     s_minus_t and shift: ls - lt = s_minus_t - shift, with shift a row constant. Single-teacher
-    kernels pass s_minus_t = s - t and shift = lse(s) - lse(t) = (max s - max t) + log(d_s / d_t):
-    both exact to a few ulps of their own size, so log-ratios near 0 (a converged student) and the
-    sign of p - q are not lost under the eps |lse| of ls - lt. Top-k passes ls - lt and 0.
+    kernels pass the centred s_minus_t = (s - m_s) - (t - m_t) and shift = log(d_s / d_t) (the
+    vocabulary-parallel shards s - t and lse(s) - lse(t)): each exact to a few ulps of its own size,
+    so log-ratios near 0 (a converged student) and the sign of p - q are not lost under the
+    eps |lse| of ls - lt. Top-k passes ls - lt and 0.
 For D(q) any divergence, dD/ds_j = q_j (g_j - sum_i q_i g_i) with g_i = dD/dq_i; the table is that
 identity worked out. M is the mixture, log M = log_add_exp(log w_p + lt, log w_q + ls).
 
 divergence        a1 (summed: A1)        a2 (summed: A2)    D from A1, A2      dD/ds_j
 kl                -p s_minus_t           -p shift           A1 - A2            q_j - p_j
-reverse_kl        q s_minus_t            q shift            A1 - A2            q_j (s_minus_t_j - A1)
+reverse_kl        q s_minus_t            q shift            A1 - A2            q_j (ls_j - lt_j - D)
 jsd (beta)        p (lt - lM)            q (ls - lM)        b A1 + (1-b) A2    (1-b) q_j (ls_j - lM_j - A2)
 skew_kl (a)       p (lt - lM)            r = p q / M        A1                 (1-a) (q_j A2 - r_j)
 skew_reverse_kl   q (ls - lM)            a q^2 / M          A1                 q_j (ls_j - lM_j - a q_j / M_j - (A1 - A2))
 tvd               |p - q|                q sign(p - q)      A1 / 2             q_j (A2 - sign(p_j - q_j)) / 2
 mixture weights: jsd (w_p, w_q) = (b, 1-b); skew_kl (a, 1-a); skew_reverse_kl (1-a, a).
 (kl and reverse_kl need no element pass in a single-teacher kernel: A1 is the cross term
-sum e^(t - m_t) (t - s) / d_t (kl) or sum e^(s - m_s) (s - t) / d_s (reverse_kl, which is the
-E = sum q (s - t) its gradient uses), A2 = -shift (kl) or shift, known after the first pass.
+sum e^(t - m_t) ((t - m_t) - (s - m_s)) / d_t (kl) or sum e^(s - m_s) ((s - m_s) - (t - m_t)) / d_s
+(reverse_kl), summed against the running maxima and re-centred as they grow (recentre_cross), and
+A2 = -shift (kl) or shift = log(d_s / d_t): terms of the size of the row's spread, where
+sum p (t - s) - (lse(s) - lse(t)) would cancel two of the size |z / T|. reverse_kl's gradient reads
+ls - lt - D = (s_minus_t - shift) - (A1 - A2), right for either pair (s_minus_t, shift).
 a q / M <= 1 is taken as exp(log a + ls - lM): no 0 * inf at a = 0; tvd's sign is 0 where p = q.)
 
 Top-k (topk_kd_loss.py) takes D between two distributions on a few points with log-masses lp, lq,

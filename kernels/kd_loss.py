@@ -19,7 +19,7 @@ read).
 
 Passes over the row (each reads the student and every teacher once):
     1. online max / sum-of-exps of s, each t (and z for the hard CE); with one teacher kl and
-       reverse_kl also fold their cross term sum p (t - s) or sum q (s - t) into it, so D is known
+       reverse_kl also fold their centred cross term (divergences.py) into it, so D is known
        after it.
     2. jsd, skew_kl, skew_reverse_kl, tvd, and every divergence of a mixture of teachers: the row
        scalars A1, A2, which need the normalised p and q (hence every lse) at every element.
