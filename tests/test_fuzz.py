@@ -303,18 +303,24 @@ FOUND = {
     "skew_reverse_kl_tiny_skew_float64_conditioning": dict(
         seed=882672, lead=(5,), V=17, student_dtype=torch.float64, divergence="skew_reverse_kl",
         skew=4.571551677709313e-107, mask="one_hot_teacher", t2_scale=False, upstream=-0.7),
-    # kl / reverse_kl values summed sum p (t - s) - (lse(s) - lse(t)): terms of size |z / T| cancelled.
-    "kl_teacher_1e4": dict(lead=(3,), V=47, scale=1e4, seed=5),
-    "kl_teacher_temperature_0_05": dict(lead=(3,), V=47, teacher_temperature=0.05, seed=6),
-    "reverse_kl_teacher_temperature_50": dict(lead=(3,), V=47, divergence="reverse_kl", scale=1e4,
-                                              teacher_temperature=50.0, seed=7),
     # The float32 reference rounded a tiny skew to 0 (log 0 = -inf): NaN instead of a finite loss.
     "reference_tiny_skew": dict(V=2, divergence="skew_kl", skew=4.18e-47, temperature=0.05, scale=0.0,
                                 mask="student_only", soft_weight=0.0, want_grad=False),
 }
 
 
+# The scales of issue 21, where kl / reverse_kl values once cancelled terms of size |z / T|, pinned
+# so every run covers them. (The allowance here, eps |z| / T per row, is too loose to see that
+# cancellation: tests/test_accuracy.py holds those values to 2x float32 PyTorch's error.)
+SCALES = {
+    "kl_teacher_1e4": dict(lead=(3,), V=47, scale=1e4, seed=5),
+    "kl_teacher_temperature_0_05": dict(lead=(3,), V=47, teacher_temperature=0.05, seed=6),
+    "reverse_kl_teacher_temperature_50": dict(lead=(3,), V=47, divergence="reverse_kl", scale=1e4,
+                                              teacher_temperature=50.0, seed=7),
+}
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("name", sorted(FOUND))
+@pytest.mark.parametrize("name", sorted(FOUND) + sorted(SCALES))
 def test_fuzz_found_cases(name, backend):
-    run_case({**_BASE, **FOUND[name]}, backend)
+    run_case({**_BASE, **{**FOUND, **SCALES}[name]}, backend)
