@@ -20,10 +20,10 @@ Floats are float32 (float64 for float64 input); a row costs a few floats whateve
 the number of collectives per call is fixed (2 or 3, whatever N is). The maximum of z needs no
 exchange (max z = T max s). V and the layout check (below) ride along as 3 floats per call. kl and
 reverse kl need nothing more: D = cross / d_t + log(d_s / d_t) (kl) or cross / d_s - log(d_s / d_t)
-(reverse kl), the cross term centred on the row's maxima, and their gradients need only lse_s,
-lse_t and D. The JSD family and
-tvd need A1, A2: sums over the whole row of terms that depend on both global lse's, so they can
-only be summed after the second exchange; hence the third all-reduce.
+(reverse kl), with the cross term centred on the row's maxima, and their gradients need only
+lse_s, lse_t and D. The JSD family and tvd need A1, A2: sums over the whole row of terms that
+depend on both global lse's, so they can only be summed after the second exchange; hence the
+third all-reduce.
 
 Bytes per row, per rank, against an all-gather of the logits (P = 8 ranks, V = 128256, bf16):
     all-gather of student + teacher   receives 7/8 * V * (2 + 2) B = 449 kB, then holds 513 kB

@@ -127,7 +127,7 @@ def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
         m_t, d_t, e_t, alpha_t = fold_tile(m_ts[i], d_ts[i], ts[i])
         new_m_ts = new_m_ts + (m_t,)
         new_d_ts = new_d_ts + (d_t,)
-    if NUM_TEACHERS == 1 and DIVERGENCE <= REVERSE_KL:
+    if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
         weight = old_d_s
         if DIVERGENCE == KL:
             weight = d_ts[0]
@@ -152,7 +152,7 @@ def finish_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, DIVERGENCE: tl.
         M_t, D_t = tile_rows_to_row(m_ts[i], d_ts[i])
         M_ts = M_ts + (M_t,)
         D_ts = D_ts + (D_t,)
-    if NUM_TEACHERS == 1 and DIVERGENCE <= REVERSE_KL:
+    if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
         weight = d_s
         if DIVERGENCE == KL:
             weight = d_ts[0]

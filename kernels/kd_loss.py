@@ -61,8 +61,8 @@ def _block_start(start, last_start, FORWARD: tl.constexpr):
 def _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights,
                NUM_TEACHERS: tl.constexpr):
     """ls, lt, q, p, and (s_minus_t, shift) with ls - lt = s_minus_t - shift (divergences.py):
-    (s - m_s) - (t - m_t) and the row's shift for one teacher, ls - lt and 0 for a mixture. q = e^(s - m_s) / d_s, p
-    likewise (one teacher) or exp(lt) (a mixture)."""
+    (s - m_s) - (t - m_t) and the row's shift for one teacher, ls - lt and 0 for a mixture.
+    q = e^(s - m_s) / d_s, p likewise (one teacher) or exp(lt) (a mixture)."""
     ls = (s - m_s) - log_d_s
     q = exp(s - m_s) * (1.0 / d_s)
     if NUM_TEACHERS == 1:

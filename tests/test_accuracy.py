@@ -80,14 +80,14 @@ LARGE_LOGITS = {"teacher 1e4": (1.0, 1e4, {}), "student 1e4": (1e4, 1.0, {}),
 def test_large_logits_no_less_accurate_than_float32_pytorch(divergence, kernel, dtype, monkeypatch, device):
     """Every kernel (two-pass with several blocks per row) at the logit scales of LARGE_LOGITS."""
     if kernel == "two_pass":
-        monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 64)
+        monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 16)
     monkeypatch.setenv("FASTKD_KD_KERNEL", "auto" if kernel == "torch" else kernel)
     backend = "torch" if kernel == "torch" else "triton"
     gen = torch.Generator().manual_seed(21)
     for case, (student_scale, teacher_scale, kw) in LARGE_LOGITS.items():
         kw = dict(divergence=divergence, beta=0.3, skew=0.2, **kw)
-        student = (torch.randn(3, 251, generator=gen, dtype=torch.float64) * student_scale).to(dtype).to(device)
-        teacher = (torch.randn(3, 251, generator=gen, dtype=torch.float64) * teacher_scale).to(dtype).to(device)
+        student = (torch.randn(3, 61, generator=gen, dtype=torch.float64) * student_scale).to(dtype).to(device)
+        teacher = (torch.randn(3, 61, generator=gen, dtype=torch.float64) * teacher_scale).to(dtype).to(device)
         truth, truth_grad = _rows_and_grads(reference.kd_loss, student.double(), teacher.double(), **kw)
         eager, eager_grad = _rows_and_grads(reference.kd_loss, student.float(), teacher.float(), **kw)
         rows, grad = _rows_and_grads(fastkd.kd_loss, student, teacher, backend=backend, **kw)

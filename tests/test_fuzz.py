@@ -1,10 +1,11 @@
 """Property-based fuzzing of kd_loss on both backends against the float64 reference.
 
 Each example draws a shape (V = 1, primes, V around the forced block sizes 16 and 32), student and
-teacher dtypes, a temperature in [0.05, 50], a divergence with its parameter, labels with an
-ignore pattern and the hard CE, weights, t2_scale, a teacher temperature (none, or in [0.05, 50]), a
+teacher dtypes, a temperature in [0.05, 50], a teacher temperature (none, or in [0.05, 50]), a
+divergence with its parameter, labels with an ignore pattern and the hard CE, weights, t2_scale, a
 reduction, inplace, row-strided views, -inf columns (shared, teacher-only, student-only, one-hot
-teachers: only where the math stays finite) and logits up to +-1e4; value and gradient (upstream gradient != 1) must match the oracle.
+teachers: only where the math stays finite) and logits up to +-1e4; value and gradient (upstream
+gradient != 1) must match the oracle.
 
 Profiles: "ci" (fixed examples, derandomized) runs by default; "long" runs with --run-slow
 (FASTKD_FUZZ_EXAMPLES sets its size). Reproduce a failure from the printed blob with
