@@ -19,10 +19,11 @@ row; after that each rank computes its shard's gradient locally. Collectives, pe
 Floats are float32 (float64 for float64 input); a row costs a few floats whatever V and P are, and
 the number of collectives per call is fixed (2 or 3, whatever N is). The maximum of z needs no
 exchange (max z = T max s). V and the layout check (below) ride along as 3 floats per call. kl and
-reverse kl need nothing more: D = cross / d_t - (lse_t - lse_s) (kl) or E - (lse_s - lse_t) with
-E = cross / d_s (reverse kl), and their gradients need only lse_s, lse_t and E. The JSD family and
-tvd need A1, A2: sums over the whole row of terms that depend on both global lse's, so they can
-only be summed after the second exchange; hence the third all-reduce.
+reverse kl need nothing more: D = cross / d_t + log(d_s / d_t) (kl) or cross / d_s - log(d_s / d_t)
+(reverse kl), with the cross term centred on the row's maxima, and their gradients need only
+lse_s, lse_t and D. The JSD family and tvd need A1, A2: sums over the whole row of terms that
+depend on both global lse's, so they can only be summed after the second exchange; hence the
+third all-reduce.
 
 Bytes per row, per rank, against an all-gather of the logits (P = 8 ranks, V = 128256, bf16):
     all-gather of student + teacher   receives 7/8 * V * (2 + 2) B = 449 kB, then holds 513 kB
@@ -58,6 +59,7 @@ import torch
 import torch.distributed as dist  # importing it initialises nothing
 
 from .backends import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS, implementation
+from .backends.torch_divergences import recentre_cross
 from .buffers import empty
 from .checks import check_label_range
 from .options import CROSS_TERM_SIDE, KDOptions, Reduction, check_int
@@ -101,7 +103,9 @@ def forward_steps(student, teacher, labels, opts: KDOptions, backend, vocab_star
     columns = {"d_s": _rescaled(stats, "d_s", "m_s", max_s), "d_t": _rescaled(stats, "d_t", "m_t", max_t)}
     if opts.has_cross_term:
         side = CROSS_TERM_SIDE[opts.divergence]
-        columns["cross"] = _rescaled(stats, "cross", *(("m_t", max_t) if side == "teacher" else ("m_s", max_s)))
+        weight = stats[:, STATS["d_t" if side == "teacher" else "d_s"]]
+        columns["cross"] = recentre_cross(stats[:, STATS["cross"]], weight, stats[:, STATS["m_s"]], max_s,
+                                          stats[:, STATS["m_t"]], max_t, opts)
     if has_ce:
         columns["d_z"] = _rescaled(stats, "d_z", "m_z", opts.temperature * max_s)  # max z = T_s max s
         columns["z_y"] = stats[:, STATS["z_y"]]

@@ -9,23 +9,27 @@ Notation (one row): z student logits, s = z / T_s, t = teacher logits / T_t, V c
     computed as (s - max s) - log(sum exp(s - max s)): rounding lse(s), which is as large as the
     logits, would put an error of eps |s| on every log-probability; the max cancels exactly instead.
     s_minus_t and shift: ls - lt = s_minus_t - shift, with shift a row constant. Single-teacher
-    kernels pass s_minus_t = s - t and shift = lse(s) - lse(t) = (max s - max t) + log(d_s / d_t):
-    both exact to a few ulps of their own size, so log-ratios near 0 (a converged student) and the
-    sign of p - q are not lost under the eps |lse| of ls - lt. Top-k passes ls - lt and 0.
+    kernels pass the centred s_minus_t = (s - m_s) - (t - m_t) and shift = log(d_s / d_t) (the
+    vocabulary-parallel shards s - t and lse(s) - lse(t)): each exact to a few ulps of its own size,
+    so log-ratios near 0 (a converged student) and the sign of p - q are not lost under the
+    eps |lse| of ls - lt. Top-k passes ls - lt and 0.
 For D(q) any divergence, dD/ds_j = q_j (g_j - sum_i q_i g_i) with g_i = dD/dq_i; the table is that
 identity worked out. M is the mixture, log M = log_add_exp(log w_p + lt, log w_q + ls).
 
 divergence        a1 (summed: A1)        a2 (summed: A2)    D from A1, A2      dD/ds_j
 kl                -p s_minus_t           -p shift           A1 - A2            q_j - p_j
-reverse_kl        q s_minus_t            q shift            A1 - A2            q_j (s_minus_t_j - A1)
+reverse_kl        q s_minus_t            q shift            A1 - A2            q_j (ls_j - lt_j - D)
 jsd (beta)        p (lt - lM)            q (ls - lM)        b A1 + (1-b) A2    (1-b) q_j (ls_j - lM_j - A2)
 skew_kl (a)       p (lt - lM)            r = p q / M        A1                 (1-a) (q_j A2 - r_j)
 skew_reverse_kl   q (ls - lM)            a q^2 / M          A1                 q_j (ls_j - lM_j - a q_j / M_j - (A1 - A2))
 tvd               |p - q|                q sign(p - q)      A1 / 2             q_j (A2 - sign(p_j - q_j)) / 2
 mixture weights: jsd (w_p, w_q) = (b, 1-b); skew_kl (a, 1-a); skew_reverse_kl (1-a, a).
 (kl and reverse_kl need no element pass in a single-teacher kernel: A1 is the cross term
-sum e^(t - m_t) (t - s) / d_t (kl) or sum e^(s - m_s) (s - t) / d_s (reverse_kl, which is the
-E = sum q (s - t) its gradient uses), A2 = -shift (kl) or shift, known after the first pass.
+sum e^(t - m_t) ((t - m_t) - (s - m_s)) / d_t (kl) or sum e^(s - m_s) ((s - m_s) - (t - m_t)) / d_s
+(reverse_kl), summed against the running maxima and re-centred as they grow (recentre_cross), and
+A2 = -shift (kl) or shift = log(d_s / d_t): terms of the size of the row's spread, where
+sum p (t - s) - (lse(s) - lse(t)) would cancel two of the size |z / T|. reverse_kl's gradient reads
+ls - lt - D = (s_minus_t - shift) - (A1 - A2), right for either pair (s_minus_t, shift).
 a q / M <= 1 is taken as exp(log a + ls - lM): no 0 * inf at a = 0; tvd's sign is 0 where p = q.)
 
 Top-k (topk_kd_loss.py) takes D between two distributions on a few points with log-masses lp, lq,
@@ -81,14 +85,29 @@ def load_teacher_tiles(t_rows, offsets, width, inv_teacher_temperature, ACC_DTYP
 
 
 @triton.jit
-def cross_term_elements(e_s, e_t, s, t, DIVERGENCE: tl.constexpr):
-    """The terms of kl's cross term e^(t - m_t) (t - s), or reverse_kl's e^(s - m_s) (s - t), 0 where
-    the weight is 0."""
+def cross_term_elements(e_s, e_t, s_c, t_c, DIVERGENCE: tl.constexpr):
+    """The terms of kl's cross term e^(t - m_t) ((t - m_t) - (s - m_s)), or reverse_kl's
+    e^(s - m_s) ((s - m_s) - (t - m_t)), from the centred s_c = s - m_s, t_c = t - m_t; 0 where the
+    weight is 0."""
     if DIVERGENCE == KL:
-        terms = tl.where(e_t > 0, e_t * (t - s), 0.0)
+        terms = tl.where(e_t > 0, e_t * (t_c - s_c), 0.0)
     else:
-        terms = tl.where(e_s > 0, e_s * (s - t), 0.0)
+        terms = tl.where(e_s > 0, e_s * (s_c - t_c), 0.0)
     return terms
+
+
+@triton.jit
+def recentre_cross(cross, weight, m_s, new_m_s, m_t, new_m_t, DIVERGENCE: tl.constexpr):
+    """A cross term summed against the maxima m_s, m_t, re-centred on new_m_s, new_m_t (its weights,
+    summing to ``weight`` against the old maximum, rescaled with them): each of its terms moves by
+    (m_t - new_m_t) - (m_s - new_m_s) (kl), the opposite (reverse_kl). 0 stays 0."""
+    move = (finite(m_t) - finite(new_m_t)) - (finite(m_s) - finite(new_m_s))
+    if DIVERGENCE == REVERSE_KL:
+        move = -move
+        alpha = exp(m_s - finite(new_m_s))
+    else:
+        alpha = exp(m_t - finite(new_m_t))
+    return alpha * (cross + tl.where(weight > 0, weight * move, 0.0))
 
 
 @triton.jit
@@ -96,8 +115,11 @@ def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
                         DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
     """Fold one tile [R, C] into the running maxima m and sums of exps d [R] of s, of each teacher's
     t (tuples m_ts, d_ts) and of z (hard CE), and, with one teacher, into kl's cross term
-    sum e^(t - m_t) (t - s) or reverse_kl's sum e^(s - m_s) (s - t); per tile row (one thread's: no
+    sum e^(t - m_t) ((t - m_t) - (s - m_s)) or reverse_kl's sum e^(s - m_s) ((s - m_s) - (t - m_t))
+    against the running maxima (re-centred as they grow: terms of the size of the row's spread,
+    not of |s| or |t|, so D = A1 - A2 does not cancel); per tile row (one thread's: no
     cross-thread work in the loop)."""
+    old_m_s, old_d_s = m_s, d_s
     m_s, d_s, e_s, alpha_s = fold_tile(m_s, d_s, s)
     new_m_ts = ()
     new_d_ts = ()
@@ -105,10 +127,14 @@ def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
         m_t, d_t, e_t, alpha_t = fold_tile(m_ts[i], d_ts[i], ts[i])
         new_m_ts = new_m_ts + (m_t,)
         new_d_ts = new_d_ts + (d_t,)
-        if NUM_TEACHERS == 1 and DIVERGENCE == KL:
-            cross = cross * alpha_t + tl.sum(cross_term_elements(e_s, e_t, s, ts[0], DIVERGENCE), axis=1)
-    if NUM_TEACHERS == 1 and DIVERGENCE == REVERSE_KL:
-        cross = cross * alpha_s + tl.sum(cross_term_elements(e_s, e_t, s, ts[0], DIVERGENCE), axis=1)
+    if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
+        weight = old_d_s
+        if DIVERGENCE == KL:
+            weight = d_ts[0]
+        cross = recentre_cross(cross, weight, old_m_s, m_s, m_ts[0], new_m_ts[0], DIVERGENCE)
+        terms = cross_term_elements(e_s, e_t, s - finite(m_s)[:, None], ts[0] - finite(new_m_ts[0])[:, None],
+                                    DIVERGENCE)
+        cross += tl.sum(terms, axis=1)
     if HAS_CE:
         m_z, d_z, _, _ = fold_tile(m_z, d_z, z)
     return m_s, d_s, new_m_ts, new_d_ts, m_z, d_z, cross
@@ -117,8 +143,8 @@ def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
 @triton.jit
 def finish_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
                           NUM_TEACHERS: tl.constexpr):
-    """The row's maxima and sums of exps (and cross term, against the row's maximum of t or s)
-    from the per-tile-row ones of ``fold_row_statistics``: once per row, across threads."""
+    """The row's maxima and sums of exps (and cross term, re-centred on the row's maxima) from the
+    per-tile-row ones of ``fold_row_statistics``: once per row, across threads."""
     M_s, D_s = tile_rows_to_row(m_s, d_s)
     M_ts = ()
     D_ts = ()
@@ -126,10 +152,11 @@ def finish_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, DIVERGENCE: tl.
         M_t, D_t = tile_rows_to_row(m_ts[i], d_ts[i])
         M_ts = M_ts + (M_t,)
         D_ts = D_ts + (D_t,)
-    if NUM_TEACHERS == 1 and DIVERGENCE == KL:
-        cross = cross * exp(m_ts[0] - finite(M_ts[0]))
-    if NUM_TEACHERS == 1 and DIVERGENCE == REVERSE_KL:
-        cross = cross * exp(m_s - finite(M_s))
+    if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
+        weight = d_s
+        if DIVERGENCE == KL:
+            weight = d_ts[0]
+        cross = recentre_cross(cross, weight, m_s, M_s, m_ts[0], M_ts[0], DIVERGENCE)
     M_z, D_z = tl.max(m_z, axis=0), tl.sum(d_z, axis=0)
     if HAS_CE:
         M_z, D_z = tile_rows_to_row(m_z, d_z)
@@ -151,15 +178,15 @@ def mixture_log_prob(ts, lse_ts, log_teacher_weights, NUM_TEACHERS: tl.constexpr
 
 
 @triton.jit
-def log_ratio_shift(m_s, d_s, m_t, d_t):
-    """shift = lse(s) - lse(t) from the row statistics, exact to a few ulps of its own size."""
-    return (m_s - m_t) + tl.log(d_s / d_t)
+def log_ratio_shift(d_s, d_t):
+    """The shift of the centred s_minus_t = (s - m_s) - (t - m_t): log(d_s / d_t)."""
+    return tl.log(d_s / d_t)
 
 
 @triton.jit
 def cross_term_scalars(cross, d_s, d_t, shift, DIVERGENCE: tl.constexpr):
-    """A1, A2 of kl and reverse_kl from the first pass: the cross term summed against the row's
-    maximum of t (kl) or s (reverse_kl), the sums of exps d_s, d_t and the shift."""
+    """A1, A2 of kl and reverse_kl from the first pass: the cross term centred on the row's maxima,
+    the sums of exps d_s, d_t, and shift = log(d_s / d_t) (both of the size of the row's spread)."""
     if DIVERGENCE == KL:
         A1 = cross / d_t
         A2 = -shift
@@ -248,7 +275,7 @@ def divergence_grad(ls, lt, q, p, s_minus_t, shift, A1, A2, mix_weight, log_weig
     if DIVERGENCE == KL:
         g = q - p
     elif DIVERGENCE == REVERSE_KL:
-        g = tl.where(q > 0, q * (s_minus_t - A1), 0.0)
+        g = tl.where(q > 0, q * ((s_minus_t - shift) - (A1 - A2)), 0.0)
     elif DIVERGENCE == TVD:
         g = 0.5 * q * (A2 - sign(shift - s_minus_t))
     else:

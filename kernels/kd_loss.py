@@ -19,7 +19,7 @@ read).
 
 Passes over the row (each reads the student and every teacher once):
     1. online max / sum-of-exps of s, each t (and z for the hard CE); with one teacher kl and
-       reverse_kl also fold their cross term sum p (t - s) or sum q (s - t) into it, so D is known
+       reverse_kl also fold their centred cross term (divergences.py) into it, so D is known
        after it.
     2. jsd, skew_kl, skew_reverse_kl, tvd, and every divergence of a mixture of teachers: the row
        scalars A1, A2, which need the normalised p and q (hence every lse) at every element.
@@ -60,16 +60,16 @@ def _block_start(start, last_start, FORWARD: tl.constexpr):
 @triton.jit
 def _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights,
                NUM_TEACHERS: tl.constexpr):
-    """ls, lt, q, p, and (s_minus_t, shift) with ls - lt = s_minus_t - shift (divergences.py): s - t
-    and the row's shift for one teacher, ls - lt and 0 for a mixture. q = e^(s - m_s) / d_s, p
-    likewise (one teacher) or exp(lt) (a mixture)."""
+    """ls, lt, q, p, and (s_minus_t, shift) with ls - lt = s_minus_t - shift (divergences.py):
+    (s - m_s) - (t - m_t) and the row's shift for one teacher, ls - lt and 0 for a mixture.
+    q = e^(s - m_s) / d_s, p likewise (one teacher) or exp(lt) (a mixture)."""
     ls = (s - m_s) - log_d_s
     q = exp(s - m_s) * (1.0 / d_s)
     if NUM_TEACHERS == 1:
         t = ts[0]
         lt = (t - m_ts[0]) - log_d_ts[0]
         p = exp(t - m_ts[0]) * (1.0 / d_ts[0])
-        s_minus_t = s - t
+        s_minus_t = (s - m_s) - (t - m_ts[0])
         row_shift = shift
     else:
         lse_ts = ()
@@ -147,7 +147,7 @@ def kd_forward_kernel(
         for i in tl.static_range(NUM_TEACHERS):
             log_d_ts = log_d_ts + (tl.log(d_ts[i]),)
             defined = defined & (tl.abs(m_ts[i] + log_d_ts[i]) < float("inf"))
-        shift = log_ratio_shift(m_s, d_s, m_ts[0], d_ts[0])
+        shift = log_ratio_shift(d_s, d_ts[0])
 
         # Pass 2, last to first block: the row scalars, when the first pass could not give them.
         if ELEMENT_PASS:

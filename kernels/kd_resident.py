@@ -141,18 +141,19 @@ def kd_resident_kernel(
         e_s = exp(s - finite(m_s))
         e_t = exp(t - finite(m_t))
         d_s, d_t, cross, d_z, z_label = row_sums(
-            e_s, e_t, cross_term_elements(e_s, e_t, s, t, DIVERGENCE), exp(z - finite(m_z)),
+            e_s, e_t, cross_term_elements(e_s, e_t, s - m_s, t - m_t, DIVERGENCE), exp(z - finite(m_z)),
             tl.where(cols == label, z, 0.0), DIVERGENCE < JSD, HAS_CE)
         log_d_s, log_d_t = tl.log(d_s), tl.log(d_t)
-        shift = log_ratio_shift(m_s, d_s, m_t, d_t)
+        shift = log_ratio_shift(d_s, d_t)
         defined = (tl.abs(m_s + log_d_s) < float("inf")) & (tl.abs(m_t + log_d_t) < float("inf"))
         ls = (s - m_s) - log_d_s
         lt = (t - m_t) - log_d_t
+        s_minus_t = (s - m_s) - (t - m_t)  # with shift: ls - lt, centred (divergences.py)
         q = e_s * (1.0 / d_s)
         p = e_t * (1.0 / d_t)
 
         if DIVERGENCE >= JSD:
-            a1, a2 = element_terms(ls, lt, q, p, s - t, shift, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+            a1, a2 = element_terms(ls, lt, q, p, s_minus_t, shift, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
             A1, A2 = row_scalars(a1, a2)  # columns past V load -inf: every term is 0 there
         else:
             A1, A2 = cross_term_scalars(cross, d_s, d_t, shift, DIVERGENCE)
@@ -162,7 +163,7 @@ def kd_resident_kernel(
 
         if WRITE_GRAD:
             grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
-            g = divergence_grad(ls, lt, q, p, s - t, shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
+            g = divergence_grad(ls, lt, q, p, s_minus_t, shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
                                 DIVERGENCE)
             g = (grad_scale * soft_scale * inv_temperature) * g + row_nan
             if HAS_CE:

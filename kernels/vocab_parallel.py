@@ -7,11 +7,12 @@ V columns.
 partial_stats_kernel (one pass over the shard; one row of STATS per row):
     m_s, m_t, m_z    shard maxima of s, t and z
     d_s, d_t, d_z    sum e^(s - m_s), sum e^(t - m_t), sum e^(z - m_z) over the shard
-    cross            kl: sum e^(t - m_t) (t - s); reverse_kl: sum e^(s - m_s) (s - t); else 0
+    cross            kl: sum e^(t - m_t) ((t - m_t) - (s - m_s)); reverse_kl: the same with s and t
+                     swapped; else 0 (divergences.fold_row_statistics)
     z_y              z at the label when this shard owns it, else 0
 The host combines these across ranks (fastkd/distributed.py) into ROW: with M the maximum over
 ranks, d = sum_r d_r e^(m_r - M), lse = M + log d, shift = (M_s - M_t) + log(d_s / d_t), and the
-cross term rescaled like its sum of exps.
+cross term re-centred on the row's maxima (divergences.recentre_cross).
 
 row_scalars_kernel (jsd, skew_kl, skew_reverse_kl, tvd, after the global lse's are known):
     the shard's part of the row scalars A1, A2; the host sums them across ranks into ROW.
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, divergence_value,
-                          element_terms, finish_row_statistics, fold_row_statistics, load_tile)
+                          element_terms, finish_row_statistics, fold_row_statistics, load_tile, log_ratio_shift)
 from .row_stats import exp, row_label, store
 
 # Columns of STATS [N, 8] and ROW [N, 11], in the order of fastkd.backends.VOCAB_PARALLEL_STATS and
@@ -173,8 +174,9 @@ def shard_finish_kernel(
         A1_row = tl.load(values + A1)
         A2_row = tl.load(values + A2)
         if DIVERGENCE < JSD:
-            A1_row, A2_row = cross_term_scalars(tl.load(values + ROW_CROSS), tl.load(values + ROW_D_S),
-                                                tl.load(values + ROW_D_T), shift, DIVERGENCE)
+            d_s, d_t = tl.load(values + ROW_D_S), tl.load(values + ROW_D_T)
+            A1_row, A2_row = cross_term_scalars(tl.load(values + ROW_CROSS), d_s, d_t, log_ratio_shift(d_s, d_t),
+                                                DIVERGENCE)
         loss = soft_scale * divergence_value(A1_row, A2_row, mix_weight, DIVERGENCE) + nan_row
         if HAS_CE:
             loss += hard_weight * (lse_z - tl.load(values + ROW_Z_Y))

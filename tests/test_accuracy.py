@@ -72,3 +72,33 @@ def test_no_less_accurate_than_float32_pytorch(divergence, backend, dtype, V, mo
         largest_probability = max(float(torch.softmax(x.double() / T, -1).max()) for x in (student, teacher))
         _check(rows, truth, eager, T**2, torch.float32, f"{case} value")
         _check(grad, truth_grad, eager_grad, T * largest_probability, dtype, f"{case} gradient")
+
+
+# Logits where a value formed as sum p (t - s) - (lse(s) - lse(t)) cancels two terms of size |z / T|
+# (issue 21): a teacher or a student of scale 1e4, a teacher of scale 3 at T_t = 0.05.
+LARGE_LOGITS = {"teacher 1e4": (1.0, 1e4, {}), "student 1e4": (1e4, 1.0, {}),
+                "teacher T_t 0.05": (1.0, 3.0, {"teacher_temperature": 0.05})}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", ["torch", "two_pass", "resident", "cluster"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_large_logits_no_less_accurate_than_float32_pytorch(divergence, kernel, dtype, monkeypatch, device):
+    """Every kernel (two-pass with several blocks per row) at the logit scales of LARGE_LOGITS."""
+    if kernel == "two_pass":
+        monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 16)
+    monkeypatch.setenv("FASTKD_KD_KERNEL", "auto" if kernel == "torch" else kernel)
+    backend = "torch" if kernel == "torch" else "triton"
+    gen = torch.Generator().manual_seed(21)
+    for case, (student_scale, teacher_scale, kw) in LARGE_LOGITS.items():
+        kw = dict(divergence=divergence, beta=0.3, skew=0.2, **kw)
+        student = (torch.randn(3, 61, generator=gen, dtype=torch.float64) * student_scale).to(dtype).to(device)
+        teacher = (torch.randn(3, 61, generator=gen, dtype=torch.float64) * teacher_scale).to(dtype).to(device)
+        truth, truth_grad = _rows_and_grads(reference.kd_loss, student.double(), teacher.double(), **kw)
+        eager, eager_grad = _rows_and_grads(reference.kd_loss, student.float(), teacher.float(), **kw)
+        rows, grad = _rows_and_grads(fastkd.kd_loss, student, teacher, backend=backend, **kw)
+        _check(rows, truth, eager, truth.abs().max(), torch.float32, f"{case} value")
+        # The gradient's scale: reverse_kl's q (ls - lt - D) reaches |lt| q, far above a probability.
+        largest_probability = max(float(torch.softmax(x.double(), -1).max()) for x in (student, teacher))
+        _check(grad, truth_grad, eager_grad, max(largest_probability, truth_grad.abs().max()), dtype,
+               f"{case} gradient")

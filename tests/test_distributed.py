@@ -426,3 +426,26 @@ def test_three_ranks_unequal_shards_triton_and_subgroups():
 
 def test_ddp_over_vocab_parallel_groups():
     spawn(_data_and_vocab_parallel, 4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+def test_large_logits_value_does_not_cancel(divergence, backend, monkeypatch):
+    """A teacher of scale 1e4 (kl) or a student of scale 1e4 (reverse_kl): the shards' cross terms,
+    re-centred on the global maxima, keep the value within 2x of float32 PyTorch's error."""
+    monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 16)
+    widths = (40, 23, 40)
+    gen = torch.Generator().manual_seed(3)
+    student, teacher = (torch.randn(4, sum(widths), generator=gen, dtype=torch.float64) for _ in range(2))
+    if divergence == "kl":
+        teacher = teacher * 1e4
+    else:
+        student = student * 1e4
+    student, teacher = student.float(), teacher.float()
+    kw = dict(divergence=divergence, reduction="none")
+    results, _ = simulate(student, teacher, None, (0, 40, 63), widths, make_options(divergence=divergence), backend)
+    truth = fastkd.reference.kd_loss(student.double(), teacher.double(), **kw)
+    eager = fastkd.reference.kd_loss(student, teacher, **kw).double()
+    allowed = 2 * (eager - truth).abs().max() + 4 * torch.finfo(torch.float32).eps * truth.abs().max()
+    for row_loss, _, _ in results:
+        assert (row_loss.double() - truth).abs().max() <= allowed

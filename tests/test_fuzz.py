@@ -1,10 +1,11 @@
 """Property-based fuzzing of kd_loss on both backends against the float64 reference.
 
 Each example draws a shape (V = 1, primes, V around the forced block sizes 16 and 32), student and
-teacher dtypes, a temperature in [0.05, 50], a divergence with its parameter, labels with an
-ignore pattern and the hard CE, weights, t2_scale, a reduction, inplace, row-strided views, -inf
-columns (shared, teacher-only, student-only, one-hot teachers: only where the math stays finite)
-and logits up to +-1e4; value and gradient (upstream gradient != 1) must match the oracle.
+teacher dtypes, a temperature in [0.05, 50], a teacher temperature (none, or in [0.05, 50]), a
+divergence with its parameter, labels with an ignore pattern and the hard CE, weights, t2_scale, a
+reduction, inplace, row-strided views, -inf columns (shared, teacher-only, student-only, one-hot
+teachers: only where the math stays finite) and logits up to +-1e4; value and gradient (upstream
+gradient != 1) must match the oracle.
 
 Profiles: "ci" (fixed examples, derandomized) runs by default; "long" runs with --run-slow
 (FASTKD_FUZZ_EXAMPLES sets its size). Reproduce a failure from the printed blob with
@@ -69,6 +70,7 @@ def kd_cases(draw, divergence):
         lead=draw(st.sampled_from(SHAPES)), V=V, block=draw(st.sampled_from([16, 32])),
         student_dtype=draw(st.sampled_from(DTYPES)), teacher_dtype=draw(st.sampled_from(DTYPES)),
         temperature=draw(st.one_of(st.floats(0.05, 50.0), st.sampled_from([0.05, 1.0, 50.0]))),
+        teacher_temperature=draw(st.one_of(st.none(), st.floats(0.05, 50.0), st.sampled_from([0.05, 50.0]))),
         scale=draw(st.sampled_from([3.0, 30.0, 1e4, 1.0, 1e3, 1e-3, 3.0, 0.0])),
         relation=draw(st.sampled_from(["independent", "independent", "close", "equal"])),
         divergence=divergence, beta=draw(st.floats(0.01, 0.99)), skew=skew, mask=mask,
@@ -134,8 +136,8 @@ def _student(master, c):
 
 def _options(c):
     keys = ("temperature", "divergence", "beta", "skew", "ignore_index", "hard_weight", "soft_weight",
-            "t2_scale", "reduction")
-    return {k: c[k] for k in keys}
+            "t2_scale", "reduction", "teacher_temperature")
+    return {k: c.get(k) for k in keys}
 
 
 def _loss_and_grad(fn, master, teacher, labels, c, upstream, **extra):
@@ -164,7 +166,8 @@ def _row_error_scales(s, t, c):
     acc = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
     big = _largest_finite(s, t)
     soft_scale = c["soft_weight"] * (c["temperature"] ** 2 if c["t2_scale"] else 1.0)
-    soft = 8 * EPS[acc] * (1 + max(big / c["temperature"], _largest_log_weight(c))) * math.sqrt(c["V"])
+    coldest = min(c["temperature"], c.get("teacher_temperature") or c["temperature"])
+    soft = 8 * EPS[acc] * (1 + max(big / coldest, _largest_log_weight(c))) * math.sqrt(c["V"])
     hard = 8 * EPS[acc] * (1 + big) * math.sqrt(c["V"]) * c["hard_weight"]
     return soft * soft_scale + hard, soft * soft_scale / c["temperature"] + hard
 
@@ -233,9 +236,9 @@ def run_case(c, backend):
 def _tvd_near_ties(s, t, c):
     """Rows with a column where p and q differ, but by less than rounding can blur: there the TVD
     subgradient jumps (sign(p - q) flips), so float32 and float64 may rightly disagree."""
-    T = c["temperature"]
-    p, q = torch.softmax(t.double() / T, -1), torch.softmax(s.double() / T, -1)
-    blur = 16 * EPS[torch.float32] * (1 + _largest_finite(s, t) / T)
+    T, T_t = c["temperature"], c.get("teacher_temperature") or c["temperature"]
+    p, q = torch.softmax(t.double() / T_t, -1), torch.softmax(s.double() / T, -1)
+    blur = 16 * EPS[torch.float32] * (1 + _largest_finite(s, t) / min(T, T_t))
     return ((p != q) & ((p - q).abs() <= blur * torch.maximum(p, q))).any(-1)
 
 
@@ -307,7 +310,18 @@ FOUND = {
 }
 
 
+# The scales of issue 21, where kl / reverse_kl values once cancelled terms of size |z / T|, pinned
+# so every run covers them. (The allowance here, eps |z| / T per row, is too loose to see that
+# cancellation: tests/test_accuracy.py holds those values to 2x float32 PyTorch's error.)
+SCALES = {
+    "kl_teacher_1e4": dict(lead=(3,), V=47, scale=1e4, seed=5),
+    "kl_teacher_temperature_0_05": dict(lead=(3,), V=47, teacher_temperature=0.05, seed=6),
+    "reverse_kl_teacher_temperature_50": dict(lead=(3,), V=47, divergence="reverse_kl", scale=1e4,
+                                              teacher_temperature=50.0, seed=7),
+}
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("name", sorted(FOUND))
+@pytest.mark.parametrize("name", sorted(FOUND) + sorted(SCALES))
 def test_fuzz_found_cases(name, backend):
-    run_case({**_BASE, **FOUND[name]}, backend)
+    run_case({**_BASE, **{**FOUND, **SCALES}[name]}, backend)

@@ -282,7 +282,7 @@ def _one_teacher_elements(s, t, opts, work):
     (kl, reverse_kl: from the cross term), else None."""
     x = div.Elements(opts, work, s_minus_t=lambda: torch.sub(s, t, out=work.take()))
     m_s, d_s, m_t, d_t, cross = div.fold_row_statistics(s, t, x, opts)
-    x.shift = div.log_ratio_shift(m_s, d_s, m_t, d_t)
+    x.shift = div.log_ratio_shift(d_s, d_t)
     defined = torch.isfinite(m_s + d_s.log())[:, 0] & torch.isfinite(m_t + d_t.log())[:, 0]
     scalars = div.cross_term_scalars(cross, d_s, d_t, x.shift, opts) if opts.has_cross_term else None
     return x, defined, scalars
@@ -578,7 +578,8 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
         lse_s, lse_t, lse_z, shift, nan_row, A1, A2 = _row_values(
             r, "lse_s", "lse_t", "lse_z", "shift", "nan_row", "A1", "A2")
         if opts.has_cross_term:
-            A1, A2 = div.cross_term_scalars(*_row_values(r, "cross", "d_s", "d_t"), shift, opts)
+            cross, d_s, d_t = _row_values(r, "cross", "d_s", "d_t")
+            A1, A2 = div.cross_term_scalars(cross, d_s, d_t, div.log_ratio_shift(d_s, d_t), opts)
         row_loss = opts.soft_scale * div.divergence_value(A1, A2, opts) + nan_row
         if opts.hard_weight != 0:
             row_loss = row_loss + opts.hard_weight * (lse_z - _row_values(r, "z_y")[0])

@@ -98,27 +98,41 @@ def _reads_log_probabilities(opts: KDOptions):
 
 
 def cross_term_elements(e_s, e_t, x: Elements, opts: KDOptions, out):
-    """The terms of kl's cross term e^(t - m_t) (t - s), or reverse_kl's e^(s - m_s) (s - t), 0 where
-    the weight is 0, into ``out``."""
+    """The terms of kl's cross term e^(t - m_t) ((t - m_t) - (s - m_s)), or reverse_kl's
+    e^(s - m_s) ((s - m_s) - (t - m_t)), 0 where the weight is 0, into ``out`` (``x.s_minus_t``
+    centred)."""
     if opts.divergence == "kl":  # e_t (t - s) = -(e_t (s - t)), exactly
         return _masked_product(e_t, x.s_minus_t, out).neg_()
     return _masked_product(e_s, x.s_minus_t, out)
 
 
+def recentre_cross(cross, weight, m_s, new_m_s, m_t, new_m_t, opts: KDOptions):
+    """A cross term summed against the maxima m_s, m_t, re-centred on new_m_s, new_m_t (its weights,
+    summing to ``weight`` against the old maximum, rescaled with them): each of its terms moves by
+    (m_t - new_m_t) - (m_s - new_m_s) (kl), the opposite (reverse_kl). 0 stays 0."""
+    move = (finite(m_t) - finite(new_m_t)) - (finite(m_s) - finite(new_m_s))
+    if opts.divergence == "kl":
+        alpha = torch.exp(m_t - finite(new_m_t))
+    else:
+        move, alpha = -move, torch.exp(m_s - finite(new_m_s))
+    return alpha * (cross + torch.where(weight > 0, weight * move, 0.0))
+
+
 def fold_row_statistics(s, t, x: Elements, opts: KDOptions):
     """Row maxima m and sums of exps d of s and t ``[rows, 1]``, and kl's cross term
-    sum e^(t - m_t) (t - s) or reverse_kl's sum e^(s - m_s) (s - t) (0 for the others).
+    sum e^(t - m_t) ((t - m_t) - (s - m_s)) or reverse_kl's sum e^(s - m_s) ((s - m_s) - (t - m_t))
+    (0 for the others): terms of the size of the row's spread, not of |s| or |t|.
 
-    In place: ``x.s_minus_t`` is computed first where the divergence reads it, then s and t become
-    s - m_s and t - m_t; ``x`` is given ls, lt as those minus log d and q = e_s / d_s,
-    p = e_t / d_t as the kernels; the exps e = e^(s - m) overwrite s and t too where no ls, lt is
-    read."""
+    In place: s and t become s - m_s and t - m_t, then ``x.s_minus_t`` is computed from them (the
+    centred (s - m_s) - (t - m_t), whose shift is ``log_ratio_shift``) where the divergence reads
+    it; ``x`` is given ls, lt as those minus log d and q = e_s / d_s, p = e_t / d_t as the kernels;
+    the exps e = e^(s - m) overwrite s and t too where no ls, lt is read."""
     log_probabilities = _reads_log_probabilities(opts)
-    if not log_probabilities:
-        x.s_minus_t  # noqa: B018 - computed from s and t before they change
     m_s, m_t = s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
     s.sub_(finite(m_s))
     t.sub_(finite(m_t))
+    if not log_probabilities:
+        x.s_minus_t  # noqa: B018 - computed from the centred s and t before the exps overwrite them
     e_s = torch.exp(s, out=x.work.take() if log_probabilities else s)
     e_t = torch.exp(t, out=x.work.take() if log_probabilities else t)
     d_s, d_t = e_s.sum(-1, keepdim=True), e_t.sum(-1, keepdim=True)
@@ -139,14 +153,14 @@ def mixture_log_prob(lts, log_teacher_weights):
     return torch.logsumexp(torch.stack([lt + log_w for lt, log_w in zip(lts, log_teacher_weights)]), 0)
 
 
-def log_ratio_shift(m_s, d_s, m_t, d_t):
-    """shift = lse(s) - lse(t) from maxima and sums of exps, exact to a few ulps of its own size."""
-    return (m_s - m_t) + torch.log(d_s / d_t)
+def log_ratio_shift(d_s, d_t):
+    """The shift of the centred s_minus_t = (s - m_s) - (t - m_t): log(d_s / d_t)."""
+    return torch.log(d_s / d_t)
 
 
 def cross_term_scalars(cross, d_s, d_t, shift, opts: KDOptions):
-    """A1, A2 of kl and reverse_kl from the first pass: the cross term summed against the row's
-    maximum of t (kl) or s (reverse_kl), the sums of exps d_s, d_t and the shift."""
+    """A1, A2 of kl and reverse_kl from the first pass: the cross term centred on the row's maxima,
+    the sums of exps d_s, d_t, and shift = log(d_s / d_t) (both of the size of the row's spread)."""
     return (cross / d_t, -shift) if opts.divergence == "kl" else (cross / d_s, shift)
 
 
@@ -212,7 +226,8 @@ def divergence_grad(x: Elements, A1, A2, opts: KDOptions, out, scale=1.0):
     if name == "kl":
         return torch.sub(x.q, x.p, out=out).mul_(scale)
     if name == "reverse_kl":
-        return _masked_product(x.q, torch.sub(x.s_minus_t, A1, out=out), out).mul_(scale)
+        ratio = torch.sub(x.s_minus_t, x.shift, out=out).sub_(A1 - A2)  # ls - lt - D
+        return _masked_product(x.q, ratio, out).mul_(scale)
     if name == "tvd":
         return torch.sub(A2, x.sign_p_minus_q, out=out).mul_(x.q).mul_(0.5 * scale)
     mix, log_wp, log_wq = opts.mixture_weights()
