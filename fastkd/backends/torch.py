@@ -289,13 +289,14 @@ def _one_teacher_elements(s, t, opts, work):
 
 
 def _small_elements(s, t, opts, work):
-    """``_one_teacher_elements`` of a small call (SMALL_ELEMENTS): each row's log-sum-exp by one
-    fused op and ls, lt, q, p, s - t out of place, in fresh tensors, as the mixture's; some ten ops
-    where the in-place first pass takes twenty. The row scalars come from element_terms."""
-    lse_s, lse_t = s.logsumexp(-1, keepdim=True), t.logsumexp(-1, keepdim=True)
-    shift = lse_s - lse_t  # finite exactly where both log-sum-exps are
-    x = div.Elements(opts, work, shift, ls=lambda: s - lse_s, lt=lambda: t - lse_t, s_minus_t=lambda: s - t)
-    return x, torch.isfinite(shift[:, 0]), None
+    """``_one_teacher_elements`` of a small call (SMALL_ELEMENTS): ls and lt by one fused op each,
+    q, p and ls - lt out of place, in fresh tensors, as the mixture's; some ten ops where the
+    in-place first pass takes twenty. The row scalars come from element_terms."""
+    # log_softmax centres on the row's maximum before it subtracts log(sum): no element errs by
+    # more than ulp(log V), as a log-sum-exp taken first would (ulp of the logits' size)
+    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    x = div.Elements(opts, work, 0.0, ls=ls, lt=lt, s_minus_t=lambda: ls - lt)  # shift 0, as the mixture's
+    return x, torch.isfinite(ls.amax(-1) + lt.amax(-1)), None
 
 
 def _mixture_elements(s, teachers, r0, r1, opts, work):
