@@ -1,0 +1,150 @@
+"""Universal Logit Distillation (ULD, Boizard et al. 2024): a loss between a student and a teacher
+whose vocabularies differ, so no column of one corresponds to a column of the other.
+
+Math. q = softmax(z_s / T) over the student's V_s columns, p = softmax(z_t / T_t) over the
+teacher's V_t; q_(i), p_(i) the i-th largest probability, the shorter side padded with zeros:
+
+    exact:  W   = sum_i |q_(i) - p_(i)|                       (Wasserstein-1 over ranks)
+    top-K:  W_K = sum_{i <= K} |q_(i) - p_(i)| + |R_s - R_t|  R = the mass outside a side's top K
+
+    W_K + |R_s - R_t| <= W <= W_K + R_s + R_t, so the top-K loss errs by at most 2 min(R_s, R_t)
+    (``bound``, per row).
+
+Gradient (once differentiable; ties between probabilities take the order the sort gives, a valid
+subgradient): g_j = sign(q_(i) - p_(i)) at the column j holding the student's rank i (0 on columns
+beyond the teacher's V_t are +1: their partner is a padded 0), plus, in top-K mode, -sign(R_s - R_t)
+on the student's top-K columns and 0 elsewhere; then dW / dz_j = (1 / T) q_j (g_j - sum_k q_k g_k).
+
+This module holds the torch backend (rows in chunks: one sort, or one top-K, per row and side; the
+``[N, V]`` gradient is computed in the forward, as every fastkd loss), its autograd Function and the
+functional ``uld_loss``. The reduction is ``fastkd.reduction``'s; "mean" divides by rows times
+max(V_s, V_t), the number of terms of the exact sum. No T**2 factor (as TRL's GOLD).
+"""
+import torch
+
+from .autograd import once_differentiable, scaled_student_grad
+from .backends import flat_labels, rows
+from .backends.torch import chunks
+from .buffers import accumulation_dtype, empty
+from .options import (KDOptions, check_backend, check_int, check_labels, check_logits, check_teacher_constant,
+                      check_temperature, make_reduction)
+from .reduction import grad_scale, normaliser, reduce
+
+
+def _uld_chunk(s, t, k, T, need_grad):
+    """Per-row W (or W_K), its error bound and dW/dz_s of tempered logits ``s`` [r, V_s], ``t`` [r, V_t]
+    (accumulation dtype)."""
+    q, p = torch.softmax(s, -1), torch.softmax(t, -1)
+    if k is None:
+        q_sorted, q_index = q.sort(-1, descending=True)
+        p_sorted = p.sort(-1, descending=True).values
+        width = max(q.shape[-1], p.shape[-1])
+        diff = (torch.nn.functional.pad(q_sorted, (0, width - q.shape[-1]))
+                - torch.nn.functional.pad(p_sorted, (0, width - p.shape[-1])))
+        loss, bound = diff.abs().sum(-1), torch.zeros_like(q[:, 0])
+        g_rank = diff[:, :q.shape[-1]].sign()
+    else:
+        q_top, q_index = q.topk(k, -1)
+        p_top, p_index = p.topk(k, -1)
+        # The tails summed over their own columns, not as 1 - sum(top): no cancellation when they are small.
+        r_s, r_t = q.scatter(1, q_index, 0.0).sum(-1), p.scatter(1, p_index, 0.0).sum(-1)
+        diff = q_top - p_top
+        loss = diff.abs().sum(-1) + (r_s - r_t).abs()
+        bound = 2 * torch.minimum(r_s, r_t)
+        g_rank = diff.sign() - (r_s - r_t).sign()[:, None]
+    if not need_grad:
+        return loss, bound, None
+    g = torch.zeros_like(q).scatter_(1, q_index, g_rank)
+    return loss, bound, q * (g - (q * g).sum(-1, keepdim=True)) / T
+
+
+def uld_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *, need_grad=True):
+    """The torch backend: (row losses [N], row bounds [N], gradient [N, V_s] times ``scale`` or None)
+    of ``student`` [N, V_s] and ``teacher`` [N, V_t]. Ignored rows are 0; a row with no distribution
+    on either side (all -inf, a NaN) is NaN."""
+    N, V = student.shape
+    acc = accumulation_dtype(student.dtype, teacher.dtype)
+    row_loss = torch.zeros(N, dtype=acc, device=student.device)
+    row_bound = torch.zeros(N, dtype=acc, device=student.device)
+    grad = empty((N, V), dtype=student.dtype, device=student.device) if need_grad else None
+    keep = None if labels is None else labels != ignore_index
+    for r0, r1 in chunks(N, max(V, teacher.shape[-1]), device=student.device):
+        s, t = student[r0:r1].to(acc) / T, teacher[r0:r1].to(acc) / T_t
+        loss, bound, g = _uld_chunk(s, t, k, T, need_grad)
+        kept = None if keep is None else keep[r0:r1]
+        if kept is not None:
+            loss, bound = torch.where(kept, loss, 0.0), torch.where(kept, bound, 0.0)
+        row_loss[r0:r1], row_bound[r0:r1] = loss, bound
+        if need_grad:
+            g = g * scale
+            grad[r0:r1] = g if kept is None else torch.where(kept[:, None], g, 0.0)
+    return row_loss, row_bound, grad
+
+
+class ULDLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, labels, k, T, T_t, ignore_index, reduction):
+        s2, t2, labels1 = rows(student.detach()), rows(teacher), flat_labels(labels)
+        acc = accumulation_dtype(student.dtype, teacher.dtype)
+        norm = normaliser(reduction, labels1, s2.shape[0], max(s2.shape[1], t2.shape[1]), ignore_index,
+                          device=student.device, dtype=acc)
+        need_grad = ctx.needs_input_grad[0]
+        row_loss, row_bound, grad = uld_forward(s2, t2, labels1, grad_scale(norm, device=student.device, dtype=acc),
+                                                k, T, T_t, ignore_index, need_grad=need_grad)
+        if need_grad:
+            ctx.save_for_backward(grad)
+        ctx.backend, ctx.shape = "torch", student.shape
+        ctx.mark_non_differentiable(row_bound)
+        shape = student.shape[:-1]
+        return reduce(row_loss, norm, reduction, shape), reduce(row_bound, norm, reduction, shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_bound):
+        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 7
+
+
+def check_uld_inputs(student_logits, teacher_logits, labels, k, ignore_index):
+    """Static checks of ``uld_loss``'s tensors (two vocabularies: only the leading dims must agree);
+    returns ``k`` checked (None, or an int in [1, min(V_s, V_t)])."""
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
+    check_teacher_constant("teacher_logits", teacher_logits)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must agree in every dimension but the last (vocabulary)")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"student_logits is on {student_logits.device} and teacher_logits on {teacher_logits.device}")
+    check_labels(student_logits, labels, KDOptions(ignore_index=check_int("ignore_index", ignore_index)))
+    if k is None:
+        return None
+    V = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    k = check_int("k", k)
+    if not 1 <= k <= V:
+        raise ValueError(f"k must be None (exact) or in [1, min(V_s, V_t)] = [1, {V}], got {k}")
+    return k
+
+
+def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher_temperature=None, labels=None,
+             ignore_index=-100, reduction="batchmean", num_items_in_batch=None, backend="auto", return_bound=False):
+    """Universal Logit Distillation loss between vocabularies of any two sizes (see the module docstring).
+
+    ``student_logits`` [..., V_s], ``teacher_logits`` [..., V_t] (a constant): the same leading dims,
+    any float dtypes, any strides. ``k=None``: exact (a full sort of both rows); ``k`` an int: the
+    top-K form, whose error against the exact loss is at most ``bound`` (``return_bound=True`` returns
+    ``(loss, bound)``, the bound reduced as the loss). ``temperature`` divides the student's logits,
+    ``teacher_temperature`` the teacher's (default: ``temperature``). ``labels`` / ``ignore_index``
+    drop rows, ``reduction`` ("batchmean", "mean", "sum", "none") and ``num_items_in_batch`` as in
+    ``fastkd.kd_loss``. ``backend``: "auto" and "torch" run the chunked PyTorch backend.
+
+    On equal-length answers, ``uld_loss(s, t, labels=labels, teacher_temperature=...)`` equals TRL's
+    ``trl.experimental.gold`` ULD loss (``use_extended_uld=False``, no EOS skipping).
+    """
+    k = check_uld_inputs(student_logits, teacher_logits, labels, k, ignore_index)
+    T = check_temperature(temperature)
+    T_t = T if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
+    reduction = make_reduction(reduction, num_items_in_batch)
+    if check_backend(backend) == "triton":
+        raise ValueError("uld_loss has no Triton kernel yet: use backend='torch' (or 'auto')")
+    loss, bound = ULDLossFunction.apply(student_logits, teacher_logits, labels, k, T, T_t, ignore_index, reduction)
+    return (loss, bound) if return_bound else loss
