@@ -1,0 +1,142 @@
+"""fastkd.uld_loss (Universal Logit Distillation, exact and top-K) against its float64 reference,
+TRL's GOLD ULD loss, and its own bound."""
+import pytest
+import torch
+
+import fastkd
+from fastkd import reference
+from helpers import assert_close_to_oracle, logits
+
+V_S, V_T = 13, 21  # two vocabularies, odd sizes
+
+
+def _loss_and_grad(fn, s, t, **kw):
+    s = s.detach().requires_grad_()
+    loss = fn(s, t, **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    return loss, grad
+
+
+@pytest.mark.parametrize("k", [None, 1, 5])
+@pytest.mark.parametrize("v_s, v_t", [(V_S, V_T), (V_T, V_S), (V_S, V_S)])
+def test_equals_reference_and_gradcheck(k, v_s, v_t):
+    s, t = logits(3, 4, v_s, dtype=torch.float64), logits(3, 4, v_t, dtype=torch.float64)
+    kw = dict(k=k, temperature=2.0, teacher_temperature=0.7)
+    got, grad = _loss_and_grad(fastkd.uld_loss, s, t, **kw)
+    want, want_grad = _loss_and_grad(reference.uld_loss, s, t, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+    for fn in (fastkd.uld_loss, reference.uld_loss):
+        assert torch.autograd.gradcheck(lambda x: fn(x, t, **kw), (s.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
+                                    (torch.float16, torch.float32)])
+@pytest.mark.parametrize("k", [None, 4])
+@pytest.mark.parametrize("near", [False, True])
+def test_accuracy_rule(dtypes, k, near):
+    """No value or gradient errs more than twice the plain float32 formula (the reference in float32)
+    against float64; ``near``: a student close to its teacher (bf16 near convergence)."""
+    s64 = logits(6, V_T, dtype=torch.float64)
+    t64 = s64[:, :V_S] + 1e-2 * logits(6, V_S, dtype=torch.float64) if near else logits(6, V_S, dtype=torch.float64)
+    s, t = s64.to(dtypes[0]), t64.to(dtypes[1])
+    kw = dict(k=k, reduction="none", temperature=1.5)
+    got, grad = _loss_and_grad(fastkd.uld_loss, s, t, **kw)
+    oracle, oracle_grad = _loss_and_grad(reference.uld_loss, s.double(), t.double(), **kw)
+    f32, f32_grad = _loss_and_grad(reference.uld_loss, s.float(), t.float(), **kw)
+    assert got.dtype == torch.float32 and grad.dtype == s.dtype
+    assert_close_to_oracle(got, oracle, 2 * f32.double() - oracle, dtype=torch.float32, grows_with=V_T)
+    assert_close_to_oracle(grad.float(), oracle_grad, 2 * f32_grad.double() - oracle_grad.double(),
+                           dtype=dtypes[0], grows_with=V_T)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+def test_labels_reductions_and_views(reduction):
+    """Non-contiguous views of every tensor (labels too) give the contiguous copies' result."""
+    s_big, t_big = logits(2, 7, 2 * V_S, dtype=torch.float64), logits(7, 2, V_T + 3, dtype=torch.float64)
+    s, t = s_big[..., ::2], t_big.transpose(0, 1)[..., :V_T]
+    labels = torch.randint(0, 5, (7, 2)).t()
+    labels[0, 2] = labels[1, 5] = -100
+    kw = dict(labels=labels, reduction=reduction, k=3)
+    got, grad = _loss_and_grad(fastkd.uld_loss, s, t, **kw)
+    want, want_grad = _loss_and_grad(reference.uld_loss, s.contiguous(), t.contiguous(),
+                                     **dict(kw, labels=labels.contiguous()))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+    assert grad[0, 2].abs().sum() == 0 and grad[1, 5].abs().sum() == 0
+
+
+def test_num_items_in_batch_and_empty_input():
+    s, t = logits(4, V_S, dtype=torch.float64), logits(4, V_T, dtype=torch.float64)
+    torch.testing.assert_close(fastkd.uld_loss(s, t, num_items_in_batch=8),
+                               fastkd.uld_loss(s, t, reduction="sum") / 8)
+    torch.testing.assert_close(fastkd.uld_loss(s, t, reduction="mean"),
+                               fastkd.uld_loss(s, t, reduction="sum") / (4 * V_T))
+    empty_s = torch.zeros(0, V_S, requires_grad=True)
+    loss = fastkd.uld_loss(empty_s, torch.zeros(0, V_T))
+    loss.backward()
+    assert loss.item() == 0 and empty_s.grad.shape == (0, V_S)
+
+
+def test_minus_inf_columns_and_dead_rows():
+    s, t = logits(3, V_S), logits(3, V_T)
+    s[:, 2] = t[:, :4] = float("-inf")
+    got, grad = _loss_and_grad(fastkd.uld_loss, s, t)
+    want, _ = _loss_and_grad(reference.uld_loss, s.double(), t.double())
+    assert torch.isfinite(grad).all() and (grad[:, 2] == 0).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+    s[1] = float("-inf")  # no student distribution: that row is NaN, unless ignored
+    assert fastkd.uld_loss(s, t, reduction="none").isnan().tolist() == [False, True, False]
+    labels = torch.tensor([0, -100, 0])
+    assert torch.isfinite(fastkd.uld_loss(s, t, labels=labels))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_topk_error_within_its_bound(k):
+    s, t = logits(16, V_S, dtype=torch.float64), logits(16, V_T, dtype=torch.float64)
+    exact = fastkd.uld_loss(s, t, reduction="none")
+    approx, bound = fastkd.uld_loss(s, t, k=k, reduction="none", return_bound=True)
+    assert ((approx - exact).abs() <= bound + 1e-12).all()
+    assert (approx <= exact + 1e-12).all()  # W_K + |R_s - R_t| is the lower end of the bracket
+    total, total_bound = fastkd.uld_loss(s, t, k=k, return_bound=True)
+    torch.testing.assert_close(total_bound, bound.mean())
+    assert fastkd.uld_loss(s, t, k=V_S, reduction="none").sub(exact).abs().max() <= \
+        fastkd.uld_loss(s, t, k=V_S, return_bound=True, reduction="none")[1].max() + 1e-12
+
+
+def test_bad_input_names_the_argument():
+    s, t = logits(2, 3, V_S), logits(2, 3, V_T)
+    cases = [(dict(k=0), "k must"), (dict(k=V_S + 1), "k must"), (dict(temperature=0.0), "temperature"),
+             (dict(teacher_temperature=-1.0), "teacher_temperature"), (dict(reduction="avg"), "reduction"),
+             (dict(labels=torch.zeros(2, 4, dtype=torch.long)), "labels"), (dict(backend="cuda"), "backend")]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fastkd.uld_loss(s, t, **kw)
+    with pytest.raises(ValueError, match="every dimension but the last"):
+        fastkd.uld_loss(s, t[:, :2])
+    with pytest.raises(ValueError, match="teacher_logits requires grad"):
+        fastkd.uld_loss(s, t.requires_grad_())
+    with pytest.raises(TypeError, match="labels"):
+        fastkd.uld_loss(s, t.detach(), labels=torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="k must"):
+        fastkd.uld_loss(s, t.detach(), k=2.5)
+
+
+def test_equals_trl_gold_uld():
+    """TRL's ULDLoss (``use_extended_uld=False``, no EOS skipping): per sample, the L1 of the sorted
+    probabilities over its answer rows divided by their count, averaged over samples; equal answer
+    lengths make that ``uld_loss``'s batchmean over the labelled rows."""
+    gold = pytest.importorskip("trl.experimental.gold.gold_trainer")
+    from types import SimpleNamespace
+    config = SimpleNamespace(uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=2.0,
+                             uld_teacher_temperature=1.5, uld_skip_student_eos=False, uld_skip_teacher_eos=False,
+                             use_extended_uld=False, uld_token_merge_strategy="observed")
+    s, t = logits(2, 6, V_S, dtype=torch.float64), logits(2, 6, V_T, dtype=torch.float64)
+    labels = torch.full((2, 6), -100)
+    labels[0, 1:4] = 3
+    labels[1, 2:5] = 5
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    want, want_grad = _loss_and_grad(lambda x, y: gold.ULDLoss(config)(x, y, labels, labels, ids, ids), s, t)
+    got, grad = _loss_and_grad(fastkd.uld_loss, s, t, labels=labels, temperature=2.0, teacher_temperature=1.5)
+    torch.testing.assert_close(got, want.reshape(()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
