@@ -26,8 +26,9 @@ def test_equals_reference_and_gradcheck(k, v_s, v_t):
     want, want_grad = _loss_and_grad(reference.uld_loss, s, t, **kw)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+    s_small = s[0, :2].clone().requires_grad_()  # random logits: no ties, so the loss is differentiable there
     for fn in (fastkd.uld_loss, reference.uld_loss):
-        assert torch.autograd.gradcheck(lambda x: fn(x, t, **kw), (s.clone().requires_grad_(),))
+        assert torch.autograd.gradcheck(lambda x: fn(x, t[0, :2], **kw), (s_small,), fast_mode=True)
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
