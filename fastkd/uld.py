@@ -26,8 +26,8 @@ from .autograd import once_differentiable, scaled_student_grad
 from .backends import flat_labels, rows
 from .backends.torch import chunks
 from .buffers import accumulation_dtype, empty
-from .options import (KDOptions, check_backend, check_int, check_labels, check_logits, check_teacher_constant,
-                      check_temperature, make_reduction)
+from .options import (KDOptions, _real, check_backend, check_int, check_labels, check_logits, check_teacher_constant,
+                      check_temperature, make_options, make_reduction)
 from .reduction import grad_scale, normaliser, reduce
 
 
@@ -148,3 +148,68 @@ def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher
         raise ValueError("uld_loss has no Triton kernel yet: use backend='torch' (or 'auto')")
     loss, bound = ULDLossFunction.apply(student_logits, teacher_logits, labels, k, T, T_t, ignore_index, reduction)
     return (loss, bound) if return_bound else loss
+
+
+def _sorted_l1(q, p):
+    """Per row, the L1 distance of ``q`` [r, a] and ``p`` [r, b] sorted decreasingly, the shorter
+    padded with zeros (0 when either side has no column); differentiable through the sort."""
+    if q.shape[-1] == 0 or p.shape[-1] == 0:
+        return q.new_zeros(q.shape[0])
+    width = max(q.shape[-1], p.shape[-1])
+    q_sorted = torch.nn.functional.pad(q.sort(-1, descending=True).values, (0, width - q.shape[-1]))
+    p_sorted = torch.nn.functional.pad(p.sort(-1, descending=True).values, (0, width - p.shape[-1]))
+    return (q_sorted - p_sorted).abs().sum(-1)
+
+
+def _weight(name, value):
+    value = _real(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def hybrid_uld_loss(student, teacher, vocab_map, *, divergence="jsd", beta=0.5, skew=0.1, matched_weight=None,
+                    unmatched_weight=None, temperature=1.0, teacher_temperature=None, probabilities=False,
+                    labels=None, ignore_index=-100, reduction="batchmean", num_items_in_batch=None):
+    """GOLD's hybrid loss: per row, ``matched_weight`` D(p_m || q_m) + ``unmatched_weight`` ULD(p_u, q_u).
+
+    ``student`` [..., V_s], ``teacher`` [..., V_t]: logits (softmax at ``temperature`` /
+    ``teacher_temperature``), or with ``probabilities=True`` probabilities, possibly unnormalised
+    (rows of ``fastkd.vocab_map.merge_probabilities``). ``vocab_map``: a ``VocabMap``. p_m, q_m: the
+    two sides at the matched ids, not renormalised; D: any ``divergence`` of ``fastkd.kd_loss``
+    (``beta``, ``skew`` as there) on log max(x, 1e-8), as GOLD; p_u, q_u: the unmatched columns,
+    compared by ``uld_loss``'s exact sorted L1. ``matched_weight`` default: the matched fraction
+    len(vocab_map) / V_t (GOLD's adaptive weight); ``unmatched_weight`` default: 1 - matched_weight.
+    Rows reduce as in ``uld_loss`` ("mean": / rows * max(V_s, V_t)). Plain PyTorch, differentiable by autograd (no fused kernel yet).
+    """
+    from .reference import row_divergence  # the textbook divergences, on the matched columns
+    check_uld_inputs(student, teacher, labels, None, ignore_index)
+    opts = make_options(divergence=divergence, beta=beta, skew=skew, ignore_index=ignore_index)
+    reduction = make_reduction(reduction, num_items_in_batch)
+    V_s, V_t = student.shape[-1], teacher.shape[-1]
+    if len(vocab_map) and (int(vocab_map.teacher_ids.max()) >= V_t or int(vocab_map.student_ids.max()) >= V_s):
+        raise ValueError(f"vocab_map holds ids beyond the vocabularies of the inputs (V_s={V_s}, V_t={V_t})")
+    ids_t, ids_s = vocab_map.teacher_ids.to(student.device), vocab_map.student_ids.to(student.device)
+    w_matched = len(vocab_map) / max(1, V_t) if matched_weight is None else _weight("matched_weight", matched_weight)
+    w_unmatched = 1 - w_matched if unmatched_weight is None else _weight("unmatched_weight", unmatched_weight)
+    dtype = accumulation_dtype(student.dtype, teacher.dtype)
+    q, p = student.reshape(-1, V_s).to(dtype), teacher.reshape(-1, V_t).to(dtype)
+    if not probabilities:
+        T = check_temperature(temperature)
+        T_t = T if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
+        q, p = torch.softmax(q / T, -1), torch.softmax(p / T_t, -1)
+    keep = torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if labels is None else \
+        labels.reshape(-1) != ignore_index
+    q, p = q[keep], p[keep]
+    row = torch.zeros_like(q[:, 0])
+    if len(vocab_map):
+        log_p = p[:, ids_t].clamp_min(1e-8).log()
+        log_q = q[:, ids_s].clamp_min(1e-8).log()
+        row = row + w_matched * row_divergence(log_p, log_q, opts.divergence, opts.beta, opts.skew)
+    unmatched_s = torch.ones(V_s, dtype=torch.bool, device=q.device).index_fill(0, ids_s, False)
+    unmatched_t = torch.ones(V_t, dtype=torch.bool, device=q.device).index_fill(0, ids_t, False)
+    row = row + w_unmatched * _sorted_l1(q[:, unmatched_s], p[:, unmatched_t])
+    row_loss = torch.zeros(keep.shape[0], dtype=dtype, device=q.device).masked_scatter(keep, row)
+    norm = normaliser(reduction, None if labels is None else labels.reshape(-1), keep.shape[0], max(V_s, V_t),
+                      ignore_index, device=q.device, dtype=dtype)
+    return reduce(row_loss, norm, reduction, student.shape[:-1])
