@@ -108,17 +108,24 @@ def check_uld_inputs(student_logits, teacher_logits, labels, k, ignore_index):
     """Static checks of ``uld_loss``'s tensors (two vocabularies: only the leading dims must agree);
     returns ``k`` checked (None, or an int in [1, min(V_s, V_t)])."""
     check_logits("student_logits", student_logits)
+    return _check_teacher_side("student_logits", student_logits.shape, student_logits.device, teacher_logits, labels,
+                               k, ignore_index)
+
+
+def _check_teacher_side(student_name, student_shape, device, teacher_logits, labels, k, ignore_index):
+    """The checks of the teacher, labels and ``k`` against a student of logits' shape ``student_shape``."""
     check_logits("teacher_logits", teacher_logits)
     check_teacher_constant("teacher_logits", teacher_logits)
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+    if tuple(student_shape[:-1]) != tuple(teacher_logits.shape[:-1]):
+        raise ValueError(f"{student_name} (logits {tuple(student_shape)}) and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must agree in every dimension but the last (vocabulary)")
-    if student_logits.device != teacher_logits.device:
-        raise ValueError(f"student_logits is on {student_logits.device} and teacher_logits on {teacher_logits.device}")
-    check_labels(student_logits, labels, KDOptions(ignore_index=check_int("ignore_index", ignore_index)))
+    if device != teacher_logits.device:
+        raise ValueError(f"{student_name} is on {device} and teacher_logits on {teacher_logits.device}")
+    check_labels(teacher_logits, labels, KDOptions(ignore_index=check_int("ignore_index", ignore_index)),
+                 name="teacher_logits")
     if k is None:
         return None
-    V = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    V = min(student_shape[-1], teacher_logits.shape[-1])
     k = check_int("k", k)
     if not 1 <= k <= V:
         raise ValueError(f"k must be None (exact) or in [1, min(V_s, V_t)] = [1, {V}], got {k}")
@@ -213,3 +220,116 @@ def hybrid_uld_loss(student, teacher, vocab_map, *, divergence="jsd", beta=0.5, 
     norm = normaliser(reduction, None if labels is None else labels.reshape(-1), keep.shape[0], max(V_s, V_t),
                       ignore_index, device=q.device, dtype=dtype)
     return reduce(row_loss, norm, reduction, student.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused linear form: the student's logits h W^T + b one chunk of rows at a time
+
+
+def _linear_uld_pass(hidden, weight, bias, teacher, labels, scale, k, T, T_t, ignore_index, chunk, *, want_grad):
+    """Row losses and bounds [N] of the student logits ``hidden @ weight.T + bias`` (in the
+    accumulation dtype, one chunk of rows at a time, never [N, V_s]) against ``teacher`` [N, V_t],
+    and with ``want_grad`` the gradients [hidden [N, H], weight [V_s, H], bias [V_s] or None] of the
+    row losses times ``scale`` (a [1] factor, or [N], one per row), in the accumulation dtype."""
+    N, H = hidden.shape
+    acc = accumulation_dtype(hidden.dtype, weight.dtype, teacher.dtype)
+    w = weight.to(acc)  # bf16/fp16 weights: one float32 [V_s, H] copy, the size of the weight's gradient
+    b = None if bias is None else bias.to(acc)
+    row_loss = torch.zeros(N, dtype=acc, device=hidden.device)
+    row_bound = torch.zeros(N, dtype=acc, device=hidden.device)
+    grads = None
+    if want_grad:
+        grads = [torch.empty(N, H, dtype=acc, device=hidden.device), torch.zeros_like(w),
+                 None if b is None else torch.zeros_like(b)]
+    keep = None if labels is None else labels != ignore_index
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        h = hidden[r0:r1].to(acc)
+        s = (h @ w.t() if b is None else torch.addmm(b, h, w.t())).div_(T)
+        loss, bound, g = _uld_chunk(s, teacher[r0:r1].to(acc) / T_t, k, T, want_grad)
+        kept = None if keep is None else keep[r0:r1]
+        if kept is not None:
+            loss, bound = torch.where(kept, loss, 0.0), torch.where(kept, bound, 0.0)
+        row_loss[r0:r1], row_bound[r0:r1] = loss, bound
+        if want_grad:
+            g = g * (scale if scale.numel() == 1 else scale[r0:r1, None])
+            if kept is not None:
+                g = torch.where(kept[:, None], g, 0.0)
+            grads[0][r0:r1] = g @ w
+            grads[1].addmm_(g.t(), h)
+            if b is not None:
+                grads[2].add_(g.sum(0))
+    return row_loss, row_bound, grads
+
+
+class FusedLinearULDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher, labels, k, T, T_t, ignore_index, reduction, chunk):
+        h2, t2, labels1 = hidden.detach().reshape(-1, hidden.shape[-1]), rows(teacher), flat_labels(labels)
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+        acc = accumulation_dtype(hidden.dtype, weight.dtype, teacher.dtype)
+        norm = normaliser(reduction, labels1, h2.shape[0], max(weight.shape[0], t2.shape[1]), ignore_index,
+                          device=hidden.device, dtype=acc)
+        # "none" has one upstream gradient per row, known only in the backward: that recomputes the pass.
+        want_grad = any(ctx.needs_input_grad[:3]) and reduction.kind != "none"
+        ctx.args = (labels1, k, T, T_t, ignore_index, chunk)
+        row_loss, row_bound, grads = _linear_uld_pass(h2, weight, bias, t2, labels1,
+                                                      grad_scale(norm, device=hidden.device, dtype=acc),
+                                                      *ctx.args[1:], want_grad=want_grad)
+        ctx.kind, ctx.acc, ctx.shape, ctx.has_bias = reduction.kind, acc, hidden.shape, bias is not None
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if want_grad:
+            ctx.save_for_backward(*(x for x in grads if x is not None))
+        else:
+            ctx.save_for_backward(h2, weight, t2, *(() if bias is None else (bias,)))
+        ctx.mark_non_differentiable(row_bound)
+        shape = hidden.shape[:-1]
+        return reduce(row_loss, norm, reduction, shape), reduce(row_bound, norm, reduction, shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_bound):
+        if ctx.kind == "none":
+            h2, weight, t2, *bias = ctx.saved_tensors
+            labels1, k, T, T_t, ignore_index, chunk = ctx.args
+            _, _, grads = _linear_uld_pass(h2, weight, bias[0] if bias else None, t2, labels1,
+                                           grad_loss.reshape(-1).to(ctx.acc), k, T, T_t, ignore_index, chunk,
+                                           want_grad=True)
+        else:
+            grads = [x * grad_loss.to(ctx.acc) for x in ctx.saved_tensors] + [None] * (not ctx.has_bias)
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (grads[0].view(ctx.shape), grads[1], grads[2]) + (None,) * 8
+
+
+def fused_linear_uld_loss(student_hidden, student_weight, teacher_logits, *, student_bias=None, k=None,
+                          temperature=1.0, teacher_temperature=None, labels=None, ignore_index=-100,
+                          reduction="batchmean", num_items_in_batch=None, chunk_size=None, return_bound=False):
+    """``uld_loss(student_hidden @ student_weight.T + student_bias, teacher_logits, ...)`` without
+    the student's ``[N, V_s]`` logits: rows go through in chunks of ``chunk_size`` (default:
+    ``fastkd.fused_linear.default_chunk_size``), each chunk's logits, loss and gradients computed
+    at once (the loss's gradient for hidden states, weight and bias is ready after the forward;
+    ``reduction="none"`` recomputes it in the backward). ``student_hidden`` [..., H],
+    ``student_weight`` [V_s, H], ``teacher_logits`` [..., V_t]; the other options as ``uld_loss``.
+    Memory beyond the inputs: the [N, H], [V_s, H] (and [V_s]) gradients and a few [chunk, V] blocks.
+    """
+    from .fused_linear import default_chunk_size
+    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
+        check_logits(name, x)
+    if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V_s, H] with H = "
+                         f"student_hidden's last dimension ({student_hidden.shape[-1]})")
+    if student_bias is not None and (not isinstance(student_bias, torch.Tensor)
+                                     or student_bias.shape != student_weight.shape[:1]):
+        raise ValueError(f"student_bias must be None or a tensor of shape [{student_weight.shape[0]}]")
+    if student_weight.device != student_hidden.device:
+        raise ValueError(f"student_weight is on {student_weight.device} and student_hidden on {student_hidden.device}")
+    k = _check_teacher_side("student_hidden", (*student_hidden.shape[:-1], student_weight.shape[0]),
+                            student_hidden.device, teacher_logits, labels, k, ignore_index)
+    T = check_temperature(temperature)
+    T_t = T if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
+    reduction = make_reduction(reduction, num_items_in_batch)
+    chunk = default_chunk_size(max(student_weight.shape[0], teacher_logits.shape[-1]), student_weight.shape[1]) \
+        if chunk_size is None else check_int("chunk_size", chunk_size, 1)
+    loss, bound = FusedLinearULDFunction.apply(student_hidden, student_weight, student_bias, teacher_logits, labels, k,
+                                               T, T_t, ignore_index, reduction, chunk)
+    return (loss, bound) if return_bound else loss

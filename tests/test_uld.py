@@ -141,3 +141,51 @@ def test_equals_trl_gold_uld():
     got, grad = _loss_and_grad(fastkd.uld_loss, s, t, labels=labels, temperature=2.0, teacher_temperature=1.5)
     torch.testing.assert_close(got, want.reshape(()), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("k", [None, 4])
+def test_fused_linear_equals_uld_of_the_logits(reduction, k):
+    """Chunks of 5 rows (several, one partial); hidden states, weight and bias all get their gradient."""
+    h, w = logits(3, 4, 8, dtype=torch.float64, scale=1.0), logits(V_S, 8, dtype=torch.float64, scale=1.0)
+    b, t = logits(V_S, dtype=torch.float64), logits(3, 4, V_T, dtype=torch.float64)
+    labels = torch.randint(0, 5, (3, 4))
+    labels[0, 1] = -100
+    kw = dict(k=k, labels=labels, reduction=reduction, temperature=1.3, teacher_temperature=0.8)
+    params = [x.clone().requires_grad_() for x in (h, w, b)]
+    got = fastkd.fused_linear_uld_loss(*params[:2], t, student_bias=params[2], chunk_size=5, **kw)
+    want = reference.uld_loss(params[0] @ params[1].T + params[2], t, **kw)
+    upstream = torch.rand_like(got)
+    for a, b_ in zip(torch.autograd.grad((got * upstream).sum(), params),
+                     torch.autograd.grad((want * upstream).sum(), params)):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda x, y: fastkd.fused_linear_uld_loss(x, y, t[0, :2], k=k, chunk_size=1),
+                                    (params[0][0, :2].detach().requires_grad_(), params[1]), fast_mode=True)
+
+
+def test_fused_linear_bf16_weights_keep_float32_logits():
+    h, w = logits(6, 16, dtype=torch.bfloat16, scale=0.5), logits(V_S, 16, dtype=torch.bfloat16, scale=0.5)
+    t = logits(6, V_T)
+    params = [x.clone().requires_grad_() for x in (h, w)]
+    got = fastkd.fused_linear_uld_loss(*params, t, k=5, chunk_size=4)
+    grads = torch.autograd.grad(got, params)
+    oracle = [x.double().requires_grad_() for x in (h, w)]
+    want = reference.uld_loss(oracle[0] @ oracle[1].T, t.double(), k=5)
+    want_grads = torch.autograd.grad(want, oracle)
+    assert got.dtype == torch.float32 and [g.dtype for g in grads] == [torch.bfloat16] * 2
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for g, g_want in zip(grads, want_grads):  # rounded once, to bf16, at the end
+        torch.testing.assert_close(g.double(), g_want, rtol=2**-7, atol=1e-4 * g_want.abs().max().item())
+
+
+def test_fused_linear_bad_shapes():
+    h, w, t = logits(4, 8), logits(V_S, 8), logits(4, V_T)
+    with pytest.raises(ValueError, match="student_weight"):
+        fastkd.fused_linear_uld_loss(h, w[:, :7], t)
+    with pytest.raises(ValueError, match="student_bias"):
+        fastkd.fused_linear_uld_loss(h, w, t, student_bias=torch.zeros(V_S + 1))
+    with pytest.raises(ValueError, match="every dimension but the last"):
+        fastkd.fused_linear_uld_loss(h, w, t[:3])
+    with pytest.raises(ValueError, match="chunk_size"):
+        fastkd.fused_linear_uld_loss(h, w, t, chunk_size=0)
