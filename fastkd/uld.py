@@ -15,8 +15,8 @@ subgradient): g_j = sign(q_(i) - p_(i)) at the column j holding the student's ra
 beyond the teacher's V_t are +1: their partner is a padded 0), plus, in top-K mode, -sign(R_s - R_t)
 on the student's top-K columns and 0 elsewhere; then dW / dz_j = (1 / T) q_j (g_j - sum_k q_k g_k).
 
-This module holds the torch backend (rows in chunks: one sort, or one top-K, per row and side; the
-``[N, V]`` gradient is computed in the forward, as every fastkd loss), its autograd Function and the
+This module holds the torch backend (rows in chunks, on the backend's worker threads: one sort, or
+one top-K, per row and side; the ``[N, V]`` gradient is computed in the forward, as every fastkd loss), its autograd Function and the
 functional ``uld_loss``. The reduction is ``fastkd.reduction``'s; "mean" divides by rows times
 max(V_s, V_t), the number of terms of the exact sum. No T**2 factor (as TRL's GOLD).
 """
@@ -24,7 +24,7 @@ import torch
 
 from .autograd import once_differentiable, scaled_student_grad
 from .backends import flat_labels, rows
-from .backends.torch import chunks
+from .backends.torch import chunks, for_each_chunk
 from .buffers import accumulation_dtype, empty
 from .options import (KDOptions, _real, check_backend, check_int, check_labels, check_logits, check_teacher_constant,
                       check_temperature, make_options, make_reduction)
@@ -68,7 +68,8 @@ def uld_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *, nee
     row_bound = torch.zeros(N, dtype=acc, device=student.device)
     grad = empty((N, V), dtype=student.dtype, device=student.device) if need_grad else None
     keep = None if labels is None else labels != ignore_index
-    for r0, r1 in chunks(N, max(V, teacher.shape[-1]), device=student.device):
+
+    def one_chunk(r0, r1, work):
         s, t = student[r0:r1].to(acc) / T, teacher[r0:r1].to(acc) / T_t
         loss, bound, g = _uld_chunk(s, t, k, T, need_grad)
         kept = None if keep is None else keep[r0:r1]
@@ -78,6 +79,9 @@ def uld_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *, nee
         if need_grad:
             g = g * scale
             grad[r0:r1] = g if kept is None else torch.where(kept[:, None], g, 0.0)
+
+    V_max = max(V, teacher.shape[-1])
+    for_each_chunk(chunks(N, V_max, device=student.device), V_max, acc, student.device, one_chunk)
     return row_loss, row_bound, grad
 
 
