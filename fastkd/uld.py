@@ -23,10 +23,10 @@ max(V_s, V_t), the number of terms of the exact sum. No T**2 factor (as TRL's GO
 import torch
 
 from .autograd import once_differentiable, scaled_student_grad
-from .backends import flat_labels, rows
+from .backends import flat_labels, implementation, resolve_backend, rows
 from .backends.torch import chunks, for_each_chunk
 from .buffers import accumulation_dtype, empty
-from .options import (KDOptions, _real, check_backend, check_int, check_labels, check_logits, check_teacher_constant,
+from .options import (KDOptions, _real, check_int, check_labels, check_logits, check_teacher_constant,
                       check_temperature, make_options, make_reduction)
 from .reduction import grad_scale, normaliser, reduce
 
@@ -85,19 +85,53 @@ def uld_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *, nee
     return row_loss, row_bound, grad
 
 
+def _topk_terms(lq, lp):
+    """(q_top, row losses, bounds, g_top) from both sides' top-k log-probabilities [N, k], sorted
+    descending; each tail is 1 - sum of its top k, as -expm1(logsumexp) (no cancellation)."""
+    q_top, p_top = lq.exp(), lp.exp()
+    r_s = (-torch.expm1(torch.logsumexp(lq, -1))).clamp_min(0)
+    r_t = (-torch.expm1(torch.logsumexp(lp, -1))).clamp_min(0)
+    diff = q_top - p_top
+    loss = diff.abs().sum(-1) + (r_s - r_t).abs()
+    return q_top, loss, 2 * torch.minimum(r_s, r_t), diff.sign() - (r_s - r_t).sign()[:, None]
+
+
+def uld_topk_forward_triton(student, teacher, labels, scale, k, T, T_t, ignore_index, *, need_grad=True):
+    """``uld_forward``'s top-K mode on the Triton backend: each side's top k and log-sum-exp in one
+    read of its logits (the ``teacher_topk`` kernel), the row terms on the [N, k] results, and the
+    gradient in one more pass over the student's logits (``kernels/uld.py``)."""
+    triton_backend = implementation("triton")
+    acc = accumulation_dtype(student.dtype, teacher.dtype)
+    lq, index = triton_backend.teacher_topk(student, k, T)
+    lp, _ = triton_backend.teacher_topk(teacher, k, T_t)
+    q_top, loss, bound, g_top = _topk_terms(lq.to(acc), lp.to(acc))
+    keep = torch.ones_like(loss, dtype=torch.bool) if labels is None else labels != ignore_index
+    loss, bound = torch.where(keep, loss, 0.0), torch.where(keep, bound, 0.0)
+    if not need_grad:
+        return loss, bound, None
+    index = index.long()
+    c = (q_top * g_top).sum(-1)
+    lse = student.gather(1, index[:, :1]).to(acc)[:, 0] / T - lq[:, 0].to(acc)  # lq_0 = z_0 / T - lse
+    factor = torch.where(keep, scale / T, 0.0)
+    grad = triton_backend.uld_topk_gradient(student, lse, (-c * factor).contiguous(), T)
+    top = torch.where(keep[:, None], q_top * (g_top - c[:, None]) * factor[:, None], 0.0)
+    return loss, bound, grad.scatter_(1, index, top.to(grad.dtype))
+
+
 class ULDLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, labels, k, T, T_t, ignore_index, reduction):
+    def forward(ctx, student, teacher, labels, k, T, T_t, ignore_index, reduction, backend):
         s2, t2, labels1 = rows(student.detach()), rows(teacher), flat_labels(labels)
         acc = accumulation_dtype(student.dtype, teacher.dtype)
         norm = normaliser(reduction, labels1, s2.shape[0], max(s2.shape[1], t2.shape[1]), ignore_index,
                           device=student.device, dtype=acc)
         need_grad = ctx.needs_input_grad[0]
-        row_loss, row_bound, grad = uld_forward(s2, t2, labels1, grad_scale(norm, device=student.device, dtype=acc),
-                                                k, T, T_t, ignore_index, need_grad=need_grad)
+        forward = uld_topk_forward_triton if backend == "triton" else uld_forward
+        row_loss, row_bound, grad = forward(s2, t2, labels1, grad_scale(norm, device=student.device, dtype=acc),
+                                            k, T, T_t, ignore_index, need_grad=need_grad)
         if need_grad:
             ctx.save_for_backward(grad)
-        ctx.backend, ctx.shape = "torch", student.shape
+        ctx.backend, ctx.shape = backend, student.shape
         ctx.mark_non_differentiable(row_bound)
         shape = student.shape[:-1]
         return reduce(row_loss, norm, reduction, shape), reduce(row_bound, norm, reduction, shape)
@@ -105,7 +139,7 @@ class ULDLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_bound):
-        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 7
+        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 8
 
 
 def check_uld_inputs(student_logits, teacher_logits, labels, k, ignore_index):
@@ -136,6 +170,20 @@ def _check_teacher_side(student_name, student_shape, device, teacher_logits, lab
     return k
 
 
+def _resolve(backend, student_logits, k):
+    """"triton" for the top-K mode with k <= MAX_TOPK_K where Triton runs, else "torch" (the exact
+    mode, a full sort, runs on the torch backend on any device); asking for "triton" where it has
+    no kernel raises."""
+    from .backends.triton import MAX_TOPK_K
+    chosen = resolve_backend(backend, student_logits)
+    if chosen == "triton" and (k is None or k > MAX_TOPK_K):
+        if backend == "triton":
+            raise ValueError(f"uld_loss has a Triton kernel for the top-K mode with k <= {MAX_TOPK_K} only, "
+                             f"got k={k}: use backend='torch' or 'auto'")
+        return "torch"
+    return chosen
+
+
 def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher_temperature=None, labels=None,
              ignore_index=-100, reduction="batchmean", num_items_in_batch=None, backend="auto", return_bound=False):
     """Universal Logit Distillation loss between vocabularies of any two sizes (see the module docstring).
@@ -146,7 +194,8 @@ def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher
     ``(loss, bound)``, the bound reduced as the loss). ``temperature`` divides the student's logits,
     ``teacher_temperature`` the teacher's (default: ``temperature``). ``labels`` / ``ignore_index``
     drop rows, ``reduction`` ("batchmean", "mean", "sum", "none") and ``num_items_in_batch`` as in
-    ``fastkd.kd_loss``. ``backend``: "auto" and "torch" run the chunked PyTorch backend.
+    ``fastkd.kd_loss``. ``backend``: "triton" (the top-K mode, k <= 1024: ``uld_topk_forward_triton``),
+    "torch" (the chunked PyTorch backend, both modes), "auto" (Triton where it runs and has the mode).
 
     On equal-length answers, ``uld_loss(s, t, labels=labels, teacher_temperature=...)`` equals TRL's
     ``trl.experimental.gold`` ULD loss (``use_extended_uld=False``, no EOS skipping).
@@ -155,9 +204,9 @@ def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher
     T = check_temperature(temperature)
     T_t = T if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
     reduction = make_reduction(reduction, num_items_in_batch)
-    if check_backend(backend) == "triton":
-        raise ValueError("uld_loss has no Triton kernel yet: use backend='torch' (or 'auto')")
-    loss, bound = ULDLossFunction.apply(student_logits, teacher_logits, labels, k, T, T_t, ignore_index, reduction)
+    backend = _resolve(backend, student_logits, k)
+    loss, bound = ULDLossFunction.apply(student_logits, teacher_logits, labels, k, T, T_t, ignore_index, reduction,
+                                        backend)
     return (loss, bound) if return_bound else loss
 
 

@@ -189,3 +189,41 @@ def test_fused_linear_bad_shapes():
         fastkd.fused_linear_uld_loss(h, w, t[:3])
     with pytest.raises(ValueError, match="chunk_size"):
         fastkd.fused_linear_uld_loss(h, w, t, chunk_size=0)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_triton_topk_equals_reference_and_gradcheck(k):
+    """The top-K mode through the Triton kernels (interpreter), float64: value, gradient, gradcheck."""
+    s, t = logits(2, 3, V_T, dtype=torch.float64), logits(2, 3, V_S, dtype=torch.float64)
+    labels = torch.tensor([[0, -100, 1], [2, 3, -100]])
+    kw = dict(k=k, temperature=1.7, teacher_temperature=0.9, labels=labels)
+    got, grad = _loss_and_grad(fastkd.uld_loss, s, t, backend="triton", **kw)
+    want, want_grad = _loss_and_grad(reference.uld_loss, s, t, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda x: fastkd.uld_loss(x, t[0, :2], k=k, backend="triton"),
+                                    (s[0, :2].clone().requires_grad_(),), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+def test_triton_topk_accuracy_rule_on_views(dtypes):
+    """bf16 near convergence and non-contiguous views (a column slice, a transposed batch), with
+    the Triton kernels' float32 statistics held to the accuracy rule."""
+    s64 = logits(4, 3, V_T + 4, dtype=torch.float64)
+    t64 = s64[..., :V_T] + 1e-2 * logits(4, 3, V_T, dtype=torch.float64)
+    s, t = s64.to(dtypes[0]).transpose(0, 1)[..., :V_T], t64.to(dtypes[1]).transpose(0, 1)
+    kw = dict(k=4, reduction="none", temperature=1.5)
+    got, grad = _loss_and_grad(fastkd.uld_loss, s, t, backend="triton", **kw)
+    oracle, oracle_grad = _loss_and_grad(reference.uld_loss, s.double(), t.double(), **kw)
+    f32, f32_grad = _loss_and_grad(reference.uld_loss, s.float(), t.float(), **kw)
+    assert grad.dtype == dtypes[0]
+    assert_close_to_oracle(got, oracle, 2 * f32.double() - oracle, dtype=torch.float32, grows_with=V_T)
+    assert_close_to_oracle(grad.float(), oracle_grad, 2 * f32_grad.double() - oracle_grad.double(),
+                           dtype=dtypes[0], grows_with=V_T)
+
+
+def test_triton_has_the_topk_mode_only():
+    s, t = logits(2, V_S), logits(2, V_T)
+    with pytest.raises(ValueError, match="top-K mode"):
+        fastkd.uld_loss(s, t, backend="triton")
+    assert torch.isfinite(fastkd.uld_loss(s, t))  # "auto" on the CPU: the torch backend
