@@ -2,7 +2,7 @@
 backward, the bytes autograd keeps for the backward (saved tensors, by storage), and the top-K
 error against exact ULD. Not part of ``fastkd bench`` yet.
 
-    python bench/uld_vs_trl.py --n 256 --v 32000 151936
+    python bench/uld_vs_trl.py --n 64 --v 32000 151936
 """
 import argparse
 import time
@@ -41,6 +41,8 @@ def main():
     parser.add_argument("--v", type=int, nargs="+", default=[32000, 151936])
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=3.0, help="standard deviation of the random logits "
+                        "(larger: peaked distributions, as a trained model's, and a smaller top-K bound)")
     args = parser.parse_args()
     from trl.experimental.gold.gold_trainer import ULDLoss
     config = SimpleNamespace(uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=1.0,
@@ -51,8 +53,8 @@ def main():
     for V in args.v:
         torch.manual_seed(0)
         S = args.n // 2
-        student = (torch.randn(2, S, V) * 3).requires_grad_()
-        teacher = torch.randn(2, S, V) * 3
+        student = (torch.randn(2, S, V) * args.scale).requires_grad_()
+        teacher = torch.randn(2, S, V) * args.scale
         labels = torch.zeros(2, S, dtype=torch.long)
         ids = torch.zeros(2, S, dtype=torch.long)
         runs = {"trl-gold": lambda: trl_loss(student, teacher, labels, labels, ids, ids),
