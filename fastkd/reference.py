@@ -232,7 +232,8 @@ def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher
     V_s, V_t = student_logits.shape[-1], teacher_logits.shape[-1]
     q = torch.softmax(student_logits.reshape(-1, V_s).to(dtype) / T, -1)
     p = torch.softmax(teacher_logits.reshape(-1, V_t).to(dtype) / T_t, -1)
-    keep = torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if labels is None else labels.reshape(-1) != ignore_index
+    keep = torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if labels is None else \
+        labels.reshape(-1) != ignore_index
     q, p = q[keep], p[keep]
     if k is None:
         width = max(V_s, V_t)

@@ -11,14 +11,16 @@ teacher's V_t; q_(i), p_(i) the i-th largest probability, the shorter side padde
     (``bound``, per row).
 
 Gradient (once differentiable; ties between probabilities take the order the sort gives, a valid
-subgradient): g_j = sign(q_(i) - p_(i)) at the column j holding the student's rank i (0 on columns
-beyond the teacher's V_t are +1: their partner is a padded 0), plus, in top-K mode, -sign(R_s - R_t)
-on the student's top-K columns and 0 elsewhere; then dW / dz_j = (1 / T) q_j (g_j - sum_k q_k g_k).
+subgradient): g_j = sign(q_(i) - p_(i)) at the column j holding the student's rank i (a rank past
+the teacher's V_t has a padded 0 for partner: +1), and in top-K mode -sign(R_s - R_t) added on the
+student's top-K columns, 0 elsewhere; then dW / dz_j = (1 / T) q_j (g_j - sum_k q_k g_k).
 
-This module holds the torch backend (rows in chunks, on the backend's worker threads: one sort, or
-one top-K, per row and side; the ``[N, V]`` gradient is computed in the forward, as every fastkd loss), its autograd Function and the
-functional ``uld_loss``. The reduction is ``fastkd.reduction``'s; "mean" divides by rows times
-max(V_s, V_t), the number of terms of the exact sum. No T**2 factor (as TRL's GOLD).
+Here: the torch backend (rows in chunks on the backend's worker threads, one sort or one top-K per
+row and side, the ``[N, V_s]`` gradient computed in the forward as for every fastkd loss), the
+top-K mode's Triton path, their autograd Function and ``uld_loss``; the fused linear form
+(``fused_linear_uld_loss``); GOLD's hybrid loss (``hybrid_uld_loss``). The reduction is
+``fastkd.reduction``'s; "mean" divides by rows times max(V_s, V_t), the number of terms of the
+exact sum. No T**2 factor (as TRL's GOLD).
 """
 import torch
 
@@ -240,7 +242,8 @@ def hybrid_uld_loss(student, teacher, vocab_map, *, divergence="jsd", beta=0.5, 
     (``beta``, ``skew`` as there) on log max(x, 1e-8), as GOLD; p_u, q_u: the unmatched columns,
     compared by ``uld_loss``'s exact sorted L1. ``matched_weight`` default: the matched fraction
     len(vocab_map) / V_t (GOLD's adaptive weight); ``unmatched_weight`` default: 1 - matched_weight.
-    Rows reduce as in ``uld_loss`` ("mean": / rows * max(V_s, V_t)). Plain PyTorch, differentiable by autograd (no fused kernel yet).
+    Rows reduce as in ``uld_loss`` ("mean": / rows * max(V_s, V_t)). Plain PyTorch, differentiable
+    by autograd (no fused kernel yet).
     """
     from .reference import row_divergence  # the textbook divergences, on the matched columns
     check_uld_inputs(student, teacher, labels, None, ignore_index)

@@ -64,7 +64,8 @@ def test_merge_multiplies_the_probabilities_of_the_taken_tokens():
     merged = merge_probabilities(probs, [[0, 1, 2]], ids)
     torch.testing.assert_close(merged[0], probs[0] * probs[1, 4] * probs[2, 2])
     bayes = merge_probabilities(probs, [[0, 1], [2], []], ids, strategy="bayesian")
-    torch.testing.assert_close(bayes, torch.stack([probs[1] * probs[0, 1], probs[2], torch.zeros(5, dtype=probs.dtype)]))
+    zeros = torch.zeros(5, dtype=probs.dtype)
+    torch.testing.assert_close(bayes, torch.stack([probs[1] * probs[0, 1], probs[2], zeros]))
     with pytest.raises(ValueError, match="strategy"):
         merge_probabilities(probs, [[0]], ids, strategy="mean")
 
