@@ -222,8 +222,10 @@ def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher
     """``fastkd.uld_loss`` as its textbook formula (``backend`` ignored): both softmaxes sorted
     (``k``: their top k), the shorter row padded with zeros, the L1 of the sorted rows (plus, for
     ``k``, |R_s - R_t| of the masses outside the top k, and the bound 2 min(R_s, R_t)); autograd
-    through the sort for gradients."""
-    from .uld import check_uld_inputs
+    through the sort for gradients. A ``(logprobs, indices)`` teacher (``teacher_topk``): its top
+    k probabilities, its tail 1 - their sum."""
+    from .uld import as_teacher, check_uld_inputs
+    teacher_logits, k, teacher_is_topk = as_teacher(teacher_logits, k)
     k = check_uld_inputs(student_logits, teacher_logits, labels, k, ignore_index)
     T = check_temperature(temperature)
     T_t = T if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
@@ -231,7 +233,8 @@ def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher
     dtype = _compute_dtype(student_logits, teacher_logits)
     V_s, V_t = student_logits.shape[-1], teacher_logits.shape[-1]
     q = torch.softmax(student_logits.reshape(-1, V_s).to(dtype) / T, -1)
-    p = torch.softmax(teacher_logits.reshape(-1, V_t).to(dtype) / T_t, -1)
+    p = teacher_logits.reshape(-1, V_t).to(dtype)
+    p = p.exp() if teacher_is_topk else torch.softmax(p / T_t, -1)
     keep = torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if labels is None else \
         labels.reshape(-1) != ignore_index
     q, p = q[keep], p[keep]

@@ -28,31 +28,42 @@ from .autograd import once_differentiable, scaled_student_grad
 from .backends import flat_labels, implementation, resolve_backend, rows
 from .backends.torch import chunks, for_each_chunk
 from .buffers import accumulation_dtype, empty
-from .options import (KDOptions, _real, check_int, check_labels, check_logits, check_teacher_constant,
-                      check_temperature, make_options, make_reduction)
+from .options import (KDOptions, _real, check_int, check_labels, check_logits, check_stored_temperature,
+                      check_teacher_constant, check_temperature, make_options, make_reduction)
 from .reduction import grad_scale, normaliser, reduce
 
 
-def _uld_chunk(s, t, k, T, need_grad):
+def _tail(logprobs):
+    """1 - sum(exp(logprobs)) per row, as -expm1(logsumexp): no cancellation when it is small."""
+    return (-torch.expm1(torch.logsumexp(logprobs, -1))).clamp_min(0)
+
+
+def _uld_chunk(s, t, k, T, need_grad, teacher_is_topk=False):
     """Per-row W (or W_K), its error bound and dW/dz_s of tempered logits ``s`` [r, V_s], ``t`` [r, V_t]
-    (accumulation dtype)."""
-    q, p = torch.softmax(s, -1), torch.softmax(t, -1)
+    (accumulation dtype); with ``teacher_is_topk``, ``t`` holds the teacher's largest log-probabilities
+    [r, >= k] instead (top-K mode)."""
+    q = torch.softmax(s, -1)
     if k is None:
         q_sorted, q_index = q.sort(-1, descending=True)
-        p_sorted = p.sort(-1, descending=True).values
-        width = max(q.shape[-1], p.shape[-1])
+        p_sorted = torch.softmax(t, -1).sort(-1, descending=True).values
+        width = max(q.shape[-1], p_sorted.shape[-1])
         diff = (torch.nn.functional.pad(q_sorted, (0, width - q.shape[-1]))
-                - torch.nn.functional.pad(p_sorted, (0, width - p.shape[-1])))
+                - torch.nn.functional.pad(p_sorted, (0, width - p_sorted.shape[-1])))
         loss, bound = diff.abs().sum(-1), torch.zeros_like(q[:, 0])
         g_rank = diff[:, :q.shape[-1]].sign()
     else:
         q_top, q_index = q.topk(k, -1)
-        p_top, p_index = p.topk(k, -1)
         # The tails summed over their own columns, not as 1 - sum(top): no cancellation when they are small.
-        r_s, r_t = q.scatter(1, q_index, 0.0).sum(-1), p.scatter(1, p_index, 0.0).sum(-1)
+        r_s = q.scatter(1, q_index, 0.0).sum(-1)
+        if teacher_is_topk:
+            log_p_top = t.sort(-1, descending=True).values[:, :k]
+            p_top, r_t = log_p_top.exp(), _tail(log_p_top)
+        else:
+            p = torch.softmax(t, -1)
+            p_top, p_index = p.topk(k, -1)
+            r_t = p.scatter(1, p_index, 0.0).sum(-1)
         diff = q_top - p_top
-        loss = diff.abs().sum(-1) + (r_s - r_t).abs()
-        bound = 2 * torch.minimum(r_s, r_t)
+        loss, bound = diff.abs().sum(-1) + (r_s - r_t).abs(), 2 * torch.minimum(r_s, r_t)
         g_rank = diff.sign() - (r_s - r_t).sign()[:, None]
     if not need_grad:
         return loss, bound, None
@@ -60,10 +71,11 @@ def _uld_chunk(s, t, k, T, need_grad):
     return loss, bound, q * (g - (q * g).sum(-1, keepdim=True)) / T
 
 
-def uld_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *, need_grad=True):
+def uld_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *, need_grad=True, teacher_is_topk=False):
     """The torch backend: (row losses [N], row bounds [N], gradient [N, V_s] times ``scale`` or None)
-    of ``student`` [N, V_s] and ``teacher`` [N, V_t]. Ignored rows are 0; a row with no distribution
-    on either side (all -inf, a NaN) is NaN."""
+    of ``student`` [N, V_s] and ``teacher`` [N, V_t] (logits, or with ``teacher_is_topk`` top
+    log-probabilities). Ignored rows are 0; a row with no distribution on either side (all -inf,
+    a NaN) is NaN."""
     N, V = student.shape
     acc = accumulation_dtype(student.dtype, teacher.dtype)
     row_loss = torch.zeros(N, dtype=acc, device=student.device)
@@ -72,8 +84,8 @@ def uld_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *, nee
     keep = None if labels is None else labels != ignore_index
 
     def one_chunk(r0, r1, work):
-        s, t = student[r0:r1].to(acc) / T, teacher[r0:r1].to(acc) / T_t
-        loss, bound, g = _uld_chunk(s, t, k, T, need_grad)
+        s, t = student[r0:r1].to(acc) / T, teacher[r0:r1].to(acc)
+        loss, bound, g = _uld_chunk(s, t if teacher_is_topk else t / T_t, k, T, need_grad, teacher_is_topk)
         kept = None if keep is None else keep[r0:r1]
         if kept is not None:
             loss, bound = torch.where(kept, loss, 0.0), torch.where(kept, bound, 0.0)
@@ -89,23 +101,27 @@ def uld_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *, nee
 
 def _topk_terms(lq, lp):
     """(q_top, row losses, bounds, g_top) from both sides' top-k log-probabilities [N, k], sorted
-    descending; each tail is 1 - sum of its top k, as -expm1(logsumexp) (no cancellation)."""
+    descending."""
     q_top, p_top = lq.exp(), lp.exp()
-    r_s = (-torch.expm1(torch.logsumexp(lq, -1))).clamp_min(0)
-    r_t = (-torch.expm1(torch.logsumexp(lp, -1))).clamp_min(0)
+    r_s, r_t = _tail(lq), _tail(lp)
     diff = q_top - p_top
     loss = diff.abs().sum(-1) + (r_s - r_t).abs()
     return q_top, loss, 2 * torch.minimum(r_s, r_t), diff.sign() - (r_s - r_t).sign()[:, None]
 
 
-def uld_topk_forward_triton(student, teacher, labels, scale, k, T, T_t, ignore_index, *, need_grad=True):
+def uld_topk_forward_triton(student, teacher, labels, scale, k, T, T_t, ignore_index, *, need_grad=True,
+                            teacher_is_topk=False):
     """``uld_forward``'s top-K mode on the Triton backend: each side's top k and log-sum-exp in one
-    read of its logits (the ``teacher_topk`` kernel), the row terms on the [N, k] results, and the
-    gradient in one more pass over the student's logits (``kernels/uld.py``)."""
+    read of its logits (the ``teacher_topk`` kernel; a teacher given as top log-probabilities is
+    only sorted), the row terms on the [N, k] results, and the gradient in one more pass over the
+    student's logits (``kernels/uld.py``)."""
     triton_backend = implementation("triton")
     acc = accumulation_dtype(student.dtype, teacher.dtype)
     lq, index = triton_backend.teacher_topk(student, k, T)
-    lp, _ = triton_backend.teacher_topk(teacher, k, T_t)
+    if teacher_is_topk:
+        lp = teacher.sort(-1, descending=True).values[:, :k]
+    else:
+        lp, _ = triton_backend.teacher_topk(teacher, k, T_t)
     q_top, loss, bound, g_top = _topk_terms(lq.to(acc), lp.to(acc))
     keep = torch.ones_like(loss, dtype=torch.bool) if labels is None else labels != ignore_index
     loss, bound = torch.where(keep, loss, 0.0), torch.where(keep, bound, 0.0)
@@ -122,7 +138,7 @@ def uld_topk_forward_triton(student, teacher, labels, scale, k, T, T_t, ignore_i
 
 class ULDLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, labels, k, T, T_t, ignore_index, reduction, backend):
+    def forward(ctx, student, teacher, labels, k, T, T_t, ignore_index, reduction, backend, teacher_is_topk):
         s2, t2, labels1 = rows(student.detach()), rows(teacher), flat_labels(labels)
         acc = accumulation_dtype(student.dtype, teacher.dtype)
         norm = normaliser(reduction, labels1, s2.shape[0], max(s2.shape[1], t2.shape[1]), ignore_index,
@@ -130,7 +146,8 @@ class ULDLossFunction(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         forward = uld_topk_forward_triton if backend == "triton" else uld_forward
         row_loss, row_bound, grad = forward(s2, t2, labels1, grad_scale(norm, device=student.device, dtype=acc),
-                                            k, T, T_t, ignore_index, need_grad=need_grad)
+                                            k, T, T_t, ignore_index, need_grad=need_grad,
+                                            teacher_is_topk=teacher_is_topk)
         if need_grad:
             ctx.save_for_backward(grad)
         ctx.backend, ctx.shape = backend, student.shape
@@ -141,7 +158,20 @@ class ULDLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_bound):
-        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 8
+        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 9
+
+
+def as_teacher(teacher, k):
+    """(tensor, k, whether it holds top-k log-probabilities) of ``uld_loss``'s teacher argument:
+    logits, or the ``(logprobs, indices)`` pair of ``teacher_topk`` (``k`` defaults to its width)."""
+    if not isinstance(teacher, tuple):
+        return teacher, k, False
+    if len(teacher) != 2:
+        raise TypeError(f"teacher_logits must be a tensor of logits or the (logprobs, indices) pair of "
+                        f"fastkd.teacher_topk, got a tuple of {len(teacher)}")
+    logprobs = teacher[0]
+    check_logits("teacher_logits[0] (the top-k log-probabilities)", logprobs)
+    return logprobs, logprobs.shape[-1] if k is None else k, True
 
 
 def check_uld_inputs(student_logits, teacher_logits, labels, k, ignore_index):
@@ -196,19 +226,25 @@ def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher
     ``(loss, bound)``, the bound reduced as the loss). ``temperature`` divides the student's logits,
     ``teacher_temperature`` the teacher's (default: ``temperature``). ``labels`` / ``ignore_index``
     drop rows, ``reduction`` ("batchmean", "mean", "sum", "none") and ``num_items_in_batch`` as in
-    ``fastkd.kd_loss``. ``backend``: "triton" (the top-K mode, k <= 1024: ``uld_topk_forward_triton``),
+    ``fastkd.kd_loss``. ``teacher_logits`` may instead be the ``(logprobs, indices)`` of
+    ``fastkd.teacher_topk`` or a ``TeacherCache`` (``k`` defaults to their width; their temperature
+    must be the teacher's: see ``topk_kd_loss``); the teacher's tail is then 1 - the sum of its top
+    k, and "mean" counts max(V_s, width) terms. ``backend``: "triton" (the top-K mode, k <= 1024: ``uld_topk_forward_triton``),
     "torch" (the chunked PyTorch backend, both modes), "auto" (Triton where it runs and has the mode).
 
     On equal-length answers, ``uld_loss(s, t, labels=labels, teacher_temperature=...)`` equals TRL's
     ``trl.experimental.gold`` ULD loss (``use_extended_uld=False``, no EOS skipping).
     """
+    teacher_logits, k, teacher_is_topk = as_teacher(teacher_logits, k)
     k = check_uld_inputs(student_logits, teacher_logits, labels, k, ignore_index)
     T = check_temperature(temperature)
     T_t = T if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
+    if teacher_is_topk:
+        check_stored_temperature(teacher_logits, KDOptions(temperature=T, teacher_temperature=teacher_temperature))
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = _resolve(backend, student_logits, k)
     loss, bound = ULDLossFunction.apply(student_logits, teacher_logits, labels, k, T, T_t, ignore_index, reduction,
-                                        backend)
+                                        backend, teacher_is_topk)
     return (loss, bound) if return_bound else loss
 
 

@@ -227,3 +227,22 @@ def test_triton_has_the_topk_mode_only():
     with pytest.raises(ValueError, match="top-K mode"):
         fastkd.uld_loss(s, t, backend="triton")
     assert torch.isfinite(fastkd.uld_loss(s, t))  # "auto" on the CPU: the torch backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_teacher_from_teacher_topk(backend):
+    """A teacher given as ``teacher_topk``'s pair (wider than k) gives the top-K loss of its logits;
+    its temperature must be the teacher's."""
+    s, t = logits(2, 3, V_S, dtype=torch.float64), logits(2, 3, V_T, dtype=torch.float64)
+    pair = fastkd.teacher_topk(t, 6, temperature=0.8)
+    got, grad = _loss_and_grad(fastkd.uld_loss, s, pair, k=4, teacher_temperature=0.8, backend=backend)
+    want, want_grad = _loss_and_grad(fastkd.uld_loss, s, t, k=4, teacher_temperature=0.8, backend="torch")
+    oracle, _ = _loss_and_grad(reference.uld_loss, s, pair, k=4, teacher_temperature=0.8)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, oracle, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+    assert fastkd.uld_loss(s, pair, teacher_temperature=0.8, return_bound=True)[1] > 0  # k defaults to 6
+    with pytest.raises(ValueError, match="re-tempered"):
+        fastkd.uld_loss(s, pair, k=4)
+    with pytest.raises(ValueError, match="k must"):
+        fastkd.uld_loss(s, pair, k=7, teacher_temperature=0.8)
