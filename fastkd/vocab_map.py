@@ -41,9 +41,6 @@ class VocabMap:
     def __len__(self):
         return self.teacher_ids.numel()
 
-    def to(self, device):
-        return VocabMap(self.teacher_ids.to(device), self.student_ids.to(device))
-
 
 def byte_offsets(text, char_offsets):
     """Character ``(start, end)`` offsets into ``text`` (what tokenizers return) as UTF-8 byte offsets."""
