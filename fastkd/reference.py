@@ -217,3 +217,41 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices=None, *, tail
     kept_loss = kept_loss + torch.where(defined, 0.0, float("nan")).to(dtype)
     row_loss = torch.zeros(keep.shape[0], dtype=dtype, device=z.device).masked_scatter(keep, kept_loss)
     return _reduce(row_loss, keep, V, reduction, student_logits.shape[:-1])
+
+
+def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher_temperature=None, labels=None,
+             ignore_index=-100, reduction="batchmean", num_items_in_batch=None, backend="auto", return_bound=False):
+    """``fastkd.uld_loss`` as its textbook formula (``backend`` ignored): both softmaxes sorted
+    (``k``: their top k), the shorter row padded with zeros, the L1 of the sorted rows (plus, for
+    ``k``, |R_s - R_t| of the masses outside the top k, and the bound 2 min(R_s, R_t)); autograd
+    through the sort for gradients. A ``(logprobs, indices)`` teacher (``teacher_topk``): its top
+    k probabilities, its tail 1 - their sum."""
+    from .uld import as_teacher, check_uld_inputs
+    teacher_logits, k, teacher_is_topk = as_teacher(teacher_logits, k)
+    k = check_uld_inputs(student_logits, teacher_logits, labels, k, ignore_index)
+    T = check_temperature(temperature)
+    T_t = T if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
+    reduction = make_reduction(reduction, num_items_in_batch)
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    V_s, V_t = student_logits.shape[-1], teacher_logits.shape[-1]
+    q = torch.softmax(student_logits.reshape(-1, V_s).to(dtype) / T, -1)
+    p = teacher_logits.reshape(-1, V_t).to(dtype)
+    p = p.exp() if teacher_is_topk else torch.softmax(p / T_t, -1)
+    keep = torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if labels is None else \
+        labels.reshape(-1) != ignore_index
+    q, p = q[keep], p[keep]
+    if k is None:
+        width = max(V_s, V_t)
+        q_sorted = F.pad(q.sort(-1, descending=True).values, (0, width - V_s))
+        p_sorted = F.pad(p.sort(-1, descending=True).values, (0, width - V_t))
+        kept_loss, kept_bound = (q_sorted - p_sorted).abs().sum(-1), torch.zeros_like(q[:, 0])
+    else:
+        q_top, p_top = q.topk(k, -1).values, p.topk(k, -1).values
+        r_s, r_t = 1 - q_top.sum(-1), 1 - p_top.sum(-1)
+        kept_loss = (q_top - p_top).abs().sum(-1) + (r_s - r_t).abs()
+        kept_bound = 2 * torch.minimum(r_s, r_t)
+    out = []
+    for kept in (kept_loss, kept_bound):
+        row = torch.zeros(keep.shape[0], dtype=dtype, device=q.device).masked_scatter(keep, kept)
+        out.append(_reduce(row, keep, max(V_s, V_t), reduction, student_logits.shape[:-1]))
+    return tuple(out) if return_bound else out[0]

@@ -305,6 +305,23 @@ def teacher_topk(logits, k, temperature):
     return logprobs, indices
 
 
+def uld_topk_gradient(student, lse, coef, temperature):
+    """``coef[:, None] * softmax(student / T)`` ``[N, V]`` in the student's dtype, with ``lse`` [N] the
+    log-sum-exp of student / T; rows whose ``coef`` is 0 are 0 (``kernels/uld.py``)."""
+    from ..kernels import uld
+
+    N, V = student.shape
+    out = empty((N, V), dtype=student.dtype, device=student.device)
+    if N == 0:
+        return out
+    block, warps = _block_and_warps(V)
+    uld.uld_topk_grad_kernel[(N,)](
+        student, student.stride(0), out, out.stride(0), lse, coef, V, 1.0 / temperature,
+        ACC_DTYPE=_tl_dtype(lse.dtype), BLOCK_V=block, num_warps=warps,
+    )
+    return out
+
+
 def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_scale, opts: KDOptions, tail, *,
                     inplace=False, need_grad=True):
     """Per-row loss ``[N]`` and the dense student gradient ``[N, V]`` of the top-k KD loss, as
