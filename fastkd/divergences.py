@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 
 def log_weight(weight):
-    """log of a mixture weight, taken in Python (float64): -inf for 0."""
+    """log of a mixture weight, -inf for 0; taken in Python (float64), so that a weight below
+    float32's range does not become log 0."""
     return math.log(weight) if weight > 0 else float("-inf")
 
 
@@ -191,8 +192,8 @@ REGISTRY = (
                eager_formula='kl_div(log_softmax(t/T), log_softmax(s/T), "batchmean", log_target=True)·T²'),
     Divergence("jsd", "β KL(p ‖ M) + (1−β) KL(q ‖ M), M = β p + (1−β) q", _jsd, BETA,
                mixture=lambda beta: (beta, 1.0 - beta), eager=_eager_jsd, eager_t2_scale=False,
-               eager_formula="TRL's generalized_jsd_loss: Σ β·kl_div(log m, log p) + (1−β)·kl_div(log m, log q) / N, "
-                             "log m = logsumexp(log β + log p, log(1−β) + log q), unscaled"),
+               eager_formula="TRL's generalized_jsd_loss: Σ β·kl_div(log m, log p) + (1−β)·kl_div(log m, log q) "
+                             "/ N, log m = logsumexp(log β + log p, log(1−β) + log q), unscaled"),
     Divergence("skew_kl", "KL(p ‖ α p + (1−α) q)", _skew_kl, SKEW,
                mixture=lambda skew: (skew, 1.0 - skew), eager=_eager_skew_kl,
                eager_formula='kl_div(log(α p + (1−α) q), log p, "batchmean", log_target=True)·T²'),

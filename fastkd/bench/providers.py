@@ -1,8 +1,8 @@
 """The one registry of benchmark providers: fastkd per backend (and per variant of its dense Triton
 kernel), the eager PyTorch idiom, its ``torch.compile``, and Liger when installed.
 
-Every provider of a case computes the same number: the eager idioms (declared with each divergence
-in ``fastkd.divergences``) fix the convention (forward KL as users write it today, T**2-scaled; JSD as TRL's generalized JSD, unscaled), and
+Every provider of a case computes the same number: the eager idioms of ``fastkd.divergences`` fix the convention
+(forward KL as users write it today, T**2-scaled; JSD as TRL's generalized JSD, unscaled), and
 fastkd is called with the matching ``t2_scale``. A provider's ``make(case)`` returns the forward
 function, called with the case's inputs (see ``runner.make_inputs``), or None when it has no
 implementation of that case; ``describe(case)`` says in one line what that function runs (the
