@@ -18,7 +18,6 @@ if not torch.cuda.is_available():  # a dry run: the kernels through the interpre
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 KERNELS = ("two_pass", "resident", "cluster", "legacy")
-DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 LOSS_RTOL = 1e-4   # the bench's check (fastkd.bench.runner.compare)
 GRAD_ATOL = 2**-6  # bf16: relative to the gradient's largest magnitude
 
@@ -45,6 +44,7 @@ def main(argv=None):
     import triton
 
     from fastkd.backends import triton as launch
+    from fastkd.divergences import DIVERGENCES
 
     if torch.cuda.is_available():
         device = torch.device("cuda")

@@ -13,7 +13,7 @@ import fastkd.backends.torch
 from fastkd.bench.cases import Case
 from fastkd.bench.providers import PROVIDERS
 from fastkd.bench.runner import make_inputs, mode_call, peak_extra_memory, summary
-from fastkd.options import DIVERGENCES
+from fastkd.divergences import DIVERGENCES
 
 CPU = torch.device("cpu")
 

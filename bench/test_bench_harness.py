@@ -26,7 +26,7 @@ from fastkd.bench.providers import (PROVIDERS, Provider, eager_kd_loss, t2_scale
                                     eager_teacher_topk, eager_topk_kd_loss, select_providers)
 from fastkd.bench.report import compile_comparisons, summary_markdown
 from fastkd.cli import main as cli_main
-from fastkd.options import DIVERGENCES
+from fastkd.divergences import DIVERGENCES
 
 CPU = torch.device("cpu")
 REQUIRED_COLUMNS = ("op", "provider", "mode", "dtype", "n", "v", "k", "h", "ms_p50", "ms_p20", "ms_p80", "rounds",

@@ -11,9 +11,10 @@ kl and the target logit z_y when it owns the label), then the ranks all-reduce a
 row; after that each rank computes its shard's gradient locally. Collectives, per call:
 
     divergence                      all-reduces   floats per row (MAX + SUM [+ SUM])   bytes per row
-    kl, reverse_kl                  2             2 (m_s, m_t) + 3 (d_s, d_t, cross)    20
-    jsd, skew_kl, skew_reverse_kl,  3             2 (m_s, m_t) + 2 (d_s, d_t)           24
-    tvd                                           + 2 (A1, A2; need the global lse's)
+    with a cross term (kl,          2             2 (m_s, m_t) + 3 (d_s, d_t, cross)    20
+      reverse kl)
+    the others (the JSD family,     3             2 (m_s, m_t) + 2 (d_s, d_t)           24
+      tvd)                                        + 2 (A1, A2; need the global lse's)
     hard CE (hard_weight > 0)       +0            + 2 in the first SUM (d_z, z_y)       +8
 
 Floats are float32 (float64 for float64 input); a row costs a few floats whatever V and P are, and
@@ -29,7 +30,7 @@ Bytes per row, per rank, against an all-gather of the logits (P = 8 ranks, V = 1
     all-gather of student + teacher   receives 7/8 * V * (2 + 2) B = 449 kB, then holds 513 kB
     this module (ring all-reduce moves 2 (P - 1) / P of the payload per rank):
         kl, reverse_kl                35 B   (49 B with the hard CE)
-        jsd, skew_kl, skew_rkl, tvd   42 B   (56 B with the hard CE)
+        the JSD family, tvd           42 B   (56 B with the hard CE)
 that is 8,000 to 12,800 times fewer bytes, and no [N, V] buffer. (One all-gather of every rank's
 (m, d) pairs would save the MAX round trip at P times the bytes; all-reduces keep it independent
 of P.) The kernels read the shards in their own dtype: no float32 copy of a shard is made.
@@ -62,7 +63,7 @@ from .backends import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS, implementation
 from .backends.torch_divergences import recentre_cross
 from .buffers import empty
 from .checks import check_label_range
-from .options import CROSS_TERM_SIDE, KDOptions, Reduction, check_int
+from .options import KDOptions, Reduction, check_int
 from .reduction import grad_scale, normaliser
 
 STATS = {name: i for i, name in enumerate(VOCAB_PARALLEL_STATS)}
@@ -102,8 +103,7 @@ def forward_steps(student, teacher, labels, opts: KDOptions, backend, vocab_star
     # Exchange 2, SUM: the sums of exps rescaled to the global maxima (and this shard's W).
     columns = {"d_s": _rescaled(stats, "d_s", "m_s", max_s), "d_t": _rescaled(stats, "d_t", "m_t", max_t)}
     if opts.has_cross_term:
-        side = CROSS_TERM_SIDE[opts.divergence]
-        weight = stats[:, STATS["d_t" if side == "teacher" else "d_s"]]
+        weight = stats[:, STATS["d_t" if opts.cross_term_side == "teacher" else "d_s"]]
         columns["cross"] = recentre_cross(stats[:, STATS["cross"]], weight, stats[:, STATS["m_s"]], max_s,
                                           stats[:, STATS["m_t"]], max_t, opts)
     if has_ce:
@@ -211,11 +211,3 @@ def vocab_shard_layout(width, vocab_start=None, *, group=None):
         end = start + w
     return layout
 
-
-def __getattr__(name):
-    """``fastkd.distributed.vocab_parallel_kd_loss``, as before: the function lives in
-    ``fastkd.functional`` (imported on first use, so this driver depends on nothing above it)."""
-    if name == "vocab_parallel_kd_loss":
-        from .functional import vocab_parallel_kd_loss
-        return vocab_parallel_kd_loss
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

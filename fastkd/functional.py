@@ -40,9 +40,9 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     """Knowledge-distillation loss between student and teacher logits ``[..., V]``.
 
     loss = hard_weight * CE(student, labels) + soft_weight * (T**2 if t2_scale else 1) * D(p || q)
-    with p = softmax(teacher / T_t), q = softmax(student / T) and D one of ``"kl"`` (default),
-    ``"reverse_kl"``, ``"jsd"`` (``beta`` in (0, 1)), ``"skew_kl"``, ``"skew_reverse_kl"``
-    (``skew`` in [0, 1)), ``"tvd"``. T is ``temperature``; the teacher's T_t is
+    with p = softmax(teacher / T_t), q = softmax(student / T) and D the ``divergence`` named (default
+    ``"kl"``), one of ``fastkd.divergences.DIVERGENCES`` (the README's table); ``beta`` in (0, 1)
+    parametrises ``"jsd"``, ``skew`` in [0, 1) the skewed KLs. T is ``temperature``; the teacher's T_t is
     ``teacher_temperature``, which defaults to T (the T**2 factor is always the student's T,
     whose 1 / T every gradient carries). Several teachers: ``teacher_logits`` a list of
     ``[..., V]`` tensors (any float dtypes), and p their mixture sum_i w_i softmax(teacher_i / T_t)

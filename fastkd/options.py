@@ -4,9 +4,9 @@ Every check here looks at shapes, dtypes, devices and Python scalars only: nothi
 values, so validation never synchronises with the device (``fastkd.checks`` holds the checks that
 read values).
 
-The names of DIVERGENCES and TAILS are also the kernels' integer codes, by position: the kernels
-define the same order as constexprs (``kernels/divergences.py``, ``kernels/topk_kd_loss.py``), and
-a test checks the correspondence.
+Divergences are declared in ``fastkd.divergences`` (names, parameter checks, mixture weights);
+the names of TAILS are the top-k kernel's integer codes, by position (``kernels/topk_kd_loss.py``
+defines the same order as constexprs; a test checks the correspondence).
 """
 import math
 import numbers
@@ -15,21 +15,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
-# kl and reverse_kl know D after the first pass over a row, from a cross term summed against the
-# maximum of t (kl) or of s (reverse_kl); the other divergences need the row scalars A1, A2, summed
-# once both log-sum-exps are known (a second pass, or a third exchange in the vocab-parallel loss).
-CROSS_TERM_SIDE = {"kl": "teacher", "reverse_kl": "student"}
+from .divergences import DIVERGENCES, log_weight, lookup
+
 TAILS = ("bucket", "renormalize", "ignore")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def _log(weight):
-    """log of a mixture weight (-inf for 0)."""
-    return math.log(weight) if weight > 0 else float("-inf")
 
 
 @dataclass(frozen=True)
@@ -55,7 +47,12 @@ class KDOptions:
         return len(self.teacher_weights)
 
     def log_teacher_weights(self):
-        return tuple(map(_log, self.teacher_weights))
+        return tuple(map(log_weight, self.teacher_weights))
+
+    @property
+    def entry(self):
+        """The divergence's registry entry (``fastkd.divergences``)."""
+        return lookup(self.divergence)
 
     @property
     def divergence_code(self):
@@ -67,21 +64,19 @@ class KDOptions:
         return self.soft_weight * (self.temperature**2 if self.t2_scale else 1.0)
 
     @property
+    def cross_term_side(self):
+        """``"teacher"`` or ``"student"`` where D is known after the first pass from a cross term
+        (one teacher, a divergence the registry gives one), else None."""
+        return self.entry.cross_term if self.num_teachers == 1 else None
+
+    @property
     def has_cross_term(self):
-        """D is known after the first pass (one teacher, kl or reverse_kl)."""
-        return self.divergence in CROSS_TERM_SIDE and self.num_teachers == 1
+        return self.cross_term_side is not None
 
     def mixture_weights(self):
         """(mix_weight, log w_p, log w_q) of the mixture M = w_p p + w_q q this divergence uses."""
-        if self.divergence == "jsd":
-            mix, w_p, w_q = self.beta, self.beta, 1.0 - self.beta
-        elif self.divergence == "skew_kl":
-            mix, w_p, w_q = self.skew, self.skew, 1.0 - self.skew
-        elif self.divergence == "skew_reverse_kl":
-            mix, w_p, w_q = self.skew, 1.0 - self.skew, self.skew
-        else:
-            return 0.0, 0.0, 0.0
-        return mix, _log(w_p), _log(w_q)
+        entry = self.entry
+        return entry.mixture_weights(entry.parameter_value(beta=self.beta, skew=self.skew))
 
 
 @dataclass(frozen=True)
@@ -166,17 +161,9 @@ def make_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore
                  hard_weight=0.0, soft_weight=1.0, t2_scale=True, teacher_temperature=None, teacher_weights=(1.0,)):
     """Validate the per-row KD options and return them as ``KDOptions`` (``teacher_weights``:
     already checked by ``check_teacher_weights``)."""
-    divergence = _choice("divergence", divergence, DIVERGENCES)
+    entry = lookup(divergence)
     beta, skew = _real("beta", beta), _real("skew", skew)
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        other = "kl" if beta == 0.0 else "reverse_kl"
-        raise ValueError(
-            f"beta={beta} makes the generalized JSD identically 0; use divergence={other!r} "
-            "for the endpoint (TRL switches to unscaled KL there silently)")
-    if divergence == "jsd" and not 0.0 < beta < 1.0:
-        raise ValueError(f"beta must be in (0, 1) for divergence='jsd', got {beta}")
-    if divergence in ("skew_kl", "skew_reverse_kl") and not 0.0 <= skew < 1.0:
-        raise ValueError(f"skew must be in [0, 1) for divergence={divergence!r}, got {skew}")
+    entry.check(beta=beta, skew=skew)
     hard_weight, soft_weight = _real("hard_weight", hard_weight), _real("soft_weight", soft_weight)
     if hard_weight < 0 or soft_weight < 0:
         raise ValueError(f"hard_weight and soft_weight must be >= 0, got {hard_weight} and {soft_weight}")
@@ -184,7 +171,7 @@ def make_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore
     check_bool("t2_scale", t2_scale)
     if teacher_temperature is not None:
         teacher_temperature = check_temperature(teacher_temperature, "teacher_temperature")
-    return KDOptions(check_temperature(temperature), divergence, beta, skew, hard_weight, soft_weight,
+    return KDOptions(check_temperature(temperature), entry.name, beta, skew, hard_weight, soft_weight,
                      t2_scale, ignore_index, teacher_temperature, tuple(teacher_weights))
 
 

@@ -1,19 +1,15 @@
 """Plain-PyTorch reference of every loss fastkd computes: the oracle of every test.
 
 Nothing here is fused, chunked or clever: each divergence is its textbook formula on full
-``[N, V]`` log-probabilities, and gradients come from autograd. Run it in float64 for ground truth.
-It computes in float32 (float64 when an input is float64), like the kernels' accumulators.
-
-The only subtlety is ``0 * log 0``: terms whose weight is 0 are dropped with ``torch.where``, and
-their inputs are replaced by 0 *before* the arithmetic so that autograd never multiplies a zero
-gradient by an infinite partial (the "double where" rule); the values are the textbook ones.
+``[N, V]`` log-probabilities (declared with the divergence in ``fastkd.divergences``), and
+gradients come from autograd. Run it in float64 for ground truth. It computes in float32 (float64
+when an input is float64), like the kernels' accumulators.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
 from .checks import check_index_values, check_values
+from .divergences import log_mixture, lookup
 from .options import (as_teachers, check_dim, check_kd_inputs, check_labels, check_logits, check_tail,
                       check_teacher_weights, check_temperature, check_topk_inputs, make_options, make_reduction)
 from .topk_values import topk_teacher
@@ -39,53 +35,17 @@ def log_softmax(x, temperature=1.0, dim=-1, backend="auto"):
     return torch.log_softmax(x.to(_compute_dtype(x)) / T, dim=dim).to(x.dtype)
 
 
-def _weighted_log_ratio(w, log_w, log_r):
-    """sum_j w_j (log w_j - log r_j) over the last dim, with 0 where w_j = 0."""
-    live = w > 0
-    log_w = torch.where(live, log_w, 0.0)
-    log_r = torch.where(live, log_r, 0.0)
-    return torch.where(live, w * (log_w - log_r), 0.0).sum(-1)
-
-
-def _log_weight(w):
-    return math.log(w) if w > 0 else float("-inf")
-
-
-def _log_mixture(log_a, weight_a, log_b, weight_b):
-    """log(weight_a * a + weight_b * b) from log a, log b, by a log-sum-exp. The log weights are
-    taken in Python (float64): a weight below float32's range must not become log 0."""
-    terms = torch.stack([log_a + _log_weight(weight_a), log_b + _log_weight(weight_b)])
-    dead = (terms == float("-inf")).all(0)
-    return torch.where(dead, float("-inf"), torch.logsumexp(torch.where(dead, 0.0, terms), 0))
-
-
 def _log_mixture_of(log_ps, weights):
-    """log sum_i w_i p_i from the log-probabilities ``log_ps`` (the teachers' mixture); one teacher
-    is itself (weight 1)."""
-    if len(log_ps) == 1:
-        return log_ps[0]
-    terms = torch.stack([lp + _log_weight(w) for lp, w in zip(log_ps, weights)])
-    dead = (terms == float("-inf")).all(0)
-    return torch.where(dead, float("-inf"), torch.logsumexp(torch.where(dead, 0.0, terms), 0))
+    """log p of the teachers' mixture sum_i w_i p_i from their log-probabilities ``log_ps``; one
+    teacher is itself (weight 1)."""
+    return log_ps[0] if len(log_ps) == 1 else log_mixture(log_ps, weights)
 
 
 def row_divergence(log_p, log_q, name="kl", beta=0.5, skew=0.1):
-    """Per-row divergence D between teacher p and student q given as log-probabilities ``[N, V]``."""
-    p, q = log_p.exp(), log_q.exp()
-    if name == "kl":
-        return _weighted_log_ratio(p, log_p, log_q)
-    if name == "reverse_kl":
-        return _weighted_log_ratio(q, log_q, log_p)
-    if name == "jsd":
-        log_m = _log_mixture(log_p, beta, log_q, 1.0 - beta)
-        return beta * _weighted_log_ratio(p, log_p, log_m) + (1.0 - beta) * _weighted_log_ratio(q, log_q, log_m)
-    if name == "skew_kl":
-        return _weighted_log_ratio(p, log_p, _log_mixture(log_p, skew, log_q, 1.0 - skew))
-    if name == "skew_reverse_kl":
-        return _weighted_log_ratio(q, log_q, _log_mixture(log_q, skew, log_p, 1.0 - skew))
-    if name == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    raise ValueError(f"unknown divergence {name!r}")
+    """Per-row divergence D between teacher p and student q given as log-probabilities ``[N, V]``:
+    the registry's textbook formula of ``name`` (``fastkd.divergences``)."""
+    entry = lookup(name)
+    return entry.reference(log_p, log_q, entry.parameter_value(beta=beta, skew=skew))
 
 
 def _has_distribution(x):

@@ -28,9 +28,11 @@ from .autograd import once_differentiable, scaled_student_grad
 from .backends import flat_labels, implementation, resolve_backend, rows
 from .backends.torch import chunks, for_each_chunk
 from .buffers import accumulation_dtype, empty
-from .options import (KDOptions, _real, check_int, check_labels, check_logits, check_stored_temperature,
+from .divergences import lookup
+from .options import (KDOptions, _real, check_int, check_labels, check_logits,
                       check_teacher_constant, check_temperature, make_options, make_reduction)
 from .reduction import grad_scale, normaliser, reduce
+from .topk_values import TopK, topk_teacher
 
 
 def _tail(logprobs):
@@ -235,12 +237,13 @@ def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher
     On equal-length answers, ``uld_loss(s, t, labels=labels, teacher_temperature=...)`` equals TRL's
     ``trl.experimental.gold`` ULD loss (``use_extended_uld=False``, no EOS skipping).
     """
+    if isinstance(teacher_logits, TopK):  # refuses one taken at another temperature than the teacher's
+        topk_teacher(teacher_logits, None, KDOptions(temperature=check_temperature(temperature),
+                                                     teacher_temperature=teacher_temperature))
     teacher_logits, k, teacher_is_topk = as_teacher(teacher_logits, k)
     k = check_uld_inputs(student_logits, teacher_logits, labels, k, ignore_index)
     T = check_temperature(temperature)
     T_t = T if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
-    if teacher_is_topk:
-        check_stored_temperature(teacher_logits, KDOptions(temperature=T, teacher_temperature=teacher_temperature))
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = _resolve(backend, student_logits, k)
     loss, bound = ULDLossFunction.apply(student_logits, teacher_logits, labels, k, T, T_t, ignore_index, reduction,
@@ -281,7 +284,6 @@ def hybrid_uld_loss(student, teacher, vocab_map, *, divergence="jsd", beta=0.5, 
     Rows reduce as in ``uld_loss`` ("mean": / rows * max(V_s, V_t)). Plain PyTorch, differentiable
     by autograd (no fused kernel yet).
     """
-    from .reference import row_divergence  # the textbook divergences, on the matched columns
     check_uld_inputs(student, teacher, labels, None, ignore_index)
     opts = make_options(divergence=divergence, beta=beta, skew=skew, ignore_index=ignore_index)
     reduction = make_reduction(reduction, num_items_in_batch)
@@ -304,7 +306,8 @@ def hybrid_uld_loss(student, teacher, vocab_map, *, divergence="jsd", beta=0.5, 
     if len(vocab_map):
         log_p = p[:, ids_t].clamp_min(1e-8).log()
         log_q = q[:, ids_s].clamp_min(1e-8).log()
-        row = row + w_matched * row_divergence(log_p, log_q, opts.divergence, opts.beta, opts.skew)
+        entry = lookup(opts.divergence)  # the registry's textbook formula, on the matched columns
+        row = row + w_matched * entry.reference(log_p, log_q, entry.parameter_value(beta=opts.beta, skew=opts.skew))
     unmatched_s = torch.ones(V_s, dtype=torch.bool, device=q.device).index_fill(0, ids_s, False)
     unmatched_t = torch.ones(V_t, dtype=torch.bool, device=q.device).index_fill(0, ids_t, False)
     row = row + w_unmatched * _sorted_l1(q[:, unmatched_s], p[:, unmatched_t])

@@ -78,7 +78,8 @@ def drive_launchers(quick):
     """Every launcher of fastkd.backends.triton, with
     every divergence, tail and flag; ``quick`` takes one dtype pair and the widest block only, the
     full run every dtype pair the API accepts at two block widths."""
-    from fastkd.options import DIVERGENCES, TAILS
+    from fastkd.divergences import DIVERGENCES
+    from fastkd.options import TAILS
 
     pairs = DTYPE_PAIRS[:1] if quick else DTYPE_PAIRS
     widths = (WIDE_V,) if quick else (WIDE_V, NARROW_V)

@@ -22,7 +22,8 @@ import fastkd
 import fastkd.buffers
 import fastkd.backends.torch
 import fastkd.backends.triton
-from fastkd.distributed import forward_steps, vocab_parallel_kd_loss, vocab_shard_layout
+from fastkd import vocab_parallel_kd_loss
+from fastkd.distributed import forward_steps, vocab_shard_layout
 from fastkd.options import make_options
 from helpers import DIVERGENCES, assert_close_to_oracle
 

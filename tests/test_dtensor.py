@@ -244,25 +244,25 @@ def _two_ranks(rank, world_size, port):
         for j, (name, placement) in enumerate((("vocab", Shard(-1)), ("rows", Shard(0)), ("replicate", Replicate()))):
             kw = options_for(i + j, divergence)
             cases.append((f"{name}-{divergence}-{kw['reduction']}", check_kd,
-                          dict(mesh=mesh, placements=[placement], widths=(5, 4), seed=10 + i, dtensor_labels=j != 1,
+                          dict(mesh=mesh, placements=[placement], widths=(7, 6), seed=10 + i, dtensor_labels=j != 1,
                                teachers=1 if j == 0 else 2, **kw)))
     cases += [
         ("vocab-bf16", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(8, 8), seed=20, dtype=torch.bfloat16,
                                       divergence="jsd", hard_weight=0.5)),
         ("rows-bf16-items", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(8, 8), seed=21,
                                            dtype=torch.bfloat16, hard_weight=0.5, items=torch.tensor(9.0))),
-        ("vocab-items", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(5, 4), seed=22, hard_weight=0.5,
+        ("vocab-items", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(7, 6), seed=22, hard_weight=0.5,
                                        items=11, reduction="mean")),
-        ("rows-no-rows", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(5, 4), seed=23, n_rows=0)),
-        ("vocab-no-rows", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(5, 4), seed=26, n_rows=0,
+        ("rows-no-rows", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(7, 6), seed=23, n_rows=0)),
+        ("vocab-no-rows", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(7, 6), seed=26, n_rows=0,
                                          divergence="jsd", hard_weight=0.5)),
-        ("vocab-views", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(5, 4), seed=27, views=True,
+        ("vocab-views", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(7, 6), seed=27, views=True,
                                        divergence="skew_reverse_kl", hard_weight=0.5, temperature=0.7)),
-        ("rows-views-bf16", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(5, 4), seed=28, views=True,
+        ("rows-views-bf16", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(7, 6), seed=28, views=True,
                                            dtype=torch.bfloat16, teachers=2, divergence="kl", hard_weight=0.5)),
-        ("rows-topk", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(5, 4), seed=24, topk=3,
+        ("rows-topk", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(7, 6), seed=24, topk=3,
                                      hard_weight=0.5, temperature=2.0)),
-        ("replicate-topk-none", check_kd, dict(mesh=mesh, placements=[Replicate()], widths=(5, 4), seed=25, topk=3,
+        ("replicate-topk-none", check_kd, dict(mesh=mesh, placements=[Replicate()], widths=(7, 6), seed=25, topk=3,
                                                divergence="reverse_kl", reduction="none")),
     ]
     for i, divergence in enumerate(("kl", "jsd", "tvd")):
@@ -325,17 +325,17 @@ def _four_ranks(rank, world_size, port):
     for i, divergence in enumerate(DIVERGENCES):
         kw = options_for(i, divergence)
         cases.append((f"dp-tp-{divergence}-{kw['reduction']}", check_kd,
-                      dict(mesh=mesh2, placements=[Shard(0), Shard(1)], widths=(5, 4), seed=60 + i, n_rows=9, **kw)))
+                      dict(mesh=mesh2, placements=[Shard(0), Shard(1)], widths=(7, 6), seed=60 + i, n_rows=9, **kw)))
     cases += [
-        ("tp4-uneven", check_kd, dict(mesh=mesh1, placements=[Shard(1)], widths=(3, 3, 3, 2), seed=70,
+        ("tp4-uneven", check_kd, dict(mesh=mesh1, placements=[Shard(1)], widths=(4, 4, 4, 3), seed=70,
                                       divergence="kl", hard_weight=0.5, temperature=2.0)),
-        ("sequence-dim", check_kd, dict(mesh=mesh2, placements=[Replicate(), Shard(0)], widths=(6, 5), seed=71,
+        ("sequence-dim", check_kd, dict(mesh=mesh2, placements=[Replicate(), Shard(0)], widths=(7, 6), seed=71,
                                         divergence="tvd", hard_weight=1.0)),
         ("dp-tp-fused", check_fused_tp, dict(mesh=mesh2, hidden_placements=[Shard(0), Replicate()],
                                              weight_placements=[Replicate(), Shard(0)], widths=(5, 5), seed=72,
                                              divergence="jsd", hard_weight=0.5)),
         ("fused-tp4", check_fused_tp, dict(mesh=mesh1, hidden_placements=[Replicate()], weight_placements=[Shard(0)],
-                                           widths=(3, 3, 3, 3), seed=73, divergence="kl", reduction="none")),
+                                           widths=(4, 4, 4, 4), seed=73, divergence="kl", reduction="none")),
         ("fsdp4-head", check_fsdp_head, dict(mesh=mesh1, seed=74, rank=rank, world_size=world_size,
                                              divergence="kl", hard_weight=0.5)),
     ]

@@ -242,7 +242,7 @@ def _tvd_near_ties(s, t, c):
     return ((p != q) & ((p - q).abs() <= blur * torch.maximum(p, q))).any(-1)
 
 
-DIVERGENCES = fastkd.options.DIVERGENCES
+DIVERGENCES = fastkd.divergences.DIVERGENCES
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -18,7 +18,7 @@ import torch
 
 import fastkd
 from fastkd import reference
-from fastkd.distributed import vocab_parallel_kd_loss
+from fastkd import vocab_parallel_kd_loss
 
 
 BACKENDS = ("triton", "torch")

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..options import CROSS_TERM_SIDE, DIVERGENCES
+from ..divergences import DIVERGENCES, lookup
 
 BUDGET_SLACK = 0.01  # B/elt the per-row terms (the loss, a label, the scale) may add at the measured shape
 TEMPERATURE = 2.0
@@ -108,7 +108,7 @@ class Case:
 def _two_pass_budget(divergence):
     """bf16 B/elt of the two-pass step: two reads of both inputs and the gradient for a divergence
     known after the first pass, three reads otherwise; the backward at upstream 1, none."""
-    return (10, 0) if divergence in CROSS_TERM_SIDE else (14, 0)
+    return (10, 0) if lookup(divergence).cross_term else (14, 0)
 
 
 def _kd(divergence, budget, hard_ce=False, gate=True):
@@ -134,7 +134,7 @@ CASES = (
     Case("kd_loss kl", kd_step, dict(divergence="kl", teachers=2), flags="2 teachers", gate=True, budget=(20, 0),
          alternating=True, env={"FASTKD_KD_KERNEL": "two_pass"}),
     *(_resident(divergence) for divergence in DIVERGENCES),
-    *(_resident(divergence, hard_ce=True, gate=False) for divergence in ("kl", "jsd", "skew_reverse_kl")),
+    *(_resident(divergence, hard_ce=True, gate=False) for divergence in DIVERGENCES),
     Case("softmax", softmax_step, dict(log=False), floor_op="softmax"),
     Case("log_softmax", softmax_step, dict(log=True), floor_op="log_softmax"),
     Case(f"teacher_topk k={TOPK_K}", teacher_topk_step, dict(k=TOPK_K)),

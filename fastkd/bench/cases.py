@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..backends import triton as triton_backend
-from ..options import DIVERGENCES
+from ..divergences import DIVERGENCES
 
 # kd_loss: dense logits. topk_kd_loss: the student against a teacher's top-k log-probabilities
 # (tail="bucket"); teacher_topk: extracting them. fused_linear_kd: the LM head matmuls and the loss

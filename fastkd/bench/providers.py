@@ -1,7 +1,7 @@
 """The one registry of benchmark providers: fastkd per backend (and per variant of its dense Triton
 kernel), the eager PyTorch idiom, its ``torch.compile``, and Liger when installed.
 
-Every provider of a case computes the same number: the eager idioms below fix the convention
+Every provider of a case computes the same number: the eager idioms of ``fastkd.divergences`` fix the convention
 (forward KL as users write it today, T**2-scaled; JSD as TRL's generalized JSD, unscaled), and
 fastkd is called with the matching ``t2_scale``. A provider's ``make(case)`` returns the forward
 function, called with the case's inputs (see ``runner.make_inputs``), or None when it has no
@@ -19,7 +19,6 @@ import contextlib
 import functools
 import importlib.util
 import inspect
-import math
 import os
 import re
 import shutil
@@ -32,59 +31,27 @@ import torch.nn.functional as F
 import fastkd
 
 from ..backends import interpreter_enabled, triton_installed
+from ..divergences import lookup
 from .cases import BETA, CE_TEMPERATURE, CE_WEIGHT, KD_KERNELS, SKEW, TEMPERATURE, Case
 
 KD_KERNEL_VARIABLE = "FASTKD_KD_KERNEL"
 REFUSED = (ValueError, NotImplementedError)  # how the launcher says it has no such kernel
 
-# t2_scale per divergence, matching the idiom each divergence's eager formula follows (a divergence
-# without an idiom of its own is T**2-scaled, as fastkd.reference computes it by default).
-T2_SCALE = {"jsd": False, "tvd": False}
-
 
 def t2_scale(divergence):
-    return T2_SCALE.get(divergence, True)
+    """Whether the divergence's eager idiom (and so every provider of its cases) scales by T**2."""
+    return lookup(divergence).eager_t2_scale
 
 
 # ----------------------------------------------------------------------------------------- eager idioms
-def _log_mix(log_a, log_b, weight_a):
-    """log(weight_a * a + (1 - weight_a) * b) from log a and log b."""
-    return torch.logsumexp(torch.stack([log_a + math.log(weight_a), log_b + math.log(1 - weight_a)]), dim=0)
-
-
 def eager_kd_loss(divergence: str, T: float = TEMPERATURE) -> Callable:
-    """The plain PyTorch a user writes for each divergence (``batchmean`` over the N rows)."""
-
-    def kl(s, t):
-        return F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T**2
-
-    def reverse_kl(s, t):
-        return F.kl_div(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1), reduction="batchmean",
-                        log_target=True) * T**2
-
-    def jsd(s, t):  # TRL's generalized_jsd_loss for 0 < beta < 1, rows of [N, V]
-        ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
-        lm = _log_mix(lt, ls, BETA)
-        kl_teacher = F.kl_div(lm, lt, reduction="none", log_target=True)
-        kl_student = F.kl_div(lm, ls, reduction="none", log_target=True)
-        return (BETA * kl_teacher + (1 - BETA) * kl_student).sum() / s.shape[0]
-
-    def skew_kl(s, t):
-        ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
-        return F.kl_div(_log_mix(lt, ls, SKEW), lt, reduction="batchmean", log_target=True) * T**2
-
-    def skew_reverse_kl(s, t):
-        ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
-        return F.kl_div(_log_mix(ls, lt, SKEW), ls, reduction="batchmean", log_target=True) * T**2
-
-    def tvd(s, t):
-        return 0.5 * (F.softmax(t / T, -1) - F.softmax(s / T, -1)).abs().sum() / s.shape[0]
-
-    def reference(s, t):  # a divergence without an idiom of its own: the textbook formula
-        return fastkd.reference.kd_loss(s, t, temperature=T, divergence=divergence, beta=BETA, skew=SKEW)
-
-    return {"kl": kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl,
-            "skew_reverse_kl": skew_reverse_kl, "tvd": tvd}.get(divergence, reference)
+    """The plain PyTorch a user writes for the divergence (the registry's idiom, ``batchmean`` over
+    the N rows), or its textbook formula where the registry gives no idiom."""
+    entry = lookup(divergence)
+    if entry.eager is None:
+        return lambda s, t: fastkd.reference.kd_loss(s, t, temperature=T, divergence=divergence, beta=BETA, skew=SKEW)
+    a = entry.parameter_value(beta=BETA, skew=SKEW)
+    return lambda s, t: entry.eager(s, t, T, a)
 
 
 def eager_kd_loss_ce(divergence: str) -> Callable:
@@ -136,19 +103,8 @@ def eager_forward(case: Case) -> Optional[Callable]:
     return lambda h, W, th, Wt: loss(h @ W.T, th @ Wt.T)
 
 
-_EAGER_FORMULAS = {
-    "kl": 'kl_div(log_softmax(s/T), softmax(t/T), "batchmean")·T²',
-    "reverse_kl": 'kl_div(log_softmax(t/T), log_softmax(s/T), "batchmean", log_target=True)·T²',
-    "jsd": "TRL's generalized_jsd_loss: Σ β·kl_div(log m, log p) + (1−β)·kl_div(log m, log q) / N, "
-           "log m = logsumexp(log β + log p, log(1−β) + log q), unscaled",
-    "skew_kl": 'kl_div(log(α p + (1−α) q), log p, "batchmean", log_target=True)·T²',
-    "skew_reverse_kl": 'kl_div(log(α q + (1−α) p), log q, "batchmean", log_target=True)·T²',
-    "tvd": "½ Σ abs(softmax(t/T) − softmax(s/T)) / N",
-}
-
-
 def _eager_formula(divergence):
-    return _EAGER_FORMULAS.get(divergence, f"fastkd.reference.kd_loss(s, t, T, divergence={divergence!r})")
+    return lookup(divergence).eager_formula or f"fastkd.reference.kd_loss(s, t, T, divergence={divergence!r})"
 
 
 def describe_eager(case: Case) -> Optional[str]:
