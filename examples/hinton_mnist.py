@@ -1,7 +1,7 @@
 """Hinton, Vinyals and Dean (2015), "Distilling the Knowledge in a Neural Network", section 3, on a CPU.
 
-    python examples/hinton_mnist.py                 # 3 seeds: a few minutes on 2 CPU cores
-    python examples/hinton_mnist.py --quick         # one seed, few epochs: seconds
+    python examples/hinton_mnist.py                 # 3 seeds: about 3 minutes of one CPU core
+    python examples/hinton_mnist.py --quick         # one seed, 2 epochs each: seconds
     python examples/hinton_mnist.py --teachers 3    # the soft targets of an ensemble of 3 teachers
 
 The paper's MNIST experiment, at small scale and offline: the 5000-image MNIST subset that
