@@ -10,7 +10,8 @@ The paper's MNIST experiment, at small scale and offline: the 5000-image MNIST s
 
   teacher    784-1200-1200-10, dropout, inputs jittered by up to 2 pixels (the paper: 67 test errors
              of 10000). ``--teachers K`` trains K of them; their mixture, sum_i softmax(z_i / T) / K,
-             is the soft target (``teacher_logits=[...]``), and the ensemble's test errors are its own.
+             is the soft target (``teacher_logits=[...]``); "teacher" is then the ensemble's test errors
+             (its averaged probabilities), "teachers" each one's.
   hard       784-800-800-10, no regularisation, cross-entropy on the labels (paper: 146).
   distilled  the same student trained on the teacher's soft targets at T in (1, 2, 5, 10, 20) with
              ``fastkd.KDLoss``: hard_weight * CE(labels) + soft_weight * T**2 * KL(p_T || q_T),
@@ -21,8 +22,10 @@ The paper's MNIST experiment, at small scale and offline: the 5000-image MNIST s
              test set; its figures: 206 errors, 133 on 3s; 109 and 14 after a shift of 3.5).
 
 Prints the table beside the paper's figures (test errors; the paper's out of 10000, ours out of
-1000, so percentages are given too), plots the test errors against T to ``<out>/hinton_mnist.png``
-and writes the measured errors as JSON (``--out FILE``; the plot beside it).
+1000, so percentages are given too), writes the measured errors as JSON to ``--out FILE`` (default
+examples/output/hinton_mnist.json, git-ignored) and plots them against T beside it (FILE's .png).
+Use OMP_NUM_THREADS=1 on a machine shared with other jobs: torch's two threads waiting for each
+other made a run several times slower there.
 """
 import argparse
 import json
@@ -95,7 +98,7 @@ def jitter(x, generator, pixels=2):
     """Each image shifted by up to ``pixels`` in each direction (MNIST's border is blank)."""
     n = len(x)
     padded = F.pad(x.view(n, 28, 28), (pixels,) * 4)
-    dy, dx = (torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator))
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator)
     rows, cols = (dy + torch.arange(28))[:, :, None], (dx + torch.arange(28))[:, None, :]
     return padded[torch.arange(n)[:, None, None], rows, cols].reshape(n, 784)
 
