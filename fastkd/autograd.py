@@ -6,10 +6,12 @@ No kernel code here: each Function calls the custom operators of ``fastkd.ops`` 
 backward is ``scaled_student_grad``: the saved gradient times the upstream gradient, in place
 unless the graph is retained (a kernel that returns at once for an upstream gradient of 1).
 
-Under ``torch.compile`` the backward is traced ahead of time, so it is written out of place, and
-inductor reuses the saved gradient's buffer for the result (the backward graph owns it: a donated
-buffer), which keeps the same single ``[N, V]`` buffer; torch then refuses ``retain_graph=True`` for
-that graph unless ``torch._functorch.config.donated_buffer`` is turned off.
+Under ``torch.compile`` the forward op holds the gradient and the graph saves a token instead
+(``fastkd.ops``, "Held gradients"); the backward's ``fastkd::take_grad`` scales it in place with
+the same kernel, so inductor emits no pass over ``[N, V]`` and an upstream gradient of 1 costs
+nothing. Such a graph runs backward once (torch refuses ``retain_graph=True`` for it, its token
+being a donated buffer). With ``inplace=True`` the gradient is the student's storage, which the
+graph owns: there the backward is ``grad * upstream``, one pass that inductor writes over it.
 
 Every backward is wrapped by ``once_differentiable``: the gradients come from the forward's kernels,
 not from differentiable torch ops, so a backward asked to build a graph (``create_graph=True``)
@@ -60,18 +62,26 @@ def _normalise(student, teacher_dtype, labels1, opts, reduction):
     return norm, grad_scale(norm, device=student.device, dtype=acc)
 
 
-def _save_and_reduce(ctx, row_loss, grad, norm, reduction, shape, backend):
+def _hold_grad(inplace):
+    """Whether the forward op holds the gradient for ``fastkd::take_grad`` (module docstring)."""
+    return torch.compiler.is_compiling() and not inplace
+
+
+def _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, held):
     if grad is not None:
         ctx.save_for_backward(grad)
-    ctx.backend, ctx.shape = backend, shape
-    return reduce(row_loss, norm, reduction, shape[:-1])
+    ctx.backend, ctx.shape, ctx.dtype, ctx.held = backend, student.shape, student.dtype, held
+    return reduce(row_loss, norm, reduction, student.shape[:-1])
 
 
 def scaled_student_grad(ctx, grad_loss):
     """The saved student gradient (already divided by the normaliser) times the upstream gradient."""
     (grad,) = ctx.saved_tensors
     upstream = grad_loss.reshape(-1)
-    if torch.compiler.is_compiling():  # traced: plain torch ops (see the module docstring)
+    if ctx.held:  # compiled: grad is the token of the gradient the forward op holds
+        V = ctx.shape[-1]
+        return ops.take_grad(grad, upstream, ctx.shape.numel() // V, V, ctx.dtype, ctx.backend).view(ctx.shape)
+    if torch.compiler.is_compiling():  # compiled with inplace=True: plain torch ops (module docstring)
         return (grad * upstream[:, None]).to(grad.dtype).view(ctx.shape)
     # The saved gradient is ours: scale it in place unless this graph may be run backward again.
     out = None if graph_is_kept() else grad
@@ -86,9 +96,10 @@ class KDLossFunction(torch.autograd.Function):
         labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
         norm, scale = _normalise(student, accumulation_dtype(*(t.dtype for t in teachers)), labels1, opts, reduction)
+        held = need_grad and _hold_grad(inplace)
         row_loss, grad = ops.kd_forward(s2, t2, labels1, scale, opts, backend, inplace=inplace and need_grad,
-                                        need_grad=need_grad)
-        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
+                                        need_grad=need_grad, hold_grad=held)
+        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, held)
 
     @staticmethod
     @once_differentiable
@@ -104,9 +115,10 @@ class TopKKDLossFunction(torch.autograd.Function):
         labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
         norm, scale = _normalise(student, teacher_logprobs.dtype, labels1, opts, reduction)
+        held = need_grad and _hold_grad(inplace)
         row_loss, grad = ops.topk_kd_forward(s2, lp2, idx2, labels1, scale, opts, tail, backend,
-                                             inplace=inplace and need_grad, need_grad=need_grad)
-        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
+                                             inplace=inplace and need_grad, need_grad=need_grad, hold_grad=held)
+        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, held)
 
     @staticmethod
     @once_differentiable
@@ -119,11 +131,12 @@ class VocabParallelKDLossFunction(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, opts, reduction, backend, inplace, group_name, vocab_start):
         s2, t2 = rows(student.detach()), rows(teacher)
         need_grad = ctx.needs_input_grad[0]
+        held = need_grad and _hold_grad(inplace)
         row_loss, grad, norm = ops.vocab_parallel_forward(
             s2, t2, flat_labels(labels), opts, reduction, backend, group_name, vocab_start,
-            inplace=inplace and need_grad, need_grad=need_grad)
+            inplace=inplace and need_grad, need_grad=need_grad, hold_grad=held)
         norm = None if reduction.kind in ("sum", "none") else norm
-        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
+        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, held)
 
     @staticmethod
     @once_differentiable
