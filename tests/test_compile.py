@@ -129,6 +129,26 @@ def test_compiled_backward_has_no_pass_over_the_gradient(upstream):
     assert not ops._HELD
 
 
+def test_a_held_gradient_is_released_and_taken_once():
+    """A compiled forward whose backward never runs releases its gradient; a second backward of a
+    graph whose gradient was taken raises instead of returning a twice-scaled gradient."""
+    import gc
+
+    from fastkd import ops
+
+    s, t = logits(4, 7).requires_grad_(True), logits(4, 7)
+    compiled = torch.compile(lambda s, t: fastkd.kd_loss(s, t, backend="torch"), fullgraph=True, backend="aot_eager")
+    loss = compiled(s, t)
+    assert len(ops._HELD) == 1
+    del loss
+    gc.collect()
+    assert not ops._HELD
+    loss = compiled(s, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward already ran"):
+        loss.backward()
+
+
 def test_compiled_inplace_backward_reuses_the_saved_gradient():
     """With inplace=True the gradient is the student's storage, owned by the graph: inductor writes
     the scaled gradient over it (a donated buffer), no second [N, V]."""
