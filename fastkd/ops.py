@@ -4,11 +4,10 @@ opaque op.
 Dynamo cannot trace a Triton launch, the torch backend's loop over row chunks or the collectives
 of the vocabulary-parallel loss, and need not: each call is a ``torch.library.custom_op``
 ("fastkd::...") with a fake (meta) implementation that gives only the output shapes. The autograd
-Functions in ``fastkd.autograd`` call the Python wrappers below; the reduction and the backward's
-scaling stay plain torch ops that inductor fuses (and, for a saved gradient that the backward
-graph owns, runs in place: inductor's donated buffers).
+Functions in ``fastkd.autograd`` call the Python wrappers below; the reduction stays plain torch
+ops that inductor fuses, and the backward's scaling is an op of its own (``fastkd::take_grad``).
 
-    fastkd::kd_forward               (student, teachers, labels?, grad_scale, scalars, ...) -> (row loss, grad)
+    fastkd::kd_forward               (student, teachers, labels?, grad_scale, scalars, ...) -> (row loss, grad or token)
     fastkd::kd_forward_inplace       the same, the gradient written into ``student`` (mutates it)
     fastkd::topk_kd_forward          the top-k loss, likewise (and its _inplace twin)
     fastkd::vocab_parallel_forward   one rank's vocabulary-parallel loss, collectives included
