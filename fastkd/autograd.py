@@ -143,12 +143,14 @@ class VocabParallelKDLossFunction(torch.autograd.Function):
         return (scaled_student_grad(ctx, grad_loss),) + (None,) * 8
 
 
-def _scaled(grad, scale, dtype, in_place):
-    """``grad * scale`` in ``dtype``, overwriting ``grad`` when allowed and the dtype matches."""
+def _scaled(grad, scale, dtype, in_place, backend):
+    """``grad * scale`` in ``dtype``, overwriting ``grad`` when allowed and the dtype matches (with
+    the backend's ``scale_rows``: nothing to do for a scale of 1)."""
     if grad is None:
         return None
     if in_place and grad.dtype == dtype:
-        return grad.mul_(scale)
+        rows2 = grad.view(-1, grad.shape[-1])
+        return implementation(backend).scale_rows(rows2, scale.reshape(1), out=rows2).view(grad.shape)
     return (grad * scale).to(dtype)
 
 
@@ -209,9 +211,9 @@ class FusedLinearKDFunction(torch.autograd.Function):
             scale = grad_loss.reshape(()).to(acc)  # the normaliser is applied already
             # The saved gradients are ours: scale them in place unless the graph may run backward again.
             in_place = not graph_is_kept()
-            grad_hidden = _scaled(grad_hidden, scale, hidden_dtype, in_place)
-            grad_weight = _scaled(grad_weight, scale, weight_dtype, in_place)
-            grad_bias = _scaled(grad_bias, scale, weight_dtype, in_place)
+            grad_hidden = _scaled(grad_hidden, scale, hidden_dtype, in_place, ctx.backend)
+            grad_weight = _scaled(grad_weight, scale, weight_dtype, in_place, ctx.backend)
+            grad_bias = _scaled(grad_bias, scale, weight_dtype, in_place, ctx.backend)
         return (grad_hidden, grad_weight, grad_bias) + (None,) * 8
 
 
