@@ -9,8 +9,9 @@ unless the graph is retained (a kernel that returns at once for an upstream grad
 Under ``torch.compile`` the forward op holds the gradient and the graph saves a token instead
 (``fastkd.ops``, "Held gradients"); the backward's ``fastkd::take_grad`` scales it in place with
 the same kernel, so inductor emits no pass over ``[N, V]`` and an upstream gradient of 1 costs
-nothing. Such a graph runs backward once: a second backward of it raises a RuntimeError. With ``inplace=True`` the gradient is the student's storage, which the
-graph owns: there the backward is ``grad * upstream``, one pass that inductor writes over it.
+nothing. Such a graph runs backward once: a second backward of it raises a RuntimeError. With
+``inplace=True`` the gradient is the student's storage, which the graph owns: there the backward is
+``grad * upstream``, one pass that inductor writes over it.
 
 Every backward is wrapped by ``once_differentiable``: the gradients come from the forward's kernels,
 not from differentiable torch ops, so a backward asked to build a graph (``create_graph=True``)

@@ -7,7 +7,8 @@ of the vocabulary-parallel loss, and need not: each call is a ``torch.library.cu
 Functions in ``fastkd.autograd`` call the Python wrappers below; the reduction stays plain torch
 ops that inductor fuses, and the backward's scaling is an op of its own (``fastkd::take_grad``).
 
-    fastkd::kd_forward               (student, teachers, labels?, grad_scale, scalars, ...) -> (row loss, grad or token)
+    fastkd::kd_forward               (student, teachers, labels?, grad_scale, scalars, ...) -> (row loss, grad)
+                                     (or the gradient's token: "Held gradients" below)
     fastkd::kd_forward_inplace       the same, the gradient written into ``student`` (mutates it)
     fastkd::topk_kd_forward          the top-k loss, likewise (and its _inplace twin)
     fastkd::vocab_parallel_forward   one rank's vocabulary-parallel loss, collectives included
