@@ -6,10 +6,12 @@ No kernel code here: each Function calls the custom operators of ``fastkd.ops`` 
 backward is ``scaled_student_grad``: the saved gradient times the upstream gradient, in place
 unless the graph is retained (a kernel that returns at once for an upstream gradient of 1).
 
-Under ``torch.compile`` the backward is traced ahead of time, so it is written out of place, and
-inductor reuses the saved gradient's buffer for the result (the backward graph owns it: a donated
-buffer), which keeps the same single ``[N, V]`` buffer; torch then refuses ``retain_graph=True`` for
-that graph unless ``torch._functorch.config.donated_buffer`` is turned off.
+Under ``torch.compile`` the forward op holds the gradient and the graph saves a token instead
+(``fastkd.ops``, "Held gradients"); the backward's ``fastkd::take_grad`` scales it in place with
+the same kernel, so inductor emits no pass over ``[N, V]`` and an upstream gradient of 1 costs
+nothing. Such a graph runs backward once: a second backward of it raises a RuntimeError. With
+``inplace=True`` the gradient is the student's storage, which the graph owns: there the backward is
+``grad * upstream``, one pass that inductor writes over it.
 
 Every backward is wrapped by ``once_differentiable``: the gradients come from the forward's kernels,
 not from differentiable torch ops, so a backward asked to build a graph (``create_graph=True``)
@@ -60,18 +62,26 @@ def _normalise(student, teacher_dtype, labels1, opts, reduction):
     return norm, grad_scale(norm, device=student.device, dtype=acc)
 
 
-def _save_and_reduce(ctx, row_loss, grad, norm, reduction, shape, backend):
+def _hold_grad(inplace):
+    """Whether the forward op holds the gradient for ``fastkd::take_grad`` (module docstring)."""
+    return torch.compiler.is_compiling() and not inplace
+
+
+def _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, held):
     if grad is not None:
         ctx.save_for_backward(grad)
-    ctx.backend, ctx.shape = backend, shape
-    return reduce(row_loss, norm, reduction, shape[:-1])
+    ctx.backend, ctx.shape, ctx.dtype, ctx.held = backend, student.shape, student.dtype, held
+    return reduce(row_loss, norm, reduction, student.shape[:-1])
 
 
 def scaled_student_grad(ctx, grad_loss):
     """The saved student gradient (already divided by the normaliser) times the upstream gradient."""
     (grad,) = ctx.saved_tensors
     upstream = grad_loss.reshape(-1)
-    if torch.compiler.is_compiling():  # traced: plain torch ops (see the module docstring)
+    if ctx.held:  # compiled: grad is the token of the gradient the forward op holds
+        V = ctx.shape[-1]
+        return ops.take_grad(grad, upstream, ctx.shape.numel() // V, V, ctx.dtype, ctx.backend).view(ctx.shape)
+    if torch.compiler.is_compiling():  # compiled with inplace=True: plain torch ops (module docstring)
         return (grad * upstream[:, None]).to(grad.dtype).view(ctx.shape)
     # The saved gradient is ours: scale it in place unless this graph may be run backward again.
     out = None if graph_is_kept() else grad
@@ -86,9 +96,10 @@ class KDLossFunction(torch.autograd.Function):
         labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
         norm, scale = _normalise(student, accumulation_dtype(*(t.dtype for t in teachers)), labels1, opts, reduction)
+        held = need_grad and _hold_grad(inplace)
         row_loss, grad = ops.kd_forward(s2, t2, labels1, scale, opts, backend, inplace=inplace and need_grad,
-                                        need_grad=need_grad)
-        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
+                                        need_grad=need_grad, hold_grad=held)
+        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, held)
 
     @staticmethod
     @once_differentiable
@@ -104,9 +115,10 @@ class TopKKDLossFunction(torch.autograd.Function):
         labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
         norm, scale = _normalise(student, teacher_logprobs.dtype, labels1, opts, reduction)
+        held = need_grad and _hold_grad(inplace)
         row_loss, grad = ops.topk_kd_forward(s2, lp2, idx2, labels1, scale, opts, tail, backend,
-                                             inplace=inplace and need_grad, need_grad=need_grad)
-        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
+                                             inplace=inplace and need_grad, need_grad=need_grad, hold_grad=held)
+        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, held)
 
     @staticmethod
     @once_differentiable
@@ -119,11 +131,12 @@ class VocabParallelKDLossFunction(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, opts, reduction, backend, inplace, group_name, vocab_start):
         s2, t2 = rows(student.detach()), rows(teacher)
         need_grad = ctx.needs_input_grad[0]
+        held = need_grad and _hold_grad(inplace)
         row_loss, grad, norm = ops.vocab_parallel_forward(
             s2, t2, flat_labels(labels), opts, reduction, backend, group_name, vocab_start,
-            inplace=inplace and need_grad, need_grad=need_grad)
+            inplace=inplace and need_grad, need_grad=need_grad, hold_grad=held)
         norm = None if reduction.kind in ("sum", "none") else norm
-        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student.shape, backend)
+        return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, held)
 
     @staticmethod
     @once_differentiable
@@ -131,12 +144,14 @@ class VocabParallelKDLossFunction(torch.autograd.Function):
         return (scaled_student_grad(ctx, grad_loss),) + (None,) * 8
 
 
-def _scaled(grad, scale, dtype, in_place):
-    """``grad * scale`` in ``dtype``, overwriting ``grad`` when allowed and the dtype matches."""
+def _scaled(grad, scale, dtype, in_place, backend):
+    """``grad * scale`` in ``dtype``, overwriting ``grad`` when allowed and the dtype matches (with
+    the backend's ``scale_rows``: nothing to do for a scale of 1)."""
     if grad is None:
         return None
     if in_place and grad.dtype == dtype:
-        return grad.mul_(scale)
+        rows2 = grad.view(-1, grad.shape[-1])
+        return implementation(backend).scale_rows(rows2, scale.reshape(1), out=rows2).view(grad.shape)
     return (grad * scale).to(dtype)
 
 
@@ -197,9 +212,9 @@ class FusedLinearKDFunction(torch.autograd.Function):
             scale = grad_loss.reshape(()).to(acc)  # the normaliser is applied already
             # The saved gradients are ours: scale them in place unless the graph may run backward again.
             in_place = not graph_is_kept()
-            grad_hidden = _scaled(grad_hidden, scale, hidden_dtype, in_place)
-            grad_weight = _scaled(grad_weight, scale, weight_dtype, in_place)
-            grad_bias = _scaled(grad_bias, scale, weight_dtype, in_place)
+            grad_hidden = _scaled(grad_hidden, scale, hidden_dtype, in_place, ctx.backend)
+            grad_weight = _scaled(grad_weight, scale, weight_dtype, in_place, ctx.backend)
+            grad_bias = _scaled(grad_bias, scale, weight_dtype, in_place, ctx.backend)
         return (grad_hidden, grad_weight, grad_bias) + (None,) * 8
 
 

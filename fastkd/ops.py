@@ -4,11 +4,11 @@ opaque op.
 Dynamo cannot trace a Triton launch, the torch backend's loop over row chunks or the collectives
 of the vocabulary-parallel loss, and need not: each call is a ``torch.library.custom_op``
 ("fastkd::...") with a fake (meta) implementation that gives only the output shapes. The autograd
-Functions in ``fastkd.autograd`` call the Python wrappers below; the reduction and the backward's
-scaling stay plain torch ops that inductor fuses (and, for a saved gradient that the backward
-graph owns, runs in place: inductor's donated buffers).
+Functions in ``fastkd.autograd`` call the Python wrappers below; the reduction stays plain torch
+ops that inductor fuses, and the backward's scaling is an op of its own (``fastkd::take_grad``).
 
     fastkd::kd_forward               (student, teachers, labels?, grad_scale, scalars, ...) -> (row loss, grad)
+                                     (or the gradient's token: "Held gradients" below)
     fastkd::kd_forward_inplace       the same, the gradient written into ``student`` (mutates it)
     fastkd::topk_kd_forward          the top-k loss, likewise (and its _inplace twin)
     fastkd::vocab_parallel_forward   one rank's vocabulary-parallel loss, collectives included
@@ -16,6 +16,16 @@ graph owns, runs in place: inductor's donated buffers).
     fastkd::softmax_forward          tempered (log-)softmax with the Triton kernel
     fastkd::softmax_backward         its vector-Jacobian product
     fastkd::fused_linear_pass        the chunk loop of ``fastkd.fused_linear``
+    fastkd::take_grad                a compiled backward: the held gradient times the upstream gradient
+
+Held gradients. Under ``torch.compile`` the backward is a graph too, and a saved ``[N, V]`` gradient
+would be one of its inputs: inductor turns ``grad * upstream`` into a pass over it, and an in-place
+custom op on it into a copy (a graph does not mutate its inputs), whatever the upstream gradient.
+So, compiled (``hold_grad=True``), the forward ops keep the gradient in ``_HELD`` and give the graph
+a token (a one-element int64 CPU tensor); the backward's ``fastkd::take_grad`` returns it, scaled
+in place by the backend's ``scale_rows`` (the upstream gradient read on the device: at 1 it does
+nothing), as an output of its own. The gradient never appears in the graph, so no pass and no copy.
+A token that dies unused (a forward whose backward never runs) releases its gradient.
 
 Scalars. A Python float given to an op is a constant of the compiled graph: dynamo guards on its
 value and recompiles when it changes. So the float options (temperatures, beta, skew, hard and
@@ -35,6 +45,8 @@ Autocast. The ops run with autocast off, so the inputs keep their dtypes and the
 float32 (float64 for float64 inputs) whatever autocast region the caller is in.
 """
 import contextlib
+import itertools
+import weakref
 from typing import Optional
 
 import torch
@@ -88,12 +100,51 @@ def _fake_row_loss(student, *teachers):
     return student.new_empty(student.shape[0], dtype=accumulation_dtype(student.dtype, *dtypes))
 
 
-def _fake_grad(student, need_grad):
+def _fake_grad(student, need_grad, hold_grad=False):
+    if need_grad and hold_grad:
+        return torch.empty(1, dtype=torch.int64)
     return torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else student.new_empty(0)
 
 
-def _grad_or_empty(student, grad):
-    return student.new_empty(0) if grad is None else grad
+def _grad_output(student, grad, hold_grad):
+    """The op's gradient output: an empty tensor (no gradient), the gradient, or its token (held)."""
+    if grad is None:
+        return student.new_empty(0)
+    return _hold(grad) if hold_grad else grad
+
+
+# ----------------------------------------------------------------------- held gradients (docstring)
+
+_HELD = {}
+_KEYS = itertools.count()
+
+
+def _hold(grad):
+    key = next(_KEYS)
+    _HELD[key] = grad
+    token = torch.tensor([key])  # host memory: take_grad reads it without a device synchronisation
+    weakref.finalize(token, _HELD.pop, key, None)
+    return token
+
+
+@torch.library.custom_op("fastkd::take_grad", mutates_args=())
+def _take_grad(token: Tensor, upstream: Tensor, rows: int, cols: int, dtype: torch.dtype, backend: str) -> Tensor:
+    grad = _HELD.pop(int(token), None)
+    if grad is None:
+        raise RuntimeError("fastkd: this compiled loss's backward already ran; its gradient is scaled in place and "
+                           "given away, so the graph cannot be run backward twice (retain_graph=True)")
+    return implementation(backend).scale_rows(grad, upstream, out=grad)
+
+
+@_take_grad.register_fake
+def _(token, upstream, rows, cols, dtype, backend):
+    return upstream.new_empty((rows, cols), dtype=dtype)
+
+
+def take_grad(token, upstream, rows, cols, dtype, backend):
+    """The ``[rows, cols]`` gradient a forward op held as ``token``, times ``upstream`` ([rows] or one
+    value), in place."""
+    return torch.ops.fastkd.take_grad(token, upstream, rows, cols, dtype, backend)
 
 
 # ---------------------------------------------------------------------------------------------- dense
@@ -102,17 +153,18 @@ def _grad_or_empty(student, grad):
 @torch.library.custom_op("fastkd::kd_forward", mutates_args=())
 def _kd_forward(student: Tensor, teachers: list[Tensor], labels: Optional[Tensor], grad_scale: Tensor,
                 scalars: Tensor, divergence: str, t2_scale: bool, ignore_index: int, backend: str,
-                need_grad: bool) -> tuple[Tensor, Tensor]:
+                need_grad: bool, hold_grad: bool) -> tuple[Tensor, Tensor]:
     opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
     with autocast_off(student.device):
         row_loss, grad = implementation(backend).kd_forward(student, teachers, labels, grad_scale, opts,
                                                             need_grad=need_grad)
-    return row_loss, _grad_or_empty(student, grad)
+    return row_loss, _grad_output(student, grad, hold_grad)
 
 
 @_kd_forward.register_fake
-def _(student, teachers, labels, grad_scale, scalars, divergence, t2_scale, ignore_index, backend, need_grad):
-    return _fake_row_loss(student, *teachers), _fake_grad(student, need_grad)
+def _(student, teachers, labels, grad_scale, scalars, divergence, t2_scale, ignore_index, backend, need_grad,
+      hold_grad):
+    return _fake_row_loss(student, *teachers), _fake_grad(student, need_grad, hold_grad)
 
 
 @torch.library.custom_op("fastkd::kd_forward_inplace", mutates_args=("student",))
@@ -129,10 +181,12 @@ def _(student, teachers, labels, grad_scale, scalars, divergence, t2_scale, igno
     return _fake_row_loss(student, *teachers)
 
 
-def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, backend, *, inplace, need_grad):
+def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, backend, *, inplace, need_grad,
+               hold_grad=False):
     """Per-row loss ``[N]`` and the student gradient ``[N, V]`` (times ``grad_scale``; None unless
-    ``need_grad``; ``student`` itself, overwritten, with ``inplace``) of ``[N, V]`` rows against the
-    list of teachers (their mixture, with ``opts.teacher_weights``)."""
+    ``need_grad``; ``student`` itself, overwritten, with ``inplace``; its token for ``take_grad``
+    with ``hold_grad``) of ``[N, V]`` rows against the list of teachers (their mixture, with
+    ``opts.teacher_weights``)."""
     if not traced():
         with autocast_off(student.device):
             row_loss, grad = implementation(backend).kd_forward(student, teachers, labels, grad_scale, opts,
@@ -143,7 +197,7 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, backend, 
         return torch.ops.fastkd.kd_forward_inplace(student, teachers, labels, grad_scale, scalars, *_static(opts),
                                                    backend), student
     row_loss, grad = torch.ops.fastkd.kd_forward(student, teachers, labels, grad_scale, scalars, *_static(opts),
-                                                 backend, need_grad)
+                                                 backend, need_grad, hold_grad)
     return row_loss, grad if need_grad else None
 
 
@@ -153,18 +207,18 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, backend, 
 @torch.library.custom_op("fastkd::topk_kd_forward", mutates_args=())
 def _topk_kd_forward(student: Tensor, logprobs: Tensor, indices: Tensor, labels: Optional[Tensor],
                      grad_scale: Tensor, scalars: Tensor, divergence: str, t2_scale: bool, ignore_index: int,
-                     tail: str, backend: str, need_grad: bool) -> tuple[Tensor, Tensor]:
+                     tail: str, backend: str, need_grad: bool, hold_grad: bool) -> tuple[Tensor, Tensor]:
     opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
     with autocast_off(student.device):
         row_loss, grad = implementation(backend).topk_kd_forward(student, logprobs, indices, labels, grad_scale,
                                                                  opts, tail, need_grad=need_grad)
-    return row_loss, _grad_or_empty(student, grad)
+    return row_loss, _grad_output(student, grad, hold_grad)
 
 
 @_topk_kd_forward.register_fake
 def _(student, logprobs, indices, labels, grad_scale, scalars, divergence, t2_scale, ignore_index, tail, backend,
-      need_grad):
-    return _fake_row_loss(student, logprobs), _fake_grad(student, need_grad)
+      need_grad, hold_grad):
+    return _fake_row_loss(student, logprobs), _fake_grad(student, need_grad, hold_grad)
 
 
 @torch.library.custom_op("fastkd::topk_kd_forward_inplace", mutates_args=("student",))
@@ -184,7 +238,7 @@ def _(student, logprobs, indices, labels, grad_scale, scalars, divergence, t2_sc
 
 
 def topk_kd_forward(student, logprobs, indices, labels, grad_scale, opts: KDOptions, tail, backend, *, inplace,
-                    need_grad):
+                    need_grad, hold_grad=False):
     """``kd_forward`` of the top-k loss."""
     if not traced():
         with autocast_off(student.device):
@@ -196,7 +250,7 @@ def topk_kd_forward(student, logprobs, indices, labels, grad_scale, opts: KDOpti
         return torch.ops.fastkd.topk_kd_forward_inplace(student, logprobs, indices, labels, grad_scale, scalars,
                                                         *_static(opts), tail, backend), student
     row_loss, grad = torch.ops.fastkd.topk_kd_forward(student, logprobs, indices, labels, grad_scale, scalars,
-                                                      *_static(opts), tail, backend, need_grad)
+                                                      *_static(opts), tail, backend, need_grad, hold_grad)
     return row_loss, grad if need_grad else None
 
 
@@ -204,30 +258,30 @@ def topk_kd_forward(student, logprobs, indices, labels, grad_scale, opts: KDOpti
 
 
 def _vocab_parallel(student, teacher, labels, scalars, divergence, t2_scale, ignore_index, reduction,
-                    num_items, backend, group_name, vocab_start, inplace, need_grad):
+                    num_items, backend, group_name, vocab_start, inplace, need_grad, hold_grad=False):
     from .distributed import run_rank
 
     opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
     with autocast_off(student.device):
         row_loss, grad, norm = run_rank(student, teacher, labels, opts, Reduction(reduction, num_items), backend,
                                         group_name, vocab_start, inplace=inplace, need_grad=need_grad)
-    return row_loss, _grad_or_empty(student, grad), norm
+    return row_loss, _grad_output(student, grad, hold_grad), norm
 
 
 @torch.library.custom_op("fastkd::vocab_parallel_forward", mutates_args=())
 def _vocab_parallel_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], scalars: Tensor,
                             divergence: str, t2_scale: bool, ignore_index: int, reduction: str,
                             num_items: Optional[Tensor], backend: str, group_name: str, vocab_start: int,
-                            need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                            need_grad: bool, hold_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _vocab_parallel(student, teacher, labels, scalars, divergence, t2_scale, ignore_index, reduction,
-                           num_items, backend, group_name, vocab_start, False, need_grad)
+                           num_items, backend, group_name, vocab_start, False, need_grad, hold_grad)
 
 
 @_vocab_parallel_forward.register_fake
 def _(student, teacher, labels, scalars, divergence, t2_scale, ignore_index, reduction, num_items, backend,
-      group_name, vocab_start, need_grad):
+      group_name, vocab_start, need_grad, hold_grad):
     row_loss = _fake_row_loss(student, teacher)
-    return row_loss, _fake_grad(student, need_grad), row_loss.new_empty(())
+    return row_loss, _fake_grad(student, need_grad, hold_grad), row_loss.new_empty(())
 
 
 @torch.library.custom_op("fastkd::vocab_parallel_forward_inplace", mutates_args=("student",))
@@ -248,7 +302,7 @@ def _(student, teacher, labels, scalars, divergence, t2_scale, ignore_index, red
 
 
 def vocab_parallel_forward(student, teacher, labels, opts: KDOptions, reduction: Reduction, backend, group_name,
-                           vocab_start, *, inplace, need_grad):
+                           vocab_start, *, inplace, need_grad, hold_grad=False):
     """One rank's per-row loss ``[N]``, shard gradient ``[N, W]`` (or None) and the reduction's
     normaliser (0-d; 1 for "sum" and "none"), the collectives over the group ``group_name`` included."""
     if not traced():
@@ -267,7 +321,7 @@ def vocab_parallel_forward(student, teacher, labels, opts: KDOptions, reduction:
     if inplace:
         row_loss, norm = torch.ops.fastkd.vocab_parallel_forward_inplace(*args)
         return row_loss, student, norm
-    row_loss, grad, norm = torch.ops.fastkd.vocab_parallel_forward(*args, need_grad)
+    row_loss, grad, norm = torch.ops.fastkd.vocab_parallel_forward(*args, need_grad, hold_grad)
     return row_loss, grad if need_grad else None, norm
 
 

@@ -4,6 +4,8 @@ The fused calls are custom operators (``fastkd.ops``), so dynamo keeps them whol
 the torch backend, and the Triton kernels in the interpreter; inductor where it matters (the
 recompile count, the in-place backward), the cheaper ``aot_eager`` backend elsewhere.
 """
+import os
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -108,19 +110,97 @@ def test_num_items_in_batch_tensor_under_compile():
     torch.testing.assert_close(grad, expected_grad)
 
 
+@pytest.mark.parametrize("upstream", [1.0, 3.0])
+def test_compiled_backward_has_no_pass_over_the_gradient(upstream):
+    """The forward op holds the gradient and the backward's fastkd.take_grad scales it in place
+    (fastkd.ops, "Held gradients"): inductor emits no kernel of its own in the backward, only the
+    matmul of ``h @ w``'s gradient, whatever the upstream gradient; nothing stays held."""
+    from torch._inductor.utils import run_and_get_code
+
+    from fastkd import ops
+
+    h, w, t, labels = _inputs()
+    step = _student_step("torch")
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    (grad,), codes = run_and_get_code(lambda: torch.autograd.grad(compiled(h, w, t, labels, 2.0, 0.5) * upstream, w))
+    backward = codes[-1]
+    assert "fastkd.take_grad" in backward and "cpp_fused" not in backward and "extern_kernels.mm" in backward
+    torch.testing.assert_close(grad, torch.autograd.grad(step(h, w, t, labels, 2.0, 0.5) * upstream, w)[0])
+    assert not ops._HELD
+
+
+@pytest.mark.parametrize("backend, dtype, N", [("triton", torch.bfloat16, 5), ("torch", torch.bfloat16, 5),
+                                               ("triton", torch.float32, 0), ("torch", torch.float32, 0)])
+def test_held_gradient_of_views_and_dtypes_matches_eager(backend, dtype, N):
+    """The compiled backward's take_grad on row-strided and transposed views, bf16, N = 0, labels a
+    strided view, an upstream gradient of 2: the eager gradient."""
+    base, t = logits(N, 41, dtype=dtype).requires_grad_(True), logits(41, N).T
+    labels = torch.randint(0, 37, (2 * N,))[::2]
+
+    def f(base, t, labels):
+        return fastkd.kd_loss(base[:, :37], t[:, :37], labels=labels, hard_weight=0.5, backend=backend) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (grad,) = torch.autograd.grad(compiled(base, t, labels), base)
+    (expected,) = torch.autograd.grad(f(base, t, labels), base)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, expected)
+
+
+def test_a_held_gradient_is_released_and_taken_once():
+    """A compiled forward whose backward never runs releases its gradient; a second backward of a
+    graph whose gradient was taken raises instead of returning a twice-scaled gradient."""
+    import gc
+
+    from fastkd import ops
+
+    s, t = logits(4, 7).requires_grad_(True), logits(4, 7)
+    compiled = torch.compile(lambda s, t: fastkd.kd_loss(s, t, backend="torch"), fullgraph=True, backend="aot_eager")
+    loss = compiled(s, t)
+    assert len(ops._HELD) == 1
+    del loss
+    gc.collect()
+    assert not ops._HELD
+    loss = compiled(s, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward already ran"):
+        loss.backward()
+
+
 def test_compiled_inplace_backward_reuses_the_saved_gradient():
-    """Inductor writes the scaled gradient over the saved one (a donated buffer): no second [N, V]."""
+    """With inplace=True the gradient is the student's storage, owned by the graph: inductor writes
+    the scaled gradient over it (a donated buffer), no second [N, V]."""
     from torch._inductor.utils import run_and_get_code
 
     h, w, t, labels = _inputs()
-    compiled = torch.compile(_student_step("torch"), fullgraph=True, backend="inductor")
+    compiled = torch.compile(_student_step("torch", inplace=True), fullgraph=True, backend="inductor")
+    _, codes = run_and_get_code(lambda: _value_and_grad(compiled, h, w, t, labels, 2.0, 0.5))
+    assert "fastkd.kd_forward_inplace" in codes[0] and "# reuse" in codes[-1]
 
-    def forward_backward():
-        return _value_and_grad(compiled, h, w, t, labels, 2.0, 0.5)
 
-    _, codes = run_and_get_code(forward_backward)
-    backward = codes[-1]
-    assert "fastkd.kd_forward" in codes[0] and "# reuse" in backward
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_compiled_backward_bytes_counted_by_the_interpreter(reduction):
+    """fp32, the Triton kernels under the interpreter: the compiled backward's only launch is
+    scale_rows, which at an upstream gradient of 1 reads that value once a row and writes nothing
+    (0 B/elt), and otherwise reads and writes the gradient once, in place (4 + 4 B/elt)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts bytes through the Triton interpreter")
+    from fastkd.audit.traffic import _count_launches
+
+    N, V = 3, 40
+    s, t = logits(N, V).requires_grad_(True), logits(N, V)
+    compiled = torch.compile(lambda s, t: fastkd.kd_loss(s, t, temperature=2.0, reduction=reduction, backend="triton"),
+                             fullgraph=True, backend="inductor")
+    for upstream, loaded, stored in ((1.0, 4 / V, 0.0), (3.0, 4 + 4 / V, 4.0)):
+        loss = compiled(s, t)
+        up = torch.full(loss.shape, upstream)
+        ((kernel, bl, bs),) = _count_launches(lambda: loss.backward(up))
+        assert kernel == "scale_rows_kernel"
+        assert (bl / (N * V), bs / (N * V)) == pytest.approx((loaded, stored))
+        expected = torch.autograd.grad(fastkd.kd_loss(s, t, temperature=2.0, reduction=reduction, backend="torch"),
+                                       s, up)[0]
+        torch.testing.assert_close(s.grad, expected)
+        s.grad = None
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

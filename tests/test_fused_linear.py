@@ -1,5 +1,7 @@
 """fused_linear_kd_loss against kd_loss on the full logits and the float64 reference: values and the
 hidden / weight / bias gradients, every divergence and reduction, both backends, odd shapes."""
+import os
+
 import pytest
 import torch
 
@@ -111,6 +113,24 @@ def test_reductions_with_upstream_gradient_equal_kd_loss(backend, reduction):
         torch.testing.assert_close(g, g_full, rtol=1e-10, atol=1e-12)
     if reduction == "none":
         assert (loss[0, 1] == 0) and (loss[1, 3] == 0)
+
+
+def test_backward_at_an_upstream_gradient_of_1_writes_nothing():
+    """Counted by Triton's interpreter: the backward of a batchmean loss (its gradients computed in
+    the forward) scales the hidden, weight and bias gradients with scale_rows, which at 1 reads the
+    one value and writes nothing; at 2 it writes each gradient once."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts bytes through the Triton interpreter")
+    from fastkd.audit.traffic import _count_launches
+
+    x = make_inputs(6, 5, 11)
+    for name in ("student_hidden", "student_weight", "student_bias"):
+        x[name].requires_grad_(True)
+    for upstream, stored in ((1.0, 0), (2.0, 4 * (6 * 5 + 11 * 5 + 11))):
+        loss = fastkd.fused_linear_kd_loss(**x, temperature=2.0, backend="triton")
+        launches = _count_launches(lambda: loss.backward(torch.tensor(upstream)))
+        assert [name for name, _, _ in launches] == ["scale_rows_kernel"] * 3
+        assert sum(written for _, _, written in launches) == stored
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

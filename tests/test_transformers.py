@@ -106,6 +106,41 @@ def test_two_steps_equal_the_manual_computation(tmp_path):
     torch.testing.assert_close(torch.tensor(metrics["eval_loss"]), expected, rtol=1e-4, atol=1e-5)
 
 
+class UpstreamTrainer(DistillationTrainer):
+    """Keeps the gradient each micro-batch's loss receives from the Trainer's backward."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss.register_hook(self.upstream.append)
+        return loss
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_accumulated_steps_equal_whole_batches_with_an_upstream_gradient_of_1(tmp_path, fused):
+    """Two steps of 2 micro-batches of 2 equal two steps of batches of 4 (losses logged, weights),
+    for a student whose forward takes no loss kwargs (so the Trainer would not count the labels by
+    itself); the Trainer does not divide the loss, so every backward starts from exactly 1."""
+    runs = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        student, teacher = _llama(16, 1, seed=1), _llama(32, 2, seed=2)
+        student.accepts_loss_kwargs = False
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation, learning_rate=LR, optim="sgd", lr_scheduler_type="constant",
+            weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+            seed=0, disable_tqdm=True, train_sampling_strategy="sequential")
+        trainer = UpstreamTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_dataset(),
+                                  data_collator=transformers.default_data_collator, fused=fused, **KD)
+        trainer.upstream = []
+        trainer.train()
+        assert len(trainer.upstream) == 2 * accumulation and all(g.item() == 1.0 for g in trainer.upstream)
+        runs.append(([entry["loss"] for entry in trainer.state.log_history if "loss" in entry], student))
+    (whole_losses, whole), (accumulated_losses, accumulated) = runs
+    torch.testing.assert_close(torch.tensor(accumulated_losses), torch.tensor(whole_losses), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(whole.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_bad_options_fail_at_construction(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="temperature"):

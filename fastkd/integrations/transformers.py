@@ -21,10 +21,14 @@ Trainer's own causal-LM loss):
     **kd_options, **logit_transforms)``: hard_weight * CE + soft_weight * T**2 * D(teacher || student),
     D the chosen divergence (options as ``fastkd.kd_loss``), on the logits each model's own forward
     returns (below);
-  - gradient accumulation: when the Trainer passes ``num_items_in_batch`` (recent versions count
-    the kept labels of all the micro-batches of one optimiser step), the loss is the sum over this
-    micro-batch's kept tokens divided by it, so the step's gradient is that of the whole batch;
-    otherwise it is the micro-batch mean and the Trainer divides by the accumulation steps.
+  - gradient accumulation: the trainer declares its loss to take ``num_items_in_batch``
+    (``model_accepts_loss_kwargs``, whatever the model's forward accepts), so the Trainer counts the
+    kept labels of all the micro-batches of one optimiser step and passes that count; the loss is
+    the sum over this micro-batch's kept tokens divided by it, normalised in the forward, so the
+    step's gradient is that of the whole batch and the Trainer does not divide the loss: its
+    backward starts from an upstream gradient of 1, which the loss's backward costs nothing. Where
+    no count comes (a Trainer that cannot count), the loss is the micro-batch mean and the Trainer
+    divides by the accumulation steps.
 
 Logits as the models return them. Some causal LMs post-process their LM head's output: Gemma 2/3
 (``final_logit_softcapping``: a tanh softcap), Cohere (``logit_scale``: a product), Granite
@@ -207,6 +211,9 @@ class DistillationTrainer(transformers.Trainer):
             raise ValueError("student_logit_scale, student_softcap, teacher_logit_scale and teacher_softcap "
                              "apply to the fused path only; with fused=False the models' own logits are used")
         super().__init__(*args, **kwargs)
+        # Our loss takes num_items_in_batch whatever the model's forward takes: the Trainer then
+        # counts it and, given a count, does not divide the loss by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
         if teacher_model is not None and not isinstance(teacher_model, torch.nn.Module):
             raise TypeError(f"teacher_model must be a torch.nn.Module (or None, with teacher_topk in every batch), "
                             f"got {type(teacher_model).__name__}")
