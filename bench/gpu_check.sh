@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for an H200 (or any CUDA machine) with no network: install fastkd from this checkout
 # without build isolation or dependencies, run the GPU tests, check which dense kernels run here
-# (two_pass, resident, cluster, legacy: bench/kernel_check.py, against two_pass), time the one-CTA
-# resident kernel at V = 8192, then `fastkd bench --preset headline fused-linear` (the headline
-# kernel cases with the Triton kernel variants side by side, the clustered resident kernel among
-# them, then the fused linear + KD cases). Everything lands flat in OUTDIR (at most 8 files), in
+# (two_pass, resident: bench/kernel_check.py, against two_pass), time the one-CTA resident kernel
+# at V = 4096 and 8192, profile the kernels (bench/profile_kernels.py), then `fastkd bench --preset
+# headline fused-linear` (the headline kernel cases, then the fused linear + KD cases). Everything lands flat in OUTDIR (at most 8 files), in
 # under 8 minutes:
 #   gpu_check.log    versions, nvidia-smi, install, tests, the kernel check, the bench's progress and tables
 #   env.json         GPU, torch, triton, python, date, commit, exit status of each step
@@ -88,24 +87,24 @@ TESTS_RC=$?
 PRESET=${BENCH_PRESET:-headline fused-linear}
 SMALL="" # a dry run on a CPU (BENCH_PRESET=smoke): tiny shapes through the interpreter
 [ "$PRESET" = smoke ] && SMALL="--n 4 --v 64,100"
-log "dense kernels: which run here (Triton version, cluster availability) and each against two_pass"
-# A kernel the launcher refuses here (the clustered kernel on Triton < 3.9 or before sm_90) is
-# reported as unavailable, not as failed; a mismatch with the two-pass kernel fails the check.
+log "dense kernels: which run here and each against two_pass"
+# A kernel the launcher refuses (the resident kernel beyond 8192 columns) is reported as
+# unavailable, not as failed; a mismatch with the two-pass kernel fails the check.
 # shellcheck disable=SC2086  # SMALL is a list of words
 timeout -k 10 90 "$PY" bench/kernel_check.py $SMALL >>"$LOG" 2>&1
 KERNELS_RC=$?
 [ "$KERNELS_RC" = 1 ] && log "kernel check: a kernel differs from two_pass (see the log)"
 
-# The single-CTA resident kernel runs on rows of up to 8192 columns, shorter than the headline
-# cases (where [resident] is the clustered kernel): timed here beside two_pass, packed in one file.
-log "fastkd bench: one-CTA resident kernel against two_pass at V = 8192 (timeout 60 s)"
-RESIDENT_SHAPE="--n 8192 --v 8192"
+# The resident kernel runs on rows of up to 8192 columns, shorter than the headline cases: timed
+# here beside two_pass at the V where auto switches (4096) and the longest it holds, in one file.
+log "fastkd bench: the resident kernel against two_pass at V = 4096 and 8192 (timeout 60 s)"
+RESIDENT_SHAPE="--n 8192 --v 4096,8192"
 RESIDENT_INTERPRET=${TRITON_INTERPRET:-0}
 [ "$PRESET" = smoke ] && RESIDENT_SHAPE="--n 16 --v 64 --quick" && RESIDENT_INTERPRET=1
 # shellcheck disable=SC2086  # RESIDENT_SHAPE is a list of words
 TRITON_INTERPRET=$RESIDENT_INTERPRET timeout -k 10 60 "$PY" -m fastkd.cli bench --preset headline --ops kd_loss \
     --divergences kl jsd $RESIDENT_SHAPE \
-    --providers fastkd-triton "fastkd-triton[two_pass]" "fastkd-triton[resident]" "fastkd-triton[cluster]" \
+    --providers fastkd-triton "fastkd-triton[two_pass]" "fastkd-triton[resident]" \
     --no-plots --out "$OUT/resident_v8192" >>"$LOG" 2>&1
 RESIDENT_RC=$?
 (cd "$OUT" && tar -cf resident_v8192.tar resident_v8192 && rm -rf resident_v8192)

@@ -132,27 +132,27 @@ def test_providers_per_case_follow_the_grid_unless_named():
 
 def test_triton_and_its_variants_need_a_gpu_or_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    _, skipped = select_providers(["torch-eager", "fastkd-triton", "fastkd-triton[legacy]"], CPU,
+    _, skipped = select_providers(["torch-eager", "fastkd-triton", "fastkd-triton[two_pass]"], CPU,
                                   select_cases("smoke"))
-    assert set(skipped) == {"fastkd-triton", "fastkd-triton[legacy]"} and "CUDA" in skipped["fastkd-triton"]
+    assert set(skipped) == {"fastkd-triton", "fastkd-triton[two_pass]"} and "CUDA" in skipped["fastkd-triton"]
     assert set(KERNEL_VARIANTS) <= set(PROVIDERS)
 
 
 # ----------------------------------------------------------------------------------------- kernel variants
 @pytest.fixture
 def fake_launcher(monkeypatch):
-    """A launcher that reads FASTKD_KD_KERNEL at call time: 'legacy' and 'two_pass' are right,
-    'resident' doubles the gradient (a wrong kernel), 'cluster' is not built here, others refused."""
+    """A launcher that reads FASTKD_KD_KERNEL at call time: 'two_pass' is right, 'resident' doubles
+    the gradient (a wrong kernel), 'absent' is not built here, others refused."""
     real = fastkd.backends.triton.kd_forward
     seen = []
 
     def kd_forward(student, teacher, labels, grad_scale, opts, **kw):
         kernel = os.environ.get("FASTKD_KD_KERNEL", "auto")
         seen.append(kernel)
-        if kernel not in ("auto", "legacy", "two_pass", "resident", "cluster"):
+        if kernel not in ("auto", "two_pass", "resident", "absent"):
             raise ValueError(f"FASTKD_KD_KERNEL={kernel!r} is not a kernel")
-        if kernel == "cluster":
-            raise NotImplementedError("cluster needs thread-block clusters (sm_90)")
+        if kernel == "absent":
+            raise NotImplementedError("absent needs a GPU this machine has not")
         loss, grad = real(student, teacher, labels, grad_scale, opts, **kw)
         return loss, grad * 2 if kernel == "resident" and grad is not None else grad
 
@@ -164,22 +164,22 @@ def fake_launcher(monkeypatch):
 
 def test_kernel_variants_are_checked_then_timed_side_by_side(fake_launcher, monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("FASTKD_KD_KERNEL", "legacy")  # the default provider ignores the caller's choice
+    monkeypatch.setenv("FASTKD_KD_KERNEL", "two_pass")  # the default provider ignores the caller's choice
     status = cli_main(["bench", "--preset", "smoke", "--ops", "kd_loss", "--divergences", "kl", "--n", "4",
                        "--v", "40", "--modes", "fwd+bwd", "--quick", "--no-plots", "--out", str(tmp_path),
-                       "--providers", "torch-eager", "fastkd-triton", "fastkd-triton[legacy]",
-                       "fastkd-triton[resident]", "fastkd-triton[cluster]", "fastkd-triton[nope]"])
+                       "--providers", "torch-eager", "fastkd-triton", "fastkd-triton[two_pass]",
+                       "fastkd-triton[resident]", "fastkd-triton[absent]", "fastkd-triton[nope]"])
     assert status == 1  # a failed check fails the run
-    assert os.environ["FASTKD_KD_KERNEL"] == "legacy"  # restored
-    assert {"auto", "legacy", "resident", "cluster", "nope"} <= set(fake_launcher)
+    assert os.environ["FASTKD_KD_KERNEL"] == "two_pass"  # restored
+    assert {"auto", "two_pass", "resident", "absent", "nope"} <= set(fake_launcher)
     (csv_path,) = tmp_path.glob("*.csv")
     rows = {r["provider"]: r for r in csv.DictReader(open(csv_path)) if r["op"] != "copy"}
     assert rows["fastkd-triton"]["note"] == "" and float(rows["fastkd-triton"]["ms_p50"]) > 0
-    legacy = rows["fastkd-triton[legacy]"]
-    assert legacy["check"].startswith("passed") and float(legacy["gbps"]) > 0
+    two_pass = rows["fastkd-triton[two_pass]"]
+    assert two_pass["check"].startswith("passed") and float(two_pass["gbps"]) > 0
     assert rows["fastkd-triton[resident]"]["note"].startswith("check failed against fastkd-triton")
     assert rows["fastkd-triton[resident]"]["ms_p50"] == ""  # not timed
-    assert rows["fastkd-triton[cluster]"]["note"].startswith("unavailable: NotImplementedError: cluster needs")
+    assert rows["fastkd-triton[absent]"]["note"].startswith("unavailable: NotImplementedError: absent needs")
     assert rows["fastkd-triton[nope]"]["note"].startswith("unavailable: ValueError")
 
 

@@ -180,8 +180,7 @@ def small_blocks(monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 16)
         # Rows of more than 16 columns do not fit one CTA of the resident kernel: the default
-        # (auto) runs the two-pass kernel for them, and forcing the resident kernel runs its
-        # clustered tiles.
+        # (auto) runs the two-pass kernel for them.
         monkeypatch.setattr(fastkd.backends.triton, "RESIDENT_BLOCK", 16)
         monkeypatch.setattr(fastkd.backends.triton, "RESIDENT_BLOCK_FLOAT64", 16)
     monkeypatch.setattr(fastkd.backends.torch, "CHUNK_BYTES", 4 * 64 * 3)

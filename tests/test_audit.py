@@ -14,6 +14,7 @@ import torch
 from fastkd.audit import cases, model, sass
 
 ALIGNED_V = 128256
+RESIDENT_V = 8192  # the longest row one CTA of the resident kernel holds: its cases are gated there
 UNALIGNED_V = 50257  # not a multiple of 16: Triton cannot specialise the row stride as divisible
 GATED = [cases.case_id(c) for c in cases.CASES if c.gate]
 BUDGETS = {cases.case_id(c): c.budget for c in cases.CASES if c.gate}
@@ -32,7 +33,7 @@ def _audit(*flags):
 
 # The gated cases at an aligned V and kl at an unaligned one, beside the other tests
 # (conftest.BackgroundJob).
-BACKGROUND_JOBS = {"audit gate": _audit("--gate", "--v", str(ALIGNED_V)),
+BACKGROUND_JOBS = {"audit gate": _audit("--gate", "--v", f"{RESIDENT_V},{ALIGNED_V}"),
                    "audit unaligned": _audit("--cases", "kd_loss kl", "--v", str(UNALIGNED_V))}
 
 
@@ -65,24 +66,12 @@ def unaligned_rows(audits):
     return audits["unaligned"]
 
 
-def _kernels(rows, case_id, v):
+def _kernels(rows, case_id, v=None):
+    """The kernels of ``case_id`` at ``v`` (default: ALIGNED_V, RESIDENT_V for the resident kernel)."""
+    v = v or (RESIDENT_V if "resident" in case_id else ALIGNED_V)
     found = [r for r in rows if r["case"] == case_id and int(r["v"]) == v and r["kernel"] != "step"]
-    if not found and "resident" in case_id and _cluster_missing():
-        pytest.skip(f"{case_id} at V={v} is the clustered kernel: {_cluster_missing()}")
     assert found, f"the audit has no row for {case_id} at V={v}"
     return found
-
-
-def _cluster_missing():
-    """Why this Triton compiles no clustered kernel (None where it does): the resident cases need
-    one beyond 8192 columns."""
-    import triton
-
-    from fastkd.backends.triton import CLUSTER_TRITON
-
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= CLUSTER_TRITON:
-        return None
-    return f"it needs Triton >= {'.'.join(map(str, CLUSTER_TRITON))}; this is Triton {triton.__version__}"
 
 
 def _known(case_id):
@@ -96,20 +85,20 @@ def _known(case_id):
 
 @pytest.mark.parametrize("case_id", [p for c in GATED for p in _known(c)])
 def test_no_spill_inside_a_loop(gate_rows, case_id):
-    for kernel in _kernels(gate_rows, case_id, ALIGNED_V):
+    for kernel in _kernels(gate_rows, case_id):
         assert kernel["spill_in_loop"] == "False", f"{kernel['kernel']} spills inside a loop"
 
 
 @pytest.mark.parametrize("case_id", GATED)
 def test_every_main_loop_loads_128_bits_on_aligned_rows(gate_rows, case_id):
-    for kernel in _kernels(gate_rows, case_id, ALIGNED_V):
+    for kernel in _kernels(gate_rows, case_id):
         widths = kernel["widest_load_bits"].split("|")
         assert widths and all(w == "128" for w in widths), f"{kernel['kernel']}: widest loads {widths} bits"
 
 
 @pytest.mark.parametrize("case_id", GATED)
 def test_bytes_requested_per_element_within_budget(gate_rows, case_id):
-    kernels = _kernels(gate_rows, case_id, ALIGNED_V)
+    kernels = _kernels(gate_rows, case_id)
     budget = BUDGETS[case_id]
     assert len(kernels) == len(budget), [k["kernel"] for k in kernels]
     for kernel, ceiling in zip(kernels, budget):

@@ -119,8 +119,8 @@ def _kd(divergence, budget, hard_ce=False, gate=True):
 
 
 def _resident(divergence, hard_ce=False, gate=True):
-    """The resident kernel (FASTKD_KD_KERNEL=resident): one CTA a row where the row fits, else a
-    cluster of up to 16 CTAs; the launcher refuses longer rows (reported as not compiled)."""
+    """The resident kernel (FASTKD_KD_KERNEL=resident): one CTA a row, up to 8192 columns; the
+    launcher refuses longer rows (reported as not compiled)."""
     return Case(f"kd_loss {divergence}", kd_step, dict(divergence=divergence, hard_ce=hard_ce),
                 flags="hard CE, resident" if hard_ce else "resident", floor_op="kd_loss", gate=gate,
                 budget=(6, 0), env={"FASTKD_KD_KERNEL": "resident"})

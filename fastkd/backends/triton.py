@@ -5,7 +5,6 @@ Every launcher takes 2-D tensors whose last dimension is contiguous (any row str
 multi-block paths at tiny V). ``fastkd.backends.torch`` has the same functions with the same results. Triton
 and the kernels are imported on first use, never at ``import fastkd``.
 """
-import functools
 import math
 import os
 
@@ -13,7 +12,6 @@ import torch
 
 from ..buffers import accumulation_dtype, empty, gradient_buffer
 from ..options import TAILS, KDOptions, as_teachers
-from . import interpreter_enabled
 
 MAX_BLOCK_V = 4096
 MAX_TEACHERS = 4  # the dense kernel's mixture of teachers (kernels/kd_loss.py has as many weight slots)
@@ -48,28 +46,22 @@ def _labels(labels, stand_in):
 
 
 # The dense kernels; FASTKD_KD_KERNEL, read at every call, chooses one (tests, benchmarks):
-#   auto       the default choice: resident where the row fits one CTA, else two_pass
-#   two_pass   kernels/kd_loss.py: any V, each input read twice (three times for the mixture
-#              divergences and tvd)
-#   resident   kernels/kd_resident.py, each input read once, the row held in registers: one CTA
-#              per row where it fits (resident_capacity), else the clustered kernel
-#   cluster    kernels/kd_resident.py with the row split over a thread-block cluster of 2 to
-#              MAX_CLUSTER_CTAS CTAs (cluster_unavailable says where it cannot run)
-#   legacy     kernels/legacy_kd_loss.py, the kernels before their rework (until a GPU times both)
-# auto never picks the clustered kernel: no GPU has yet confirmed that it is right and faster than
-# two_pass (a cluster's barriers and one CTA per SM may cost more than the second read saves).
-KD_KERNELS = ("auto", "two_pass", "resident", "cluster", "legacy")
+#   auto       the default: the kernel the audit's model (fastkd/audit/model.py) times faster
+#   two_pass   kernels/kd_loss.py: any V, each input read twice (three times for the divergences
+#              without a cross term: jsd, skew_kl, skew_reverse_kl, tvd)
+#   resident   kernels/kd_resident.py, each input read once, the row held in registers by one CTA
+#              (rows of up to resident_capacity columns, one teacher)
+KD_KERNELS = ("auto", "two_pass", "resident")
 # Columns of a row one CTA of the resident kernel keeps in registers: 16 a thread of 16 warps
-# (512 threads, at most 128 registers each). Compiled for sm_90 (`fastkd audit`), bf16 and fp32
-# inputs take 64-128 registers there without a spill for every divergence, with and without the
-# hard CE, but skew_reverse_kl with the hard CE in one CTA (one register spilled, once a row); at
-# 16384 columns (32 a thread) every divergence but reverse_kl and tvd (bf16) spills, up to 800 B.
-# float64 (gradcheck; its exp and log are long software sequences): 1024 columns of 4 warps, at
-# most 162 registers. So the clustered kernel reaches 16 x 8192 = 131072 columns.
+# (512 threads, at most 128 registers each); float64 (gradcheck) 1024 columns of 4 warps.
 RESIDENT_BLOCK = 8192
 RESIDENT_BLOCK_FLOAT64 = 1024
-MAX_CLUSTER_CTAS = 16  # the largest cluster sm_90 launches (16 is "non-portable"; Triton allows it)
-CLUSTER_TRITON = (3, 9)  # the first Triton that compiles the tile's 2-D cross-CTA reductions
+# auto runs the resident kernel up to this V, for the divergences whose two-pass kernel reads the
+# row three times: there the model (`fastkd audit`, sm_90, N = 8192, bf16) times it at 0.09 ms
+# against 0.12 (jsd, V = 4096); at V = 8192 it holds one CTA an SM at 109-123 registers and models
+# slower (0.38 ms against 0.24), and for kl and reverse_kl (two reads) the two-pass kernel models
+# faster at every V (0.05 ms against 0.06 at V = 4096).
+RESIDENT_AUTO_V = 4096
 
 
 def resident_capacity(acc_dtype):
@@ -77,70 +69,30 @@ def resident_capacity(acc_dtype):
     return RESIDENT_BLOCK_FLOAT64 if acc_dtype == torch.float64 else RESIDENT_BLOCK
 
 
-def _version(text):
-    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device):
-    return torch.cuda.get_device_capability(device)
-
-
-def cluster_unavailable(device):
-    """None where the clustered kernel runs on ``device``, else why not: Triton >= 3.9 and compute
-    capability >= 9.0 (thread-block clusters) for a compiled launch; the interpreter runs it on the
-    CPU whatever its version (it ignores ``num_ctas``)."""
-    import triton
-
-    if device.type == "cpu" and interpreter_enabled():
-        return None
-    if _version(triton.__version__) < CLUSTER_TRITON:
-        return (f"the clustered kernel needs Triton >= {'.'.join(map(str, CLUSTER_TRITON))} (cross-CTA reductions "
-                f"of a 2-D tile); this is Triton {triton.__version__}")
-    if device.type == "cuda" and _capability(device) < (9, 0):
-        major, minor = _capability(device)
-        return f"thread-block clusters need compute capability >= 9.0; {device} has {major}.{minor}"
-    return None
-
-
-def cluster_ctas(V, acc_dtype):
-    """CTAs of the cluster that holds a row of ``V`` columns: the least power of two >= 2 whose
-    slices of ``resident_capacity`` columns cover it."""
-    return max(2, _pow2(math.ceil(V / resident_capacity(acc_dtype))))
-
-
-def kd_kernel(V, device, acc_dtype=torch.float32, name=None, num_teachers=1):
-    """The dense kernel a call on rows of ``V`` columns on ``device`` runs, accumulating in
-    ``acc_dtype``: "two_pass", "resident" (one CTA a row), "cluster" or "legacy". ``name`` (by
-    default FASTKD_KD_KERNEL, else "auto") is one of KD_KERNELS; "resident" for a row longer than
-    one CTA holds means "cluster". A mixture of teachers runs the two-pass kernel (auto), the
-    others refuse it. A kernel that cannot run here raises NotImplementedError."""
+def kd_kernel(V, device, acc_dtype=torch.float32, name=None, num_teachers=1, three_pass=True):
+    """The dense kernel a call on rows of ``V`` columns runs, accumulating in ``acc_dtype``:
+    "two_pass" or "resident". ``name`` (by default FASTKD_KD_KERNEL, else "auto") is one of
+    KD_KERNELS; ``three_pass``: the divergence has no cross term, so two_pass reads the row three
+    times. A kernel that cannot run the call raises NotImplementedError."""
     name = os.environ.get("FASTKD_KD_KERNEL", "auto") if name is None else name
     if name not in KD_KERNELS:
         raise ValueError(f"FASTKD_KD_KERNEL={name!r} is not one of {', '.join(KD_KERNELS)}")
     fits = V <= resident_capacity(acc_dtype)
     if name == "auto":
-        return "resident" if fits and num_teachers == 1 else "two_pass"
-    if num_teachers > 1 and name != "two_pass":
-        raise NotImplementedError(f"{name} kernel: one teacher only; a mixture of teachers runs the two-pass kernel")
-    if name == "cluster" or (name == "resident" and not fits):
-        why = cluster_unavailable(device)
-        ctas = cluster_ctas(V, acc_dtype)
-        if why is None and ctas > MAX_CLUSTER_CTAS:
-            why = (f"a row of {V} columns needs {ctas} CTAs of {resident_capacity(acc_dtype)} columns; a cluster "
-                   f"has at most {MAX_CLUSTER_CTAS}")
-        if why:
-            raise NotImplementedError(f"{name} kernel: {why}")
-        return "cluster"
+        return "resident" if three_pass and num_teachers == 1 and fits and V <= RESIDENT_AUTO_V else "two_pass"
+    if name == "resident" and num_teachers > 1:
+        raise NotImplementedError("resident kernel: one teacher only; a mixture of teachers runs the two-pass kernel")
+    if name == "resident" and not fits:
+        raise NotImplementedError(f"resident kernel: a row of {V} columns is longer than the "
+                                  f"{resident_capacity(acc_dtype)} one CTA holds")
     return name
 
 
-def _resident_launch(V, acc_dtype, clustered):
-    """(NC, BLOCK_V, num_warps) of the resident kernel: NC CTAs (a cluster when > 1) of BLOCK_V columns."""
-    ctas = cluster_ctas(V, acc_dtype) if clustered else 1
-    block = max(16, _pow2(math.ceil(V / ctas)))
+def _resident_launch(V, acc_dtype):
+    """(BLOCK_V, num_warps) of the resident kernel: one CTA of BLOCK_V >= V columns."""
+    block = max(16, _pow2(V))
     warps = min(16, max(4, block // 512))  # 16 columns a thread at RESIDENT_BLOCK (8 for float64)
-    return ctas, block, warps
+    return block, warps
 
 
 def _kd_scalars(opts: KDOptions):
@@ -163,14 +115,12 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
     acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
     loss = empty(N, dtype=acc, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
-    kernel = kd_kernel(V, student.device, acc, num_teachers=len(teachers))
+    kernel = kd_kernel(V, student.device, acc, num_teachers=len(teachers), three_pass=not opts.has_cross_term)
     if N == 0:
         return loss, grad
-    if kernel in ("resident", "cluster"):
-        return _resident_kd_forward(student, teachers[0], labels, grad_scale, opts, loss, grad, kernel == "cluster")
+    if kernel == "resident":
+        return _resident_kd_forward(student, teachers[0], labels, grad_scale, opts, loss, grad)
     block, warps = _block_and_warps(V)
-    if kernel == "legacy":
-        return _legacy_kd_forward(student, teachers, labels, grad_scale, opts, loss, grad, block, warps)
     log_teacher_weights = opts.log_teacher_weights() + (0.0,) * (MAX_TEACHERS - len(teachers))
     kd_loss.kd_forward_kernel[(N,)](
         student, student.stride(0), teachers, tuple(t.stride(0) for t in teachers), *_labels(labels, loss),
@@ -183,47 +133,20 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
     return loss, grad
 
 
-def _resident_kd_forward(student, teacher, labels, grad_scale, opts, loss, grad, clustered):
-    """kd_forward through kernels/kd_resident.py: one program a row (a cluster of NC CTAs)."""
+def _resident_kd_forward(student, teacher, labels, grad_scale, opts, loss, grad):
+    """kd_forward through kernels/kd_resident.py: one program (one CTA) a row."""
     from ..kernels import kd_resident
 
     N, V = student.shape
     acc = accumulation_dtype(student.dtype, teacher.dtype)
-    ctas, block, warps = _resident_launch(V, acc, clustered)
+    block, warps = _resident_launch(V, acc)
     kd_resident.kd_resident_kernel[(N,)](
         student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, loss),
         loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
         V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
         DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), NC=ctas, BLOCK_V=block, num_warps=warps,
-        **({"num_ctas": ctas} if ctas > 1 else {}),
+        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), NC=1, BLOCK_V=block, num_warps=warps,
     )
-    return loss, grad
-
-
-def _legacy_kd_forward(student, teachers, labels, grad_scale, opts, loss, grad, block, warps):
-    """The kernels before the rework: the old forward, then the old backward's pass over the
-    gradient, here with the reduction's normaliser (the same bytes as the old backward)."""
-    from ..kernels import legacy_kd_loss
-
-    if opts.teacher_T != opts.temperature:  # (kd_kernel refuses it a mixture of teachers)
-        raise NotImplementedError("the legacy kernel has one teacher and one temperature for student and teacher")
-    (teacher,) = teachers
-    N, V = student.shape
-    acc = accumulation_dtype(student.dtype, teacher.dtype)
-    mix, log_wp, log_wq = opts.mixture_weights()
-    legacy_kd_loss.legacy_kd_forward_kernel[(N,)](
-        student, student.stride(0), teacher, teacher.stride(0), labels.contiguous() if labels is not None else loss,
-        loss if grad is None else grad, 0 if grad is None else grad.stride(0), loss,
-        V, 1.0 / opts.temperature, mix, log_wp, log_wq, opts.soft_scale, opts.hard_weight, opts.ignore_index,
-        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
-    )
-    if grad is not None:
-        legacy_kd_loss.legacy_scale_rows_kernel[(N, math.ceil(V / block))](
-            grad, grad.stride(0), grad, grad.stride(0), grad_scale, 0, V,
-            ACC_DTYPE=_tl_dtype(accumulation_dtype(grad.dtype)), BLOCK_V=block, num_warps=warps,
-        )
     return loss, grad
 
 
