@@ -140,7 +140,9 @@ def fused_divergence_loss(student_hidden_states, student_lm_head_weight, teacher
     labels = torch.where(valid, 0 if completion_ids is None else completion_ids, -100)
     lead = student_hidden_states.shape[:-1]
     student_weight, student_bias = _gathered(student_lm_head_weight, student_lm_head_bias, student_hidden_states.dtype)
-    t_hidden, t_weight, t_bias = zip(*((h, *_gathered(w, b, h.dtype)) for h, w, b in teachers))
+    # The teachers are constants (TRL's heads may still require grad): detached.
+    t_hidden, t_weight, t_bias = zip(*((h.detach(), *(None if x is None else x.detach() for x in _gathered(w, b, h.dtype)))
+                                       for h, w, b in teachers))
     loss, entropy = fused_linear_kd_loss(
         student_hidden_states, student_weight, list(t_hidden), list(t_weight), student_bias=student_bias,
         teacher_bias=list(t_bias), labels=labels.reshape(lead), num_items_in_batch=num_items_in_batch,
