@@ -169,7 +169,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
                 teachers.append((kind, *flat[at:at + width]))
                 at += width
             row_scale = grad_loss.reshape(-1).to(accumulation_dtype(hidden.dtype, *(t[1].dtype for t in teachers)))
-            _, grad_hidden, grad_weight, grad_bias = ops.fused_linear_pass(
+            _, grad_hidden, grad_weight, grad_bias, _ = ops.fused_linear_pass(
                 hidden, weight, bias, tuple(teachers), labels,
                 grad_scale(None, device=hidden.device, dtype=row_scale.dtype), opts, ctx.backend, ctx.chunk,
                 want=want, row_scale=row_scale, transforms=ctx.transforms)
