@@ -135,10 +135,11 @@ def _trl(module, name):
     return getattr(importlib.import_module(module), name)
 
 
-def _chunked_inputs(dtype=torch.float32, near=None, views=False):
+def _chunked_inputs(dtype=torch.float32, near=None, views=False, teacher_dtype=None):
     """Student and teacher hidden states [B, S, H] / [B, S, HT], heads and biases, a completion mask
     with masked positions; ``near``: the teacher is the student plus that much noise (HT = H);
-    ``views``: every tensor a non-contiguous view."""
+    ``views``: every tensor a non-contiguous view; ``teacher_dtype``: the teacher's (default
+    ``dtype``)."""
     f = lambda *shape, scale=1.0: (torch.randn(*shape, dtype=torch.float64) * scale)  # noqa: E731
     ht = H if near is not None else HT
     x = dict(student_hidden_states=f(B, S, H), teacher_hidden_states=f(B, S, ht),
@@ -147,7 +148,7 @@ def _chunked_inputs(dtype=torch.float32, near=None, views=False):
     if near is not None:
         for part in ("hidden_states", "lm_head_weight", "lm_head_bias"):
             x["teacher_" + part] = x["student_" + part] + near * f(*x["student_" + part].shape)
-    x = {k: v.to(dtype) for k, v in x.items()}
+    x = {k: v.to(teacher_dtype or dtype if k.startswith("teacher") else dtype) for k, v in x.items()}
     mask = torch.ones(B, S, dtype=torch.long)
     mask[0, 3:] = mask[1, 0] = 0
     x["completion_mask"] = mask
@@ -198,6 +199,18 @@ def test_chunked_divergence_loss_without_biases_and_with_no_valid_position():
     assert loss.item() == entropy.item() == count.item() == 0 and not grad.any()
 
 
+def test_chunked_divergence_loss_names_bad_arguments():
+    x = _chunked_inputs()
+    with pytest.raises(ValueError, match="beta"):
+        chunked_divergence_loss(**x, beta=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_divergence_loss(**x, beta=0.5, temperature=0.0)
+    with pytest.raises(ValueError, match="teacher_weight"):
+        chunked_divergence_loss(**dict(x, teacher_lm_head_weight=x["teacher_lm_head_weight"][:-1]), beta=0.5)
+    with pytest.raises(ValueError, match="softcap"):
+        chunked_divergence_loss(**x, beta=0.5, student_final_logit_softcapping=-1.0)
+
+
 def _oracle(x, beta, temperature=1.0, cast=torch.float64):
     """The divergence (TRL's beta convention) and entropy in plain autograd through
     ``fastkd.reference``, in ``cast`` (float64: the oracle; float32: plain PyTorch's own error)."""
@@ -214,18 +227,20 @@ def _oracle(x, beta, temperature=1.0, cast=torch.float64):
     return (loss.detach(), entropy.detach()), torch.autograd.grad(loss * 1.5, [x[k] for k in GRADS])
 
 
-@pytest.mark.parametrize("dtype,near", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 0.01),
-                                        (torch.float32, 0.01)])
+@pytest.mark.parametrize("dtype,near,teacher_dtype", [
+    (torch.float32, None, None), (torch.bfloat16, None, None), (torch.bfloat16, 0.01, None),
+    (torch.float32, 0.01, None), (torch.bfloat16, None, torch.float32)])
 @pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_chunked_divergence_loss_is_as_accurate_as_pytorch_and_trl(dtype, near, beta):
+def test_chunked_divergence_loss_is_as_accurate_as_pytorch_and_trl(dtype, near, teacher_dtype, beta):
     trl_loss = _trl("trl.trainer.distillation_trainer", "_chunked_divergence_loss")
-    x = _chunked_inputs(dtype, near=near)
+    x = _chunked_inputs(dtype, near=near, teacher_dtype=teacher_dtype)
     (loss, entropy, _), grads = _loss_and_grads(chunked_divergence_loss, x, beta=beta, temperature=1.5)
     (t_loss, _, _), t_grads = _loss_and_grads(trl_loss, x, beta=beta, temperature=1.5)
     (loss64, entropy64), grads64 = _oracle(x, beta, 1.5)
     (loss32, entropy32), grads32 = _oracle(x, beta, 1.5, cast=torch.float32)
     n = B * S * V
     assert_close_to_oracle(loss, loss64, loss32, dtype=dtype, grows_with=n)
+    assert_close_to_oracle(loss, loss64, t_loss, dtype=dtype, grows_with=n)
     assert_close_to_oracle(entropy, entropy64, entropy32, dtype=dtype, grows_with=n)
     for g, t_g, g64, g32 in zip(grads, t_grads, grads64, grads32):
         assert g.dtype == dtype
