@@ -303,8 +303,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
 
     ``return_entropy=True`` returns ``(loss, entropy)``: ``entropy`` ``[...]`` (the leading dims,
     every row, ignored ones included) is the student's entropy of softmax(f_s(z) / T) in nats,
-    computed from the same chunk logits as the loss (no second projection), float32, without a
-    gradient (as TRL's ``DistillationTrainer`` logs it).
+    computed from the same chunk logits as the loss (no second projection), float32 (float64 for
+    float64 weights), without a gradient (as TRL's ``DistillationTrainer`` logs it).
     """
     check_bool("return_entropy", return_entropy)
     dtype = _autocast_dtype(student_hidden)
