@@ -140,12 +140,15 @@ def fused_divergence_loss(student_hidden_states, student_lm_head_weight, teacher
     labels = torch.where(valid, 0 if completion_ids is None else completion_ids, -100)
     lead = student_hidden_states.shape[:-1]
     student_weight, student_bias = _gathered(student_lm_head_weight, student_lm_head_bias, student_hidden_states.dtype)
-    # The teachers are constants (TRL's heads may still require grad): detached.
-    t_hidden, t_weight, t_bias = zip(*((h.detach(), *(None if x is None else x.detach() for x in _gathered(w, b, h.dtype)))
-                                       for h, w, b in teachers))
+    t_hidden, t_weight, t_bias = [], [], []
+    for h, w, b in teachers:  # constants, detached (TRL's teacher heads may still require grad)
+        w, b = _gathered(w, b, h.dtype)
+        t_hidden.append(h.detach())
+        t_weight.append(w.detach())
+        t_bias.append(None if b is None else b.detach())
     loss, entropy = fused_linear_kd_loss(
-        student_hidden_states, student_weight, list(t_hidden), list(t_weight), student_bias=student_bias,
-        teacher_bias=list(t_bias), labels=labels.reshape(lead), num_items_in_batch=num_items_in_batch,
+        student_hidden_states, student_weight, t_hidden, t_weight, student_bias=student_bias,
+        teacher_bias=t_bias, labels=labels.reshape(lead), num_items_in_batch=num_items_in_batch,
         student_logit_scale=student_logit_scale, student_softcap=student_final_logit_softcapping,
         teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_final_logit_softcapping,
         t2_scale=t2_scale, return_entropy=True, **kd_options)
