@@ -4,7 +4,7 @@
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=DistillationConfig(...),
                                   train_dataset=dataset, processing_class=tokenizer)
 
-Everything TRL's trainer does (generation, on-policy mixing, logging, its ``beta``,
+Everything TRL's trainer does (on-policy generation, logging, its ``beta``,
 ``temperature``, logit transforms read from the configs, FSDP2 heads) stays; the loss of each
 micro-batch is ``fastkd.integrations.trl.fused_divergence_loss`` instead of TRL's chunked
 divergence: with TRL's options alone the same loss, gradients and logged entropy. ``DistillationConfig``
