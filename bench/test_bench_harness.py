@@ -103,6 +103,15 @@ def test_eager_topk_and_fused_linear_idioms_compute_what_fastkd_computes():
         torch.testing.assert_close(PROVIDERS[name].make(case)(h, W, th, Wt), expected)
 
 
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_the_trl_provider_computes_what_fastkd_computes(divergence):
+    pytest.importorskip("trl", reason="trl is not installed (pip install trl)")
+    case = Case("fused_linear_kd", divergence, "fp32", 6, 50, "fwd+bwd", h=5)
+    h, W, th, Wt = (torch.randn(*shape) for shape in ((6, 5), (50, 5), (6, 5), (50, 5)))
+    torch.testing.assert_close(PROVIDERS["trl"].make(case)(h, W, th, Wt),
+                               PROVIDERS["fastkd-torch"].make(case)(h, W, th, Wt), rtol=1e-5, atol=1e-6)
+
+
 def _every_preset_case():
     return list(dict.fromkeys(c for name in PRESETS for c in select_cases(name)))
 
@@ -113,7 +122,8 @@ def test_each_provider_describes_exactly_the_cases_it_implements(name):
     for case in _every_preset_case():
         assert (provider.make(case) is None) == (provider.describe(case) is None), (name, case)
     headline = Case("kd_loss", "kl", "fp32", 8, 8, "fwd+bwd")
-    assert (provider.describe(headline) is None) == (name == "fastkd-unfused")  # the others run the headline
+    # The others run the headline; these two only the fused linear loss.
+    assert (provider.describe(headline) is None) == (name in ("fastkd-unfused", "trl"))
 
 
 def test_providers_per_case_follow_the_grid_unless_named():

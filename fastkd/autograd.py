@@ -155,13 +155,22 @@ def _scaled(grad, scale, dtype, in_place, backend):
     return (grad * scale).to(dtype)
 
 
+def _entropy_output(ctx, entropy, out_shape, hidden):
+    """The row entropies in ``out_shape`` (an empty tensor when not asked for), non-differentiable."""
+    entropy = hidden.new_empty(0) if entropy is None else entropy.reshape(out_shape)
+    ctx.mark_non_differentiable(entropy)
+    return entropy
+
+
 class FusedLinearKDFunction(torch.autograd.Function):
     """The fused linear + KD loss (``fastkd.fused_linear``): ``[N, H]`` hidden, ``[V, H]`` weight,
     ``teachers`` a tuple of ``("logits", [N, V])`` or ``("linear", [N, Ht], [V, Ht], [V] or None)``,
-    ``[N]`` labels; validated."""
+    ``[N]`` labels; validated. Returns the loss and the student's row entropies (``out_shape``, no
+    gradient; empty unless ``want_entropy``)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teachers, labels, opts, reduction, backend, chunk, out_shape, transforms):
+    def forward(ctx, hidden, weight, bias, teachers, labels, opts, reduction, backend, chunk, out_shape, transforms,
+                want_entropy):
         want = tuple(ctx.needs_input_grad[:3])
         want = (want[0], want[1], want[2] and bias is not None)
         N, V = hidden.shape[0], weight.shape[0]
@@ -171,25 +180,27 @@ class FusedLinearKDFunction(torch.autograd.Function):
 
         acc = accumulation_dtype(hidden.dtype, *(t[1].dtype for t in teachers))
         if reduction.kind == "none":
-            row_loss, *_ = ops.fused_linear_pass(hidden, weight, bias, teachers, labels,
-                                                 grad_scale(None, device=hidden.device, dtype=acc), opts, backend,
-                                                 chunk, want=(False, False, False), transforms=transforms)
+            row_loss, *_, entropy = ops.fused_linear_pass(hidden, weight, bias, teachers, labels,
+                                                          grad_scale(None, device=hidden.device, dtype=acc), opts,
+                                                          backend, chunk, want=(False, False, False),
+                                                          transforms=transforms, want_entropy=want_entropy)
             if any(want):  # the backward recomputes the chunks: keep the inputs, teachers flattened
                 ctx.teacher_kinds = [t[0] for t in teachers]
                 ctx.save_for_backward(hidden, weight, bias, labels, *(x for t in teachers for x in t[1:]))
-            return row_loss.reshape(out_shape)
+            return row_loss.reshape(out_shape), _entropy_output(ctx, entropy, out_shape, hidden)
 
         norm = normaliser(reduction, labels, N, V, opts.ignore_index, device=hidden.device, dtype=acc)
-        row_loss, *grads = ops.fused_linear_pass(hidden, weight, bias, teachers, labels,
-                                                 grad_scale(norm, device=hidden.device, dtype=acc), opts, backend,
-                                                 chunk, want=want, transforms=transforms)
+        row_loss, *grads, entropy = ops.fused_linear_pass(hidden, weight, bias, teachers, labels,
+                                                          grad_scale(norm, device=hidden.device, dtype=acc), opts,
+                                                          backend, chunk, want=want, transforms=transforms,
+                                                          want_entropy=want_entropy)
         if any(want):
             ctx.save_for_backward(*grads)
-        return reduce(row_loss, norm, reduction, out_shape)
+        return reduce(row_loss, norm, reduction, out_shape), _entropy_output(ctx, entropy, out_shape, hidden)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_entropy):
         opts, want = ctx.opts, ctx.want
         hidden_dtype, weight_dtype = ctx.dtypes
         acc = accumulation_dtype(weight_dtype)
@@ -201,7 +212,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
                 teachers.append((kind, *flat[at:at + width]))
                 at += width
             row_scale = grad_loss.reshape(-1).to(accumulation_dtype(hidden.dtype, *(t[1].dtype for t in teachers)))
-            _, grad_hidden, grad_weight, grad_bias = ops.fused_linear_pass(
+            _, grad_hidden, grad_weight, grad_bias, _ = ops.fused_linear_pass(
                 hidden, weight, bias, tuple(teachers), labels,
                 grad_scale(None, device=hidden.device, dtype=row_scale.dtype), opts, ctx.backend, ctx.chunk,
                 want=want, row_scale=row_scale, transforms=ctx.transforms)
@@ -215,7 +226,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
             grad_hidden = _scaled(grad_hidden, scale, hidden_dtype, in_place, ctx.backend)
             grad_weight = _scaled(grad_weight, scale, weight_dtype, in_place, ctx.backend)
             grad_bias = _scaled(grad_bias, scale, weight_dtype, in_place, ctx.backend)
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 8
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 9
 
 
 class SoftmaxFunction(torch.autograd.Function):

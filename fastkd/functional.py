@@ -282,7 +282,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
                          ignore_index=-100, hard_weight=0.0, soft_weight=1.0, t2_scale=True,
                          reduction="batchmean", backend="auto", num_items_in_batch=None,
                          student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0,
-                         teacher_softcap=None, teacher_temperature=None, teacher_weights=None):
+                         teacher_softcap=None, teacher_temperature=None, teacher_weights=None,
+                         return_entropy=False):
     """``kd_loss(f_s(student_hidden @ student_weight.T + student_bias), teacher logits, **kd_options)``
     without materialising the ``[N, V]`` logits.
 
@@ -327,7 +328,13 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     ``fastkd::fused_linear_pass``.
 
     DTensor heads (tensor-parallel ``Shard(0)``, or FSDP2-sharded) and hidden states: see ``fastkd.dtensor``.
+
+    ``return_entropy=True`` returns ``(loss, entropy)``: ``entropy`` ``[...]`` (the leading dims,
+    every row, ignored ones included) is the student's entropy of softmax(f_s(z) / T) in nats,
+    computed from the same chunk logits as the loss (no second projection), float32 (float64 for
+    float64 weights), without a gradient (as TRL's ``DistillationTrainer`` logs it).
     """
+    check_bool("return_entropy", return_entropy)
     if dtensor.has_dtensor(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                            teacher_logits):
         return dtensor.fused_linear_kd_loss(dict(locals()), fused_linear_kd_loss)
@@ -356,5 +363,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     teachers = tuple((kind, x.reshape(-1, x.shape[-1]), *rest) for kind, x, *rest in teachers)  # [N, Ht] / [N, V]
     blocks = 1 + len(teachers) + (student_softcap is not None)
     chunk = chunk_size or fused_linear.default_chunk_size(V, H, blocks=blocks)
-    return FusedLinearKDFunction.apply(student_hidden.reshape(-1, H), student_weight, student_bias, teachers,
-                                       flat_labels(labels), opts, reduction, backend, chunk, lead, transforms)
+    loss, entropy = FusedLinearKDFunction.apply(student_hidden.reshape(-1, H), student_weight, student_bias, teachers,
+                                                flat_labels(labels), opts, reduction, backend, chunk, lead, transforms,
+                                                return_entropy)
+    return (loss, entropy) if return_entropy else loss

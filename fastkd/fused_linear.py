@@ -156,6 +156,14 @@ def linear_logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None):
     return out.reshape(*hidden.shape[:-1], weight.shape[0])
 
 
+def _student_entropy(z, temperature):
+    """Per-row entropy of softmax(z / T) of chunk logits ``z`` (after the logit transform), in z's
+    dtype; no gradient. A -inf column adds 0. Transient memory: one ``[chunk, V]`` block (two when
+    T != 1)."""
+    q = torch.softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+    return torch.special.entr(q, out=q).sum(-1)
+
+
 def _low_precision_view(buffer, dtype, shape):
     """A ``dtype`` tensor of ``shape`` on the storage of the wider contiguous ``buffer``."""
     return buffer.view(-1).view(dtype)[: math.prod(shape)].view(shape)
@@ -175,7 +183,7 @@ def _teacher_chunk(teacher, buffer, r0, r1, transform):
 
 
 def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backend, chunk, *, want, row_scale=None,
-                 transforms=(IDENTITY, IDENTITY), chunk_loss=None):
+                 transforms=(IDENTITY, IDENTITY), chunk_loss=None, want_entropy=False):
     """One pass over the rows of ``hidden`` ``[N, H]``.
 
     ``teachers``: a tuple of ``("logits", z_t [N, V])`` or ``("linear", h_t [N, Ht], W_t, b_t)``,
@@ -184,9 +192,11 @@ def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backe
     logits gradient (the reduction's 1 / normaliser); ``row_scale`` ``[N]`` multiplies each row's
     (the "none" reduction's backward); ``transforms``: the student's and the teacher's
     ``LogitTransform``; ``chunk_loss(z, z_ts, labels, need_grad) -> (row losses, G')`` replaces the
-    backend's ``kd_forward`` (the vocabulary-parallel loss: ``fastkd.vocab_parallel_linear``).
-    Returns the row losses ``[N]`` and the gradients (hidden in its dtype,
-    weight and bias in the accumulation dtype) or None.
+    backend's ``kd_forward`` (the vocabulary-parallel loss: ``fastkd.vocab_parallel_linear``);
+    ``want_entropy``: also the student's entropy per row, of softmax(f_s(z) / T) from the same
+    chunk logits (no gradient). Returns the row losses ``[N]``, the gradients (hidden in its dtype,
+    weight and bias in the accumulation dtype) or None, and the row entropies ``[N]`` (accumulation
+    dtype) or None.
     """
     want_hidden, want_weight, want_bias = want
     need_grad = want_hidden or want_weight or want_bias
@@ -198,6 +208,7 @@ def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backe
     grad_hidden = empty((N, hidden.shape[1]), dtype=hidden.dtype, device=device) if want_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=device) if want_weight else None
     grad_bias = torch.zeros(V, dtype=acc, device=device) if want_bias else None
+    entropy = torch.zeros(N, dtype=acc, device=device) if want_entropy else None
 
     # The chunk buffers (module docstring, Memory): float32 student and teacher logits, tanh for a
     # student softcap's gradient, and G in the weight dtype for bf16/fp16 weights.
@@ -218,6 +229,8 @@ def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backe
         h = hidden[r0:r1]
         tanh = None if tanh_buffer is None else tanh_buffer[: r1 - r0]
         z = _transform_(_linear_into(z_buffer[: r1 - r0], h, weight, bias), student_transform, tanh)
+        if want_entropy:  # before the KD forward overwrites z with its gradient
+            entropy[r0:r1] = _student_entropy(z, opts.temperature)
         z_ts = [_teacher_chunk(t, buffer, r0, r1, teacher_transform) for t, buffer in zip(teachers, t_buffers)]
         label = None if labels is None else labels[r0:r1]
         # Row losses and the logits gradient (times grad_scale), written over z.
@@ -242,4 +255,4 @@ def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backe
                 grad_weight.addmm_(g.t(), h)
             else:  # bf16/fp16: one product per chunk in the weight dtype, summed in float32
                 grad_weight.add_(torch.mm(g.t(), h))
-    return row_loss, grad_hidden, grad_weight, grad_bias
+    return row_loss, grad_hidden, grad_weight, grad_bias, entropy

@@ -341,44 +341,48 @@ def _fused_linear_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
                        labels: Optional[Tensor], grad_scale: Tensor, row_scale: Optional[Tensor], scalars: Tensor,
                        divergence: str, t2_scale: bool, ignore_index: int, backend: str, chunk: int, want_hidden: bool,
                        want_weight: bool, want_bias: bool, student_scale: float, student_softcap: Optional[float],
-                       teacher_scale: float, teacher_softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       teacher_scale: float, teacher_softcap: Optional[float],
+                       want_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = unpack_kd_options(scalars, divergence, t2_scale, ignore_index)
     transforms = LogitTransform(student_scale, student_softcap), LogitTransform(teacher_scale, teacher_softcap)
     with autocast_off(hidden.device):
         results = fused_linear.chunked_pass(hidden, weight, bias, _teacher_specs(t_hidden, t_weight, t_bias, t_logits),
                                             labels, grad_scale, opts, backend, chunk,
                                             want=(want_hidden, want_weight, want_bias), row_scale=row_scale,
-                                            transforms=transforms)
+                                            transforms=transforms, want_entropy=want_entropy)
     return tuple(hidden.new_empty(0) if r is None else r for r in results)
 
 
 @_fused_linear_pass.register_fake
 def _(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, grad_scale, row_scale, scalars, divergence,
       t2_scale, ignore_index, backend, chunk, want_hidden, want_weight, want_bias, student_scale, student_softcap,
-      teacher_scale, teacher_softcap):
+      teacher_scale, teacher_softcap, want_entropy):
     acc = accumulation_dtype(weight.dtype)
     none = hidden.new_empty(0)
     return (_fake_row_loss(hidden, *(t_logits or t_hidden)),
             hidden.new_empty(hidden.shape) if want_hidden else none,
             weight.new_empty(weight.shape, dtype=acc) if want_weight else none,
-            weight.new_empty(weight.shape[0], dtype=acc) if want_bias else none)
+            weight.new_empty(weight.shape[0], dtype=acc) if want_bias else none,
+            hidden.new_empty(hidden.shape[0], dtype=acc) if want_entropy else none)
 
 
 def fused_linear_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backend, chunk, *, want,
-                      row_scale=None, transforms=(IDENTITY, IDENTITY)):
+                      row_scale=None, transforms=(IDENTITY, IDENTITY), want_entropy=False):
     """``fastkd.fused_linear.chunked_pass`` through the ``fastkd::fused_linear_pass`` operator:
     same arguments and results."""
     if not traced():
         with autocast_off(hidden.device):
             return fused_linear.chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backend, chunk,
-                                             want=want, row_scale=row_scale, transforms=transforms)
+                                             want=want, row_scale=row_scale, transforms=transforms,
+                                             want_entropy=want_entropy)
     logits = [t[1] for t in teachers if t[0] == "logits"]
     linear = [t[1:] for t in teachers if t[0] == "linear"]
-    row_loss, *grads = torch.ops.fastkd.fused_linear_pass(
+    row_loss, *grads, entropy = torch.ops.fastkd.fused_linear_pass(
         hidden, weight, bias, [h for h, _, _ in linear], [w for _, w, _ in linear], [b for _, _, b in linear], logits,
         labels, grad_scale, row_scale, pack_kd_scalars(opts), *_static(opts), backend, chunk, *want, *transforms[0],
-        *transforms[1])
-    return (row_loss, *(grad if wanted else None for grad, wanted in zip(grads, want)))
+        *transforms[1], want_entropy)
+    return (row_loss, *(grad if wanted else None for grad, wanted in zip(grads, want)),
+            entropy if want_entropy else None)
 
 
 # ------------------------------------------------------------------------------ tempered (log-)softmax

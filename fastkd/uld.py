@@ -152,7 +152,7 @@ class ULDLossFunction(torch.autograd.Function):
                                             teacher_is_topk=teacher_is_topk)
         if need_grad:
             ctx.save_for_backward(grad)
-        ctx.backend, ctx.shape = backend, student.shape
+        ctx.backend, ctx.shape, ctx.held = backend, student.shape, False  # never held: not a custom op
         ctx.mark_non_differentiable(row_bound)
         shape = student.shape[:-1]
         return reduce(row_loss, norm, reduction, shape), reduce(row_bound, norm, reduction, shape)

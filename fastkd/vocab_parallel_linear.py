@@ -39,7 +39,7 @@ def _pass(hidden, weight, bias, teacher, labels, reduction, args, *, want, row_s
                                      inplace=need_grad, need_grad=need_grad)
         return row_loss, grad
 
-    row_loss, grad_hidden, grad_weight, grad_bias = chunked_pass(
+    row_loss, grad_hidden, grad_weight, grad_bias, _ = chunked_pass(
         hidden, weight, bias, (teacher,), labels, None, opts, backend, chunk, want=want, row_scale=row_scale,
         transforms=transforms, chunk_loss=chunk_loss)
     if grad_hidden is not None:

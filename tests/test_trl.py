@@ -116,3 +116,214 @@ def test_matches_trl(beta):
             assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-4, atol=1e-6)
+
+
+# --- trl.DistillationTrainer's chunked divergence -------------------------------------------------
+
+from fastkd import reference  # noqa: E402
+from fastkd.integrations.trl import (chunked_divergence_loss, fused_divergence_loss,  # noqa: E402
+                                     server_forward_kl_loss, server_top_1_loss)
+from helpers import assert_close_to_oracle  # noqa: E402
+
+H, HT = 16, 12
+GRADS = ("student_hidden_states", "student_lm_head_weight", "student_lm_head_bias")
+
+
+def _trl(module, name):
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    pytest.importorskip("trl", reason="trl is not installed (pip install trl)")
+    return getattr(importlib.import_module(module), name)
+
+
+def _chunked_inputs(dtype=torch.float32, near=None, views=False, teacher_dtype=None):
+    """Student and teacher hidden states [B, S, H] / [B, S, HT], heads and biases, a completion mask
+    with masked positions; ``near``: the teacher is the student plus that much noise (HT = H);
+    ``views``: every tensor a non-contiguous view; ``teacher_dtype``: the teacher's (default
+    ``dtype``)."""
+    f = lambda *shape, scale=1.0: (torch.randn(*shape, dtype=torch.float64) * scale)  # noqa: E731
+    ht = H if near is not None else HT
+    x = dict(student_hidden_states=f(B, S, H), teacher_hidden_states=f(B, S, ht),
+             student_lm_head_weight=f(V, H, scale=3 / H**0.5), teacher_lm_head_weight=f(V, ht, scale=3 / ht**0.5),
+             student_lm_head_bias=f(V, scale=0.5), teacher_lm_head_bias=f(V, scale=0.5))
+    if near is not None:
+        for part in ("hidden_states", "lm_head_weight", "lm_head_bias"):
+            x["teacher_" + part] = x["student_" + part] + near * f(*x["student_" + part].shape)
+    x = {k: v.to(teacher_dtype or dtype if k.startswith("teacher") else dtype) for k, v in x.items()}
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[0, 3:] = mask[1, 0] = 0
+    x["completion_mask"] = mask
+    if views:  # each tensor the even columns of one twice as wide
+        x = {k: torch.stack([v, v], -1).flatten(-2)[..., ::2] for k, v in x.items()}
+        assert not any(v.is_contiguous() for v in x.values())
+    return x
+
+
+def _loss_and_grads(fn, x, **kw):
+    x = {k: v.detach().clone().requires_grad_(k in GRADS) for k, v in x.items()}
+    loss, entropy, count = fn(**x, **kw)
+    grads = torch.autograd.grad(loss * 1.5, [x[k] for k in GRADS])  # an upstream gradient other than 1
+    return (loss.detach(), entropy, count), grads
+
+
+TRANSFORMS = (dict(), dict(student_final_logit_softcapping=4.0, teacher_logit_scale=0.7, temperature=2.0),
+              dict(student_logit_scale=1.3, teacher_final_logit_softcapping=3.0, temperature=0.5))
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("transform", range(len(TRANSFORMS)))
+@pytest.mark.parametrize("num_items", [None, 11, torch.tensor(11)])
+def test_chunked_divergence_loss_equals_trls(beta, transform, num_items):
+    trl_loss = _trl("trl.trainer.distillation_trainer", "_chunked_divergence_loss")
+    x = _chunked_inputs(views=transform == 1)
+    kw = dict(beta=beta, num_items_in_batch=num_items, **TRANSFORMS[transform])
+    (loss, entropy, count), grads = _loss_and_grads(chunked_divergence_loss, x, **kw)
+    (t_loss, t_entropy, t_count), t_grads = _loss_and_grads(trl_loss, x, **kw)
+    assert loss.dtype == t_loss.dtype and not entropy.requires_grad and count.equal(t_count)
+    torch.testing.assert_close(loss, t_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(entropy, t_entropy, rtol=1e-5, atol=1e-5)
+    for g, t_g in zip(grads, t_grads):  # float32 roundings, relative to the gradient's scale
+        torch.testing.assert_close(g, t_g, rtol=1e-4, atol=1e-5 * t_g.abs().max().item())
+
+
+def test_chunked_divergence_loss_without_biases_and_with_no_valid_position():
+    trl_loss = _trl("trl.trainer.distillation_trainer", "_chunked_divergence_loss")
+    x = _chunked_inputs()
+    x["student_lm_head_bias"] = x["teacher_lm_head_bias"] = None
+    ours, theirs = chunked_divergence_loss(**x, beta=0.5), trl_loss(**x, beta=0.5)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    x["completion_mask"] = torch.zeros_like(x["completion_mask"])
+    h = x["student_hidden_states"].requires_grad_()
+    loss, entropy, count = chunked_divergence_loss(**x, beta=0.5)
+    (grad,) = torch.autograd.grad(loss, h)
+    assert loss.item() == entropy.item() == count.item() == 0 and not grad.any()
+
+
+def test_chunked_divergence_loss_names_bad_arguments():
+    x = _chunked_inputs()
+    with pytest.raises(ValueError, match="beta"):
+        chunked_divergence_loss(**x, beta=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_divergence_loss(**x, beta=0.5, temperature=0.0)
+    with pytest.raises(ValueError, match="teacher_weight"):
+        chunked_divergence_loss(**dict(x, teacher_lm_head_weight=x["teacher_lm_head_weight"][:-1]), beta=0.5)
+    with pytest.raises(ValueError, match="softcap"):
+        chunked_divergence_loss(**x, beta=0.5, student_final_logit_softcapping=-1.0)
+
+
+def _oracle(x, beta, temperature=1.0, cast=torch.float64):
+    """The divergence (TRL's beta convention) and entropy in plain autograd through
+    ``fastkd.reference``, in ``cast`` (float64: the oracle; float32: plain PyTorch's own error)."""
+    x = {k: v.detach().to(cast if v.is_floating_point() else v.dtype).requires_grad_(k in GRADS)
+         for k, v in x.items()}
+    valid = x["completion_mask"] != 0
+    z_s = x["student_hidden_states"] @ x["student_lm_head_weight"].T + x["student_lm_head_bias"]
+    z_t = x["teacher_hidden_states"] @ x["teacher_lm_head_weight"].T + x["teacher_lm_head_bias"]
+    divergence = dict(divergence="kl") if beta == 0 else dict(divergence="reverse_kl") if beta == 1 else \
+        dict(divergence="jsd", beta=beta)
+    loss = reference.kd_loss(z_s[valid], z_t[valid], temperature=temperature, t2_scale=False, **divergence)
+    q = torch.softmax(z_s[valid] / temperature, -1)
+    entropy = -(q * q.log()).sum()
+    return (loss.detach(), entropy.detach()), torch.autograd.grad(loss * 1.5, [x[k] for k in GRADS])
+
+
+@pytest.mark.parametrize("dtype,near,teacher_dtype", [
+    (torch.float32, None, None), (torch.bfloat16, None, None), (torch.bfloat16, 0.01, None),
+    (torch.float32, 0.01, None), (torch.bfloat16, None, torch.float32)])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_chunked_divergence_loss_is_as_accurate_as_pytorch_and_trl(dtype, near, teacher_dtype, beta):
+    trl_loss = _trl("trl.trainer.distillation_trainer", "_chunked_divergence_loss")
+    x = _chunked_inputs(dtype, near=near, teacher_dtype=teacher_dtype)
+    (loss, entropy, _), grads = _loss_and_grads(chunked_divergence_loss, x, beta=beta, temperature=1.5)
+    (t_loss, _, _), t_grads = _loss_and_grads(trl_loss, x, beta=beta, temperature=1.5)
+    (loss64, entropy64), grads64 = _oracle(x, beta, 1.5)
+    (loss32, entropy32), grads32 = _oracle(x, beta, 1.5, cast=torch.float32)
+    n = B * S * V
+    assert_close_to_oracle(loss, loss64, loss32, dtype=dtype, grows_with=n)
+    assert_close_to_oracle(loss, loss64, t_loss, dtype=dtype, grows_with=n)
+    assert_close_to_oracle(entropy, entropy64, entropy32, dtype=dtype, grows_with=n)
+    for g, t_g, g64, g32 in zip(grads, t_grads, grads64, grads32):
+        assert g.dtype == dtype
+        assert_close_to_oracle(g, g64, g32, dtype=dtype, grows_with=n)
+        # At least as accurate as TRL's (with the same per-dtype slack).
+        assert_close_to_oracle(g, g64, t_g, dtype=dtype, grows_with=n)
+
+
+def test_fused_divergence_loss_mixes_teachers_with_fastkd_options():
+    x = _chunked_inputs()
+    y = _chunked_inputs()
+    teachers = [(d["teacher_hidden_states"], d["teacher_lm_head_weight"], d["teacher_lm_head_bias"]) for d in (x, y)]
+    ids = torch.randint(0, V, (B, S))
+    kw = dict(divergence="skew_kl", skew=0.2, temperature=2.0, teacher_temperature=1.5, hard_weight=0.3,
+              teacher_weights=[0.7, 0.3])
+    loss, entropy, count = fused_divergence_loss(x["student_hidden_states"], x["student_lm_head_weight"], teachers,
+                                                 x["completion_mask"], student_lm_head_bias=x["student_lm_head_bias"],
+                                                 completion_ids=ids, **kw)
+    valid = x["completion_mask"] != 0
+    z_s = x["student_hidden_states"] @ x["student_lm_head_weight"].T + x["student_lm_head_bias"]
+    z_ts = [(h @ w.T + b)[valid] for h, w, b in teachers]
+    expected = reference.kd_loss(z_s[valid].double(), [z.double() for z in z_ts], labels=ids[valid], t2_scale=False,
+                                 **kw)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert count == valid.sum()
+
+
+# --- trl.experimental.server_distillation's sparse losses ------------------------------------------
+
+K = 4
+
+
+def _server_inputs():
+    """Student logits [B, S, V]; the teacher's sorted top-K log-probs and ids; labels with -100
+    rows, where the teacher's log-probs are -inf (past its window), as the server returns them."""
+    s = logits(B, S, V)
+    teacher = torch.log_softmax(logits(B, S, V), -1)
+    lps, ids = teacher.topk(K, -1)
+    labels = torch.randint(0, V, (B, S))
+    labels[0, -2:] = -100
+    lps[0, -2:] = float("-inf")
+    return s, lps, ids, labels, teacher
+
+
+def _server_trainer(beta, add_tail):
+    trainer = _trl("trl.experimental.server_distillation", "ServerDistillationTrainer")
+    import types
+    return trainer, types.SimpleNamespace(beta=beta, loss_add_tail=add_tail,
+                                          _reduce_divergence_loss=trainer._reduce_divergence_loss)
+
+
+def _grad_of(fn, s):
+    s = s.detach().clone().requires_grad_()
+    loss = fn(s)
+    return loss.detach(), torch.autograd.grad(loss * 1.5, s)[0]
+
+
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_server_forward_kl_loss_equals_trls(add_tail):
+    trainer, self = _server_trainer(0.0, add_tail)
+    s, lps, ids, labels, _ = _server_inputs()
+    T = 1.5
+    result = dict(topk_logprobs=lps, topk_token_ids=ids)
+    ours = _grad_of(lambda z: server_forward_kl_loss(z, lps, ids, labels, temperature=T, add_tail=add_tail), s)
+    theirs = _grad_of(lambda z: trainer._compute_server_forward_kl_loss(
+        self, result, torch.log_softmax(z / T, -1), labels), s)
+    assert torch.isfinite(ours[0])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_server_top_1_loss_equals_trls(beta, add_tail):
+    trainer, self = _server_trainer(beta, add_tail)
+    s, lps, ids, labels, teacher = _server_inputs()
+    top1_ids, top1_lps = ids[..., 0], lps[..., 0].masked_fill(labels == -100, 0.0)
+    reverse_ids = torch.where(torch.arange(S) % 2 == 0, top1_ids, torch.randint(0, V, (B, S)))  # some the same
+    reverse_lps = teacher.gather(-1, reverse_ids.unsqueeze(-1)).squeeze(-1)
+    args = (top1_ids, top1_lps, reverse_ids, reverse_lps, labels)
+    T = 1.5
+    ours = _grad_of(lambda z: server_top_1_loss(z, *args, beta=beta, temperature=T, add_tail=add_tail), s)
+    theirs = _grad_of(lambda z: trainer._compute_sparse_top_1_divergence_loss(
+        self, torch.log_softmax(z / T, -1), *args), s)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -98,7 +98,7 @@ KD_KERNELS = tuple(k for k in triton_backend.KD_KERNELS if k != "auto")  # FASTK
 KERNEL_VARIANTS = tuple(f"fastkd-triton[{kernel}]" for kernel in KD_KERNELS)
 CPU_WITH_COMPILE = ("torch-eager", "fastkd-torch", "torch-compile")
 GPU_PROVIDERS = ("torch-eager", "fastkd-triton", "fastkd-torch", "torch-compile", "liger")
-FUSED_LINEAR_PROVIDERS = ("torch-eager", "fastkd-unfused", "fastkd-triton", "liger")
+FUSED_LINEAR_PROVIDERS = ("torch-eager", "fastkd-unfused", "fastkd-triton", "liger", "trl")
 
 # Small calls, where the per-call cost of the host path (validation, dispatch, the chunk loop's
 # small ops) dominates: a classifier's distillation (V = 8 and 10, with labels at T = 20), a
@@ -151,6 +151,14 @@ PRESETS = {
     "cpu-fused-linear": (
         Grid(ops=("fused_linear_kd",), ns=(4096,), vs=(32000,), hs=(1024,),
              providers=("torch-eager", "fastkd-unfused", "fastkd-torch")),
+    ),
+    # Fused linear JSD against TRL's chunked divergence (trl.DistillationTrainer's loss), fp32, at
+    # Llama-2's and Llama-3's vocabulary and hidden sizes (CPU: minutes per case; not in "cpu").
+    "trl": (
+        Grid(ops=("fused_linear_kd",), divergences=("jsd",), ns=(2048,), vs=(32000,), hs=(1024,),
+             providers=("fastkd-torch", "trl")),
+        Grid(ops=("fused_linear_kd",), divergences=("jsd",), ns=(2048,), vs=(128256,), hs=(2048,),
+             providers=("fastkd-torch", "trl")),
     ),
     # Everything on a GPU (hours, mostly torch.compile warm-ups).
     "full": (

@@ -1,5 +1,6 @@
 """The one registry of benchmark providers: fastkd per backend (and per variant of its dense Triton
-kernel), the eager PyTorch idiom, its ``torch.compile``, and Liger when installed.
+kernel), the eager PyTorch idiom, its ``torch.compile``, and Liger and TRL (its chunked divergence,
+for the fused linear loss) when installed.
 
 Every provider of a case computes the same number: the eager idioms of ``fastkd.divergences`` fix the convention
 (forward KL as users write it today, T**2-scaled; JSD as TRL's generalized JSD, unscaled), and
@@ -261,6 +262,29 @@ def _describe_liger(case: Case):
     return None
 
 
+# ----------------------------------------------------------------------------------------- TRL
+# TRL's beta for each divergence its chunked divergence covers (its convention is fastkd's jsd).
+TRL_BETA = {"kl": 0.0, "reverse_kl": 1.0, "jsd": BETA}
+
+
+def _trl(case: Case):
+    """TRL's ``_chunked_divergence_loss`` (trl.DistillationTrainer's loss), every row in the loss."""
+    if case.op != "fused_linear_kd" or case.divergence not in TRL_BETA:
+        return None
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    beta, scale = TRL_BETA[case.divergence], TEMPERATURE**2 if t2_scale(case.divergence) else 1.0
+    return lambda h, W, th, Wt: _chunked_divergence_loss(h, th, W, Wt, h.new_ones(h.shape[:-1]), beta,
+                                                         temperature=TEMPERATURE)[0] * scale
+
+
+def _describe_trl(case: Case):
+    if case.op != "fused_linear_kd" or case.divergence not in TRL_BETA:
+        return None
+    scale = "·T²" if t2_scale(case.divergence) else ""
+    return f"trl _chunked_divergence_loss(h, h_t, W, W_t, mask=1, beta={TRL_BETA[case.divergence]}, T){scale}"
+
+
 # ----------------------------------------------------------------------------------------- availability
 def _fastkd_triton_runs(device):
     if not triton_installed():
@@ -280,6 +304,12 @@ def _compile_runs(device):
         return None if triton_installed() else "torch.compile on CUDA needs triton"
     if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
         return "torch.compile on the CPU needs a C++ compiler"
+    return None
+
+
+def _trl_runs(device):
+    if importlib.util.find_spec("trl") is None:
+        return "trl is not installed (optional: pip install trl)"
     return None
 
 
@@ -379,6 +409,7 @@ PROVIDERS = {p.name: p for p in (
     # of the preset names it, or on request.
     Provider("torch-compile", _compile_runs, _compiled, _describe_compiled, default_on_cpu=False),
     Provider("liger", _liger_runs, _liger, _describe_liger),
+    Provider("trl", _trl_runs, _trl, _describe_trl),
 )}
 
 

@@ -2,6 +2,8 @@
 
 - ``fastkd.integrations.transformers``: ``DistillationTrainer``, a Hugging Face ``Trainer`` that
   distils a teacher into the student with ``fastkd.fused_linear_kd_loss`` (``pip install -e ".[hf]"``).
-- ``fastkd.integrations.trl``: ``generalized_jsd_loss``, TRL's ``GKDTrainer.generalized_jsd_loss``
-  on the fused kernels (needs neither trl nor transformers).
+- ``fastkd.integrations.trl``: TRL's losses on fastkd (``generalized_jsd_loss`` for GKD,
+  ``chunked_divergence_loss`` for ``trl.DistillationTrainer``, the server distillation's sparse
+  losses; none needs trl) and ``DistillationTrainer`` / ``DistillationConfig``, TRL's trainer on
+  them (``fastkd.integrations.trl_trainer``, imports trl on first use).
 """
