@@ -28,7 +28,9 @@ from test_distributed import _backward, _init, make_case, options_for, spawn
 
 
 class LargestTensor(TorchDispatchMode):
-    """The most elements of any plain tensor an aten op returned while active (its own thread)."""
+    """The most elements of any plain tensor an aten op returned while active (its own thread).
+    It sees the backends' own ops because fastkd calls them directly outside torch.compile
+    (``fastkd.ops.traced``): the ops inside a custom op's implementation do not reach the mode."""
 
     def __init__(self):
         super().__init__()
@@ -190,10 +192,13 @@ def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, 
         assert_close_to_oracle(grad / scale, truth.grad / scale, leaf.grad / scale, dtype=dtype, grows_with=V)
 
 
-def check_fsdp_head(mesh, *, seed, rank, world_size, n_rows=6, H=5, V=11, **kw):
+def check_fsdp_head(mesh, *, seed, rank, world_size, n_rows=6, H=5, V=11, chunk_size=3, **kw):
     """An FSDP2-sharded head (fully_shard), each rank with its own rows: the loss is this rank's
     single-process loss and the head's gradient (Shard(0), as FSDP2 keeps it) the mean over the
-    ranks of theirs."""
+    ranks of theirs. ``chunk_size`` below ``n_rows``: a chunk of the default size (at least 256
+    rows) holds all of a few rows, its ``[chunk, V]`` logits the whole ``[N, V]`` the count looks for."""
+    assert chunk_size < n_rows
+    kw["chunk_size"] = chunk_size
     gen = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(H, V, bias=False)
     with torch.no_grad():

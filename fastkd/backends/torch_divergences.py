@@ -147,10 +147,25 @@ def fold_row_statistics(s, t, x: Elements, opts: KDOptions):
     return m_s, d_s, m_t, d_t, cross
 
 
-def mixture_log_prob(lts, log_teacher_weights):
+def mixture_log_prob(lts, log_teacher_weights, work):
     """log p of the teachers' mixture p = sum_i w_i p_i from their log-probabilities ``lts`` (-inf
-    where every p_i is 0)."""
-    return torch.logsumexp(torch.stack([lt + log_w for lt, log_w in zip(lts, log_teacher_weights)]), 0)
+    where every p_i is 0), as the kernel forms it: hi = max_i(log w_i + lt_i), then
+    hi + log sum_i exp(log w_i + lt_i - hi). In place in the chunk's buffers: ``lts`` (buffers of
+    ``work``) are overwritten, the result is in the first one's, the others and the one buffer
+    taken for hi are given back. No ``[teachers, rows, V]`` stack: the chunk's buffers are all the
+    memory a mixture takes, whatever the number of teachers."""
+    terms = [lt.add_(log_w) for lt, log_w in zip(lts, log_teacher_weights)]
+    hi = work.take().copy_(terms[0])
+    for term in terms[1:]:
+        torch.maximum(hi, term, out=hi)
+    hi.clamp_(min=torch.finfo(hi.dtype).min)  # finite(hi) in place; where every p_i is 0 the result is -inf
+    total = terms[0].sub_(hi).exp_()
+    for term in terms[1:]:
+        total.add_(term.sub_(hi).exp_())
+    work.give_back(*terms[1:])
+    out = total.log_().add_(hi)
+    work.give_back(hi)
+    return out
 
 
 def log_ratio_shift(d_s, d_t):
