@@ -426,7 +426,13 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
     ``fastkd.backends.triton.topk_kd_forward``. The student's tail bucket is summed directly over
     the unlisted columns (their q, the listed ones zeroed by a scatter), where the kernel, which
     never builds such a row, uses the cancellation-free formula of its docstring. A row with an
-    index outside [0, V) is NaN; repeated indices must not occur (the caller sees to it)."""
+    index outside [0, V) is NaN; repeated indices must not occur (the caller sees to it).
+
+    A chunk works in one ``[rows, V]`` buffer, the gradient's own rows where it has the
+    accumulation dtype (no workspace buffer then): s, then e = e^(s - m), then e at the unlisted
+    columns (d is that sum plus the listed e, read off the gathered s), then the gradient, scaled
+    once by a per-row factor. Six passes over V: the scaled copy, max, subtraction, exp, sum and
+    scale; everything else works on the k listed columns."""
     N, V = student.shape
     K = teacher_logprobs.shape[1]
     acc = accumulation_dtype(student.dtype, teacher_logprobs.dtype)
