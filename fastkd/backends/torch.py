@@ -484,13 +484,13 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
 
         g = None
         if grad is not None:
-            # grad_scale / T times the rows' factors, NaN for the undefined rows.
+            # Per row [rows, 1], NaN for the undefined rows, folded into one scaling of the chunk.
             scale = _row_factor(grad_scale.to(acc), defined)
-            soft_scale = scale * (opts.soft_scale / T)
+            soft_grad_scale = scale * (opts.soft_scale / T)
             # Unlisted column j: q_j (g_tail - S) = e_j (g_tail - S) / d; a finite factor keeps 0 * inf out.
-            g = e.mul_(soft_scale * c_tail.clamp(-big, big)[:, None] / d)
+            g = e.mul_(soft_grad_scale * c_tail.clamp(-big, big)[:, None] / d)
             listed_q = lq.exp()
-            g.scatter_(1, index, soft_scale * (h - torch.where(listed_q > 0, listed_q * S[:, None], 0.0)))
+            g.scatter_(1, index, soft_grad_scale * (h - torch.where(listed_q > 0, listed_q * S[:, None], 0.0)))
             if ce_grad is not None:
                 g.addcmul_(ce_grad, scale, value=opts.hard_weight)
         _finish_rows(loss, grad, r0, r1, row_loss, g, defined, labels, opts.ignore_index)
