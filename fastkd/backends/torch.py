@@ -427,7 +427,13 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
     ``fastkd.backends.triton.topk_kd_forward``. The student's tail bucket is summed directly over
     the unlisted columns (their q, the listed ones zeroed by a scatter), where the kernel, which
     never builds such a row, uses the cancellation-free formula of its docstring. A row with an
-    index outside [0, V) is NaN; repeated indices must not occur (the caller sees to it)."""
+    index outside [0, V) is NaN; repeated indices must not occur (the caller sees to it).
+
+    A chunk works in one ``[rows, V]`` buffer, the gradient's own rows where it has the
+    accumulation dtype (no workspace buffer then): s, then e = e^(s - m), then e at the unlisted
+    columns (d is that sum plus the listed e, read off the gathered s), then the gradient, scaled
+    once by a per-row factor. Six passes over V: the scaled copy, max, subtraction, exp, sum and
+    scale; everything else works on the k listed columns."""
     N, V = student.shape
     K = teacher_logprobs.shape[1]
     acc = accumulation_dtype(student.dtype, teacher_logprobs.dtype)
@@ -451,23 +457,25 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
             defined = defined & in_range
             row_loss += opts.hard_weight * ce
 
-        s = _scaled(student[r0:r1], T, work.take())
-        s_listed = s.gather(1, index)
-        m = div.finite(s.amax(-1, keepdim=True))
-        # e = e^(s - m) becomes e at the unlisted columns, then the gradient.
-        e = torch.sub(s, m, out=work.take() if grad is None else _grad_out(grad, r0, r1, work)).exp_()
-        d = e.sum(-1, keepdim=True)
+        # One [rows, V] buffer, the gradient's rows where it has the accumulation dtype: s, then
+        # e = e^(s - m), then e at the unlisted columns only, then the gradient.
+        e = _scaled(student[r0:r1], T, work.take() if grad is None else _grad_out(grad, r0, r1, work))
+        s_listed = e.gather(1, index)
+        m = div.finite(e.amax(-1, keepdim=True))
+        e.sub_(m).exp_()
+        e.scatter_(1, index, 0.0)
+        d_tail = e.sum(-1, keepdim=True)  # the unlisted columns' part of d = sum e^(s - m)
+        d = d_tail + (s_listed - m).exp().sum(-1, keepdim=True)
         lse_s = m + d.log()
         defined = defined & torch.isfinite(lse_s[:, 0])
         lq = s_listed - lse_s
         lp = lt - lt.logsumexp(-1, keepdim=True) if tail == "renormalize" else lt
         term, h, _ = _point_terms(lp, lq, opts)
         D, S = term.sum(-1), h.sum(-1)
-        e.scatter_(1, index, 0.0)  # the unlisted columns: their q sums to the student's tail
         c_tail = -S
         if tail == "bucket":
             if K < V:
-                lp_tail, lq_tail = log1mexp(lt.logsumexp(-1)), e.sum(-1).log() - d[:, 0].log()
+                lp_tail, lq_tail = log1mexp(lt.logsumexp(-1)), (d_tail.log() - d.log())[:, 0]
             else:
                 lp_tail = lq_tail = torch.full_like(D, neg_inf)
             tail_term, tail_h, tail_g = _point_terms(lp_tail, lq_tail, opts)
@@ -477,15 +485,15 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
 
         g = None
         if grad is not None:
+            # Per row [rows, 1], NaN for the undefined rows, folded into one scaling of the chunk.
+            scale = _row_factor(grad_scale.to(acc), defined)
+            soft_grad_scale = scale * (opts.soft_scale / T)
             # Unlisted column j: q_j (g_tail - S) = e_j (g_tail - S) / d; a finite factor keeps 0 * inf out.
-            soft_grad_scale = opts.soft_scale / T
             g = e.mul_(soft_grad_scale * c_tail.clamp(-big, big)[:, None] / d)
             listed_q = lq.exp()
-            listed = soft_grad_scale * (h - torch.where(listed_q > 0, listed_q * S[:, None], 0.0))
-            g.scatter_(1, index, listed)
+            g.scatter_(1, index, soft_grad_scale * (h - torch.where(listed_q > 0, listed_q * S[:, None], 0.0)))
             if ce_grad is not None:
-                g.add_(ce_grad, alpha=opts.hard_weight)
-            g.mul_(_row_factor(grad_scale.to(acc), defined))
+                g.addcmul_(ce_grad, scale, value=opts.hard_weight)
         _finish_rows(loss, grad, r0, r1, row_loss, g, defined, labels, opts.ignore_index)
 
     for_each_chunk(chunks(N, V, chunk_bytes, student.device), V, acc, student.device, one_chunk)
