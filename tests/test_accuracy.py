@@ -75,18 +75,20 @@ def test_no_less_accurate_than_float32_pytorch(divergence, backend, dtype, V, mo
 
 
 # Logits where a value formed as sum p (t - s) - (lse(s) - lse(t)) cancels two terms of size |z / T|
-# (issue 21): a teacher or a student of scale 1e4, a teacher of scale 3 at T_t = 0.05.
+# A teacher or a student of scale 1e4, a teacher of scale 3 at T_t = 0.05.
 LARGE_LOGITS = {"teacher 1e4": (1.0, 1e4, {}), "student 1e4": (1e4, 1.0, {}),
                 "teacher T_t 0.05": (1.0, 3.0, {"teacher_temperature": 0.05})}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kernel", ["torch", "two_pass", "resident", "cluster"])
+@pytest.mark.parametrize("kernel", ["torch", "two_pass", "resident"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_large_logits_no_less_accurate_than_float32_pytorch(divergence, kernel, dtype, monkeypatch, device):
     """Every kernel (two-pass with several blocks per row) at the logit scales of LARGE_LOGITS."""
     if kernel == "two_pass":
         monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 16)
+    if kernel == "resident":
+        monkeypatch.setattr(fastkd.backends.triton, "RESIDENT_BLOCK", 64)  # one CTA holds the row
     monkeypatch.setenv("FASTKD_KD_KERNEL", "auto" if kernel == "torch" else kernel)
     backend = "torch" if kernel == "torch" else "triton"
     gen = torch.Generator().manual_seed(21)

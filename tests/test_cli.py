@@ -39,7 +39,7 @@ def test_help_does_not_import_torch(argv):
 
 def test_bench_help_lists_the_presets_and_providers():
     out = "".join(_cli("bench", "--help").split())  # argparse wraps lines at hyphens too
-    assert "cpu,headline,fused-linear" in out and "torch-eager,fastkd-triton" in out
+    assert "cpu,small,headline,fused-linear" in out and "torch-eager,fastkd-triton" in out
 
 
 def test_version():

@@ -310,7 +310,7 @@ FOUND = {
 }
 
 
-# The scales of issue 21, where kl / reverse_kl values once cancelled terms of size |z / T|, pinned
+# The scales where kl / reverse_kl values once cancelled terms of size |z / T|, pinned
 # so every run covers them. (The allowance here, eps |z| / T per row, is too loose to see that
 # cancellation: tests/test_accuracy.py holds those values to 2x float32 PyTorch's error.)
 SCALES = {
