@@ -8,6 +8,7 @@
     fused_linear_kd_loss    kd_loss of hidden @ weight.T (+ bias) without the [N, V] logits
 """
 import dataclasses
+import functools
 
 import torch
 
@@ -22,6 +23,19 @@ from .options import (IDENTITY, as_teachers, check_bool, check_chunk_size, check
                       check_kd_inputs, check_labels, check_logits, check_tail, check_temperature, check_topk_inputs,
                       check_teacher_weights, check_transforms, make_options, make_reduction)
 from .topk_values import TopK, topk_teacher
+
+
+# make_options once per distinct set of options (a loss is called with the same ones at every step),
+# keyed by value and type: 1, 1.0 and True are three keys, so that t2_scale=1 still raises.
+_cached_options = functools.lru_cache(maxsize=64, typed=True)(make_options)
+
+
+def _options(**options):
+    """``make_options(**options)``, from the cache where the options were seen before."""
+    try:
+        return _cached_options(**options)
+    except TypeError:  # an unhashable option: make_options names it (or it raised TypeError itself)
+        return make_options(**options)
 
 
 def _check_teacher_count(backend, num_teachers):
@@ -85,7 +99,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     if dtensor.has_dtensor(student_logits, teacher_logits, labels):
         return dtensor.kd_loss(dict(locals()), kd_loss, vocab_parallel_kd_loss)
     teachers = as_teachers(teacher_logits)
-    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+    opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                         t2_scale=t2_scale, teacher_temperature=teacher_temperature,
                         teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
@@ -198,7 +212,7 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices=None, *, tail
     """
     if dtensor.has_dtensor(student_logits, teacher_logprobs, teacher_indices, labels):
         return dtensor.topk_kd_loss(dict(locals()), topk_kd_loss)
-    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+    opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                         t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     tail = check_tail(tail)
@@ -241,7 +255,7 @@ def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_st
     ``torch.compile(fullgraph=True)``: the rank's whole forward, collectives included, is one custom
     operator.
     """
-    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+    opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                         t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     if isinstance(teacher_shard, (list, tuple)):
@@ -335,7 +349,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
         _autocast(x, dtype) for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                       teacher_bias))
-    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+    opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                         ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                         t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     teachers = check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
