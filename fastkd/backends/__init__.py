@@ -71,8 +71,10 @@ def flat_labels(labels):
     return labels if labels is None or labels.dim() == 1 else labels.reshape(-1)
 
 
+@functools.lru_cache(maxsize=None)
 def implementation(backend):
-    """The module of ``backend`` ("triton" or "torch"), imported on first use."""
+    """The module of ``backend`` ("triton" or "torch"), imported on first use (looked up once: the
+    host path of a small call asks twice)."""
     if backend == "triton":
         from . import triton as module
     else:

@@ -54,8 +54,11 @@ CHUNK_BYTES = 2 * 2**20
 GPU_CHUNK_FACTOR = 4
 
 
-# Small calls (module docstring): one chunk of at most this many elements (N * V).
-SMALL_ELEMENTS = 2**16
+# Small calls (module docstring): one chunk of at most this many elements (N * V). Measured (kl,
+# fp32, 1 thread, loaded 2 cores), the fused ops against the chunk loop: 0.97 ms against 1.08 at
+# N = 128, V = 1000; 0.88 against 1.31 at 256 x 1000; 1.84 against 3.23 at 16 x 32000 (past this
+# bound, where the fresh [N, V] tensors, some six, grow to megabytes).
+SMALL_ELEMENTS = 2**18
 
 
 def chunks(N, V, chunk_bytes=None, device=None):
@@ -351,7 +354,7 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, grad, acc):
         row_loss = torch.where(defined, row_loss, float("nan"))
     ignored = None if labels is None else labels == opts.ignore_index
     if ignored is not None:
-        row_loss = torch.where(ignored, 0.0, row_loss)
+        row_loss.masked_fill_(ignored, 0.0)
     if grad is None:
         return row_loss, None
     soft_grad_scale = opts.soft_scale / opts.temperature
