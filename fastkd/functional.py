@@ -100,9 +100,9 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
         return dtensor.kd_loss(dict(locals()), kd_loss, vocab_parallel_kd_loss)
     teachers = as_teachers(teacher_logits)
     opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature,
-                        teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
+                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                    t2_scale=t2_scale, teacher_temperature=teacher_temperature,
+                    teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
     check_kd_inputs(student_logits, teachers, labels, opts)
     check_inplace(inplace, student_logits)
     check_values(student_logits, teachers, labels, opts, check_finite)
@@ -213,8 +213,8 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices=None, *, tail
     if dtensor.has_dtensor(student_logits, teacher_logprobs, teacher_indices, labels):
         return dtensor.topk_kd_loss(dict(locals()), topk_kd_loss)
     opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
+                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                    t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     tail = check_tail(tail)
     teacher_logprobs, teacher_indices = topk_teacher(teacher_logprobs, teacher_indices, opts)
     check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
@@ -256,8 +256,8 @@ def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_st
     operator.
     """
     opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
+                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                    t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     if isinstance(teacher_shard, (list, tuple)):
         raise TypeError("vocab_parallel_kd_loss takes one teacher_shard (a tensor); a mixture of teachers is "
                         "kd_loss's and fused_linear_kd_loss's")
@@ -350,8 +350,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
         _autocast(x, dtype) for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                       teacher_bias))
     opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
+                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                    t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     teachers = check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                   teacher_bias, teacher_logits, labels, opts)
     opts = dataclasses.replace(opts, teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))

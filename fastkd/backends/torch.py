@@ -29,9 +29,9 @@ On a GPU chunks are GPU_CHUNK_FACTOR times larger.
 Small calls. A call of one chunk and at most SMALL_ELEMENTS elements (a classifier's
 distillation, a few rows) runs on the calling thread in fresh tensors, by fused ops
 (``_small_kd_forward``): there each op costs its microseconds of Python and dispatch, not a pass
-over memory, so the fewest ops win. One teacher's kl takes the table's kl written out on
-log_softmax (about ten ops for value and gradient); the other divergences take the table on the
-rows' log-sum-exps (``_small_elements``).
+over memory, so the fewest ops win: both sides' log-probabilities by log_softmax (``_log_softmax``),
+then one teacher's kl by the table's kl written out (about ten ops for value and gradient), the
+other divergences by the table itself; a mixture of teachers runs the chunk's code once.
 """
 import ctypes
 import functools
