@@ -58,7 +58,7 @@ def _normalise(student, teacher_dtype, labels1, opts, reduction):
     """(normaliser or None, the kernels' grad_scale [1]) of ``student`` [..., V]'s rows."""
     acc = accumulation_dtype(student.dtype, teacher_dtype)
     N, V = student.numel() // max(student.shape[-1], 1), student.shape[-1]
-    norm = normaliser(reduction, labels1, N, V, opts.ignore_index, device=student.device, dtype=acc)
+    norm = normaliser(reduction, labels1, N, V, opts.ignore_index, device=student.device, dtype=acc, host=True)
     return norm, grad_scale(norm, device=student.device, dtype=acc)
 
 

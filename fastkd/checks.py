@@ -43,7 +43,10 @@ def check_label_range(labels, V, opts: KDOptions):
     if labels is None or opts.hard_weight == 0 or labels.device.type != "cpu" or torch.compiler.is_compiling():
         return
     flat = labels.reshape(-1)
-    bad = (flat != opts.ignore_index) & ((flat < 0) | (flat >= V))
+    outside = flat.clamp(0, V - 1) != flat  # outside [0, V)
+    if not outside.any():
+        return
+    bad = outside & (flat != opts.ignore_index)
     if bad.any():
         row = int(bad.nonzero()[0, 0])
         reason = f"is {int(flat[row])}, outside [0, {V}) and not ignore_index={opts.ignore_index}"

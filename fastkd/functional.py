@@ -8,6 +8,7 @@
     fused_linear_kd_loss    kd_loss of hidden @ weight.T (+ bias) without the [N, V] logits
 """
 import dataclasses
+import functools
 
 import torch
 
@@ -22,6 +23,19 @@ from .options import (IDENTITY, as_teachers, check_bool, check_chunk_size, check
                       check_kd_inputs, check_labels, check_logits, check_tail, check_temperature, check_topk_inputs,
                       check_teacher_weights, check_transforms, make_options, make_reduction)
 from .topk_values import TopK, topk_teacher
+
+
+# make_options once per distinct set of options (a loss is called with the same ones at every step),
+# keyed by value and type: 1, 1.0 and True are three keys, so that t2_scale=1 still raises.
+_cached_options = functools.lru_cache(maxsize=64, typed=True)(make_options)
+
+
+def _options(**options):
+    """``make_options(**options)``, from the cache where the options were seen before."""
+    try:
+        return _cached_options(**options)
+    except TypeError:  # an unhashable option: make_options names it (or it raised TypeError itself)
+        return make_options(**options)
 
 
 def _check_teacher_count(backend, num_teachers):
@@ -85,10 +99,10 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     if dtensor.has_dtensor(student_logits, teacher_logits, labels):
         return dtensor.kd_loss(dict(locals()), kd_loss, vocab_parallel_kd_loss)
     teachers = as_teachers(teacher_logits)
-    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature,
-                        teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
+    opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                    t2_scale=t2_scale, teacher_temperature=teacher_temperature,
+                    teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
     check_kd_inputs(student_logits, teachers, labels, opts)
     check_inplace(inplace, student_logits)
     check_values(student_logits, teachers, labels, opts, check_finite)
@@ -198,9 +212,9 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices=None, *, tail
     """
     if dtensor.has_dtensor(student_logits, teacher_logprobs, teacher_indices, labels):
         return dtensor.topk_kd_loss(dict(locals()), topk_kd_loss)
-    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
+    opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                    t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     tail = check_tail(tail)
     teacher_logprobs, teacher_indices = topk_teacher(teacher_logprobs, teacher_indices, opts)
     check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
@@ -241,9 +255,9 @@ def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_st
     ``torch.compile(fullgraph=True)``: the rank's whole forward, collectives included, is one custom
     operator.
     """
-    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
+    opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                    t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     if isinstance(teacher_shard, (list, tuple)):
         raise TypeError("vocab_parallel_kd_loss takes one teacher_shard (a tensor); a mixture of teachers is "
                         "kd_loss's and fused_linear_kd_loss's")
@@ -342,9 +356,9 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
         _autocast(x, dtype) for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                       teacher_bias))
-    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
+    opts = _options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
+                    ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                    t2_scale=t2_scale, teacher_temperature=teacher_temperature)
     teachers = check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                   teacher_bias, teacher_logits, labels, opts)
     opts = dataclasses.replace(opts, teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))

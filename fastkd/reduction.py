@@ -7,39 +7,47 @@
     "sum"         sum of row losses                       none (1)
     "none"        the row losses, shape of the leading dims
 
-A normaliser of 0 counts as 1 (no kept row: the loss is 0, not NaN). The normaliser is computed on
-the device before the kernels run (a count of the labels, never read on the host) and the kernels
-multiply the gradient they write by its inverse, ``grad_scale``; so the saved gradient is already
-that of the reduced loss and the backward only multiplies it by the upstream gradient (a no-op for
-1). ``"none"`` has one upstream gradient per row, known only in the backward: its gradient is saved
-unscaled (``grad_scale`` 1) and scaled row by row there.
+A normaliser of 0 counts as 1 (no kept row: the loss is 0, not NaN). The normaliser is computed
+before the kernels run: on the host where it needs no tensor (N rows without labels, or a
+``num_items_in_batch`` number), else on the device (a count of the labels, never read on the
+host); the kernels multiply the gradient they write by its inverse, ``grad_scale``; so the saved
+gradient is already that of the reduced loss and the backward only multiplies it by the upstream
+gradient (a no-op for 1). ``"none"`` has one upstream gradient per row, known only in the
+backward: its gradient is saved unscaled (``grad_scale`` 1) and scaled row by row there.
 """
 import torch
 
 from .options import Reduction
 
 
-def normaliser(reduction: Reduction, labels, N, V, ignore_index, *, device, dtype):
-    """The 0-d tensor (on ``device``, in ``dtype``) the summed row losses are divided by, or None
-    for "sum" and "none". ``labels``: ``[N]`` or None; ``V`` an int or a 0-d tensor."""
+def normaliser(reduction: Reduction, labels, N, V, ignore_index, *, device, dtype, host=False):
+    """What the summed row losses are divided by, or None for "sum" and "none": a 0-d tensor (on
+    ``device``, in ``dtype``), or with ``host=True`` a Python number where no tensor decides it (no
+    labels, or a ``num_items_in_batch`` number). ``labels``: ``[N]`` or None; ``V`` an int or a
+    0-d tensor."""
     if reduction.kind in ("sum", "none"):
         return None
     items = reduction.num_items_in_batch
-    if items is None:
-        count = torch.full((), N, dtype=dtype, device=device) if labels is None else \
-            (labels != ignore_index).sum().to(dtype)
-    elif isinstance(items, torch.Tensor):
+    if isinstance(items, torch.Tensor):
         count = items.to(device=device, dtype=dtype)  # a CPU 0-d tensor is copied as a fill: no sync
+        count = torch.where(count == 0, torch.ones_like(count), count)
+    elif items is None and labels is not None:
+        count = labels.ne(ignore_index).sum(dtype=dtype).clamp_(min=1)  # a count: 0 becomes 1
     else:
-        count = torch.full((), float(items), dtype=dtype, device=device)
-    count = torch.where(count == 0, torch.ones_like(count), count)
+        count = N if items is None else float(items)
+        count = count if count != 0 else 1
+        if not host:
+            count = torch.full((), count, dtype=dtype, device=device)
     return count * V if reduction.kind == "mean" else count
 
 
 def grad_scale(norm, *, device, dtype):
-    """The gradient's factor ``[1]`` for the kernels: 1 / ``norm``, or 1 without a normaliser."""
+    """The gradient's factor ``[1]`` for the kernels: 1 / ``norm`` (a tensor or a number), or 1
+    without a normaliser."""
     if norm is None:
         return torch.ones(1, dtype=dtype, device=device)
+    if not isinstance(norm, torch.Tensor):
+        return torch.full((1,), 1 / norm, dtype=dtype, device=device)
     return (1 / norm).reshape(1)
 
 

@@ -235,3 +235,14 @@ def test_every_function_backward_is_once_differentiable():
     assert fastkd.autograd.VocabParallelKDLossFunction in functions
     for function in functions:
         assert function.backward.__code__ is fastkd.autograd.once_differentiable(lambda: None).__code__, function
+
+
+def test_cached_options_still_check_types():
+    """kd_loss checks its options once per distinct set (a cache keyed by value and type): after a
+    call with t2_scale=True, t2_scale=1 (equal, and of the same hash) still raises, and an
+    unhashable option gets make_options' own error."""
+    fastkd.kd_loss(S, T, t2_scale=True)
+    with pytest.raises(TypeError, match="t2_scale must be a bool"):
+        fastkd.kd_loss(S, T, t2_scale=1)
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        fastkd.kd_loss(S, T, beta=[0.5])

@@ -87,7 +87,9 @@ def test_every_launcher_output_comes_from_the_poisonable_helper(monkeypatch, imp
     monkeypatch.setattr(impl, "empty", recording_empty, raising=False)
     s, t = torch.randn(3, 20), torch.randn(3, 20)
     # Buffers that are filled piecewise (by kernels, or chunk by chunk); a plain torch op's result,
-    # such as the torch backend's scale_rows, is written whole by torch.
+    # such as the torch backend's scale_rows or the row losses of its small calls, is written whole
+    # by torch (so the torch backend runs its chunk loop here).
+    monkeypatch.setattr(torch_backend, "SMALL_ELEMENTS", 0)
     outputs = list(impl.kd_forward(s, t, torch.tensor([1, -100, 3]), torch.ones(1), make_options(hard_weight=0.5)))
     if impl is launch:
         outputs.append(launch.scale_rows(outputs[1], torch.full((3,), 0.5)))

@@ -64,11 +64,16 @@ def test_workers_give_the_calling_threads_results(divergence, two_threads, monke
                                rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("short_rows", [False, True], ids=["log_softmax", "short-rows"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_small_calls_give_the_chunk_loops_results(divergence, monkeypatch):
+def test_small_calls_give_the_chunk_loops_results(divergence, short_rows, monkeypatch):
     """The path of a small call (one chunk by fused ops, SMALL_ELEMENTS) against the chunk loop: the
     same values to float32 rounding and the same NaN rows, with -inf columns, an undefined row, a
-    label out of range, ignored rows, the hard CE, a bf16 student, views, and in place."""
+    label out of range, ignored rows, the hard CE, a bf16 student, views, and in place; with
+    torch's log_softmax and with its steps as separate ops (many short rows, forced here)."""
+    if short_rows:
+        monkeypatch.setattr(torch_backend, "SHORT_ROW", 10**6)
+        monkeypatch.setattr(torch_backend, "FEW_ROWS", 0)
     gen = torch.Generator().manual_seed(5)
     s, t = torch.randn(9, 13, generator=gen) * 3, torch.randn(9, 13, generator=gen) * 3
     s[:, 4], t[:, 4] = -float("inf"), -float("inf")

@@ -60,17 +60,21 @@ def resolve_backend(backend, tensor):
 
 def rows(x):
     """``x`` as ``[N, V]`` with a unit column stride, without a copy where a view exists."""
+    if x.dim() == 2 and x.stride(-1) == 1:
+        return x
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def flat_labels(labels):
     """Labels ``[...]`` as ``[N]`` (a view where one exists, any stride), or None."""
-    return None if labels is None else labels.reshape(-1)
+    return labels if labels is None or labels.dim() == 1 else labels.reshape(-1)
 
 
+@functools.lru_cache(maxsize=None)
 def implementation(backend):
-    """The module of ``backend`` ("triton" or "torch"), imported on first use."""
+    """The module of ``backend`` ("triton" or "torch"), imported on first use (looked up once: the
+    host path of a small call asks twice)."""
     if backend == "triton":
         from . import triton as module
     else:

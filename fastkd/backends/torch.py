@@ -27,9 +27,11 @@ for tvd, whose buffers then leave the caches). The buffers stay a few percent of
 On a GPU chunks are GPU_CHUNK_FACTOR times larger.
 
 Small calls. A call of one chunk and at most SMALL_ELEMENTS elements (a classifier's
-distillation, a few rows) runs on the calling thread in fresh tensors, its row statistics by fused
-ops (``_small_elements``): there each op costs its microseconds of Python and dispatch, not a pass
-over memory, so the fewest ops win.
+distillation, a few rows) runs on the calling thread in fresh tensors, by fused ops
+(``_small_kd_forward``): there each op costs its microseconds of Python and dispatch, not a pass
+over memory, so the fewest ops win: both sides' log-probabilities by log_softmax (``_log_softmax``),
+then one teacher's kl by the table's kl written out (about ten ops for value and gradient), the
+other divergences by the table itself; a mixture of teachers runs the chunk's code once.
 """
 import ctypes
 import functools
@@ -52,8 +54,11 @@ CHUNK_BYTES = 2 * 2**20
 GPU_CHUNK_FACTOR = 4
 
 
-# Small calls (module docstring): one chunk of at most this many elements (N * V).
-SMALL_ELEMENTS = 2**16
+# Small calls (module docstring): one chunk of at most this many elements (N * V). Measured (kl,
+# fp32, 1 thread, loaded 2 cores), the fused ops against the chunk loop: 0.97 ms against 1.08 at
+# N = 128, V = 1000; 0.88 against 1.31 at 256 x 1000; 1.84 against 3.23 at 16 x 32000 (past this
+# bound, where the fresh [N, V] tensors, some six, grow to megabytes).
+SMALL_ELEMENTS = 2**18
 
 
 def chunks(N, V, chunk_bytes=None, device=None):
@@ -227,16 +232,17 @@ def _scaled(x, temperature, out):
     return out.copy_(x).div_(temperature)
 
 
-def _hard_ce(z, labels, need_grad, work):
-    """Cross-entropy at T = 1 per row ``[rows]``, its gradient (in a buffer of ``work``, or None),
-    and whether each label is in [0, V)."""
-    in_range = (labels >= 0) & (labels < z.shape[-1])
-    safe = torch.where(in_range, labels, 0).long()[:, None]
-    lse = z.logsumexp(-1, keepdim=True)
-    grad = None
-    if need_grad:
-        grad = torch.sub(z, lse, out=work.take()).exp_().scatter_add_(1, safe, -in_range[:, None].to(z.dtype))
-    return lse[:, 0] - z.gather(1, safe)[:, 0], grad, in_range
+def _hard_ce(log_q, labels, need_grad):
+    """Cross-entropy per row ``[rows]`` from the student's log-probabilities at T = 1, ``log_q``,
+    its gradient q - one-hot (written over ``log_q``; None without ``need_grad``), and whether each
+    label is in [0, V) (a row with another label computes on a stand-in column; the caller makes it
+    NaN)."""
+    index = labels.clamp(0, log_q.shape[-1] - 1)
+    in_range = index == labels
+    index = index.long().unsqueeze(1)
+    ce = log_q.gather(1, index).neg_()[:, 0]
+    grad = log_q.exp_().scatter_(1, index, -1.0, reduce="add") if need_grad else None
+    return ce, grad, in_range
 
 
 def _zero_rows(g, rows):
@@ -288,15 +294,78 @@ def _one_teacher_elements(s, t, opts, work):
     return x, defined, scalars
 
 
-def _small_elements(s, t, opts, work):
-    """``_one_teacher_elements`` of a small call (SMALL_ELEMENTS): ls and lt by one fused op each,
-    q, p and ls - lt out of place, in fresh tensors, as the mixture's; some ten ops where the
-    in-place first pass takes twenty. The row scalars come from element_terms."""
-    # log_softmax centres on the row's maximum before it subtracts log(sum): no element errs by
-    # more than ulp(log V), as a log-sum-exp taken first would (ulp of the logits' size)
-    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
-    x = div.Elements(opts, work, 0.0, ls=ls, lt=lt, s_minus_t=lambda: ls - lt)  # shift 0, as the mixture's
-    return x, torch.isfinite(ls.amax(-1) + lt.amax(-1)), None
+# torch's CPU log_softmax runs a row shorter than its vector width (16 floats with AVX-512) element
+# by element: measured at 1024 rows, 100 to 200 us for V = 7 to 15 and 13 to 23 us for V = 16 to 31.
+# For such rows, past a few (where the op count rules), _log_softmax takes its steps as separate ops
+# (max, exp, sum: 27 to 41 us there).
+SHORT_ROW = 16
+FEW_ROWS = 32
+
+
+def _log_softmax(x):
+    """log_softmax(x) over the last dim, in fresh memory: torch's, or for many short CPU rows
+    (SHORT_ROW, FEW_ROWS) the same steps as separate ops. A row with a NaN or +inf, or entirely
+    -inf, is all NaN either way."""
+    N, V = x.shape
+    if V >= SHORT_ROW or N <= FEW_ROWS or x.device.type != "cpu":
+        return torch.log_softmax(x, -1)
+    shifted = x - x.amax(-1, keepdim=True)
+    return shifted.sub_(shifted.exp().sum(-1, keepdim=True).log_())
+
+
+def _tempered(x, temperature, dtype):
+    """``x / temperature`` in ``dtype`` (the accumulation dtype), out of place (``x`` itself at T = 1)."""
+    x = x.to(dtype)
+    return x if temperature == 1 else x / temperature
+
+
+def _small_kd_forward(student, teacher, labels, grad_scale, opts, grad, acc):
+    """``kd_forward`` of a small call with one teacher: the whole ``[N, V]`` at once by fused ops in
+    fresh tensors (module docstring: Small calls), on the log-probabilities ls, lt; the gradient goes
+    into ``grad`` (or None) last, after every read of the student."""
+    ls = _log_softmax(_tempered(student, opts.temperature, acc))
+    lt = _log_softmax(_tempered(teacher, opts.teacher_T, acc))
+    p = lt.exp()
+    # The rows that have both distributions (a row without has NaN log-probabilities) and a label,
+    # where the formulas do not keep a row's NaNs by themselves (the table's masked products clear them).
+    defined = None
+    if opts.divergence == "kl":
+        # The table's kl written out: dD/ds = q - p, NaN exactly in the rows without both
+        # distributions; D = sum p (lt - ls) with the NaNs of 0 * inf (p = 0) cleared, plus 0 times
+        # q - p, which makes those rows NaN again (torch.where on [N, V] costs ten such passes).
+        dD = ls.exp().sub_(p)
+        D = (lt - ls).mul_(p).nan_to_num_(nan=0.0, posinf=div.INF, neginf=-div.INF).sum(-1).add_(dD[:, 0], alpha=0)
+    else:
+        defined = ~torch.isnan(ls[:, 0] + lt[:, 0])
+        fresh = FreshBuffers(ls)
+        x = div.Elements(opts, fresh, ls=ls, lt=lt, p=p, s_minus_t=lambda: ls - lt)
+        a1, a2 = div.element_terms(x, opts, fresh.take(), fresh.take())
+        A1, A2 = a1.sum(-1, keepdim=True), a2.sum(-1, keepdim=True)
+        D = div.divergence_value(A1, A2, opts)[:, 0]
+        dD = None if grad is None else div.divergence_grad(x, A1, A2, opts, fresh.take())
+    row_loss = D if opts.soft_scale == 1 else D * opts.soft_scale
+    ce = None
+    if labels is not None and opts.hard_weight != 0:  # at T = 1 over ls, which nothing reads after this
+        log_q = ls if opts.temperature == 1 else _log_softmax(student.to(acc))
+        ce, ce_grad, in_range = _hard_ce(log_q, labels, grad is not None)
+        row_loss = torch.add(row_loss, ce, alpha=opts.hard_weight)
+        defined = in_range if defined is None else defined & in_range
+    if defined is not None:
+        row_loss = torch.where(defined, row_loss, float("nan"))
+    ignored = None if labels is None else labels == opts.ignore_index
+    if ignored is not None:
+        row_loss.masked_fill_(ignored, 0.0)
+    if grad is None:
+        return row_loss, None
+    soft_grad_scale = opts.soft_scale / opts.temperature
+    g = dD if soft_grad_scale == 1 else dD.mul_(soft_grad_scale)
+    if ce is not None:
+        g.add_(ce_grad, alpha=opts.hard_weight)
+    factor = grad_scale.to(acc) if defined is None else _row_factor(grad_scale.to(acc), defined)
+    torch.mul(g, factor, out=grad)
+    if ignored is not None:
+        _zero_rows(grad, ignored)
+    return row_loss, grad
 
 
 def _mixture_elements(s, teachers, r0, r1, opts, work):
@@ -324,19 +393,24 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
     teachers = as_teachers(teachers)
     N, V = student.shape
     acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
-    loss = empty(N, dtype=acc, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
+    ranges = chunks(N, V, chunk_bytes, student.device)
+    small = len(ranges) == 1 and N * V <= SMALL_ELEMENTS
+    if small and len(teachers) == 1:
+        return _small_kd_forward(student, teachers[0], labels, grad_scale, opts, grad, acc)
+    loss = empty(N, dtype=acc, device=student.device)
     soft_grad_scale = grad_scale.to(acc) * (opts.soft_scale / opts.temperature)
     has_ce = labels is not None and opts.hard_weight != 0
 
     def one_chunk(r0, r1, work):
         ce = None
         if has_ce:  # read before the gradient, which may overwrite the student (inplace)
-            ce, ce_grad, in_range = _hard_ce(student[r0:r1].to(acc), labels[r0:r1], grad is not None, work)
+            log_q = torch.log_softmax(student[r0:r1].to(acc), -1, out=work.take())
+            ce, ce_grad, in_range = _hard_ce(log_q, labels[r0:r1], grad is not None)
         s = _scaled(student[r0:r1], opts.temperature, work.take())
         if len(teachers) == 1:
             t = _scaled(teachers[0][r0:r1], opts.teacher_T, work.take())
-            x, defined, scalars = (_small_elements if small else _one_teacher_elements)(s, t, opts, work)
+            x, defined, scalars = _one_teacher_elements(s, t, opts, work)
         else:
             x, defined, scalars = _mixture_elements(s, teachers, r0, r1, opts, work)
         if scalars is not None:
@@ -357,9 +431,7 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
                 g.add_(ce_grad.mul_(grad_scale.to(acc) * opts.hard_weight))
         _finish_rows(loss, grad, r0, r1, row_loss, g, defined, labels, opts.ignore_index)
 
-    ranges = chunks(N, V, chunk_bytes, student.device)
-    small = len(ranges) == 1 and N * V <= SMALL_ELEMENTS
-    if small:  # one chunk, on this thread, in fresh tensors
+    if small:  # a mixture of teachers: one chunk, on this thread, in fresh tensors
         one_chunk(0, N, FreshBuffers(empty((N, V), dtype=acc, device=student.device)))
     else:
         for_each_chunk(ranges, V, acc, student.device, one_chunk)
@@ -453,7 +525,8 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
         row_loss = torch.zeros(r1 - r0, dtype=acc, device=student.device)
         ce_grad = None
         if has_ce:  # read before the gradient, which may overwrite the student (inplace)
-            ce, ce_grad, in_range = _hard_ce(student[r0:r1].to(acc), labels[r0:r1], grad is not None, work)
+            log_q = torch.log_softmax(student[r0:r1].to(acc), -1, out=work.take())
+            ce, ce_grad, in_range = _hard_ce(log_q, labels[r0:r1], grad is not None)
             defined = defined & in_range
             row_loss += opts.hard_weight * ce
 
