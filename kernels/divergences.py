@@ -47,7 +47,8 @@ import triton.language as tl
 
 from .row_stats import exp, finite, fold_tile, log, log_add_exp, tile_rows_to_row
 
-# Codes of fastkd.options.DIVERGENCES, in its order (a test checks the correspondence).
+# Codes of fastkd.divergences.DIVERGENCES, in its order (a test checks the correspondence). Every
+# table below has one branch per code and fails to compile (tl.static_assert) for any other.
 KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
 JSD = tl.constexpr(2)
@@ -91,8 +92,10 @@ def cross_term_elements(e_s, e_t, s_c, t_c, DIVERGENCE: tl.constexpr):
     weight is 0."""
     if DIVERGENCE == KL:
         terms = tl.where(e_t > 0, e_t * (t_c - s_c), 0.0)
-    else:
+    elif DIVERGENCE == REVERSE_KL:
         terms = tl.where(e_s > 0, e_s * (s_c - t_c), 0.0)
+    else:  # no cross term (kernels compute it unconditionally and use it only for kl, reverse_kl)
+        terms = tl.zeros_like(e_s)
     return terms
 
 
@@ -105,8 +108,10 @@ def recentre_cross(cross, weight, m_s, new_m_s, m_t, new_m_t, DIVERGENCE: tl.con
     if DIVERGENCE == REVERSE_KL:
         move = -move
         alpha = exp(m_s - finite(new_m_s))
-    else:
+    elif DIVERGENCE == KL:
         alpha = exp(m_t - finite(new_m_t))
+    else:  # no cross term: nothing to re-centre
+        alpha = tl.zeros_like(cross)
     return alpha * (cross + tl.where(weight > 0, weight * move, 0.0))
 
 
@@ -190,9 +195,11 @@ def cross_term_scalars(cross, d_s, d_t, shift, DIVERGENCE: tl.constexpr):
     if DIVERGENCE == KL:
         A1 = cross / d_t
         A2 = -shift
-    else:
+    elif DIVERGENCE == REVERSE_KL:
         A1 = cross / d_s
         A2 = shift
+    else:
+        tl.static_assert(False, "cross_term_scalars: only kl and reverse_kl have a cross term")
     return A1, A2
 
 
@@ -234,9 +241,11 @@ def element_terms(ls, lt, q, p, s_minus_t, shift, mix_weight, log_weight_p, log_
         elif DIVERGENCE == SKEW_KL:
             a1 = tl.where(p > 0, p * (lt - lm), 0.0)
             a2 = skew_kl_ratio(ls, lt, lm, p, mix_weight)
-        else:
+        elif DIVERGENCE == SKEW_REVERSE_KL:
             a1 = tl.where(q > 0, q * (ls - lm), 0.0)
             a2 = tl.where(q > 0, exp(log_weight_q + 2.0 * ls - lm), 0.0)
+        else:
+            tl.static_assert(False, "no branch for this DIVERGENCE code (fastkd.divergences)")
     return a1, a2
 
 
@@ -249,8 +258,10 @@ def divergence_value(A1, A2, mix_weight, DIVERGENCE: tl.constexpr):
         value = mix_weight * A1 + (1.0 - mix_weight) * A2
     elif DIVERGENCE == TVD:
         value = 0.5 * A1
-    else:
+    elif DIVERGENCE == SKEW_KL or DIVERGENCE == SKEW_REVERSE_KL:
         value = A1
+    else:
+        tl.static_assert(False, "no branch for this DIVERGENCE code (fastkd.divergences)")
     return value
 
 
@@ -284,8 +295,10 @@ def divergence_grad(ls, lt, q, p, s_minus_t, shift, A1, A2, mix_weight, log_weig
             g = (1.0 - mix_weight) * tl.where(q > 0, q * (ls - lm - A2), 0.0)
         elif DIVERGENCE == SKEW_KL:
             g = (1.0 - mix_weight) * (q * A2 - skew_kl_ratio(ls, lt, lm, p, mix_weight))
-        else:
+        elif DIVERGENCE == SKEW_REVERSE_KL:
             g = tl.where(q > 0, q * (ls - lm - exp(log_weight_q + ls - lm) - (A1 - A2)), 0.0)
+        else:
+            tl.static_assert(False, "no branch for this DIVERGENCE code (fastkd.divergences)")
     return g
 
 
@@ -311,7 +324,9 @@ def point_grad(lp, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE: tl.co
         elif DIVERGENCE == SKEW_KL:
             g = -(1.0 - mix_weight) * exp(lp - lm)
             h = -(1.0 - mix_weight) * skew_kl_ratio(lq, lp, lm, p, mix_weight)
-        else:
+        elif DIVERGENCE == SKEW_REVERSE_KL:
             g = lq - lm + 1.0 - mix_weight * exp(lq - lm)
             h = tl.where(q > 0, q * g, 0.0)
+        else:
+            tl.static_assert(False, "no branch for this DIVERGENCE code (fastkd.divergences)")
     return h, g

@@ -21,7 +21,7 @@ Passes over the row (each reads the student and every teacher once):
     1. online max / sum-of-exps of s, each t (and z for the hard CE); with one teacher kl and
        reverse_kl also fold their centred cross term (divergences.py) into it, so D is known
        after it.
-    2. jsd, skew_kl, skew_reverse_kl, tvd, and every divergence of a mixture of teachers: the row
+    2. the divergences without a cross term, and every divergence of a mixture of teachers: the row
        scalars A1, A2, which need the normalised p and q (hence every lse) at every element.
     3. the gradient, written once.
 Bytes requested per element, b_s the student's element size, b_t the sum of the teachers' (2 for

@@ -17,7 +17,7 @@ Steps, with the row-wide reductions:
     2. reduction 1: the maxima m_s, m_t (and m_z for the hard CE)
     3. reduction 2: the sums of exps d_s, d_t (d_z), kl's or reverse_kl's cross term, and the
        label's logit z_y taken from the resident row (no second read of it)
-    4. jsd, skew_kl, skew_reverse_kl, tvd: reduction 3, the row scalars A1, A2 (element_terms)
+    4. the divergences without a cross term: reduction 3, the row scalars A1, A2 (element_terms)
     5. the loss, and the gradient (divergence_grad) written once, each CTA its own slice
 Bytes moved per element: b_s + b_t + b_s (6 for bf16), every divergence.
 With ``inplace`` the gradient overwrites the student: every CTA has loaded its slice before the

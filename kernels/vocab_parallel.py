@@ -14,7 +14,7 @@ The host combines these across ranks (fastkd/distributed.py) into ROW: with M th
 ranks, d = sum_r d_r e^(m_r - M), lse = M + log d, shift = (M_s - M_t) + log(d_s / d_t), and the
 cross term re-centred on the row's maxima (divergences.recentre_cross).
 
-row_scalars_kernel (jsd, skew_kl, skew_reverse_kl, tvd, after the global lse's are known):
+row_scalars_kernel (the divergences without a cross term, after the global lse's are known):
     the shard's part of the row scalars A1, A2; the host sums them across ranks into ROW.
 
 shard_finish_kernel: the row loss (the same on every rank) and the shard's columns of the gradient

@@ -42,6 +42,11 @@ def finite(m):
     return m.clamp(min=torch.finfo(m.dtype).min)
 
 
+def _no_branch(name):
+    """Every table here has one branch per registry entry (fastkd.divergences); nothing falls through."""
+    return ValueError(f"no branch for divergence {name!r} in the torch table")
+
+
 class Elements:
     """One chunk of rows as the table reads it: ls, lt, q, p, s_minus_t ``[rows, V]`` and ``shift``
     ``[rows, 1]`` (or a number), the kernels' arguments, plus lm (log M) and sign_p_minus_q.
@@ -94,7 +99,7 @@ class Elements:
 def _reads_log_probabilities(opts: KDOptions):
     """Whether the divergence's formulas read ls and lt (the mixture divergences, through log M);
     the others read q, p and s_minus_t only."""
-    return opts.divergence in ("jsd", "skew_kl", "skew_reverse_kl")
+    return opts.entry.mixture is not None
 
 
 def cross_term_elements(e_s, e_t, x: Elements, opts: KDOptions, out):
@@ -103,7 +108,9 @@ def cross_term_elements(e_s, e_t, x: Elements, opts: KDOptions, out):
     centred)."""
     if opts.divergence == "kl":  # e_t (t - s) = -(e_t (s - t)), exactly
         return _masked_product(e_t, x.s_minus_t, out).neg_()
-    return _masked_product(e_s, x.s_minus_t, out)
+    if opts.divergence == "reverse_kl":
+        return _masked_product(e_s, x.s_minus_t, out)
+    raise _no_branch(opts.divergence)
 
 
 def recentre_cross(cross, weight, m_s, new_m_s, m_t, new_m_t, opts: KDOptions):
@@ -113,8 +120,10 @@ def recentre_cross(cross, weight, m_s, new_m_s, m_t, new_m_t, opts: KDOptions):
     move = (finite(m_t) - finite(new_m_t)) - (finite(m_s) - finite(new_m_s))
     if opts.divergence == "kl":
         alpha = torch.exp(m_t - finite(new_m_t))
-    else:
+    elif opts.divergence == "reverse_kl":
         move, alpha = -move, torch.exp(m_s - finite(new_m_s))
+    else:
+        raise _no_branch(opts.divergence)
     return alpha * (cross + torch.where(weight > 0, weight * move, 0.0))
 
 
@@ -176,7 +185,11 @@ def log_ratio_shift(d_s, d_t):
 def cross_term_scalars(cross, d_s, d_t, shift, opts: KDOptions):
     """A1, A2 of kl and reverse_kl from the first pass: the cross term centred on the row's maxima,
     the sums of exps d_s, d_t, and shift = log(d_s / d_t) (both of the size of the row's spread)."""
-    return (cross / d_t, -shift) if opts.divergence == "kl" else (cross / d_s, shift)
+    if opts.divergence == "kl":
+        return cross / d_t, -shift
+    if opts.divergence == "reverse_kl":
+        return cross / d_s, shift
+    raise _no_branch(opts.divergence)
 
 
 def log_mixture(ls, lt, log_weight_p, log_weight_q, out=None, scratch=None):
@@ -217,9 +230,11 @@ def element_terms(x: Elements, opts: KDOptions, out1, out2):
     if name == "skew_kl":
         return (_masked_product(x.p, torch.sub(x.lt, x.lm, out=out1), out1),
                 skew_kl_ratio(x.ls, x.lt, x.lm, x.p, mix, out2))
-    # a2 = 0 where q = 0: there ls = -inf, so 2 ls - lm is -inf, or NaN where lm = -inf too.
-    a2 = _nan_to_zero(torch.mul(x.ls, 2.0, out=out2).add_(log_wq).sub_(x.lm).exp_())
-    return _masked_product(x.q, torch.sub(x.ls, x.lm, out=out1), out1), a2
+    if name == "skew_reverse_kl":
+        # a2 = 0 where q = 0: there ls = -inf, so 2 ls - lm is -inf, or NaN where lm = -inf too.
+        a2 = _nan_to_zero(torch.mul(x.ls, 2.0, out=out2).add_(log_wq).sub_(x.lm).exp_())
+        return _masked_product(x.q, torch.sub(x.ls, x.lm, out=out1), out1), a2
+    raise _no_branch(name)
 
 
 def divergence_value(A1, A2, opts: KDOptions):
@@ -231,7 +246,9 @@ def divergence_value(A1, A2, opts: KDOptions):
         return opts.beta * A1 + (1 - opts.beta) * A2
     if name == "tvd":
         return 0.5 * A1
-    return A1
+    if name in ("skew_kl", "skew_reverse_kl"):
+        return A1
+    raise _no_branch(name)
 
 
 def divergence_grad(x: Elements, A1, A2, opts: KDOptions, out, scale=1.0):
@@ -248,11 +265,13 @@ def divergence_grad(x: Elements, A1, A2, opts: KDOptions, out, scale=1.0):
     mix, log_wp, log_wq = opts.mixture_weights()
     if name == "jsd":
         return _masked_product(x.q, torch.sub(x.ls, x.lm, out=out).sub_(A2), out).mul_((1 - mix) * scale)
+    if name not in ("skew_kl", "skew_reverse_kl"):
+        raise _no_branch(name)
     scratch = x.work.take()
     if name == "skew_kl":
         r = skew_kl_ratio(x.ls, x.lt, x.lm, x.p, mix, scratch)
         g = torch.mul(x.q, A2, out=out).sub_(r).mul_((1 - mix) * scale)
-    else:
+    else:  # skew_reverse_kl
         # a q / M as exp(log a + ls - lm): 0 at a = 0, not 0 * inf.
         log_ratio = torch.sub(x.ls, x.lm, out=out)
         a_q_over_m = torch.add(log_ratio, log_wq, out=scratch).exp_()
@@ -280,5 +299,7 @@ def point_grad(lp, lq, opts: KDOptions):
         return _masked_product(q, g), g
     if name == "skew_kl":
         return -(1 - mix) * skew_kl_ratio(lq, lp, lm, p, mix), -(1 - mix) * (lp - lm).exp()
-    g = lq - lm + 1 - mix * (lq - lm).exp()
-    return _masked_product(q, g), g
+    if name == "skew_reverse_kl":
+        g = lq - lm + 1 - mix * (lq - lm).exp()
+        return _masked_product(q, g), g
+    raise _no_branch(name)

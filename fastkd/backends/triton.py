@@ -48,7 +48,7 @@ def _labels(labels, stand_in):
 # The dense kernels; FASTKD_KD_KERNEL, read at every call, chooses one (tests, benchmarks):
 #   auto       the default: the kernel the audit's model (fastkd/audit/model.py) times faster
 #   two_pass   kernels/kd_loss.py: any V, each input read twice (three times for the divergences
-#              without a cross term: jsd, skew_kl, skew_reverse_kl, tvd)
+#              without a cross term, fastkd.divergences)
 #   resident   kernels/kd_resident.py, each input read once, the row held in registers by one CTA
 #              (rows of up to resident_capacity columns, one teacher)
 KD_KERNELS = ("auto", "two_pass", "resident")

@@ -10,8 +10,8 @@ micro-batch is ``fastkd.integrations.trl.fused_divergence_loss`` instead of TRL'
 divergence: with TRL's options alone the same loss, gradients and logged entropy. ``DistillationConfig``
 adds (defaults: TRL's behaviour):
 
-- ``divergence``: None (TRL's ``beta`` convention) or any fastkd divergence (``kl``,
-  ``reverse_kl``, ``jsd`` with ``beta``, ``skew_kl`` / ``skew_reverse_kl`` with ``skew``, ``tvd``);
+- ``divergence``: None (TRL's ``beta`` convention) or any fastkd divergence (with
+  its ``beta`` or ``skew``: ``fastkd.divergences``);
 - ``teacher_temperature``: the teacher's own temperature (None: ``temperature``);
 - ``hard_weight`` / ``soft_weight``: loss = hard_weight CE(student, completion tokens) +
   soft_weight D, CE at T = 1 over the same positions; ``t2_scale`` (False, as TRL);
@@ -40,7 +40,7 @@ class DistillationConfig(trl.DistillationConfig):
 
     divergence: str | None = field(default=None, metadata={"help": "None: TRL's beta convention; else a fastkd "
                                                                    "divergence (kl, reverse_kl, jsd, skew_kl, ...)"})
-    skew: float = field(default=0.1, metadata={"help": "skew_kl / skew_reverse_kl's alpha"})
+    skew: float = field(default=0.1, metadata={"help": "the skew divergences' alpha"})
     teacher_temperature: float | None = field(default=None, metadata={"help": "None: temperature"})
     hard_weight: float = field(default=0.0, metadata={"help": "weight of the CE on the completion tokens"})
     soft_weight: float = field(default=1.0, metadata={"help": "weight of the divergence"})
