@@ -6,13 +6,8 @@ divergences.py), computed from one load of the row instead of two or three:
 Row loss  = soft_scale * D + hard_weight * (lse(z) - z_y)      (hard CE at T = 1)
 Gradient  = grad_scale * (soft_scale / T_s * dD/ds + hard_weight * (softmax(z) - onehot(y)))
 
-One program holds a whole row as a tile ``[NC, BLOCK_V]``: column ``c * BLOCK_V + j`` at ``[c, j]``.
-Launched with ``num_ctas = NC`` on sm_90 the tile is split over a thread-block cluster, one
-``BLOCK_V`` slice per CTA; with ``NC = 1`` it is an ordinary one-CTA kernel (no cluster, any
-Triton). The interpreter ignores ``num_ctas`` and runs the same tile. A row-wide reduction reduces
-each operand over the CTA's slice, then all its operands across the slices in one exchange through
-distributed shared memory (compiled for sm_90: 2 cluster barriers a reduction, 3 more a row).
-Steps, with the row-wide reductions:
+One program (one CTA) holds a whole row as a tile of ``BLOCK_V >= V`` columns. Steps, with the
+row-wide reductions:
     1. load z, t once; s = z / T_s, t = t / T_t
     2. reduction 1: the maxima m_s, m_t (and m_z for the hard CE)
     3. reduction 2: the sums of exps d_s, d_t (d_z), kl's or reverse_kl's cross term, and the
@@ -20,8 +15,7 @@ Steps, with the row-wide reductions:
     4. the divergences without a cross term: reduction 3, the row scalars A1, A2 (element_terms)
     5. the loss, and the gradient (divergence_grad) written once, each CTA its own slice
 Bytes moved per element: b_s + b_t + b_s (6 for bf16), every divergence.
-With ``inplace`` the gradient overwrites the student: every CTA has loaded its slice before the
-cluster meets at reduction 1's barriers, and stores only after them.
+With ``inplace`` the gradient overwrites the student: the row is loaded before any store.
 Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading the logits; undefined
 rows (no finite log-sum-exp of s or t, or with the hard CE a label outside [0, V)) a NaN loss and
 an all-NaN gradient row, exactly as kd_loss.py.
@@ -34,76 +28,26 @@ from .divergences import (JSD, cross_term_elements, cross_term_scalars, divergen
 from .row_stats import exp, finite, row_label, store
 
 
-# A row-wide reduction of the tile: first within each CTA, over its slice (axis 1: tl.max / tl.sum,
-# one operand each), then across the NC slices (axis 0), every operand in one tl.reduce: in a
-# cluster that is the one exchange through distributed shared memory, so one round of cluster
-# barriers serves all its operands (k separate reductions would cost k rounds).
-@triton.jit
-def _max2(a, b, a2, b2):
-    return tl.maximum(a, a2), tl.maximum(b, b2)
-
-
-@triton.jit
-def _max3(a, b, c, a2, b2, c2):
-    return tl.maximum(a, a2), tl.maximum(b, b2), tl.maximum(c, c2)
-
-
-@triton.jit
-def _add2(a, b, a2, b2):
-    return a + a2, b + b2
-
-
-@triton.jit
-def _add3(a, b, c, a2, b2, c2):
-    return a + a2, b + b2, c + c2
-
-
-@triton.jit
-def _add4(a, b, c, d, a2, b2, c2, d2):
-    return a + a2, b + b2, c + c2, d + d2
-
-
-@triton.jit
-def _add5(a, b, c, d, e, a2, b2, c2, d2, e2):
-    return a + a2, b + b2, c + c2, d + d2, e + e2
-
-
 @triton.jit
 def row_maxima(s, t, z, HAS_CE: tl.constexpr):
-    """max s, max t (and max z) over the tile (z's maximum is -inf without CE)."""
-    if HAS_CE:
-        m_s, m_t, m_z = tl.reduce((tl.max(s, 1), tl.max(t, 1), tl.max(z, 1)), 0, _max3)
-    else:
-        m_s, m_t = tl.reduce((tl.max(s, 1), tl.max(t, 1)), 0, _max2)
-        m_z = tl.full((), float("-inf"), s.dtype)
-    return m_s, m_t, m_z
+    """max s, max t (and max z) over the row (z's maximum is -inf without CE)."""
+    m_z = tl.max(z, 0) if HAS_CE else tl.full((), float("-inf"), s.dtype)
+    return tl.max(s, 0), tl.max(t, 0), m_z
 
 
 @triton.jit
 def row_sums(e_s, e_t, cross, e_z, z_y, WITH_CROSS: tl.constexpr, HAS_CE: tl.constexpr):
-    """The sums over the tile of the operands each configuration needs."""
-    d_z = tl.zeros((), e_s.dtype)
-    z_label = tl.zeros((), e_s.dtype)
-    sum_cross = tl.zeros((), e_s.dtype)
-    if WITH_CROSS:
-        if HAS_CE:
-            d_s, d_t, sum_cross, d_z, z_label = tl.reduce(
-                (tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(cross, 1), tl.sum(e_z, 1), tl.sum(z_y, 1)), 0, _add5)
-        else:
-            d_s, d_t, sum_cross = tl.reduce((tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(cross, 1)), 0, _add3)
-    else:
-        if HAS_CE:
-            d_s, d_t, d_z, z_label = tl.reduce((tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_z, 1), tl.sum(z_y, 1)), 0,
-                                               _add4)
-        else:
-            d_s, d_t = tl.reduce((tl.sum(e_s, 1), tl.sum(e_t, 1)), 0, _add2)
-    return d_s, d_t, sum_cross, d_z, z_label
+    """The sums over the row of the operands each configuration needs (0 for the others)."""
+    sum_cross = tl.sum(cross, 0) if WITH_CROSS else tl.zeros((), e_s.dtype)
+    d_z = tl.sum(e_z, 0) if HAS_CE else tl.zeros((), e_s.dtype)
+    z_label = tl.sum(z_y, 0) if HAS_CE else tl.zeros((), e_s.dtype)
+    return tl.sum(e_s, 0), tl.sum(e_t, 0), sum_cross, d_z, z_label
 
 
 @triton.jit
 def row_scalars(a1, a2):
-    """A1, A2: the sums of the element terms over the tile."""
-    return tl.reduce((tl.sum(a1, 1), tl.sum(a2, 1)), 0, _add2)
+    """A1, A2: the sums of the element terms over the row."""
+    return tl.sum(a1, 0), tl.sum(a2, 0)
 
 
 @triton.jit
@@ -118,17 +62,17 @@ def kd_resident_kernel(
     log_weight_p: tl.float64, log_weight_q: tl.float64, soft_scale: tl.float64, hard_weight: tl.float64,
     ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, NC: tl.constexpr, BLOCK_V: tl.constexpr,   # NC * BLOCK_V >= V
+    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,   # BLOCK_V >= V
 ):
     inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
         inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
     soft_scale = tl.full((), soft_scale, ACC_DTYPE)
     hard_weight = tl.full((), hard_weight, ACC_DTYPE)
-    row = tl.program_id(0).to(tl.int64)  # the cluster's index when NC > 1
+    row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride
     g_row = grad_ptr + row * grad_row_stride
-    cols = tl.arange(0, NC)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+    cols = tl.arange(0, BLOCK_V)
 
     label, valid = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
@@ -171,5 +115,5 @@ def kd_resident_kernel(
             store(g_row + cols, g, mask=mask, eviction_policy="evict_first")
     else:
         if WRITE_GRAD:
-            store(g_row + cols, tl.zeros((NC, BLOCK_V), ACC_DTYPE), mask=cols < V)
+            store(g_row + cols, tl.zeros((BLOCK_V,), ACC_DTYPE), mask=cols < V)
         store(loss_ptr + row, tl.zeros((), ACC_DTYPE))

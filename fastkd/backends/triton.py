@@ -145,7 +145,7 @@ def _resident_kd_forward(student, teacher, labels, grad_scale, opts, loss, grad)
         loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
         V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
         DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), NC=1, BLOCK_V=block, num_warps=warps,
+        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
     )
     return loss, grad
 
