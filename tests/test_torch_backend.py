@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from fastkd.backends import torch as torch_backend
+from fastkd.backends import workers as worker_pool
 from fastkd.backends import torch_divergences as div
 from fastkd.options import make_options
 from helpers import DIVERGENCES
 
-needs_workers = pytest.mark.skipif(torch_backend._openmp_runtime() is None,
+needs_workers = pytest.mark.skipif(worker_pool._openmp_runtime() is None,
                                    reason="the workers need torch built with OpenMP, on Linux")
 
 
@@ -29,7 +30,7 @@ def two_threads():
 def _forward(student, teachers, labels, opts, workers, monkeypatch, **kw):
     with monkeypatch.context() as patch:
         if not workers:
-            patch.setattr(torch_backend, "_openmp_runtime", lambda: None)
+            patch.setattr(worker_pool, "_openmp_runtime", lambda: None)
         return torch_backend.kd_forward(student, teachers, labels, torch.tensor([0.25]), opts, **kw)
 
 

@@ -11,13 +11,7 @@ distribution (no finite log-sum-exp of s or of a teacher's t) or, with the hard 
 outside [0, V) are NaN, loss and whole gradient row; ignored rows are 0.
 
 Threads. On the CPU the chunks go to worker threads whose torch ops each run on one thread
-(``for_each_chunk``), as many as torch's intra-op threads (at most MAX_WORKERS), each with its
-own buffers. A chunk is some twenty short passes over memory; run on torch's own threads, each
-pass is a parallel region whose threads wait for each other at its end, and on a machine shared
-with other work a waiting thread waits for the scheduler. Measured on 2 cores beside other jobs
-(load 2 to 4), a forward + backward at N = 2048, V = 32000 took 4 to 27 s that way and 0.45 to
-1.4 s with the workers, which never wait for each other; on an idle machine the two are within
-10 % (0.2 to 0.45 s).
+(``for_each_chunk``, ``fastkd.backends.workers``), each with its own buffers.
 
 CHUNK_BYTES: each op costs some microseconds of Python and dispatch besides its pass, and the
 workers pay those holding the interpreter lock. Measured with the workers: chunks of 2 MiB
@@ -33,11 +27,7 @@ over memory, so the fewest ops win: both sides' log-probabilities by log_softmax
 then one teacher's kl by the table's kl written out (about ten ops for value and gradient), the
 other divergences by the table itself; a mixture of teachers runs the chunk's code once.
 """
-import ctypes
-import functools
 import math
-import os
-import queue
 import threading
 
 import torch
@@ -46,6 +36,7 @@ from ..buffers import accumulation_dtype, empty, gradient_buffer
 from ..options import KDOptions, as_teachers
 from . import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS
 from . import torch_divergences as div
+from . import workers
 
 # Of one [rows, V] buffer of float32 (float64 buffers hold as many rows, twice the bytes).
 CHUNK_BYTES = 2 * 2**20
@@ -119,89 +110,15 @@ class FreshBuffers:
 # ----------------------------------------------------------------------------------- the chunk loop
 
 
-@functools.lru_cache(maxsize=None)
-def _openmp_runtime():
-    """The OpenMP runtime that torch's CPU ops run on, through ctypes, or None: torch built without
-    OpenMP, or no /proc/self/maps to find the loaded library in (not Linux)."""
-    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        return None
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/" in line}
-    except OSError:
-        return None
-    torch_dir = os.path.dirname(torch.__file__)
-    found = [path for path in paths if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp"))]
-    for path in sorted(found, key=lambda path: not path.startswith(torch_dir)):  # torch's own first
-        try:
-            return ctypes.CDLL(path)
-        except OSError:
-            continue
-    return None
-
-
-class _Workers:
-    """``count`` daemon threads whose torch ops run on one thread each. OpenMP's thread count is a
-    setting of each thread, set here in the runtime itself: torch.set_num_threads would also change
-    settings that all threads share (torch's default for threads started later, MKL's), and after
-    it the calling thread's small ops were measured 2000 times slower."""
-
-    def __init__(self, count, openmp):
-        self.tasks = queue.SimpleQueue()
-        ready = threading.Barrier(count + 1)
-
-        def serve():
-            torch.get_num_threads()  # torch's set-up of this thread first: it sets the thread count
-            openmp.omp_set_num_threads(1)
-            ready.wait()
-            while True:
-                task, done = self.tasks.get()
-                error = None
-                try:
-                    task()
-                except BaseException as raised:  # noqa: BLE001 - raised in the caller
-                    error = raised
-                del task  # it holds the call's tensors: nothing of a call may outlive it here
-                done.put(error)
-
-        for _ in range(count):
-            threading.Thread(target=serve, name="fastkd-chunks", daemon=True).start()
-        ready.wait()
-
-    def run(self, tasks):
-        """Run every task of ``tasks`` on the workers; wait for all; raise the first error."""
-        done = queue.SimpleQueue()
-        for task in tasks:
-            self.tasks.put((task, done))
-        errors = [done.get() for _ in tasks]
-        for error in errors:
-            if error is not None:
-                raise error
-
-
-# Each worker holds its own buffers (ten at most): this bounds them, whatever the core count.
-MAX_WORKERS = 8
-_WORKERS = {}  # worker count -> _Workers
-_WORKERS_LOCK = threading.Lock()
-os.register_at_fork(after_in_child=_WORKERS.clear)  # threads do not survive a fork
-
-
-def _workers(count):
-    with _WORKERS_LOCK:
-        if count not in _WORKERS:
-            _WORKERS[count] = _Workers(count, _openmp_runtime())
-        return _WORKERS[count]
-
-
 def for_each_chunk(ranges, V, dtype, device, body):
     """``body(r0, r1, work)`` for every row range of ``ranges``, with ``work`` a Workspace of ``dtype``
-    viewed at its rows. On the CPU (torch built with OpenMP, more than one intra-op thread, more
-    than one chunk) the chunks go, one at a time as each finishes the last, to as many workers
-    (at most MAX_WORKERS), each with its own Workspace (see the module docstring); elsewhere the
+    viewed at its rows. Where ``fastkd.backends.workers`` serves (the CPU, torch built with
+    OpenMP, more than one intra-op thread) and there is more than one chunk, the chunks go, one at
+    a time as each finishes the last, to its workers, each with its own Workspace; elsewhere the
     calling thread runs them in order. ``body`` writes disjoint rows of its outputs, so the
     results are the same either way."""
-    count = min(torch.get_num_threads(), MAX_WORKERS)
-    if device.type != "cpu" or count == 1 or len(ranges) <= 1 or _openmp_runtime() is None:
+    count = workers.count(device)
+    if count == 1 or len(ranges) <= 1:
         work = Workspace(ranges, V, dtype, device)
         for r0, r1 in ranges:
             work.next_chunk(r1 - r0)
@@ -219,7 +136,7 @@ def for_each_chunk(ranges, V, dtype, device, body):
             work.next_chunk(rows[1] - rows[0])
             body(*rows, work)
 
-    _workers(count).run([worker] * min(count, len(ranges)))
+    workers.run(worker, min(count, len(ranges)))
 
 
 # --------------------------------------------------------------------------------------- helpers
