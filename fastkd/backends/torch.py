@@ -14,11 +14,9 @@ Threads. On the CPU the chunks go to worker threads whose torch ops each run on 
 (``for_each_chunk``, ``fastkd.backends.workers``), each with its own buffers.
 
 CHUNK_BYTES: each op costs some microseconds of Python and dispatch besides its pass, and the
-workers pay those holding the interpreter lock. Measured with the workers: chunks of 2 MiB
-(16 rows at V = 32000) were the fastest or within noise of it; 1 MiB took 15 % longer, 0.5 MiB
-1.5 times, 0.25 MiB twice as long; 4 MiB was no faster overall (faster for reverse_kl, slower
-for tvd, whose buffers then leave the caches). The buffers stay a few percent of the gradient.
-On a GPU chunks are GPU_CHUNK_FACTOR times larger.
+workers pay those holding the interpreter lock, so chunks are as large as the caches allow (the
+measurements behind the sizes: docs/benchmarks.md, "Sizes of the torch backend"). The buffers stay
+a few percent of the gradient. On a GPU chunks are GPU_CHUNK_FACTOR times larger.
 
 Small calls. A call of one chunk and at most SMALL_ELEMENTS elements (a classifier's
 distillation, a few rows) runs on the calling thread in fresh tensors, by fused ops
@@ -45,10 +43,8 @@ CHUNK_BYTES = 2 * 2**20
 GPU_CHUNK_FACTOR = 4
 
 
-# Small calls (module docstring): one chunk of at most this many elements (N * V). Measured (kl,
-# fp32, 1 thread, loaded 2 cores), the fused ops against the chunk loop: 0.97 ms against 1.08 at
-# N = 128, V = 1000; 0.88 against 1.31 at 256 x 1000; 1.84 against 3.23 at 16 x 32000 (past this
-# bound, where the fresh [N, V] tensors, some six, grow to megabytes).
+# Small calls (module docstring): one chunk of at most this many elements (N * V), where the fused
+# ops measured faster than the chunk loop (docs/benchmarks.md, "Sizes of the torch backend").
 SMALL_ELEMENTS = 2**18
 
 
@@ -212,9 +208,8 @@ def _one_teacher_elements(s, t, opts, work):
 
 
 # torch's CPU log_softmax runs a row shorter than its vector width (16 floats with AVX-512) element
-# by element: measured at 1024 rows, 100 to 200 us for V = 7 to 15 and 13 to 23 us for V = 16 to 31.
-# For such rows, past a few (where the op count rules), _log_softmax takes its steps as separate ops
-# (max, exp, sum: 27 to 41 us there).
+# by element, several times slower than the same steps as separate ops (docs/benchmarks.md, "Sizes
+# of the torch backend"): for such rows, past a few, _log_softmax takes its steps as separate ops.
 SHORT_ROW = 16
 FEW_ROWS = 32
 

@@ -4,10 +4,8 @@ The torch backend's chunk loop (``fastkd.backends.torch.for_each_chunk``) hands 
 many workers as torch has intra-op threads (at most MAX_WORKERS). A chunk is some twenty short
 passes over memory; run on torch's own threads, each pass is a parallel region whose threads
 wait for each other at its end, and on a machine shared with other work a waiting thread waits
-for the scheduler. Measured on 2 cores beside other jobs
-(load 2 to 4), a forward + backward at N = 2048, V = 32000 took 4 to 27 s that way and 0.45 to
-1.4 s with the workers, which never wait for each other; on an idle machine the two are within
-10 % (0.2 to 0.45 s).
+for the scheduler; the workers never wait for each other (the measurement: docs/benchmarks.md,
+"Sizes of the torch backend").
 """
 import ctypes
 import functools
