@@ -1,4 +1,7 @@
-"""Shared test helpers: the per-dtype tolerance rule and input makers."""
+"""Shared test helpers: the per-dtype tolerance rule, input makers, the examples as modules."""
+import importlib.util
+import os
+
 import torch
 
 from fastkd.divergences import DIVERGENCES  # noqa: F401 - the tests' list is the registry's
@@ -28,3 +31,12 @@ def assert_close_to_oracle(actual, oracle, same_dtype=None, *, dtype, grows_with
 
 def logits(*shape, dtype=torch.float32, scale=3.0, device="cpu"):
     return (torch.randn(*shape, dtype=torch.float64, device=device) * scale).to(dtype)
+
+
+def load_example(file_name):
+    """``examples/<file_name>`` imported as a module (its ``main`` runs it in this process)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples", file_name)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(file_name)[0], path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example

@@ -6,21 +6,16 @@ import subprocess
 
 import pytest
 
+from helpers import load_example
+
 pytest.importorskip("transformers", reason='transformers is not installed (pip install -e ".[hf]")')
 pytest.importorskip("tokenizers", reason='tokenizers is not installed (pip install -e ".[hf]")')
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "distill_causal_lm.py")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("distill_causal_lm", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
-
-
 def test_smoke_run(tmp_path, monkeypatch):
-    example = _load()
+    example = load_example("distill_causal_lm.py")
     monkeypatch.setattr(example.fastkd.backends.torch, "CHUNK_BYTES", 32 * 2**20)  # undo conftest's tiny chunks
     results = example.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
     fastkd_losses, eager_losses = results["fastkd"]["losses"], results["eager"]["losses"]
@@ -33,7 +28,7 @@ def test_smoke_run(tmp_path, monkeypatch):
 
 
 def test_default_output_folder_is_git_ignored():
-    out = _load().parse_args([]).out
+    out = load_example("distill_causal_lm.py").parse_args([]).out
     root = os.path.dirname(os.path.dirname(os.path.abspath(EXAMPLE)))
     if not os.path.exists(os.path.join(root, ".git")):
         pytest.skip("not a git checkout")

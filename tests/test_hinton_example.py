@@ -5,24 +5,18 @@ import os
 
 import pytest
 
+from helpers import load_example
+
 pytest.importorskip("mlxtend", reason='mlxtend is not installed (pip install -e ".[examples]")')
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
-EXAMPLE = os.path.join(ROOT, "examples", "hinton_mnist.py")
 COMMITTED = os.path.join(ROOT, "docs", "hinton_mnist.json")
 TINY = ["--seeds", "2", "--teachers", "2", "--teacher-epochs", "2", "--student-epochs", "1",
         "--train-images", "1000", "--test-images", "300", "--temperatures", "1", "20"]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("hinton_mnist", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
-
-
 def test_tiny_run_writes_sane_test_errors(tmp_path, monkeypatch):
-    example, out = _load(), tmp_path / "run.json"
+    example, out = load_example("hinton_mnist.py"), tmp_path / "run.json"
     monkeypatch.setattr(example.fastkd.backends.torch, "CHUNK_BYTES", 32 * 2**20)  # undo conftest's tiny chunks
     returned = example.main(TINY + ["--out", str(out)])
     results = json.loads(out.read_text())
@@ -50,4 +44,4 @@ def test_readme_quotes_the_committed_run():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     assert set(results["distilled"]) == {"1", "2", "5", "10", "20"} and len(results["hard"]) >= 3
-    assert _load().table(results) in readme
+    assert load_example("hinton_mnist.py").table(results) in readme
