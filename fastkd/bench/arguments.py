@@ -1,9 +1,10 @@
 """The command line of ``fastkd bench``: its arguments and default output folder, without torch.
 
 ``fastkd --help`` and ``fastkd bench --help`` parse with this module alone (``fastkd.cli``), so it
-imports nothing heavy. It names what the heavy modules define (the presets and ops of cases.py, the
-providers of providers.py, the rounds of runner.py): ``tests/test_cli.py`` checks that each name
-list equals its registry.
+imports nothing heavy. The ops, modes and rounds are declared here (cases.py and runner.py import
+them); the names of the presets, dtypes and providers, which cases.py and providers.py define with
+torch objects, are repeated here, and ``tests/test_cli.py`` checks that each list equals its
+registry.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ OPS = ("kd_loss", "kd_loss_ce", "softmax", "log_softmax", "topk_kd_loss", "teach
 DTYPES = ("bf16", "fp16", "fp32")
 MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("torch-eager", "fastkd-triton", "fastkd-torch", "fastkd-unfused", "torch-compile", "liger", "trl")
-MIN_ROUNDS = 3  # CPU: alternating rounds per case at least (--rounds)
+MIN_ROUNDS = 3  # CPU: alternating rounds per case at least (--rounds; runner.py)
 
 
 def default_out():

@@ -16,16 +16,15 @@ import torch
 
 from ..backends import triton as triton_backend
 from ..divergences import DIVERGENCES
+from .arguments import MODES, OPS  # declared there, torch-free, for the command's help
 
 # kd_loss: dense logits. topk_kd_loss: the student against a teacher's top-k log-probabilities
 # (tail="bucket"); teacher_topk: extracting them. fused_linear_kd: the LM head matmuls and the loss
 # (hidden states and weights in, the [N, V] logits never stored by the fused providers).
 # kd_loss_ce: classic (Hinton-style) distillation of a classifier, the dense loss at CE_TEMPERATURE
 # with hard labels, CE_WEIGHT on each of the soft loss and the cross-entropy.
-OPS = ("kd_loss", "kd_loss_ce", "softmax", "log_softmax", "topk_kd_loss", "teacher_topk", "fused_linear_kd")
 DIVERGENCE_OPS = ("kd_loss", "kd_loss_ce", "topk_kd_loss", "fused_linear_kd")
 TOPK_OPS = ("topk_kd_loss", "teacher_topk")
-MODES = ("fwd", "bwd", "fwd+bwd")
 OP_MODES = {op: MODES for op in OPS} | {"teacher_topk": ("fwd",)}  # the teacher has no gradient
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from .arguments import MIN_ROUNDS  # CPU: alternating rounds per case at least (--rounds)
 from .cases import TEMPERATURE
 from .min_bytes import copy_bytes, min_bytes, min_flops
 from .providers import BASELINE, REFUSED, environment_variables, provider as provider_named
@@ -48,7 +49,6 @@ COLUMNS = ("op", "divergence", "provider", "mode", "dtype", "n", "v", "k", "h", 
 QUANTILES = (0.5, 0.2, 0.8)
 NAN = float("nan")
 COPY_NUMEL = {(True, False): 2**28, (True, True): 2**26, (False, False): 2**25, (False, True): 2**24}  # (gpu, quick)
-MIN_ROUNDS = 3  # CPU: alternating rounds per case at least (--rounds)
 MAX_ROUNDS = 1000  # CPU: and at most, while ROUND_BUDGET_S per provider lasts
 ROUND_BUDGET_S = 0.5
 PROGRESS_S = 30.0  # a run prints where it stands at least this often
