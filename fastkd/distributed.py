@@ -56,13 +56,16 @@ forward by the upstream gradient / normaliser, as ``fastkd.autograd.KDLossFuncti
 gradient of a column-parallel LM head is still the model's to all-reduce over the vocab group.
 """
 
+import dataclasses
+
 import torch
 import torch.distributed as dist  # importing it initialises nothing
 
 from .backends import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS, implementation
-from .backends.torch_divergences import recentre_cross
+from .backends.torch import FreshBuffers, chunks
+from .backends.torch_divergences import mixture_log_prob, recentre_cross
 from .buffers import empty
-from .checks import check_label_range
+from .checks import CHECK_CHUNK_ELEMENTS, check_finite_inputs, check_label_range
 from .options import KDOptions, Reduction, check_int
 from .reduction import grad_scale, normaliser
 
@@ -148,24 +151,102 @@ def forward_steps(student, teacher, labels, opts: KDOptions, backend, vocab_star
 _OPS = {"max": "MAX", "sum": "SUM"}
 
 
-def run_rank(student, teacher, labels, opts: KDOptions, reduction: Reduction, backend, group_name, vocab_start, *,
-             inplace, need_grad):
-    """``forward_steps`` driven with ``torch.distributed.all_reduce`` over the group named
-    ``group_name``: ``(row_loss, shard gradient or None, normaliser)``. CPU labels outside [0, V)
-    raise ValueError, as in ``kd_loss`` (reading V there is no device synchronisation)."""
+def _drive(steps, group_name):
+    """Run a generator of ``(tensor, "max" | "sum")`` exchanges (``forward_steps``, ``mixture_steps``)
+    with in-place ``torch.distributed.all_reduce`` over the group named ``group_name``; its result."""
     group = dist.distributed_c10d._resolve_process_group(group_name)
-    steps = forward_steps(student, teacher, labels, opts, backend, vocab_start, reduction=reduction,
-                          need_grad=need_grad, inplace=inplace)
     try:
         tensor, op = next(steps)
         while True:
             dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
             tensor, op = steps.send(None)
     except StopIteration as done:
-        row_loss, grad, V, norm = done.value
+        return done.value
+
+
+def mixture_steps(teachers, opts: KDOptions, dtype):
+    """log p ``[N, W]`` (``dtype``) on this rank's columns of the teachers' mixture
+    p = sum_i w_i softmax(t_i / T_t) over the whole vocabulary (``opts.teacher_T``,
+    ``opts.teacher_weights``), as a generator of exchanges like ``forward_steps``.
+
+    The k teachers' row log-sum-exps over all V take two all-reduces of ``[N, k]``: MAX of the
+    shards' own log-sum-exps, then SUM of their exps against that maximum. Then, column by column,
+    log p = logsumexp_i(log w_i + t_i / T_t - lse_i), as ``kd_loss`` forms it (``mixture_log_prob``),
+    row chunk by row chunk: the result is the one ``[N, W]`` buffer, the rest chunk-sized. A row
+    where some teacher has no finite log-sum-exp (as ``kd_loss``: NaN, +inf, or entirely -inf over
+    all V) is NaN on every rank, so that ``forward_steps`` makes its loss and gradient NaN."""
+    N, W = teachers[0].shape
+    device = teachers[0].device
+    ranges = chunks(N, W, device=device)
+    lse = empty((N, len(teachers)), dtype=dtype, device=device)
+    for i, t in enumerate(teachers):
+        for r0, r1 in ranges:
+            lse[r0:r1, i] = torch.logsumexp(t[r0:r1].to(dtype) / opts.teacher_T, -1)
+    maxima = lse.clone()
+    yield maxima, "max"
+    sums = torch.exp(lse - _finite(maxima))
+    yield sums, "sum"
+    lse = _finite(maxima) + sums.log()
+    out = empty((N, W), dtype=dtype, device=device)
+    for r0, r1 in ranges:
+        lts = [out[r0:r1] if i == 0 else empty((r1 - r0, W), dtype=dtype, device=device)
+               for i in range(len(teachers))]
+        for lt, t, i in zip(lts, teachers, range(len(teachers))):
+            lt.copy_(t[r0:r1]).div_(opts.teacher_T).sub_(lse[r0:r1, i: i + 1])
+        mixture_log_prob(lts, opts.log_teacher_weights(), FreshBuffers(lts[0]))  # into lts[0], out's rows
+    return out.masked_fill_(~torch.isfinite(lse).all(-1, keepdim=True), float("nan"))
+
+
+def mixture_teacher(teachers, opts: KDOptions, dtype, group_name):
+    """``(teacher, opts)`` for ``forward_steps`` from this rank's shards of one teacher or several:
+    one as it is; several as their mixture's log p (``mixture_steps``, 2 all-reduces), a teacher
+    at T_t = 1 whose softmax is the mixture."""
+    if len(teachers) == 1:
+        return teachers[0], opts
+    log_p = _drive(mixture_steps(teachers, opts, dtype), group_name)
+    return log_p, dataclasses.replace(opts, teacher_temperature=1.0, teacher_weights=(1.0,))
+
+
+def run_rank(student, teacher, labels, opts: KDOptions, reduction: Reduction, backend, group_name, vocab_start, *,
+             inplace, need_grad):
+    """``forward_steps`` driven with ``torch.distributed.all_reduce`` over the group named
+    ``group_name``: ``(row_loss, shard gradient or None, normaliser)``. CPU labels outside [0, V)
+    raise ValueError, as in ``kd_loss`` (reading V there is no device synchronisation)."""
+    steps = forward_steps(student, teacher, labels, opts, backend, vocab_start, reduction=reduction,
+                          need_grad=need_grad, inplace=inplace)
+    row_loss, grad, V, norm = _drive(steps, group_name)
     if labels is not None and labels.device.type == "cpu":
         check_label_range(labels, int(V), opts)
     return row_loss, grad, norm
+
+
+def check_finite_shards(student, teachers, labels, opts: KDOptions, V, group):
+    """``kd_loss``'s ``check_finite=True`` on logits sharded by vocabulary over ``group`` (a debug
+    check that synchronises, as it does on one process): the same ValueError as on the whole
+    ``[..., V]`` logits, raised on every rank of ``group``.
+
+    Each rank classes each row of each argument on its own columns, after the temperature: 3 holds
+    a NaN, 2 a +inf, 1 a finite value, 0 entirely -inf. One MAX all-reduce of these ``[N, 1 + k]``
+    int32 codes classes the whole rows, which ``check_finite_inputs`` reads as one-column logits
+    (NaN, +inf, 0, -inf). Labels outside [0, V) (hard CE) are checked against the global ``V``."""
+    W = student.shape[-1]
+    named = [(student, opts.temperature)] + [(t, opts.teacher_T) for t in teachers]
+    N = student.shape[:-1].numel()
+    codes = torch.zeros(N, len(named), dtype=torch.int32, device=student.device)
+    step = max(1, CHECK_CHUNK_ELEMENTS // max(1, W))
+    for j, (x, temperature) in enumerate(named):
+        x = x.detach().reshape(N, W)
+        for r0 in range(0, N, step):
+            s = x[r0:r0 + step].to(torch.float64 if x.dtype == torch.float64 else torch.float32) / temperature
+            codes[r0:r0 + step, j] = torch.where(s.isnan().any(-1), 3, torch.where(
+                s.isposinf().any(-1), 2, (~s.isneginf()).any(-1).to(torch.int32)))
+    if N:
+        dist.all_reduce(codes, op=dist.ReduceOp.MAX, group=group)
+    if labels is not None:
+        check_label_range(labels.cpu(), V, opts)
+    values = torch.tensor([float("-inf"), 0.0, float("inf"), float("nan")], device=student.device)
+    rows = [values[c].reshape(*student.shape[:-1], 1) for c in codes.unbind(1)]
+    check_finite_inputs(rows[0], rows[1:], labels, dataclasses.replace(opts, hard_weight=0.0))
 
 
 def check_group(group):

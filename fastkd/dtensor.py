@@ -36,15 +36,17 @@ placements.
   gradient comes back with the head's placements, averaged over the mesh as FSDP2 averages
   gradients (one reduce-scatter).
 """
+import dataclasses
 import sys
 
 import torch
 
 from .backends import flat_labels, resolve_backend
-from .distributed import group_name
+from .buffers import accumulation_dtype
+from .distributed import check_finite_shards, group_name, mixture_teacher
 from .fused_linear import default_chunk_size
-from .options import (IDENTITY, check_chunk_size, check_fused_inputs, check_transforms, make_options,
-                      make_reduction)
+from .options import (IDENTITY, as_teachers, check_bool, check_chunk_size, check_fused_inputs, check_kd_inputs,
+                      check_teacher_weights, check_transforms, make_options, make_reduction)
 from .vocab_parallel_linear import VocabParallelLinearKDFunction
 
 
@@ -188,6 +190,11 @@ def _vocab_start(x, layout, dim=-1):
     return offset[dim]
 
 
+# The per-row options of kd_loss and fused_linear_kd_loss (make_options'), besides the teacher weights.
+_KD_OPTIONS = ("temperature", "divergence", "beta", "skew", "ignore_index", "hard_weight", "soft_weight", "t2_scale",
+               "teacher_temperature")
+
+
 def kd_loss(kwargs, local_loss, vocab_parallel_loss):
     """``fastkd.kd_loss`` (``local_loss``) of DTensor arguments ``kwargs`` (module docstring)."""
     student = kwargs.pop("student_logits")
@@ -199,16 +206,18 @@ def kd_loss(kwargs, local_loss, vocab_parallel_loss):
     if layout.vocab_dim is None:
         loss = local_loss(local, teachers, labels=labels, **kwargs)
     else:
-        for name in ("check_finite", "teacher_weights"):
-            if kwargs.pop(name):
-                raise ValueError(f"{name} is not available with the vocabulary sharded (student_logits "
-                                 f"placements {layout.placements})")
-        if isinstance(teachers, list):
-            if len(teachers) != 1:
-                raise TypeError(f"a mixture of {len(teachers)} teachers is not available with the vocabulary "
-                                f"sharded (student_logits placements {layout.placements})")
-            teachers = teachers[0]
-        loss = vocab_parallel_loss(local, teachers, labels=labels, group=layout.group(),
+        group = layout.group()
+        teachers = as_teachers(teachers)
+        check_finite = check_bool("check_finite", kwargs.pop("check_finite"))
+        weights = check_teacher_weights(kwargs.pop("teacher_weights"), len(teachers))
+        opts = make_options(**{name: kwargs[name] for name in _KD_OPTIONS}, teacher_weights=weights)
+        check_kd_inputs(local, teachers, labels, opts)
+        if check_finite:
+            check_finite_shards(local, teachers, labels, opts, student.shape[-1], group)
+        dtype = accumulation_dtype(local.dtype, *(t.dtype for t in teachers))
+        teacher, opts = mixture_teacher(teachers, opts, dtype, group_name(group))
+        kwargs["teacher_temperature"] = opts.teacher_temperature
+        loss = vocab_parallel_loss(local, teacher, labels=labels, group=group,
                                    vocab_start=_vocab_start(student, layout), **kwargs)
     return layout.wrap(loss, kwargs["reduction"], student.shape[:-1])
 
@@ -295,10 +304,7 @@ def _vocab_slice(name, x, layout, placements, v0, width, dim):
     from torch.distributed.tensor import DTensor
 
     if isinstance(x, (list, tuple)):
-        if len(x) != 1:
-            raise TypeError(f"{name}: a mixture of {len(x)} teachers is not available with the head sharded by "
-                            f"vocabulary")
-        x = x[0]
+        return [_vocab_slice(f"{name}[{i}]", y, layout, placements, v0, width, dim) for i, y in enumerate(x)]
     if x is None:
         return None
     if isinstance(x, DTensor):
@@ -314,9 +320,6 @@ def _vocab_parallel_linear(hidden, labels, weight, head, layout, kw):
     validated as ``fastkd.fused_linear_kd_loss`` validates its arguments."""
     from torch.distributed.tensor import Shard
 
-    if kw["teacher_weights"] is not None:
-        raise ValueError(f"teacher_weights: a mixture of teachers is not available with the head sharded by "
-                         f"vocabulary (student_weight placements {head.placements})")
     local_weight = layout.head(weight)
     v0, width = _vocab_start(weight, head, dim=0), local_weight.shape[0]
     heads = (layout, head.placements, v0, width, 0)
@@ -325,13 +328,10 @@ def _vocab_parallel_linear(hidden, labels, weight, head, layout, kw):
     t_bias = _vocab_slice("teacher_bias", kw["teacher_bias"], *heads)
     logits = [Shard(hidden.ndim - 1) if d == head.vocab_dim else p for d, p in enumerate(layout.placements)]
     t_logits = _vocab_slice("teacher_logits", kw["teacher_logits"], layout, logits, v0, width, -1)
-    t_hidden = kw["teacher_hidden"]
-    if isinstance(t_hidden, (list, tuple)) and len(t_hidden) == 1:
-        t_hidden = t_hidden[0]
-    opts = make_options(**{name: kw[name] for name in (
-        "temperature", "divergence", "beta", "skew", "ignore_index", "hard_weight", "soft_weight", "t2_scale",
-        "teacher_temperature")})
-    (teacher,) = check_fused_inputs(hidden, local_weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, opts)
+    opts = make_options(**{name: kw[name] for name in _KD_OPTIONS})
+    teachers = check_fused_inputs(hidden, local_weight, bias, kw["teacher_hidden"], t_weight, t_bias, t_logits,
+                                  labels, opts)
+    opts = dataclasses.replace(opts, teacher_weights=check_teacher_weights(kw["teacher_weights"], len(teachers)))
     transforms = check_transforms(kw["student_logit_scale"], kw["student_softcap"], kw["teacher_logit_scale"],
                                   kw["teacher_softcap"])
     if t_logits is not None and transforms[1] != IDENTITY:
@@ -340,9 +340,9 @@ def _vocab_parallel_linear(hidden, labels, weight, head, layout, kw):
     reduction = make_reduction(kw["reduction"], kw["num_items_in_batch"])
     backend = resolve_backend(kw["backend"], hidden)
     H = hidden.shape[-1]
-    blocks = 2 + (kw["student_softcap"] is not None)
+    blocks = 1 + len(teachers) + (len(teachers) > 1) + (kw["student_softcap"] is not None)  # + the mixture's log p
     chunk = check_chunk_size(kw["chunk_size"]) or default_chunk_size(width, H, blocks=blocks)
-    teacher = (teacher[0], teacher[1].reshape(-1, teacher[1].shape[-1]), *teacher[2:])
+    teachers = tuple((kind, x.reshape(-1, x.shape[-1]), *rest) for kind, x, *rest in teachers)  # [N, Ht] / [N, W]
     return VocabParallelLinearKDFunction.apply(
-        hidden.reshape(-1, H), local_weight, bias, teacher, flat_labels(labels), opts, reduction, backend, chunk,
+        hidden.reshape(-1, H), local_weight, bias, teachers, flat_labels(labels), opts, reduction, backend, chunk,
         hidden.shape[:-1], transforms, group_name(head.group()), v0, weight.shape[0])

@@ -24,23 +24,25 @@ import torch
 import torch.distributed as dist  # importing it initialises nothing
 
 from .buffers import accumulation_dtype
-from .distributed import run_rank
+from .distributed import mixture_teacher, run_rank
 from .fused_linear import chunked_pass
 from .options import Reduction
 from .reduction import normaliser, reduce
 
 
-def _pass(hidden, weight, bias, teacher, labels, reduction, args, *, want, row_scale=None):
+def _pass(hidden, weight, bias, teachers, labels, reduction, args, *, want, row_scale=None):
     """One chunked pass; ``reduction``'s normaliser divides every chunk's gradient (module docstring)."""
     opts, backend, chunk, transforms, group_name, vocab_start = args
 
     def chunk_loss(z, z_ts, label, need_grad):
-        row_loss, grad, _ = run_rank(z, z_ts[0], label, opts, reduction, backend, group_name, vocab_start,
+        dtype = accumulation_dtype(z.dtype, *(t.dtype for t in z_ts))
+        teacher, chunk_opts = mixture_teacher(z_ts, opts, dtype, group_name)
+        row_loss, grad, _ = run_rank(z, teacher, label, chunk_opts, reduction, backend, group_name, vocab_start,
                                      inplace=need_grad, need_grad=need_grad)
         return row_loss, grad
 
     row_loss, grad_hidden, grad_weight, grad_bias, _ = chunked_pass(
-        hidden, weight, bias, (teacher,), labels, None, opts, backend, chunk, want=want, row_scale=row_scale,
+        hidden, weight, bias, teachers, labels, None, opts, backend, chunk, want=want, row_scale=row_scale,
         transforms=transforms, chunk_loss=chunk_loss)
     if grad_hidden is not None:
         dist.all_reduce(grad_hidden, group=dist.distributed_c10d._resolve_process_group(group_name))
@@ -48,28 +50,29 @@ def _pass(hidden, weight, bias, teacher, labels, reduction, args, *, want, row_s
 
 
 class VocabParallelLinearKDFunction(torch.autograd.Function):
-    """``[N, H]`` hidden, this rank's ``[W, H]`` weight and ``[W]`` bias (or None), one teacher
-    ``("logits", [N, W])`` or ``("linear", [N, Ht], [W, Ht], [W] or None)``, ``[N]`` global labels,
-    ``V`` the full vocabulary; validated."""
+    """``[N, H]`` hidden, this rank's ``[W, H]`` weight and ``[W]`` bias (or None), a tuple of
+    teachers, each ``("logits", [N, W])`` or ``("linear", [N, Ht], [W, Ht], [W] or None)`` (several:
+    their mixture, with ``opts.teacher_weights``), ``[N]`` global labels, ``V`` the full vocabulary;
+    validated."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, labels, opts, reduction, backend, chunk, out_shape, transforms,
+    def forward(ctx, hidden, weight, bias, teachers, labels, opts, reduction, backend, chunk, out_shape, transforms,
                 group_name, vocab_start, V):
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         ctx.args = (opts, backend, chunk, transforms, group_name, vocab_start)
         ctx.reduction, ctx.want, ctx.dtypes = reduction, want, (hidden.dtype, weight.dtype)
-        acc = accumulation_dtype(hidden.dtype, teacher[1].dtype)
+        acc = accumulation_dtype(hidden.dtype, *(t[1].dtype for t in teachers))
         if reduction.kind == "none":
-            row_loss, *_ = _pass(hidden, weight, bias, teacher, labels, Reduction("sum"), ctx.args,
+            row_loss, *_ = _pass(hidden, weight, bias, teachers, labels, Reduction("sum"), ctx.args,
                                  want=(False, False, False))
             if any(want):
-                ctx.teacher_kind = teacher[0]
-                ctx.save_for_backward(hidden, weight, bias, labels, *teacher[1:])
+                ctx.teacher_layout = [(t[0], len(t) - 1) for t in teachers]  # kind, tensors
+                ctx.save_for_backward(hidden, weight, bias, labels, *(x for t in teachers for x in t[1:]))
             return row_loss.reshape(out_shape)
         norm = normaliser(reduction, labels, hidden.shape[0], V, opts.ignore_index, device=hidden.device, dtype=acc)
         # Each chunk's gradient divided by the whole call's normaliser: a "batchmean" over norm items.
         chunk_reduction = Reduction("sum") if norm is None else Reduction("batchmean", norm)
-        row_loss, *grads = _pass(hidden, weight, bias, teacher, labels, chunk_reduction, ctx.args, want=want)
+        row_loss, *grads = _pass(hidden, weight, bias, teachers, labels, chunk_reduction, ctx.args, want=want)
         if any(want):
             ctx.save_for_backward(*grads)
         return reduce(row_loss, norm, reduction, out_shape)
@@ -78,11 +81,14 @@ class VocabParallelLinearKDFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hidden_dtype, weight_dtype = ctx.dtypes
         if ctx.reduction.kind == "none":
-            hidden, weight, bias, labels, *teacher = ctx.saved_tensors
-            teacher = (ctx.teacher_kind, *teacher)
-            row_scale = grad_loss.reshape(-1).to(accumulation_dtype(hidden.dtype, teacher[1].dtype))
-            _, *grads = _pass(hidden, weight, bias, teacher, labels, Reduction("sum"), ctx.args, want=ctx.want,
-                              row_scale=row_scale)
+            hidden, weight, bias, labels, *flat = ctx.saved_tensors
+            teachers = []
+            for kind, count in ctx.teacher_layout:
+                teachers.append((kind, *flat[:count]))
+                flat = flat[count:]
+            row_scale = grad_loss.reshape(-1).to(accumulation_dtype(hidden.dtype, *(t[1].dtype for t in teachers)))
+            _, *grads = _pass(hidden, weight, bias, tuple(teachers), labels, Reduction("sum"), ctx.args,
+                              want=ctx.want, row_scale=row_scale)
         else:
             scale = grad_loss.reshape(())  # the normaliser is applied already
             grads = [None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors]

@@ -68,7 +68,7 @@ def check_kd(mesh, placements, widths, *, seed, dtype=torch.float32, n_rows=7, t
     """kd_loss (or topk_kd_loss with ``topk`` = k) of DTensors against the single-process call;
     ``views``: their local tensors non-contiguous views."""
     student, teacher, labels, _ = make_case(widths, seed=seed, n_rows=n_rows, dtype=dtype)
-    others = [make_case(widths, seed=seed + 100, n_rows=n_rows, dtype=torch.bfloat16)[1] for _ in range(teachers - 1)]
+    others = [make_case(widths, seed=seed + 100 + i, n_rows=n_rows, dtype=torch.bfloat16)[1] for i in range(teachers - 1)]
     V, reduction = sum(widths), kw.get("reduction", "batchmean")
     labels = labels if kw.get("hard_weight") or seed % 2 else None
     if topk is not None:  # the oracle's top-k formula backpropagates NaN through -inf logits: none here
@@ -130,10 +130,16 @@ def check_kd(mesh, placements, widths, *, seed, dtype=torch.float32, n_rows=7, t
         assert count.numel < n_rows * V, f"a process made a tensor of {count.numel} elements (N V = {n_rows * V})"
 
 
+def _each(f, x):
+    """``f(x)``, or ``[f(y) for y in x]`` for a list (the arguments of several teachers)."""
+    return [f(y) for y in x] if isinstance(x, list) else f(x)
+
+
 def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, n_rows=8, H=6, bias=True,
-                   teacher_dtensor=True, teacher_logits=False, dtype=torch.float32, **kw):
+                   teacher_dtensor=True, teacher_logits=False, dtype=torch.float32, teachers=1, **kw):
     """fused_linear_kd_loss of a head sharded by vocabulary rows (tensor parallel) against the
-    single-process call on the whole head (student hidden states, head and bias in ``dtype``)."""
+    single-process call on the whole head (student hidden states, head and bias in ``dtype``);
+    ``teachers`` > 1: lists of teacher arguments, of hidden sizes H + 1, H + 2, ..."""
     V, reduction = sum(widths), kw.get("reduction", "batchmean")
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n_rows, H, generator=gen)
@@ -142,7 +148,14 @@ def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, 
     t_hidden = torch.randn(n_rows, H + 1, generator=gen)
     labels = torch.randint(0, V, (n_rows,), generator=gen)
     labels[1] = -100
-    t_logits = t_hidden @ t_weight.T + t_bias
+    t_hidden, t_weight, t_bias = [t_hidden], [t_weight], [t_bias]
+    for i in range(1, teachers):  # teacher i: hidden size H + 1 + i
+        t_hidden.append(torch.randn(n_rows, H + 1 + i, generator=gen))
+        t_weight.append(torch.randn(V, H + 1 + i, generator=gen))
+        t_bias.append(torch.randn(V, generator=gen))
+    t_logits = [h @ w.T + tb for h, w, tb in zip(t_hidden, t_weight, t_bias)]
+    if teachers == 1:
+        t_hidden, t_weight, t_bias, t_logits = t_hidden[0], t_weight[0], t_bias[0], t_logits[0]
     hidden, weight, b = (x.to(dtype) for x in (hidden, weight, b))
     teacher = dict(teacher_logits=t_logits) if teacher_logits else dict(teacher_hidden=t_hidden, teacher_weight=t_weight,
                                                                        teacher_bias=t_bias)
@@ -152,7 +165,7 @@ def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, 
     _backward(single, leaves[0], reduction)
     # The float64 yardstick: the same call in float64 (the fused loss is checked against the oracle elsewhere).
     exact = [x.double().requires_grad_() for x in (hidden, weight, b)]
-    exact_teacher = {name: x.double() for name, x in teacher.items()}
+    exact_teacher = {name: _each(torch.Tensor.double, x) for name, x in teacher.items()}
     oracle = fastkd.fused_linear_kd_loss(exact[0], exact[1], student_bias=exact[2] if bias else None, labels=labels,
                                          chunk_size=3, **exact_teacher, **kw)
     _backward(oracle, exact[0], reduction)
@@ -162,17 +175,16 @@ def check_fused_tp(mesh, hidden_placements, weight_placements, widths, *, seed, 
     d_bias = distribute_tensor(b, mesh, weight_placements).requires_grad_()
     d_labels = distribute_tensor(labels, mesh, hidden_placements)
     if teacher_logits:
-        logit_placements = [Shard(1) if p == Shard(0) else Replicate() for p in weight_placements]
-        rows = [p for p in hidden_placements]
-        d_teacher = dict(teacher_logits=distribute_tensor(t_logits, mesh, [
-            r if r != Replicate() else lp for r, lp in zip(rows, logit_placements)]))
+        logit_placements = [Shard(1) if p == Shard(0) else r for p, r in zip(weight_placements, hidden_placements)]
+        d_teacher = dict(teacher_logits=_each(lambda z: distribute_tensor(z, mesh, logit_placements), t_logits))
     elif teacher_dtensor:
-        d_teacher = dict(teacher_hidden=distribute_tensor(t_hidden, mesh, hidden_placements),
-                         teacher_weight=distribute_tensor(t_weight, mesh, weight_placements),
-                         teacher_bias=distribute_tensor(t_bias, mesh, weight_placements))
+        d_teacher = dict(teacher_hidden=_each(lambda x: distribute_tensor(x, mesh, hidden_placements), t_hidden),
+                         teacher_weight=_each(lambda x: distribute_tensor(x, mesh, weight_placements), t_weight),
+                         teacher_bias=_each(lambda x: distribute_tensor(x, mesh, weight_placements), t_bias))
     else:
-        d_teacher = dict(teacher_hidden=distribute_tensor(t_hidden, mesh, hidden_placements),
-                         teacher_weight=t_weight[:, None, :][:, 0], teacher_bias=t_bias)  # plain, strided
+        d_teacher = dict(teacher_hidden=_each(lambda x: distribute_tensor(x, mesh, hidden_placements), t_hidden),
+                         teacher_weight=_each(lambda x: x[:, None, :][:, 0], t_weight),  # plain, strided
+                         teacher_bias=t_bias)
     with LargestTensor() as count:
         loss = fastkd.fused_linear_kd_loss(d_hidden, d_weight, student_bias=d_bias if bias else None,
                                            labels=d_labels, chunk_size=3, **d_teacher, **kw)
@@ -246,23 +258,29 @@ def _two_ranks(rank, world_size, port):
     mesh = init_device_mesh("cpu", (world_size,))
     cases = []
     for i, divergence in enumerate(DIVERGENCES):
+        # Several teachers everywhere (a single one: the dp-tp cases of _four_ranks); by the vocabulary,
+        # 2 or 3 teachers, equal weights or given ones (one of them 0).
+        teachers = 2 + i % 2 if i % 3 else 2
+        weights = (None, [0.7, 0.3, 1.0][:teachers], [1.0, 0.0, 2.0][:teachers])[i % 3]
         for j, (name, placement) in enumerate((("vocab", Shard(-1)), ("rows", Shard(0)), ("replicate", Replicate()))):
             kw = options_for(i + j, divergence)
+            if j == 0:
+                kw = dict(kw, teachers=teachers, teacher_weights=weights)
             cases.append((f"{name}-{divergence}-{kw['reduction']}", check_kd,
                           dict(mesh=mesh, placements=[placement], widths=(7, 6), seed=10 + i, dtensor_labels=j != 1,
-                               teachers=1 if j == 0 else 2, **kw)))
+                               **{"teachers": 2, **kw})))
     cases += [
         ("vocab-bf16", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(8, 8), seed=20, dtype=torch.bfloat16,
                                       divergence="jsd", hard_weight=0.5)),
         ("rows-bf16-items", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(8, 8), seed=21,
                                            dtype=torch.bfloat16, hard_weight=0.5, items=torch.tensor(9.0))),
         ("vocab-items", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(7, 6), seed=22, hard_weight=0.5,
-                                       items=11, reduction="mean")),
+                                       items=11, reduction="mean", teachers=2, teacher_temperature=1.5)),
         ("rows-no-rows", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(7, 6), seed=23, n_rows=0)),
         ("vocab-no-rows", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(7, 6), seed=26, n_rows=0,
-                                         divergence="jsd", hard_weight=0.5)),
+                                         divergence="jsd", hard_weight=0.5, teachers=2)),
         ("vocab-views", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(7, 6), seed=27, views=True,
-                                       divergence="skew_reverse_kl", hard_weight=0.5, temperature=0.7)),
+                                       divergence="skew_reverse_kl", hard_weight=0.5, temperature=0.7, teachers=2)),
         ("rows-views-bf16", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(7, 6), seed=28, views=True,
                                            dtype=torch.bfloat16, teachers=2, divergence="kl", hard_weight=0.5)),
         ("rows-topk", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(7, 6), seed=24, topk=3,
@@ -275,18 +293,27 @@ def _two_ranks(rank, world_size, port):
         cases.append((f"fused-tp-{divergence}", check_fused_tp,
                       dict(mesh=mesh, hidden_placements=[Replicate()], weight_placements=[Shard(0)], widths=(5, 5),
                            seed=30 + i, teacher_dtensor=i != 1, teacher_logits=i == 2, bias=i != 2, **kw)))
-    cases.append(("fused-tp-uneven-softcap", check_fused_tp,
+    cases.append(("fused-tp-uneven-softcap-mixture", check_fused_tp,
                   dict(mesh=mesh, hidden_placements=[Replicate()], weight_placements=[Shard(0)], widths=(6, 5),
                        seed=33, divergence="reverse_kl", student_softcap=5.0, teacher_logit_scale=0.5,
-                       num_items_in_batch=5, backend="triton")))
+                       num_items_in_batch=5, backend="triton", teachers=2, teacher_weights=[1.0, 2.0])))
     cases.append(("fused-tp-bf16", check_fused_tp,
                   dict(mesh=mesh, hidden_placements=[Replicate()], weight_placements=[Shard(0)], widths=(16, 16),
                        seed=34, H=16, n_rows=12, dtype=torch.bfloat16, divergence="kl", hard_weight=0.5,
                        temperature=2.0)))
+    cases.append(("fused-tp-mixture-none", check_fused_tp,
+                  dict(mesh=mesh, hidden_placements=[Replicate()], weight_placements=[Shard(0)], widths=(7, 5),
+                       seed=35, teachers=2, teacher_dtensor=False, divergence="skew_kl", reduction="none",
+                       teacher_weights=[0.25, 0.75])))
+    cases.append(("fused-tp-mixture-logits", check_fused_tp,
+                  dict(mesh=mesh, hidden_placements=[Replicate()], weight_placements=[Shard(0)], widths=(5, 5),
+                       seed=36, teachers=3, teacher_logits=True, divergence="kl", hard_weight=0.5, temperature=2.0,
+                       teacher_temperature=1.5, num_items_in_batch=5)))
     cases.append(("fsdp-head", check_fsdp_head, dict(mesh=mesh, seed=40, rank=rank, world_size=world_size,
                                                      divergence="skew_kl", hard_weight=0.5, temperature=2.0)))
     _run(rank, cases)
     _errors(mesh)
+    _check_finite(mesh, rank)
     dist.destroy_process_group()
 
 
@@ -303,22 +330,59 @@ def _errors(mesh):
         fastkd.kd_loss(partial, DTensor.from_local(teacher, mesh, [Partial()]))
     with pytest.raises(ValueError, match="cannot serve student_logits placements"):
         fastkd.topk_kd_loss(vocab, *fastkd.teacher_topk(teacher, 2))
-    with pytest.raises(TypeError, match="mixture of 2 teachers"):
-        fastkd.kd_loss(vocab, [distribute_tensor(teacher, mesh, [Shard(1)])] * 2)
+    with pytest.raises(ValueError, match="teacher_weights has 3 weights for 2 teachers"):
+        fastkd.kd_loss(vocab, [distribute_tensor(teacher, mesh, [Shard(1)])] * 2, teacher_weights=[1, 1, 1])
+    with pytest.raises(ValueError, match=r"teacher_logits\[1\] shape \(4, 3\)"):
+        fastkd.kd_loss(vocab, [distribute_tensor(teacher, mesh, [Shard(1)]), torch.zeros(4, 3)])
     with pytest.raises(ValueError, match="labels has placements"):
         fastkd.kd_loss(vocab, distribute_tensor(teacher, mesh, [Shard(1)]),
                        labels=distribute_tensor(labels, mesh, [Shard(0)]),
                        hard_weight=0.5)
     hidden = distribute_tensor(torch.randn(4, 3), mesh, [Replicate()])
     head = distribute_tensor(torch.randn(8, 3), mesh, [Shard(0)])
-    with pytest.raises(TypeError, match="mixture of 2 teachers"):
-        fastkd.fused_linear_kd_loss(hidden, head, teacher_logits=[teacher, teacher])
+    with pytest.raises(ValueError, match="teacher_weights has 1 weights for 2 teachers"):
+        fastkd.fused_linear_kd_loss(hidden, head, teacher_logits=[teacher, teacher], teacher_weights=[1.0])
     with pytest.raises(ValueError, match="teacher_weight has placements"):
         fastkd.fused_linear_kd_loss(hidden, head, hidden, distribute_tensor(torch.randn(8, 3), mesh, [Replicate()]))
     with pytest.raises(ValueError, match="student_weight placements"):
         fastkd.fused_linear_kd_loss(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]),
                                     distribute_tensor(torch.randn(8, 3), mesh, [Shard(0)]),
                                     teacher_logits=teacher)
+
+
+def _check_finite(mesh, rank):
+    """``check_finite=True`` with the vocabulary sharded: the error ``kd_loss`` gives on the whole
+    logits, on every rank (the rows are judged over all V), and none for a row entirely -inf in one
+    shard only or a label outside one shard but inside [0, V)."""
+    student, teacher, labels, _ = make_case((4, 4), seed=51, n_rows=4)
+    other = teacher.flip(-1)
+
+    def call(s=student, t=other, y=labels):
+        d = [distribute_tensor(x, mesh, [Shard(1)]) for x in (s, teacher, t)]
+        return fastkd.kd_loss(d[0], d[1:], labels=distribute_tensor(y, mesh, [Replicate()]), hard_weight=0.5,
+                               check_finite=True)
+
+    one_shard = other.clone()
+    one_shard[3, :4] = float("-inf")  # rank 0's part of row 3
+    label_in_range = labels.clone()
+    label_in_range[0] = 5  # outside rank 0's columns, inside [0, 8)
+    for args in (dict(t=one_shard), dict(y=label_in_range)):
+        torch.testing.assert_close(call(**args).full_tensor(), fastkd.kd_loss(
+            student, [teacher, args.get("t", other)], labels=args.get("y", labels), hard_weight=0.5))
+    all_masked = other.clone()
+    all_masked[3] = float("-inf")
+    nan = student.clone()
+    nan[2, 6] = float("nan")  # in rank 1's shard only
+    ignored = nan.clone()
+    ignored[1, 0] = float("nan")  # row 1 is ignored: never checked
+    outside = labels.clone()
+    outside[3] = 8
+    for args, message in ((dict(t=all_masked), r"teacher_logits\[1\] row 3 is entirely -inf"),
+                          (dict(s=nan), "student_logits row 2 contains NaN"),
+                          (dict(s=ignored), "student_logits row 2 contains NaN"),
+                          (dict(y=outside), r"labels row 3 is 8, outside \[0, 8\)")):
+        with pytest.raises(ValueError, match=message):
+            call(**args)
 
 
 def _four_ranks(rank, world_size, port):
@@ -334,11 +398,18 @@ def _four_ranks(rank, world_size, port):
     cases += [
         ("tp4-uneven", check_kd, dict(mesh=mesh1, placements=[Shard(1)], widths=(4, 4, 4, 3), seed=70,
                                       divergence="kl", hard_weight=0.5, temperature=2.0)),
+        ("tp4-uneven-mixture", check_kd, dict(mesh=mesh1, placements=[Shard(1)], widths=(4, 4, 4, 3), seed=75,
+                                              teachers=2, divergence="reverse_kl", teacher_weights=[3.0, 1.0])),
+        ("dp-tp-mixture", check_kd, dict(mesh=mesh2, placements=[Shard(0), Shard(1)], widths=(7, 6), seed=76,
+                                         n_rows=9, teachers=3, divergence="jsd", hard_weight=0.5, reduction="mean")),
         ("sequence-dim", check_kd, dict(mesh=mesh2, placements=[Replicate(), Shard(0)], widths=(7, 6), seed=71,
                                         divergence="tvd", hard_weight=1.0)),
         ("dp-tp-fused", check_fused_tp, dict(mesh=mesh2, hidden_placements=[Shard(0), Replicate()],
                                              weight_placements=[Replicate(), Shard(0)], widths=(5, 5), seed=72,
                                              divergence="jsd", hard_weight=0.5)),
+        ("dp-tp-fused-mixture", check_fused_tp, dict(mesh=mesh2, hidden_placements=[Shard(0), Replicate()],
+                                                     weight_placements=[Replicate(), Shard(0)], widths=(5, 5),
+                                                     seed=77, teachers=2, divergence="tvd", hard_weight=0.5)),
         ("fused-tp4", check_fused_tp, dict(mesh=mesh1, hidden_placements=[Replicate()], weight_placements=[Shard(0)],
                                            widths=(4, 4, 4, 4), seed=73, divergence="kl", reduction="none")),
         ("fsdp4-head", check_fsdp_head, dict(mesh=mesh1, seed=74, rank=rank, world_size=world_size,
