@@ -49,6 +49,13 @@ CE, whose label is outside [0, V), gets a NaN loss and a NaN gradient row on eve
 outside [0, V) raise ValueError instead, after the exchange gives V). A shard whose part of a row is
 entirely -inf is fine. Ignored rows are never read.
 
+Several teachers (``fastkd.kd_loss`` on DTensor logits, ``fastkd.vocab_parallel_linear``):
+``mixture_steps`` turns each rank's teacher shards into its columns of the mixture's log p, with 2
+all-reduces of the teachers' row log-sum-exps (``[N, teachers]`` floats each: 8 B per row and
+teacher in float32), and the loss above runs on that one teacher at T_t = 1. That is 4 all-reduces
+for kl / reverse_kl, 5 for the others, and one ``[N, W]`` buffer more (the log p, float32 for
+float32 or bf16 shards); ``check_finite_shards`` is ``check_finite`` over the whole rows.
+
 Every rank of the group must pass the same rows and the same ``labels`` (global vocabulary ids); the
 loss is per rank, so data parallelism (DDP, FSDP) over other ranks composes: pass the vocab-parallel
 group as ``group``. The backward is local (no collective): it scales the gradient computed in the

@@ -7,7 +7,11 @@ check imports nothing: a DTensor can only exist once ``torch.distributed.tensor`
 The student's placements decide, one per mesh dimension:
 
     Shard(last dim)        the vocabulary (``loss_parallel``-style logits): ``vocab_parallel_kd_loss``
-                           over that mesh dimension's group, on the local shards, no gather
+                           over that mesh dimension's group, on the local shards, no gather; several
+                           teachers as their mixture's log p on the rank's columns
+                           (``fastkd.distributed.mixture_teacher``: 2 more all-reduces, one float32
+                           ``[N, V / P]`` buffer); ``check_finite`` judges whole rows
+                           (``fastkd.distributed.check_finite_shards``: 1 all-reduce)
     Shard(a leading dim)   rows (data or sequence parallel): the loss of the local rows; "batchmean"
                            and "mean" divide by the global kept-row count (one all-reduce of a
                            count per such mesh dimension) and the loss is summed over the ranks
@@ -29,7 +33,8 @@ placements.
   ``Shard(0)`` on one mesh dimension (tensor parallelism): ``fastkd.vocab_parallel_linear`` over
   that dimension's group. The teacher's head may be a DTensor with the same placements or a plain
   ``[V, Ht]`` tensor (this rank's rows are used); ``teacher_logits`` a DTensor with the vocabulary
-  sharded alike, or plain ``[..., V]`` (this rank's columns). One teacher.
+  sharded alike, or plain ``[..., V]`` (this rank's columns); lists of them for several teachers
+  (their mixture, 2 more all-reduces per chunk). ``return_entropy`` is refused.
 - hidden states a plain tensor and the head a DTensor sharded by ``fully_shard`` (FSDP2: each
   rank's own rows): the head (and a DTensor teacher head) is gathered once per call, the loss is
   this rank's (a plain tensor, normalised by its own rows, as FSDP2 losses are), and the head's
@@ -263,6 +268,9 @@ def fused_linear_kd_loss(kwargs, local_loss):
     if layout.vocab_dim is not None:
         raise ValueError(f"student_hidden has placements {layout.placements}: its hidden dimension is sharded; "
                          "shard or replicate the rows")
+    if kwargs["return_entropy"]:
+        raise ValueError("return_entropy is not available with DTensor student_hidden (it is with plain hidden "
+                         "states and an FSDP2 head)")
     weight = kwargs["student_weight"]
     if isinstance(weight, _dtensor_class()):
         head = _Layout("student_weight", weight, vocab_dim=0)

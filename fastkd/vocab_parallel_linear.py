@@ -11,6 +11,10 @@ gradients (its own rows, no exchange) and into a partial hidden gradient G W; on
 ``[N, H]`` hidden gradient per call sums the partials. No rank ever holds ``[N, V]`` logits or the
 whole head: the memory is the fused linear loss's with V replaced by W.
 
+Several teachers (lists of teacher heads or logits): each chunk's teacher logits become their
+mixture's log p on this rank's columns (``fastkd.distributed.mixture_teacher``: 2 more all-reduces
+of ``[chunk, teachers]`` per chunk, one more ``[chunk, W]`` block), then the chunk runs as with one.
+
 The exchanges go chunk by chunk (2-3 all-reduces per chunk, the same bytes per row as one call of
 ``vocab_parallel_kd_loss`` on all rows): exchanging once per call would need every chunk's logits
 twice, before and after the exchange, so each chunk would be projected twice (or the ``[N, W]``

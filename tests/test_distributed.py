@@ -8,6 +8,7 @@ Two layers of tests:
   single-process ``kd_loss`` on the full logits and the float64 oracle. The processes come from a
   forkserver that imports torch once (see ``_start_method``), so a group starts in well under a second.
 """
+import dataclasses
 import datetime
 import os
 import socket
@@ -23,7 +24,7 @@ import fastkd.buffers
 import fastkd.backends.torch
 import fastkd.backends.triton
 from fastkd import vocab_parallel_kd_loss
-from fastkd.distributed import forward_steps, vocab_shard_layout
+from fastkd.distributed import forward_steps, mixture_steps, vocab_shard_layout
 from fastkd.options import make_options
 from helpers import DIVERGENCES, assert_close_to_oracle
 
@@ -68,8 +69,15 @@ def options_for(index, divergence):
 def simulate(student, teacher, labels, starts, widths, opts, backend):
     """Run one ``forward_steps`` per shard in this process, all-reducing by hand. Returns the
     per-rank results and the exchanges as (op, number of floats)."""
-    steps = [forward_steps(student[:, a: a + w].contiguous(), teacher[:, a: a + w].contiguous(), labels,
-                           opts, backend, a) for a, w in zip(starts, widths)]
+    results, exchanges = drive_by_hand([forward_steps(student[:, a: a + w].contiguous(),
+                                                      teacher[:, a: a + w].contiguous(), labels, opts, backend, a)
+                                        for a, w in zip(starts, widths)])
+    return [r[:3] for r in results], exchanges  # (row_loss, grad, V); the normaliser is 1 here
+
+
+def drive_by_hand(steps):
+    """Drive one generator of exchanges per rank (``forward_steps``, ``mixture_steps``) together,
+    all-reducing by hand: their results and the exchanges as (op, number of floats)."""
     messages = [next(s) for s in steps]
     exchanges = []
     while True:
@@ -85,7 +93,7 @@ def simulate(student, teacher, labels, starts, widths, opts, backend):
             try:
                 messages.append(s.send(None))
             except StopIteration as done:
-                results.append(done.value[:3])  # (row_loss, grad, V); the normaliser is 1 here
+                results.append(done.value)
         if results:
             assert len(results) == len(steps), "ranks ran different numbers of collectives"
             return results, exchanges
@@ -133,6 +141,42 @@ def test_collectives_and_floats_per_row(divergence, hard_weight):
     else:
         expected = [("max", 2 * N + 2), ("sum", (2 + ce) * N + 1), ("sum", 2 * N)]
     assert exchanges == expected
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_simulated_mixture_of_teachers(divergence):
+    """Several teachers: ``mixture_steps`` (2 exchanges of [N, teachers]) gives each shard its
+    columns of the mixture's log p, then ``forward_steps`` the loss of that one teacher at T_t = 1:
+    kd_loss's mixture, its degenerate rows NaN as there (a teacher with no distribution over all V),
+    a teacher of weight 0 included."""
+    widths = (5, 6, 4)
+    student, teacher, labels, starts = make_case(widths, seed=7, n_rows=8, dtype=torch.float64, ignored=(7,))
+    others = [make_case(widths, seed=8 + i, n_rows=8, dtype=torch.float64)[1].masked_fill(student.isneginf(),
+                                                                                       float("-inf")) for i in range(2)]
+    others[0][0] = float("-inf")  # teacher 1 has no distribution in row 0 (weight 0 or not)
+    teacher[1, 6] = float("nan")  # a NaN in teacher 0's second shard
+    others[1][2, :5] = float("-inf")  # entirely -inf in one shard only: fine
+    teacher[7] = float("nan")  # an ignored row is never read
+    teachers = [teacher, *others]
+    kw = dict(divergence=divergence, temperature=2.0, teacher_temperature=1.5, hard_weight=0.5)
+    weights = (0.0, 0.3, 0.7)
+    opts = make_options(**kw, teacher_weights=weights)
+    log_ps, exchanges = drive_by_hand([mixture_steps([t[:, a: a + w] for t in teachers], opts, torch.float64)
+                                       for a, w in zip(starts, widths)])
+    assert exchanges == [("max", 8 * 3), ("sum", 8 * 3)]
+    one_teacher = dataclasses.replace(opts, teacher_temperature=1.0, teacher_weights=(1.0,))
+    results, _ = drive_by_hand([forward_steps(student[:, a: a + w], log_p, labels, one_teacher, "torch", a)
+                                for log_p, a, w in zip(log_ps, starts, widths)])
+    good = torch.tensor([False, False] + [True] * 5 + [False])
+    leaf = student[good].requires_grad_()
+    rows = fastkd.reference.kd_loss(leaf, [t[good] for t in teachers], labels=labels[good], reduction="none",
+                                    teacher_weights=weights, **kw)
+    rows.sum().backward()
+    for row_loss, shard_grad, _, _ in results:
+        assert row_loss[:2].isnan().all() and shard_grad[:2].isnan().all()
+        assert row_loss[7] == 0 and (shard_grad[7] == 0).all()
+        torch.testing.assert_close(row_loss[good], rows.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat([g[good] for _, g, _, _ in results], 1), leaf.grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("starts", [[0, 7, 13], [1, 8, 12]], ids=["past_V", "not_from_0"])

@@ -342,6 +342,8 @@ def _errors(mesh):
     head = distribute_tensor(torch.randn(8, 3), mesh, [Shard(0)])
     with pytest.raises(ValueError, match="teacher_weights has 1 weights for 2 teachers"):
         fastkd.fused_linear_kd_loss(hidden, head, teacher_logits=[teacher, teacher], teacher_weights=[1.0])
+    with pytest.raises(ValueError, match="return_entropy is not available"):
+        fastkd.fused_linear_kd_loss(hidden, head, teacher_logits=teacher, return_entropy=True)
     with pytest.raises(ValueError, match="teacher_weight has placements"):
         fastkd.fused_linear_kd_loss(hidden, head, hidden, distribute_tensor(torch.randn(8, 3), mesh, [Replicate()]))
     with pytest.raises(ValueError, match="student_weight placements"):
