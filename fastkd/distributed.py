@@ -185,20 +185,19 @@ def mixture_steps(teachers, opts: KDOptions, dtype):
     N, W = teachers[0].shape
     device = teachers[0].device
     ranges = chunks(N, W, device=device)
-    lse = empty((N, len(teachers)), dtype=dtype, device=device)
+    shard_lse = empty((N, len(teachers)), dtype=dtype, device=device)
     for i, t in enumerate(teachers):
         for r0, r1 in ranges:
-            lse[r0:r1, i] = torch.logsumexp(t[r0:r1].to(dtype) / opts.teacher_T, -1)
-    maxima = lse.clone()
+            shard_lse[r0:r1, i] = torch.logsumexp(t[r0:r1].to(dtype) / opts.teacher_T, -1)
+    maxima = shard_lse.clone()
     yield maxima, "max"
-    sums = torch.exp(lse - _finite(maxima))
+    sums = torch.exp(shard_lse - _finite(maxima))
     yield sums, "sum"
     lse = _finite(maxima) + sums.log()
     out = empty((N, W), dtype=dtype, device=device)
     for r0, r1 in ranges:
-        lts = [out[r0:r1] if i == 0 else empty((r1 - r0, W), dtype=dtype, device=device)
-               for i in range(len(teachers))]
-        for lt, t, i in zip(lts, teachers, range(len(teachers))):
+        lts = [out[r0:r1]] + [empty((r1 - r0, W), dtype=dtype, device=device) for _ in teachers[1:]]
+        for i, (lt, t) in enumerate(zip(lts, teachers)):
             lt.copy_(t[r0:r1]).div_(opts.teacher_T).sub_(lse[r0:r1, i: i + 1])
         mixture_log_prob(lts, opts.log_teacher_weights(), FreshBuffers(lts[0]))  # into lts[0], out's rows
     return out.masked_fill_(~torch.isfinite(lse).all(-1, keepdim=True), float("nan"))

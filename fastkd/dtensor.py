@@ -195,7 +195,7 @@ def _vocab_start(x, layout, dim=-1):
     return offset[dim]
 
 
-# The per-row options of kd_loss and fused_linear_kd_loss (make_options'), besides the teacher weights.
+# The keyword arguments of kd_loss and fused_linear_kd_loss that make_options takes (teacher_weights apart).
 _KD_OPTIONS = ("temperature", "divergence", "beta", "skew", "ignore_index", "hard_weight", "soft_weight", "t2_scale",
                "teacher_temperature")
 

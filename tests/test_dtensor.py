@@ -64,11 +64,16 @@ def _strided(d, requires_grad=False):
 
 
 def check_kd(mesh, placements, widths, *, seed, dtype=torch.float32, n_rows=7, teachers=1, dtensor_labels=True,
-             topk=None, items=None, views=False, **kw):
+             topk=None, items=None, views=False, converged=False, **kw):
     """kd_loss (or topk_kd_loss with ``topk`` = k) of DTensors against the single-process call;
-    ``views``: their local tensors non-contiguous views."""
+    ``views``: their local tensors non-contiguous views; ``converged``: every teacher the student
+    plus noise of 0.01 (small losses, where cancellation shows)."""
     student, teacher, labels, _ = make_case(widths, seed=seed, n_rows=n_rows, dtype=dtype)
     others = [make_case(widths, seed=seed + 100 + i, n_rows=n_rows, dtype=torch.bfloat16)[1] for i in range(teachers - 1)]
+    if converged:
+        gen = torch.Generator().manual_seed(seed)
+        teacher, *others = [(student.double() + 0.01 * torch.randn(student.shape, generator=gen, dtype=torch.float64))
+                            .to(t.dtype) for t in (teacher, *others)]
     V, reduction = sum(widths), kw.get("reduction", "batchmean")
     labels = labels if kw.get("hard_weight") or seed % 2 else None
     if topk is not None:  # the oracle's top-k formula backpropagates NaN through -inf logits: none here
@@ -270,6 +275,9 @@ def _two_ranks(rank, world_size, port):
                           dict(mesh=mesh, placements=[placement], widths=(7, 6), seed=10 + i, dtensor_labels=j != 1,
                                **{"teachers": 2, **kw})))
     cases += [
+        ("vocab-bf16-converged-mixture", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(8, 8), seed=37,
+                                                        dtype=torch.bfloat16, teachers=2, converged=True,
+                                                        divergence="kl", temperature=2.0)),
         ("vocab-bf16", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(8, 8), seed=20, dtype=torch.bfloat16,
                                       divergence="jsd", hard_weight=0.5)),
         ("rows-bf16-items", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(8, 8), seed=21,
