@@ -3,10 +3,12 @@
     torchrun --nproc-per-node 2 examples/distill_dtensor.py --mode tp         # seconds
     torchrun --nproc-per-node 2 examples/distill_dtensor.py --mode tp-fused
     torchrun --nproc-per-node 2 examples/distill_dtensor.py --mode fsdp
+    torchrun --nproc-per-node 2 examples/distill_dtensor.py --mode tp --teachers 2   # a mixture
 
-The student and the teacher are an embedding, one MLP block and an LM head (random
+The student and the teachers are an embedding, one MLP block and an LM head (random
 initialisation, V = 4096). Each step distils the student on one batch of random tokens with
-hard_weight * CE + T**2 * KL(teacher || student):
+hard_weight * CE + T**2 * KL(teacher || student), the teacher the equal mixture of ``--teachers``
+models (default 1), its vocabulary sharded like the student's:
 
   tp        the LM heads are tensor parallel (``parallelize_module`` with
             ``ColwiseParallel(use_local_output=False)``): their logits are DTensors sharded by
@@ -70,34 +72,37 @@ class AllReduceCounter:
         return counts
 
 
-def loss_of(mode, student, teacher, tokens, labels):
-    """The step's loss and, for the first-step check, the same loss on gathered logits."""
+def loss_of(mode, student, teachers, tokens, labels):
+    """The step's loss and, for the first-step check, the same loss on gathered logits. ``teachers``:
+    a list of models (one, or a mixture), passed to fastkd as lists."""
     hidden = student(tokens)
     with torch.no_grad():
-        t_hidden = teacher(tokens)
+        t_hiddens = [teacher(tokens) for teacher in teachers]
     kw = dict(labels=labels, temperature=T, hard_weight=HARD)
     if mode == "tp":
         logits = student.lm_head(hidden)  # a DTensor sharded by vocabulary: Shard(-1)
         with torch.no_grad():
-            t_logits = teacher.lm_head(t_hidden)
+            t_logits = [teacher.lm_head(h) for teacher, h in zip(teachers, t_hiddens)]
         return fastkd.kd_loss(logits, t_logits, **kw), lambda: fastkd.kd_loss(
-            logits.full_tensor().detach(), t_logits.full_tensor(), **kw)
+            logits.full_tensor().detach(), [z.full_tensor() for z in t_logits], **kw)
+    t_weights = [teacher.lm_head.weight.detach() for teacher in teachers]
     if mode == "tp-fused":
         mesh = student.lm_head.weight.device_mesh
         h = DTensor.from_local(hidden, mesh, [Replicate()])  # the same hidden states on every rank
-        th = DTensor.from_local(t_hidden, mesh, [Replicate()])
-        loss = fastkd.fused_linear_kd_loss(h, student.lm_head.weight, th, teacher.lm_head.weight.detach(), **kw)
+        th = [DTensor.from_local(t_hidden, mesh, [Replicate()]) for t_hidden in t_hiddens]
+        loss = fastkd.fused_linear_kd_loss(h, student.lm_head.weight, th, t_weights, **kw)
     else:  # fsdp: this rank's rows, the heads sharded by FSDP2
-        loss = fastkd.fused_linear_kd_loss(hidden, student.lm_head.weight, t_hidden, teacher.lm_head.weight.detach(),
-                                           **kw)
-    weights = [m.lm_head.weight.full_tensor().detach() for m in (student, teacher)]
-    return loss, lambda: fastkd.kd_loss(hidden.detach() @ weights[0].T, t_hidden @ weights[1].T, **kw)
+        loss = fastkd.fused_linear_kd_loss(hidden, student.lm_head.weight, t_hiddens, t_weights, **kw)
+    weight = student.lm_head.weight.full_tensor().detach()
+    return loss, lambda: fastkd.kd_loss(hidden.detach() @ weight.T,
+                                        [h @ w.full_tensor().T for h, w in zip(t_hiddens, t_weights)], **kw)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("tp", "tp-fused", "fsdp"), default="tp")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--teachers", type=int, default=1, help="how many teachers the mixture has")
     parser.add_argument("--json", help="write rank 0's losses and bytes per step here")
     args = parser.parse_args(argv)
 
@@ -106,14 +111,14 @@ def main(argv=None):
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)  # the same models on every rank
-    student, teacher = TinyLM(HIDDEN), TinyLM(2 * HIDDEN)
+    student, teachers = TinyLM(HIDDEN), [TinyLM(2 * HIDDEN) for _ in range(args.teachers)]
     if args.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
-        for model in (student, teacher):
+        for model in (student, *teachers):
             fully_shard(model.lm_head, mesh=mesh)
             fully_shard(model, mesh=mesh)
     else:
-        for model in (student, teacher):
+        for model in (student, *teachers):
             parallelize_module(model, mesh, {"lm_head": ColwiseParallel(use_local_output=False)})
     optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
     counter = AllReduceCounter()
@@ -123,7 +128,7 @@ def main(argv=None):
     history = []
     for step in range(args.steps):
         tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=data)
-        loss, reference = loss_of(args.mode, student, teacher, tokens[:, :-1], tokens[:, 1:])
+        loss, reference = loss_of(args.mode, student, teachers, tokens[:, :-1], tokens[:, 1:])
         loss_bytes, loss_calls = counter.take()
         loss.backward()
         backward_bytes, backward_calls = counter.take()
@@ -139,7 +144,8 @@ def main(argv=None):
                   f"{loss_calls} calls (forward), {backward_bytes} B in {backward_calls} (backward)", flush=True)
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(mode=args.mode, world_size=world, tokens=BATCH * SEQ, vocab=VOCAB, history=history), f)
+            json.dump(dict(mode=args.mode, world_size=world, tokens=BATCH * SEQ, vocab=VOCAB, teachers=args.teachers,
+                           history=history), f)
     dist.destroy_process_group()
     return history
 

@@ -204,12 +204,14 @@ def mixture_steps(teachers, opts: KDOptions, dtype):
 
 
 def mixture_teacher(teachers, opts: KDOptions, dtype, group_name):
-    """``(teacher, opts)`` for ``forward_steps`` from this rank's shards of one teacher or several:
-    one as it is; several as their mixture's log p (``mixture_steps``, 2 all-reduces), a teacher
-    at T_t = 1 whose softmax is the mixture."""
+    """``(teacher, opts)`` for ``forward_steps`` from this rank's shards ``[..., W]`` of one teacher
+    or several: one as it is; several as their mixture's log p ``[..., W]`` (``mixture_steps``, 2
+    all-reduces), a teacher at T_t = 1 whose softmax is the mixture."""
     if len(teachers) == 1:
         return teachers[0], opts
-    log_p = _drive(mixture_steps(teachers, opts, dtype), group_name)
+    shape = teachers[0].shape
+    flat = [t.reshape(-1, shape[-1]) for t in teachers]  # a view wherever one exists
+    log_p = _drive(mixture_steps(flat, opts, dtype), group_name).view(shape)
     return log_p, dataclasses.replace(opts, teacher_temperature=1.0, teacher_weights=(1.0,))
 
 

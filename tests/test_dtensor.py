@@ -64,10 +64,11 @@ def _strided(d, requires_grad=False):
 
 
 def check_kd(mesh, placements, widths, *, seed, dtype=torch.float32, n_rows=7, teachers=1, dtensor_labels=True,
-             topk=None, items=None, views=False, converged=False, **kw):
+             topk=None, items=None, views=False, converged=False, batch=None, **kw):
     """kd_loss (or topk_kd_loss with ``topk`` = k) of DTensors against the single-process call;
     ``views``: their local tensors non-contiguous views; ``converged``: every teacher the student
-    plus noise of 0.01 (small losses, where cancellation shows)."""
+    plus noise of 0.01 (small losses, where cancellation shows); ``batch``: the logits
+    ``[batch, n_rows / batch, V]`` (placements of the vocabulary: Shard(-1))."""
     student, teacher, labels, _ = make_case(widths, seed=seed, n_rows=n_rows, dtype=dtype)
     others = [make_case(widths, seed=seed + 100 + i, n_rows=n_rows, dtype=torch.bfloat16)[1] for i in range(teachers - 1)]
     if converged:
@@ -75,6 +76,8 @@ def check_kd(mesh, placements, widths, *, seed, dtype=torch.float32, n_rows=7, t
         teacher, *others = [(student.double() + 0.01 * torch.randn(student.shape, generator=gen, dtype=torch.float64))
                             .to(t.dtype) for t in (teacher, *others)]
     V, reduction = sum(widths), kw.get("reduction", "batchmean")
+    if batch is not None:
+        student, teacher, labels, *others = (x.unflatten(0, (batch, -1)) for x in (student, teacher, labels, *others))
     labels = labels if kw.get("hard_weight") or seed % 2 else None
     if topk is not None:  # the oracle's top-k formula backpropagates NaN through -inf logits: none here
         student, teacher = student.clamp(min=-8), teacher.clamp(min=-8)
@@ -287,6 +290,9 @@ def _two_ranks(rank, world_size, port):
         ("rows-no-rows", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(7, 6), seed=23, n_rows=0)),
         ("vocab-no-rows", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(7, 6), seed=26, n_rows=0,
                                          divergence="jsd", hard_weight=0.5, teachers=2)),
+        ("vocab-3d-mixture", check_kd, dict(mesh=mesh, placements=[Shard(-1)], widths=(7, 6), seed=38, n_rows=8,
+                                             batch=2, teachers=2, divergence="tvd", hard_weight=0.5,
+                                             reduction="none", views=True)),
         ("vocab-views", check_kd, dict(mesh=mesh, placements=[Shard(1)], widths=(7, 6), seed=27, views=True,
                                        divergence="skew_reverse_kl", hard_weight=0.5, temperature=0.7, teachers=2)),
         ("rows-views-bf16", check_kd, dict(mesh=mesh, placements=[Shard(0)], widths=(7, 6), seed=28, views=True,
@@ -446,17 +452,18 @@ def test_the_dispatch_check_imports_nothing(monkeypatch):
 
 def test_example_under_torchrun(tmp_path):
     """examples/distill_dtensor.py as users run it (``torchrun --nproc-per-node 2``), tensor-parallel
-    heads: it runs, checks its loss against gathered logits, and all-reduces exactly the bytes
-    docs/distributed.md counts: (2 N + 2) + (5 N + 1) float32 per step for kl with the hard CE."""
+    heads and a mixture of 2 teachers: it runs, checks its loss against gathered logits, and
+    all-reduces exactly the bytes docs/distributed.md counts: 2 k N (the mixture, k = 2 teachers)
+    + (2 N + 2) + (5 N + 1) float32 per step for kl with the hard CE, in 4 all-reduces."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "tp.json"
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    os.path.join(root, "examples", "distill_dtensor.py"), "--mode", "tp", "--steps", "2",
-                    "--json", str(out)], check=True, env=env, capture_output=True, timeout=120)
+                    os.path.join(root, "examples", "distill_dtensor.py"), "--mode", "tp", "--teachers", "2",
+                    "--steps", "2", "--json", str(out)], check=True, env=env, capture_output=True, timeout=120)
     result = json.loads(out.read_text())
     N = result["tokens"]
     for step in result["history"]:
-        assert step["forward_all_reduce_bytes"] == 4 * ((2 * N + 2) + (5 * N + 1))
-        assert step["forward_all_reduces"] == 2 and step["backward_all_reduce_bytes"] == 0
+        assert step["forward_all_reduce_bytes"] == 4 * (2 * 2 * N + (2 * N + 2) + (5 * N + 1))
+        assert step["forward_all_reduces"] == 4 and step["backward_all_reduce_bytes"] == 0
         assert 0 < step["loss"] < 20
