@@ -268,7 +268,7 @@ def _two_ranks(rank, world_size, port):
     for i, divergence in enumerate(DIVERGENCES):
         # Several teachers everywhere (a single one: the dp-tp cases of _four_ranks); by the vocabulary,
         # 2 or 3 teachers, equal weights or given ones (one of them 0).
-        teachers = 2 + i % 2 if i % 3 else 2
+        teachers = 2 + i % 2
         weights = (None, [0.7, 0.3, 1.0][:teachers], [1.0, 0.0, 2.0][:teachers])[i % 3]
         for j, (name, placement) in enumerate((("vocab", Shard(-1)), ("rows", Shard(0)), ("replicate", Replicate()))):
             kw = options_for(i + j, divergence)
@@ -327,7 +327,7 @@ def _two_ranks(rank, world_size, port):
                                                      divergence="skew_kl", hard_weight=0.5, temperature=2.0)))
     _run(rank, cases)
     _errors(mesh)
-    _check_finite(mesh, rank)
+    _check_finite(mesh)
     dist.destroy_process_group()
 
 
@@ -366,7 +366,7 @@ def _errors(mesh):
                                     teacher_logits=teacher)
 
 
-def _check_finite(mesh, rank):
+def _check_finite(mesh):
     """``check_finite=True`` with the vocabulary sharded: the error ``kd_loss`` gives on the whole
     logits, on every rank (the rows are judged over all V), and none for a row entirely -inf in one
     shard only or a label outside one shard but inside [0, V)."""
