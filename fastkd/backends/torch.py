@@ -30,7 +30,7 @@ import threading
 
 import torch
 
-from ..buffers import accumulation_dtype, empty, gradient_buffer
+from ..buffers import accumulation_dtype, constant, empty, gradient_buffer
 from ..options import KDOptions, as_teachers
 from . import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS
 from . import torch_divergences as div
@@ -145,17 +145,28 @@ def _scaled(x, temperature, out):
     return out.copy_(x).div_(temperature)
 
 
-def _hard_ce(log_q, labels, need_grad):
+def _hard_ce(log_q, labels, need_grad, in_range=None):
     """Cross-entropy per row ``[rows]`` from the student's log-probabilities at T = 1, ``log_q``,
     its gradient q - one-hot (written over ``log_q``; None without ``need_grad``), and whether each
     label is in [0, V) (a row with another label computes on a stand-in column; the caller makes it
-    NaN)."""
-    index = labels.clamp(0, log_q.shape[-1] - 1)
-    in_range = index == labels
+    NaN). ``in_range=True``: the caller knows every label is, and gets that back."""
+    index = labels
+    if in_range is None:
+        index = labels.clamp(0, log_q.shape[-1] - 1)
+        in_range = index == labels
     index = index.long().unsqueeze(1)
     ce = log_q.gather(1, index).neg_()[:, 0]
     grad = log_q.exp_().scatter_(1, index, -1.0, reduce="add") if need_grad else None
     return ce, grad, in_range
+
+
+def _labels_all_kept(labels, V, ignore_index):
+    """True when the CPU ``labels`` (read on the host: no synchronisation) all lie in [0, V) and
+    none can be ``ignore_index``: then a small call needs no row masks. False elsewhere."""
+    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    low, high = (int(x) for x in torch.aminmax(labels))
+    return 0 <= low and high < V and not low <= ignore_index <= high
 
 
 def _zero_rows(g, rows):
@@ -214,29 +225,50 @@ SHORT_ROW = 16
 FEW_ROWS = 32
 
 
+def _tempered(x, temperature, dtype):
+    """``x / temperature`` in ``dtype`` (the accumulation dtype), out of place (``x`` itself at T = 1)."""
+    x = x.to(dtype)
+    return x if temperature == 1 else torch.div(x, constant(temperature, dtype=dtype, device=x.device))
+
+
+def _short_rows(x):
+    """Whether ``_log_softmax`` takes ``x``'s rows as separate ops (SHORT_ROW, FEW_ROWS)."""
+    V = x.shape[-1]
+    return V < SHORT_ROW and x.numel() > FEW_ROWS * V and x.device.type == "cpu"
+
+
 def _log_softmax(x):
     """log_softmax(x) over the last dim, in fresh memory: torch's, or for many short CPU rows
-    (SHORT_ROW, FEW_ROWS) the same steps as separate ops. A row with a NaN or +inf, or entirely
-    -inf, is all NaN either way."""
-    N, V = x.shape
-    if V >= SHORT_ROW or N <= FEW_ROWS or x.device.type != "cpu":
+    (``_short_rows``) the same steps as separate ops. A row with a NaN or +inf, or entirely -inf,
+    is all NaN either way."""
+    if not _short_rows(x):
         return torch.log_softmax(x, -1)
     shifted = x - x.amax(-1, keepdim=True)
     return shifted.sub_(shifted.exp().sum(-1, keepdim=True).log_())
 
 
-def _tempered(x, temperature, dtype):
-    """``x / temperature`` in ``dtype`` (the accumulation dtype), out of place (``x`` itself at T = 1)."""
-    x = x.to(dtype)
-    return x if temperature == 1 else x / temperature
+def _small_log_probs(student, teacher, opts, acc, hard_ce):
+    """(ls, lt, log_q): log_softmax of student / T, of teacher / T_t and, with ``hard_ce`` at
+    T != 1, of the student at T = 1 (else None), all ``[N, V]`` in ``acc``. Many short rows stack the
+    sides and run one log-softmax over them: there every op costs its dispatch, not its pass."""
+    temperatures = (opts.temperature, opts.teacher_T) + ((1.0,) if hard_ce and opts.temperature != 1 else ())
+    sides = (student, teacher, student)[:len(temperatures)]
+    if _short_rows(student):
+        z = torch.stack(sides).to(acc)
+        if any(T != 1 for T in temperatures):
+            z.div_(constant(temperatures, dtype=acc, device=z.device, shape=(-1, 1, 1)))
+        logs = _log_softmax(z).unbind(0)
+    else:
+        logs = [_log_softmax(_tempered(x, T, acc)) for x, T in zip(sides, temperatures)]
+    return logs[0], logs[1], logs[2] if len(logs) > 2 else None
 
 
 def _small_kd_forward(student, teacher, labels, grad_scale, opts, grad, acc):
     """``kd_forward`` of a small call with one teacher: the whole ``[N, V]`` at once by fused ops in
     fresh tensors (module docstring: Small calls), on the log-probabilities ls, lt; the gradient goes
     into ``grad`` (or None) last, after every read of the student."""
-    ls = _log_softmax(_tempered(student, opts.temperature, acc))
-    lt = _log_softmax(_tempered(teacher, opts.teacher_T, acc))
+    has_ce = labels is not None and opts.hard_weight != 0
+    ls, lt, log_q = _small_log_probs(student, teacher, opts, acc, has_ce)
     p = lt.exp()
     # The rows that have both distributions (a row without has NaN log-probabilities) and a label,
     # where the formulas do not keep a row's NaNs by themselves (the table's masked products clear them).
@@ -255,22 +287,25 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, grad, acc):
         A1, A2 = a1.sum(-1, keepdim=True), a2.sum(-1, keepdim=True)
         D = div.divergence_value(A1, A2, opts)[:, 0]
         dD = None if grad is None else div.divergence_grad(x, A1, A2, opts, fresh.take())
-    row_loss = D if opts.soft_scale == 1 else D * opts.soft_scale
+    row_loss = D if opts.soft_scale == 1 else torch.mul(D, constant(opts.soft_scale, dtype=acc, device=D.device))
     ce = None
-    if labels is not None and opts.hard_weight != 0:  # at T = 1 over ls, which nothing reads after this
-        log_q = ls if opts.temperature == 1 else _log_softmax(student.to(acc))
-        ce, ce_grad, in_range = _hard_ce(log_q, labels, grad is not None)
+    # Labels read on the host (CPU) that are all kept and in range need no row masks.
+    masked = labels is not None and not _labels_all_kept(labels, ls.shape[-1], opts.ignore_index)
+    if has_ce:  # at T = 1 over ls (or log_q), which nothing reads after this
+        ce, ce_grad, in_range = _hard_ce(ls if log_q is None else log_q, labels, grad is not None,
+                                         in_range=None if masked else True)
         row_loss = torch.add(row_loss, ce, alpha=opts.hard_weight)
-        defined = in_range if defined is None else defined & in_range
+        if masked:
+            defined = in_range if defined is None else defined & in_range
     if defined is not None:
         row_loss = torch.where(defined, row_loss, float("nan"))
-    ignored = None if labels is None else labels == opts.ignore_index
+    ignored = labels == opts.ignore_index if masked else None
     if ignored is not None:
         row_loss.masked_fill_(ignored, 0.0)
     if grad is None:
         return row_loss, None
     soft_grad_scale = opts.soft_scale / opts.temperature
-    g = dD if soft_grad_scale == 1 else dD.mul_(soft_grad_scale)
+    g = dD if soft_grad_scale == 1 else dD.mul_(constant(soft_grad_scale, dtype=acc, device=dD.device))
     if ce is not None:
         g.add_(ce_grad, alpha=opts.hard_weight)
     factor = grad_scale.to(acc) if defined is None else _row_factor(grad_scale.to(acc), defined)
