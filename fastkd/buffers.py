@@ -1,4 +1,4 @@
-"""Output buffers shared by both backends.
+"""Output buffers and cached constant operands, shared by the backends.
 
 Every output the launchers and the torch backend allocate comes from ``empty``. With
 ``FASTKD_POISON_ALLOCATIONS=1`` in the environment (or ``POISON_ALLOCATIONS = True``, as the tests
@@ -18,26 +18,21 @@ def accumulation_dtype(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _poisoned(out):
-    if POISON_ALLOCATIONS:
-        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(out.dtype).min)
-    return out
-
-
 def empty(shape, *, dtype, device):
     """``torch.empty``, poisoned when ``POISON_ALLOCATIONS`` is on (a debug switch: it costs a fill)."""
-    return _poisoned(torch.empty(shape, dtype=dtype, device=device))
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_ALLOCATIONS:
+        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(dtype).min)
+    return out
 
 
 def gradient_buffer(student, inplace, need_grad):
     """Where the student gradient goes: nowhere, the student's own storage, or a fresh tensor."""
     if not need_grad:
         return None
-    # empty_like: a third of torch.empty's host time, which a small call notices
-    return student if inplace else _poisoned(torch.empty_like(student, memory_format=torch.contiguous_format))
+    return student if inplace else empty(student.shape, dtype=student.dtype, device=student.device)
 
 
-@functools.lru_cache(maxsize=64)
 def _constant(value, dtype, device, shape):
     return torch.tensor(value, dtype=dtype, device=device).reshape(shape)
 

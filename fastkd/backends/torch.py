@@ -227,21 +227,21 @@ FEW_ROWS = 32
 
 def _tempered(x, temperature, dtype):
     """``x / temperature`` in ``dtype`` (the accumulation dtype), out of place (``x`` itself at T = 1)."""
-    x = x.to(dtype)
+    x = x if x.dtype == dtype else x.to(dtype)
     return x if temperature == 1 else torch.div(x, constant(temperature, dtype=dtype, device=x.device))
 
 
 def _short_rows(x):
-    """Whether ``_log_softmax`` takes ``x``'s rows as separate ops (SHORT_ROW, FEW_ROWS)."""
-    V = x.shape[-1]
-    return V < SHORT_ROW and x.numel() > FEW_ROWS * V and x.device.type == "cpu"
+    """Whether ``x`` ``[N, V]`` has many short CPU rows (SHORT_ROW, FEW_ROWS)."""
+    N, V = x.shape
+    return V < SHORT_ROW and N > FEW_ROWS and x.device.type == "cpu"
 
 
-def _log_softmax(x):
-    """log_softmax(x) over the last dim, in fresh memory: torch's, or for many short CPU rows
+def _log_softmax(x, short):
+    """log_softmax(x) over the last dim, in fresh memory: torch's, or for ``short`` rows
     (``_short_rows``) the same steps as separate ops. A row with a NaN or +inf, or entirely -inf,
     is all NaN either way."""
-    if not _short_rows(x):
+    if not short:
         return torch.log_softmax(x, -1)
     shifted = x - x.amax(-1, keepdim=True)
     return shifted.sub_(shifted.exp().sum(-1, keepdim=True).log_())
@@ -257,10 +257,10 @@ def _small_log_probs(student, teacher, opts, acc, hard_ce):
         z = torch.stack(sides).to(acc)
         if any(T != 1 for T in temperatures):
             z.div_(constant(temperatures, dtype=acc, device=z.device, shape=(-1, 1, 1)))
-        logs = _log_softmax(z).unbind(0)
+        logs = _log_softmax(z, True).unbind(0)
     else:
-        logs = [_log_softmax(_tempered(x, T, acc)) for x, T in zip(sides, temperatures)]
-    return logs[0], logs[1], logs[2] if len(logs) > 2 else None
+        logs = [_log_softmax(_tempered(x, T, acc), False) for x, T in zip(sides, temperatures)]
+    return (*logs, None)[:3]
 
 
 def _small_kd_forward(student, teacher, labels, grad_scale, opts, grad, acc):
