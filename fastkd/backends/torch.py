@@ -21,9 +21,13 @@ a few percent of the gradient. On a GPU chunks are GPU_CHUNK_FACTOR times larger
 Small calls. A call of one chunk and at most SMALL_ELEMENTS elements (a classifier's
 distillation, a few rows) runs on the calling thread in fresh tensors, by fused ops
 (``_small_kd_forward``): there each op costs its microseconds of Python and dispatch, not a pass
-over memory, so the fewest ops win: both sides' log-probabilities by log_softmax (``_log_softmax``),
-then one teacher's kl by the table's kl written out (about ten ops for value and gradient), the
-other divergences by the table itself; a mixture of teachers runs the chunk's code once.
+over memory, so the fewest ops win: both sides' log-probabilities by log_softmax (``_log_softmax``;
+many short rows stack the student, the teacher and the hard CE's student at T = 1 into one
+log-softmax), then one teacher's kl by the table's kl written out (about ten ops for value and
+gradient), the other divergences by the table itself; CPU labels, read on the host, that are all
+in [0, V) and none ignore_index need no row masks; scalars are cached tensors (``buffers.constant``:
+an op with a Python number costs a tensor's creation more); a mixture of teachers runs the chunk's
+code once.
 """
 import math
 import threading
