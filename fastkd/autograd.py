@@ -85,7 +85,8 @@ def scaled_student_grad(ctx, grad_loss):
         return (grad * upstream[:, None]).to(grad.dtype).view(ctx.shape)
     # The saved gradient is ours: scale it in place unless this graph may be run backward again.
     out = None if graph_is_kept() else grad
-    return implementation(ctx.backend).scale_rows(grad, upstream, out=out).view(ctx.shape)
+    grad = implementation(ctx.backend).scale_rows(grad, upstream, out=out)
+    return grad if grad.shape == ctx.shape else grad.view(ctx.shape)
 
 
 class StudentGradFunction(torch.autograd.Function):

@@ -56,7 +56,8 @@ def chunks(N, V, chunk_bytes=None, device=None):
     """Row ranges ``(r0, r1)`` of about ``chunk_bytes`` of float32 ``[rows, V]`` each (by default
     CHUNK_BYTES, times GPU_CHUNK_FACTOR off the CPU)."""
     if chunk_bytes is None:
-        chunk_bytes = CHUNK_BYTES * (1 if device is None or torch.device(device).type == "cpu" else GPU_CHUNK_FACTOR)
+        on_cpu = device is None or (device if isinstance(device, torch.device) else torch.device(device)).type == "cpu"
+        chunk_bytes = CHUNK_BYTES * (1 if on_cpu else GPU_CHUNK_FACTOR)
     step = max(1, chunk_bytes // (4 * max(V, 1)))
     return [(r0, min(N, r0 + step)) for r0 in range(0, N, step)]
 
