@@ -22,8 +22,8 @@ Small calls. A call of one chunk and at most SMALL_ELEMENTS elements (a classifi
 distillation, a few rows) runs on the calling thread in fresh tensors, by fused ops
 (``_small_kd_forward``): there each op costs its microseconds of Python and dispatch, not a pass
 over memory, so the fewest ops win: both sides' log-probabilities by log_softmax (``_log_softmax``;
-many short rows stack the student, the teacher and the hard CE's student at T = 1 into one
-log-softmax), then one teacher's kl by the table's kl written out (about ten ops for value and
+up to STACK_ELEMENTS the student, the teacher and the hard CE's student at T = 1 are stacked into
+one log-softmax), then one teacher's kl by the table's kl written out (about ten ops for value and
 gradient), the other divergences by the table itself; CPU labels, read on the host, that are all
 in [0, V) and none ignore_index need no row masks; scalars are cached tensors (``buffers.constant``:
 an op with a Python number costs a tensor's creation more); a mixture of teachers runs the chunk's
@@ -230,6 +230,12 @@ SHORT_ROW = 16
 FEW_ROWS = 32
 
 
+# Small calls of at most this many elements (N * V) stack their sides for one log-softmax: there
+# an op's dispatch (a microsecond or two) costs more than the stack's copy; at N = 4096, V = 10 the
+# copy cost some 5 %.
+STACK_ELEMENTS = 2**12
+
+
 def _tempered(x, temperature, dtype):
     """``x / temperature`` in ``dtype`` (the accumulation dtype), out of place (``x`` itself at T = 1)."""
     x = x if x.dtype == dtype else x.to(dtype)
@@ -254,17 +260,18 @@ def _log_softmax(x, short):
 
 def _small_log_probs(student, teacher, opts, acc, hard_ce):
     """(ls, lt, log_q): log_softmax of student / T, of teacher / T_t and, with ``hard_ce`` at
-    T != 1, of the student at T = 1 (else None), all ``[N, V]`` in ``acc``. Many short rows stack the
-    sides and run one log-softmax over them: there every op costs its dispatch, not its pass."""
+    T != 1, of the student at T = 1 (else None), all ``[N, V]`` in ``acc``. Up to STACK_ELEMENTS
+    the sides are stacked and run one log-softmax."""
     temperatures = (opts.temperature, opts.teacher_T) + ((1.0,) if hard_ce and opts.temperature != 1 else ())
     sides = (student, teacher, student)[:len(temperatures)]
-    if _short_rows(student):
+    short, tempered = _short_rows(student), any(T != 1 for T in temperatures)
+    if student.numel() <= STACK_ELEMENTS and (short or tempered):  # else stacking saves no op
         z = torch.stack(sides).to(acc)
-        if any(T != 1 for T in temperatures):
+        if tempered:
             z.div_(constant(temperatures, dtype=acc, device=z.device, shape=(-1, 1, 1)))
-        logs = _log_softmax(z, True).unbind(0)
+        logs = _log_softmax(z, short).unbind(0)
     else:
-        logs = [_log_softmax(_tempered(x, T, acc), False) for x, T in zip(sides, temperatures)]
+        logs = [_log_softmax(_tempered(x, T, acc), short) for x, T in zip(sides, temperatures)]
     return (*logs, None)[:3]
 
 
