@@ -9,11 +9,12 @@
 
 A normaliser of 0 counts as 1 (no kept row: the loss is 0, not NaN). The normaliser is computed
 before the kernels run: on the host where it needs no device tensor (N rows without labels, a
-``num_items_in_batch`` number, or a count of CPU labels, whose memory the host reads), else on the
-device (a count of the labels, never read on the host); the kernels multiply the gradient they write by its inverse, ``grad_scale``; so the saved
-gradient is already that of the reduced loss and the backward only multiplies it by the upstream
-gradient (a no-op for 1). ``"none"`` has one upstream gradient per row, known only in the
-backward: its gradient is saved unscaled (``grad_scale`` 1) and scaled row by row there.
+``num_items_in_batch`` number, or a count of CPU labels, whose memory the host reads), else on
+the device (a count of the labels, never read on the host); the kernels multiply the gradient
+they write by its inverse, ``grad_scale``; so the saved gradient is already that of the reduced
+loss and the backward only multiplies it by the upstream gradient (a no-op for 1). ``"none"``
+has one upstream gradient per row, known only in the backward: its gradient is saved unscaled
+(``grad_scale`` 1) and scaled row by row there.
 """
 import torch
 
@@ -22,14 +23,15 @@ from .options import Reduction
 
 
 def _in_host_memory(labels):
+    """CPU labels outside ``torch.compile``'s tracing: the host reads them without a synchronisation."""
     return labels.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def normaliser(reduction: Reduction, labels, N, V, ignore_index, *, device, dtype, host=False):
     """What the summed row losses are divided by, or None for "sum" and "none": a 0-d tensor (on
-    ``device``, in ``dtype``), or with ``host=True`` a Python number where no tensor decides it (no
-    labels, CPU labels, or a ``num_items_in_batch`` number). ``labels``: ``[N]`` or None; ``V`` an int or a
-    0-d tensor."""
+    ``device``, in ``dtype``), or with ``host=True`` a Python number where no device tensor decides
+    it (no labels, CPU labels, or a ``num_items_in_batch`` number). ``labels``: ``[N]`` or None;
+    ``V`` an int or a 0-d tensor."""
     if reduction.kind in ("sum", "none"):
         return None
     items = reduction.num_items_in_batch
