@@ -85,10 +85,21 @@ def scaled_student_grad(ctx, grad_loss):
         return (grad * upstream[:, None]).to(grad.dtype).view(ctx.shape)
     # The saved gradient is ours: scale it in place unless this graph may be run backward again.
     out = None if graph_is_kept() else grad
-    return implementation(ctx.backend).scale_rows(grad, upstream, out=out).view(ctx.shape)
+    grad = implementation(ctx.backend).scale_rows(grad, upstream, out=out)
+    return grad if grad.shape == ctx.shape else grad.view(ctx.shape)
 
 
-class KDLossFunction(torch.autograd.Function):
+class StudentGradFunction(torch.autograd.Function):
+    """A loss whose student gradient comes from its forward: the backward is ``scaled_student_grad``
+    for the student (the first input), nothing for the others."""
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        return (scaled_student_grad(ctx, grad_loss),) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+class KDLossFunction(StudentGradFunction):
     @staticmethod
     def forward(ctx, student, teachers, labels, opts, reduction, backend, inplace):
         # Detached, so that an in-place gradient is a plain write into storage, not an autograd op.
@@ -101,13 +112,8 @@ class KDLossFunction(torch.autograd.Function):
                                         need_grad=need_grad, hold_grad=held)
         return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, held)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 6
 
-
-class TopKKDLossFunction(torch.autograd.Function):
+class TopKKDLossFunction(StudentGradFunction):
     @staticmethod
     def forward(ctx, student, teacher_logprobs, teacher_indices, labels, opts, tail, reduction, backend, inplace):
         s2 = rows(student.detach())
@@ -120,13 +126,8 @@ class TopKKDLossFunction(torch.autograd.Function):
                                              inplace=inplace and need_grad, need_grad=need_grad, hold_grad=held)
         return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, held)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 8
 
-
-class VocabParallelKDLossFunction(torch.autograd.Function):
+class VocabParallelKDLossFunction(StudentGradFunction):
     @staticmethod
     def forward(ctx, student, teacher, labels, opts, reduction, backend, inplace, group_name, vocab_start):
         s2, t2 = rows(student.detach()), rows(teacher)
@@ -137,11 +138,6 @@ class VocabParallelKDLossFunction(torch.autograd.Function):
             inplace=inplace and need_grad, need_grad=need_grad, hold_grad=held)
         norm = None if reduction.kind in ("sum", "none") else norm
         return _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, held)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 8
 
 
 def _scaled(grad, scale, dtype, in_place, backend):

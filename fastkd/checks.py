@@ -43,10 +43,12 @@ def check_label_range(labels, V, opts: KDOptions):
     if labels is None or opts.hard_weight == 0 or labels.device.type != "cpu" or torch.compiler.is_compiling():
         return
     flat = labels.reshape(-1)
-    outside = flat.clamp(0, V - 1) != flat  # outside [0, V)
-    if not outside.any():
+    if flat.numel() == 0:
         return
-    bad = outside & (flat != opts.ignore_index)
+    low, high = (int(x) for x in torch.aminmax(flat))
+    if 0 <= low and high < V:
+        return
+    bad = (flat.clamp(0, V - 1) != flat) & (flat != opts.ignore_index)  # outside [0, V), not ignored
     if bad.any():
         row = int(bad.nonzero()[0, 0])
         reason = f"is {int(flat[row])}, outside [0, {V}) and not ignore_index={opts.ignore_index}"

@@ -25,17 +25,30 @@ from .options import (IDENTITY, as_teachers, check_bool, check_chunk_size, check
 from .topk_values import TopK, topk_teacher
 
 
-# make_options once per distinct set of options (a loss is called with the same ones at every step),
-# keyed by value and type: 1, 1.0 and True are three keys, so that t2_scale=1 still raises.
-_cached_options = functools.lru_cache(maxsize=64, typed=True)(make_options)
+def _cached(make):
+    """``make`` (``make_options``, ``make_reduction``) called once per distinct set of arguments
+    (a loss is called with the same ones at every step), keyed by value and type: 1, 1.0 and True
+    are three keys, so that t2_scale=1 still raises. Unhashable arguments skip the cache (``make``
+    names a wrong one, or raised TypeError itself)."""
+    cached = functools.lru_cache(maxsize=64, typed=True)(make)
+
+    @functools.wraps(make)
+    def call(*args, **kwargs):
+        try:
+            return cached(*args, **kwargs)
+        except TypeError:
+            return make(*args, **kwargs)
+
+    return call
 
 
-def _options(**options):
-    """``make_options(**options)``, from the cache where the options were seen before."""
-    try:
-        return _cached_options(**options)
-    except TypeError:  # an unhashable option: make_options names it (or it raised TypeError itself)
-        return make_options(**options)
+_options = _cached(make_options)
+_cached_reduction = _cached(make_reduction)
+
+
+def _reduction(reduction, num_items_in_batch):
+    """``make_reduction``, from the cache without ``num_items_in_batch`` (a tensor there is never a key)."""
+    return _cached_reduction(reduction) if num_items_in_batch is None else make_reduction(reduction, num_items_in_batch)
 
 
 def _check_teacher_count(backend, num_teachers):
@@ -106,7 +119,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     check_kd_inputs(student_logits, teachers, labels, opts)
     check_inplace(inplace, student_logits)
     check_values(student_logits, teachers, labels, opts, check_finite)
-    reduction = make_reduction(reduction, num_items_in_batch)
+    reduction = _reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_logits)
     _check_teacher_count(backend, len(teachers))
     return KDLossFunction.apply(student_logits, teachers, labels, opts, reduction, backend, inplace)
@@ -224,7 +237,7 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices=None, *, tail
         check_bool("validate_indices", validate_indices)
     V = student_logits.shape[-1]
     check_topk_values(student_logits, teacher_logprobs, labels, opts, check_finite)
-    reduction = make_reduction(reduction, num_items_in_batch)
+    reduction = _reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_logits)
     if validate_indices or (validate_indices is None and (backend == "torch" or debug_enabled())):
         keep = None if labels is None else labels.reshape(-1) != opts.ignore_index
@@ -264,7 +277,7 @@ def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_st
     check_kd_inputs(student_shard, (teacher_shard,), labels, opts)
     check_inplace(inplace, student_shard, "student_shard")
     vocab_start = check_vocab_start(vocab_start)
-    reduction = make_reduction(reduction, num_items_in_batch)
+    reduction = _reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_shard)
     rank, _ = check_group(group)
     if vocab_start is None:
@@ -367,7 +380,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     if teacher_logits is not None and transforms[1] != IDENTITY:
         raise ValueError("teacher_logit_scale and teacher_softcap transform teacher_hidden @ teacher_weight.T; "
                          "teacher_logits are taken as they are: pass them already transformed")
-    reduction = make_reduction(reduction, num_items_in_batch)
+    reduction = _reduction(reduction, num_items_in_batch)
     backend = resolve_backend(backend, student_hidden)
 
     _check_teacher_count(backend, len(teachers))

@@ -8,33 +8,43 @@
     "none"        the row losses, shape of the leading dims
 
 A normaliser of 0 counts as 1 (no kept row: the loss is 0, not NaN). The normaliser is computed
-before the kernels run: on the host where it needs no tensor (N rows without labels, or a
-``num_items_in_batch`` number), else on the device (a count of the labels, never read on the
-host); the kernels multiply the gradient they write by its inverse, ``grad_scale``; so the saved
-gradient is already that of the reduced loss and the backward only multiplies it by the upstream
-gradient (a no-op for 1). ``"none"`` has one upstream gradient per row, known only in the
-backward: its gradient is saved unscaled (``grad_scale`` 1) and scaled row by row there.
+before the kernels run: on the host where it needs no device tensor (N rows without labels, a
+``num_items_in_batch`` number, or a count of CPU labels, whose memory the host reads), else on
+the device (a count of the labels, never read on the host); the kernels multiply the gradient
+they write by its inverse, ``grad_scale``; so the saved gradient is already that of the reduced
+loss and the backward only multiplies it by the upstream gradient (a no-op for 1). ``"none"``
+has one upstream gradient per row, known only in the backward: its gradient is saved unscaled
+(``grad_scale`` 1) and scaled row by row there.
 """
 import torch
 
+from .buffers import constant
 from .options import Reduction
+
+
+def _in_host_memory(labels):
+    """CPU labels outside ``torch.compile``'s tracing: the host reads them without a synchronisation."""
+    return labels.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def normaliser(reduction: Reduction, labels, N, V, ignore_index, *, device, dtype, host=False):
     """What the summed row losses are divided by, or None for "sum" and "none": a 0-d tensor (on
-    ``device``, in ``dtype``), or with ``host=True`` a Python number where no tensor decides it (no
-    labels, or a ``num_items_in_batch`` number). ``labels``: ``[N]`` or None; ``V`` an int or a
-    0-d tensor."""
+    ``device``, in ``dtype``), or with ``host=True`` a Python number where no device tensor decides
+    it (no labels, CPU labels, or a ``num_items_in_batch`` number). ``labels``: ``[N]`` or None;
+    ``V`` an int or a 0-d tensor."""
     if reduction.kind in ("sum", "none"):
         return None
     items = reduction.num_items_in_batch
     if isinstance(items, torch.Tensor):
         count = items.to(device=device, dtype=dtype)  # a CPU 0-d tensor is copied as a fill: no sync
         count = torch.where(count == 0, torch.ones_like(count), count)
-    elif items is None and labels is not None:
+    elif items is None and labels is not None and not (host and _in_host_memory(labels)):
         count = labels.ne(ignore_index).sum(dtype=dtype).clamp_(min=1)  # a count: 0 becomes 1
-    else:
-        count = N if items is None else float(items)
+    else:  # a number: of items, of the kept CPU labels (read on the host: no synchronisation), or N
+        if items is not None:
+            count = float(items)
+        else:
+            count = N if labels is None else int(labels.ne(ignore_index).sum())
         count = count if count != 0 else 1
         if not host:
             count = torch.full((), count, dtype=dtype, device=device)
@@ -43,12 +53,10 @@ def normaliser(reduction: Reduction, labels, N, V, ignore_index, *, device, dtyp
 
 def grad_scale(norm, *, device, dtype):
     """The gradient's factor ``[1]`` for the kernels: 1 / ``norm`` (a tensor or a number), or 1
-    without a normaliser."""
-    if norm is None:
-        return torch.ones(1, dtype=dtype, device=device)
+    without a normaliser (a cached tensor for a number: never write into it)."""
     if not isinstance(norm, torch.Tensor):
-        return torch.full((1,), 1 / norm, dtype=dtype, device=device)
-    return (1 / norm).reshape(1)
+        return constant(1.0 if norm is None else 1 / norm, dtype=dtype, device=device, shape=(1,))
+    return norm.reciprocal().reshape(1)
 
 
 def reduce(row_loss, norm, reduction: Reduction, leading_shape):
@@ -56,4 +64,8 @@ def reduce(row_loss, norm, reduction: Reduction, leading_shape):
     if reduction.kind == "none":
         return row_loss.reshape(leading_shape)
     total = row_loss.sum()
-    return total if norm is None else total / norm
+    if norm is None:
+        return total
+    if not isinstance(norm, torch.Tensor):
+        norm = constant(norm, dtype=total.dtype, device=total.device)
+    return total.div_(norm)

@@ -21,16 +21,20 @@ a few percent of the gradient. On a GPU chunks are GPU_CHUNK_FACTOR times larger
 Small calls. A call of one chunk and at most SMALL_ELEMENTS elements (a classifier's
 distillation, a few rows) runs on the calling thread in fresh tensors, by fused ops
 (``_small_kd_forward``): there each op costs its microseconds of Python and dispatch, not a pass
-over memory, so the fewest ops win: both sides' log-probabilities by log_softmax (``_log_softmax``),
-then one teacher's kl by the table's kl written out (about ten ops for value and gradient), the
-other divergences by the table itself; a mixture of teachers runs the chunk's code once.
+over memory, so the fewest ops win: both sides' log-probabilities by log_softmax (``_log_softmax``;
+up to STACK_ELEMENTS the student, the teacher and the hard CE's student at T = 1 are stacked into
+one log-softmax), then one teacher's kl by the table's kl written out (about ten ops for value and
+gradient), the other divergences by the table itself; CPU labels, read on the host, that are all
+in [0, V) and none ignore_index need no row masks; scalars are cached tensors (``buffers.constant``:
+an op with a Python number costs a tensor's creation more); a mixture of teachers runs the chunk's
+code once.
 """
 import math
 import threading
 
 import torch
 
-from ..buffers import accumulation_dtype, empty, gradient_buffer
+from ..buffers import accumulation_dtype, constant, empty, gradient_buffer
 from ..options import KDOptions, as_teachers
 from . import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS
 from . import torch_divergences as div
@@ -52,7 +56,8 @@ def chunks(N, V, chunk_bytes=None, device=None):
     """Row ranges ``(r0, r1)`` of about ``chunk_bytes`` of float32 ``[rows, V]`` each (by default
     CHUNK_BYTES, times GPU_CHUNK_FACTOR off the CPU)."""
     if chunk_bytes is None:
-        chunk_bytes = CHUNK_BYTES * (1 if device is None or torch.device(device).type == "cpu" else GPU_CHUNK_FACTOR)
+        on_cpu = device is None or (device if isinstance(device, torch.device) else torch.device(device)).type == "cpu"
+        chunk_bytes = CHUNK_BYTES * (1 if on_cpu else GPU_CHUNK_FACTOR)
     step = max(1, chunk_bytes // (4 * max(V, 1)))
     return [(r0, min(N, r0 + step)) for r0 in range(0, N, step)]
 
@@ -145,17 +150,28 @@ def _scaled(x, temperature, out):
     return out.copy_(x).div_(temperature)
 
 
-def _hard_ce(log_q, labels, need_grad):
+def _hard_ce(log_q, labels, need_grad, in_range=None):
     """Cross-entropy per row ``[rows]`` from the student's log-probabilities at T = 1, ``log_q``,
     its gradient q - one-hot (written over ``log_q``; None without ``need_grad``), and whether each
     label is in [0, V) (a row with another label computes on a stand-in column; the caller makes it
-    NaN)."""
-    index = labels.clamp(0, log_q.shape[-1] - 1)
-    in_range = index == labels
+    NaN). ``in_range=True``: the caller knows every label is, and gets that back."""
+    index = labels
+    if in_range is None:
+        index = labels.clamp(0, log_q.shape[-1] - 1)
+        in_range = index == labels
     index = index.long().unsqueeze(1)
     ce = log_q.gather(1, index).neg_()[:, 0]
     grad = log_q.exp_().scatter_(1, index, -1.0, reduce="add") if need_grad else None
     return ce, grad, in_range
+
+
+def _labels_all_kept(labels, V, ignore_index):
+    """True when the CPU ``labels`` (read on the host: no synchronisation) all lie in [0, V) and
+    none can be ``ignore_index``: then a small call needs no row masks. False elsewhere."""
+    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    low, high = (int(x) for x in torch.aminmax(labels))
+    return 0 <= low and high < V and not low <= ignore_index <= high
 
 
 def _zero_rows(g, rows):
@@ -214,29 +230,57 @@ SHORT_ROW = 16
 FEW_ROWS = 32
 
 
-def _log_softmax(x):
-    """log_softmax(x) over the last dim, in fresh memory: torch's, or for many short CPU rows
-    (SHORT_ROW, FEW_ROWS) the same steps as separate ops. A row with a NaN or +inf, or entirely
-    -inf, is all NaN either way."""
+# Small calls of at most this many elements (N * V) stack their sides for one log-softmax: there
+# an op's dispatch (a microsecond or two) costs more than the stack's copy; at N = 4096, V = 10 the
+# copy cost some 5 %.
+STACK_ELEMENTS = 2**12
+
+
+def _tempered(x, temperature, dtype):
+    """``x / temperature`` in ``dtype`` (the accumulation dtype), out of place (``x`` itself at T = 1)."""
+    x = x if x.dtype == dtype else x.to(dtype)
+    return x if temperature == 1 else torch.div(x, constant(temperature, dtype=dtype, device=x.device))
+
+
+def _short_rows(x):
+    """Whether ``x`` ``[N, V]`` has many short CPU rows (SHORT_ROW, FEW_ROWS)."""
     N, V = x.shape
-    if V >= SHORT_ROW or N <= FEW_ROWS or x.device.type != "cpu":
+    return V < SHORT_ROW and N > FEW_ROWS and x.device.type == "cpu"
+
+
+def _log_softmax(x, short):
+    """log_softmax(x) over the last dim, in fresh memory: torch's, or for ``short`` rows
+    (``_short_rows``) the same steps as separate ops. A row with a NaN or +inf, or entirely -inf,
+    is all NaN either way."""
+    if not short:
         return torch.log_softmax(x, -1)
     shifted = x - x.amax(-1, keepdim=True)
     return shifted.sub_(shifted.exp().sum(-1, keepdim=True).log_())
 
 
-def _tempered(x, temperature, dtype):
-    """``x / temperature`` in ``dtype`` (the accumulation dtype), out of place (``x`` itself at T = 1)."""
-    x = x.to(dtype)
-    return x if temperature == 1 else x / temperature
+def _small_log_probs(student, teacher, opts, acc, hard_ce):
+    """(ls, lt, log_q): log_softmax of student / T, of teacher / T_t and, with ``hard_ce`` at
+    T != 1, of the student at T = 1 (else None), all ``[N, V]`` in ``acc``. Up to STACK_ELEMENTS
+    the sides are stacked and run one log-softmax."""
+    temperatures = (opts.temperature, opts.teacher_T) + ((1.0,) if hard_ce and opts.temperature != 1 else ())
+    sides = (student, teacher, student)[:len(temperatures)]
+    short, tempered = _short_rows(student), any(T != 1 for T in temperatures)
+    if student.numel() <= STACK_ELEMENTS and (short or tempered):  # else stacking saves no op
+        z = torch.stack(sides).to(acc)
+        if tempered:
+            z.div_(constant(temperatures, dtype=acc, device=z.device, shape=(-1, 1, 1)))
+        logs = _log_softmax(z, short).unbind(0)
+    else:
+        logs = [_log_softmax(_tempered(x, T, acc), short) for x, T in zip(sides, temperatures)]
+    return (*logs, None)[:3]
 
 
 def _small_kd_forward(student, teacher, labels, grad_scale, opts, grad, acc):
     """``kd_forward`` of a small call with one teacher: the whole ``[N, V]`` at once by fused ops in
     fresh tensors (module docstring: Small calls), on the log-probabilities ls, lt; the gradient goes
     into ``grad`` (or None) last, after every read of the student."""
-    ls = _log_softmax(_tempered(student, opts.temperature, acc))
-    lt = _log_softmax(_tempered(teacher, opts.teacher_T, acc))
+    has_ce = labels is not None and opts.hard_weight != 0
+    ls, lt, log_q = _small_log_probs(student, teacher, opts, acc, has_ce)
     p = lt.exp()
     # The rows that have both distributions (a row without has NaN log-probabilities) and a label,
     # where the formulas do not keep a row's NaNs by themselves (the table's masked products clear them).
@@ -255,22 +299,25 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, grad, acc):
         A1, A2 = a1.sum(-1, keepdim=True), a2.sum(-1, keepdim=True)
         D = div.divergence_value(A1, A2, opts)[:, 0]
         dD = None if grad is None else div.divergence_grad(x, A1, A2, opts, fresh.take())
-    row_loss = D if opts.soft_scale == 1 else D * opts.soft_scale
+    row_loss = D if opts.soft_scale == 1 else torch.mul(D, constant(opts.soft_scale, dtype=acc, device=D.device))
     ce = None
-    if labels is not None and opts.hard_weight != 0:  # at T = 1 over ls, which nothing reads after this
-        log_q = ls if opts.temperature == 1 else _log_softmax(student.to(acc))
-        ce, ce_grad, in_range = _hard_ce(log_q, labels, grad is not None)
+    # Labels read on the host (CPU) that are all kept and in range need no row masks.
+    masked = labels is not None and not _labels_all_kept(labels, ls.shape[-1], opts.ignore_index)
+    if has_ce:  # at T = 1 over ls (or log_q), which nothing reads after this
+        ce, ce_grad, in_range = _hard_ce(ls if log_q is None else log_q, labels, grad is not None,
+                                         in_range=None if masked else True)
         row_loss = torch.add(row_loss, ce, alpha=opts.hard_weight)
-        defined = in_range if defined is None else defined & in_range
+        if masked:
+            defined = in_range if defined is None else defined & in_range
     if defined is not None:
         row_loss = torch.where(defined, row_loss, float("nan"))
-    ignored = None if labels is None else labels == opts.ignore_index
+    ignored = labels == opts.ignore_index if masked else None
     if ignored is not None:
         row_loss.masked_fill_(ignored, 0.0)
     if grad is None:
         return row_loss, None
     soft_grad_scale = opts.soft_scale / opts.temperature
-    g = dD if soft_grad_scale == 1 else dD.mul_(soft_grad_scale)
+    g = dD if soft_grad_scale == 1 else dD.mul_(constant(soft_grad_scale, dtype=acc, device=dD.device))
     if ce is not None:
         g.add_(ce_grad, alpha=opts.hard_weight)
     factor = grad_scale.to(acc) if defined is None else _row_factor(grad_scale.to(acc), defined)
