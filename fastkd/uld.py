@@ -315,6 +315,56 @@ def hybrid_uld_loss(student, teacher, vocab_map, *, divergence="jsd", beta=0.5, 
     return reduce(row_loss, norm, reduction, student.shape[:-1])
 
 
+def aligned_uld_loss(student_logits, teacher_logits, student_ids, teacher_ids, groups, vocab_map=None, *, k=None,
+                     temperature=1.0, teacher_temperature=None, merge_strategy="observed", divergence="jsd", beta=0.5,
+                     skew=0.1, matched_weight=None, unmatched_weight=None):
+    """GOLD's loss over two tokenizations of the same completions: ``(sum over aligned rows, rows)``.
+
+    ``student_logits`` [B, C_s, V_s] and ``teacher_logits`` [B, C_t, V_t]: row i predicts token i of
+    ``student_ids`` / ``teacher_ids`` ([B, C] each, any padding past the groups); ``groups``: per
+    sample, the ``(student groups, teacher groups)`` of ``fastkd.vocab_map.align_completion``; pairs
+    with an empty side are dropped. A pair of one token on each side compares the two logit rows:
+    ``uld_loss`` (``k`` for its top-K form) or, with a ``vocab_map``, ``hybrid_uld_loss``. A longer
+    pair compares merged probabilities (``merge_probabilities`` with ``merge_strategy``) by
+    ``hybrid_uld_loss(..., probabilities=True)`` (exact; an empty map without ``vocab_map``). The
+    other options as ``hybrid_uld_loss``'s. Divide the sum by the rows (or a count over the
+    micro-batches of a step) for the mean over aligned rows."""
+    from .vocab_map import VocabMap, merge_probabilities
+
+    T = check_temperature(temperature)
+    T_t = T if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
+    hybrid = vocab_map is not None
+    if not hybrid:
+        empty = torch.zeros(0, dtype=torch.long)
+        vocab_map = VocabMap(empty, empty)
+    options = dict(divergence=divergence, beta=beta, skew=skew, matched_weight=matched_weight,
+                   unmatched_weight=unmatched_weight, reduction="sum")
+    single_s, single_t, merged_s, merged_t = [], [], [], []
+    for b, (s_groups, t_groups) in enumerate(groups):
+        pairs = [(sg, tg) for sg, tg in zip(s_groups, t_groups) if sg and tg]
+        single_s += [(b, sg[0]) for sg, tg in pairs if len(sg) == len(tg) == 1]
+        single_t += [(b, tg[0]) for sg, tg in pairs if len(sg) == len(tg) == 1]
+        longer = [(sg, tg) for sg, tg in pairs if len(sg) > 1 or len(tg) > 1]
+        if longer:
+            q = torch.softmax(student_logits[b].float() / T, -1)
+            p = torch.softmax(teacher_logits[b].float() / T_t, -1)
+            merged_s.append(merge_probabilities(q, [sg for sg, _ in longer], student_ids[b], merge_strategy))
+            merged_t.append(merge_probabilities(p, [tg for _, tg in longer], teacher_ids[b], merge_strategy))
+    total = student_logits.sum() * 0.0  # on the graph, 0 without a pair
+    if single_s:
+        s_rows = student_logits[tuple(torch.tensor(single_s, device=student_logits.device).t())]
+        t_rows = teacher_logits[tuple(torch.tensor(single_t, device=teacher_logits.device).t())]
+        if hybrid:
+            total = total + hybrid_uld_loss(s_rows, t_rows, vocab_map, temperature=T, teacher_temperature=T_t,
+                                            **options)
+        else:
+            total = total + uld_loss(s_rows, t_rows, k=k, temperature=T, teacher_temperature=T_t, reduction="sum")
+    if merged_s:
+        total = total + hybrid_uld_loss(torch.cat(merged_s), torch.cat(merged_t), vocab_map, probabilities=True,
+                                        **options)
+    return total, len(single_s) + sum(m.shape[0] for m in merged_s)
+
+
 # ---------------------------------------------------------------------------------------------
 # The fused linear form: the student's logits h W^T + b one chunk of rows at a time
 
