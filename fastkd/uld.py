@@ -17,9 +17,10 @@ student's top-K columns, 0 elsewhere; then dW / dz_j = (1 / T) q_j (g_j - sum_k 
 
 Here: the exact mode (the torch backend: rows in chunks on its worker threads, one sort per row and
 side), the top-K mode on either backend (``uld_topk_forward``: each side's streaming top K and
-log-sum-exp, then one gradient pass; no ``[N, V]`` buffer but the gradient), the ``[N, V_s]``
-gradient computed in the forward as for every fastkd loss, their autograd Function and ``uld_loss``; the fused linear form
-(``fused_linear_uld_loss``); GOLD's hybrid loss (``hybrid_uld_loss``). The reduction is
+log-sum-exp, then one gradient pass; no ``[N, V]`` buffer but the gradient), both computing the
+``[N, V_s]`` gradient in the forward as every fastkd loss does; their autograd Function and
+``uld_loss``; the fused linear form (``fused_linear_uld_loss``); GOLD's hybrid loss
+(``hybrid_uld_loss``) and its pipeline over two tokenizations (``aligned_uld_loss``). The reduction is
 ``fastkd.reduction``'s; "mean" divides by rows times max(V_s, V_t), the number of terms of the
 exact sum. No T**2 factor (as TRL's GOLD).
 """

@@ -360,7 +360,7 @@ def _trl(case: Case):
 
 def _describe_trl(case: Case):
     if case.op in ULD_OPS:
-        return "trl.experimental.gold ULDLoss(s[None], t[None], ...), T on both sides: exact, sorted in a loop over samples"
+        return "trl.experimental.gold ULDLoss(s[None], t[None], ...), T on both sides: exact, a loop over samples"
     if case.op != "fused_linear_kd" or case.divergence not in TRL_BETA:
         return None
     scale = "·T²" if t2_scale(case.divergence) else ""

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 
 import torch
 import trl
-from trl.trainer.utils import pad
+from trl.data_utils import apply_chat_template, is_conversational
 from trl.models import prepare_deepspeed
-from trl.trainer.utils import get_config_model_id
+from trl.trainer.utils import create_model_from_path, get_config_model_id, pad
 
 from ..uld import aligned_uld_loss
 from ..vocab_map import VocabMap, align_completion
@@ -134,7 +134,6 @@ class DistillationTrainer(trl.DistillationTrainer):
                              f"{args.uld_token_merge_strategy!r}")
         teacher = teachers[0]
         if isinstance(teacher, str):
-            from trl.trainer.utils import create_model_from_path
             teacher = create_model_from_path(teacher, **(args.teacher_model_init_kwargs or {}))
         super().__init__(model, None, args, **kwargs)
         self.teacher_model = self._prepare_teacher(teacher, same_vocab=False)
@@ -169,8 +168,6 @@ class DistillationTrainer(trl.DistillationTrainer):
         batch = super()._generate_and_score_completions(inputs)
         if self.teacher_tokenizer is None:
             return batch
-        from trl.data_utils import apply_chat_template, is_conversational
-
         tok, device = self.teacher_tokenizer, batch["completion_ids"].device
         prompt_ids, completion_ids, groups = [], [], []
         eos = set(self.eos_token_ids)
@@ -216,7 +213,7 @@ class DistillationTrainer(trl.DistillationTrainer):
             t_logits = self._logits(teacher, torch.cat([inputs["teacher_prompt_ids"], t_completion], 1),
                                     torch.cat([inputs["teacher_prompt_mask"], inputs["teacher_completion_mask"]], 1),
                                     t_completion.size(1))
-        options = self.args.kd_options()
+        options = args.kd_options()
         total, rows = aligned_uld_loss(
             s_logits, t_logits.to(s_logits.device), completion_ids, t_completion.to(s_logits.device),
             inputs["uld_groups"], self.vocab_map, k=args.uld_top_k, temperature=args.temperature,
