@@ -132,6 +132,8 @@ def test_training_steps_run_and_update_the_student(tmp_path, tokenizers_pair):
 def test_bad_options_are_named(tmp_path, tokenizers_pair):
     with pytest.raises(ValueError, match="uld_token_merge_strategy"):
         _trainer(tmp_path, tokenizers_pair, uld_token_merge_strategy="mean")
+    with pytest.raises(ValueError, match="uld_top_k"):
+        _trainer(tmp_path, tokenizers_pair, uld_top_k=0)
     student_tok, teacher_tok = tokenizers_pair
     with pytest.raises(ValueError, match="only teacher"):
         DistillationTrainer(model=_llama(student_tok, 16, 0), teacher_model=[_llama(teacher_tok, 24, 1)] * 2,

@@ -129,6 +129,9 @@ class DistillationTrainer(trl.DistillationTrainer):
         # Another tokenizer: TRL's trainer refuses a teacher of another vocab_size, so it gets none.
         if len(teachers) > 1:
             raise ValueError("a teacher with another tokenizer (teacher_tokenizer) must be the only teacher")
+        if args.uld_top_k is not None and (isinstance(args.uld_top_k, bool) or not isinstance(args.uld_top_k, int)
+                                           or args.uld_top_k < 1):
+            raise ValueError(f"uld_top_k must be None (exact ULD) or a positive int, got {args.uld_top_k!r}")
         if args.uld_token_merge_strategy not in ("observed", "bayesian"):
             raise ValueError(f"uld_token_merge_strategy must be 'observed' or 'bayesian', got "
                              f"{args.uld_token_merge_strategy!r}")
