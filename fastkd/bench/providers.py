@@ -1,6 +1,7 @@
 """The one registry of benchmark providers: fastkd per backend (and per variant of its dense Triton
-kernel), the eager PyTorch idiom, its ``torch.compile``, and Liger and TRL (its chunked divergence,
-for the fused linear loss) when installed.
+kernel, and ``fastkd-inplace``: the gradient written into the logits), the eager PyTorch idiom, its
+``torch.compile``, and Liger and TRL (its chunked divergence, for the fused linear loss; GOLD's ULD
+loss, for the uld ops) when installed.
 
 Every provider of a case computes the same number: the eager idioms of ``fastkd.divergences`` fix the convention
 (forward KL as users write it today, T**2-scaled; JSD as TRL's generalized JSD, unscaled), and
@@ -239,12 +240,12 @@ def _fastkd_inplace(case: Case):
 
 
 def _describe_fastkd_inplace(case: Case):
-    if case.op != "kd_loss" and case.op not in ULD_OPS:
-        return None
     if case.op == "kd_loss":
         call = f"fastkd.kd_loss(s, t, T, divergence={case.divergence!r}, t2_scale={t2_scale(case.divergence)}"
-    else:
+    elif case.op in ULD_OPS:
         call = "fastkd.uld_loss(s, t, T" + (", k" if case.op == "uld_topk" else "")
+    else:
+        return None
     return f"{call}, inplace=True); the student's logits restored from a copy before each call (timed)"
 
 
