@@ -15,10 +15,12 @@ subgradient): g_j = sign(q_(i) - p_(i)) at the column j holding the student's ra
 the teacher's V_t has a padded 0 for partner: +1), and in top-K mode -sign(R_s - R_t) added on the
 student's top-K columns, 0 elsewhere; then dW / dz_j = (1 / T) q_j (g_j - sum_k q_k g_k).
 
-Here: the torch backend (rows in chunks on the backend's worker threads, one sort or one top-K per
-row and side, the ``[N, V_s]`` gradient computed in the forward as for every fastkd loss), the
-top-K mode's Triton path, their autograd Function and ``uld_loss``; the fused linear form
-(``fused_linear_uld_loss``); GOLD's hybrid loss (``hybrid_uld_loss``). The reduction is
+Here: the exact mode (the torch backend: rows in chunks on its worker threads, one sort per row and
+side), the top-K mode on either backend (``uld_topk_forward``: each side's streaming top K and
+log-sum-exp, then one gradient pass; no ``[N, V]`` buffer but the gradient), both computing the
+``[N, V_s]`` gradient in the forward as every fastkd loss does; their autograd Function and
+``uld_loss``; the fused linear form (``fused_linear_uld_loss``); GOLD's hybrid loss
+(``hybrid_uld_loss``) and its pipeline over two tokenizations (``aligned_uld_loss``). The reduction is
 ``fastkd.reduction``'s; "mean" divides by rows times max(V_s, V_t), the number of terms of the
 exact sum. No T**2 factor (as TRL's GOLD).
 """
@@ -27,9 +29,9 @@ import torch
 from .autograd import once_differentiable, scaled_student_grad
 from .backends import flat_labels, implementation, resolve_backend, rows
 from .backends.torch import chunks, for_each_chunk
-from .buffers import accumulation_dtype, empty
+from .buffers import accumulation_dtype, gradient_buffer
 from .divergences import lookup
-from .options import (KDOptions, _real, check_int, check_labels, check_logits,
+from .options import (KDOptions, _real, check_inplace, check_int, check_labels, check_logits,
                       check_teacher_constant, check_temperature, make_options, make_reduction)
 from .reduction import grad_scale, normaliser, reduce
 from .topk_values import TopK, topk_teacher
@@ -40,12 +42,21 @@ def _tail(logprobs):
     return (-torch.expm1(torch.logsumexp(logprobs, -1))).clamp_min(0)
 
 
-def _uld_chunk(s, t, k, T, need_grad, teacher_is_topk=False):
+def _topk_terms(lq, lp):
+    """(q_top, row losses, bounds, g_top) of the top-K mode from both sides' k largest
+    log-probabilities [r, k], sorted descending (the tails R as ``_tail``)."""
+    q_top, p_top = lq.exp(), lp.exp()
+    r_s, r_t = _tail(lq), _tail(lp)
+    diff = q_top - p_top
+    loss = diff.abs().sum(-1) + (r_s - r_t).abs()
+    return q_top, loss, 2 * torch.minimum(r_s, r_t), diff.sign() - (r_s - r_t).sign()[:, None]
+
+
+def _uld_chunk(s, t, k, T, need_grad):
     """Per-row W (or W_K), its error bound and dW/dz_s of tempered logits ``s`` [r, V_s], ``t`` [r, V_t]
-    (accumulation dtype); with ``teacher_is_topk``, ``t`` holds the teacher's largest log-probabilities
-    [r, >= k] instead (top-K mode)."""
-    q = torch.softmax(s, -1)
+    (accumulation dtype), all at once (the exact mode's and the fused linear form's chunks)."""
     if k is None:
+        q = torch.softmax(s, -1)
         q_sorted, q_index = q.sort(-1, descending=True)
         p_sorted = torch.softmax(t, -1).sort(-1, descending=True).values
         width = max(q.shape[-1], p_sorted.shape[-1])
@@ -54,45 +65,35 @@ def _uld_chunk(s, t, k, T, need_grad, teacher_is_topk=False):
         loss, bound = diff.abs().sum(-1), torch.zeros_like(q[:, 0])
         g_rank = diff[:, :q.shape[-1]].sign()
     else:
-        q_top, q_index = q.topk(k, -1)
-        # The tails summed over their own columns, not as 1 - sum(top): no cancellation when they are small.
-        r_s = q.scatter(1, q_index, 0.0).sum(-1)
-        if teacher_is_topk:
-            log_p_top = t.sort(-1, descending=True).values[:, :k]
-            p_top, r_t = log_p_top.exp(), _tail(log_p_top)
-        else:
-            p = torch.softmax(t, -1)
-            p_top, p_index = p.topk(k, -1)
-            r_t = p.scatter(1, p_index, 0.0).sum(-1)
-        diff = q_top - p_top
-        loss, bound = diff.abs().sum(-1) + (r_s - r_t).abs(), 2 * torch.minimum(r_s, r_t)
-        g_rank = diff.sign() - (r_s - r_t).sign()[:, None]
+        log_q = torch.log_softmax(s, -1)
+        lq, q_index = log_q.topk(k, -1)
+        _, loss, bound, g_rank = _topk_terms(lq, torch.log_softmax(t, -1).topk(k, -1).values)
+        q = log_q.exp_()
     if not need_grad:
         return loss, bound, None
     g = torch.zeros_like(q).scatter_(1, q_index, g_rank)
     return loss, bound, q * (g - (q * g).sum(-1, keepdim=True)) / T
 
 
-def uld_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *, need_grad=True, teacher_is_topk=False):
-    """The torch backend: (row losses [N], row bounds [N], gradient [N, V_s] times ``scale`` or None)
-    of ``student`` [N, V_s] and ``teacher`` [N, V_t] (logits, or with ``teacher_is_topk`` top
-    log-probabilities). Ignored rows are 0; a row with no distribution on either side (all -inf,
-    a NaN) is NaN."""
+def uld_forward(student, teacher, labels, scale, T, T_t, ignore_index, *, grad=None):
+    """The exact mode, on the torch backend: (row losses [N], row bounds [N] (0), and the gradient
+    [N, V_s] times ``scale`` written into ``grad``, or None) of ``student`` [N, V_s] and ``teacher``
+    [N, V_t] logits, one sort per row and side, in chunks of rows. Ignored rows are 0; a row with no
+    distribution on either side (all -inf, a NaN) is NaN."""
     N, V = student.shape
     acc = accumulation_dtype(student.dtype, teacher.dtype)
     row_loss = torch.zeros(N, dtype=acc, device=student.device)
     row_bound = torch.zeros(N, dtype=acc, device=student.device)
-    grad = empty((N, V), dtype=student.dtype, device=student.device) if need_grad else None
     keep = None if labels is None else labels != ignore_index
 
     def one_chunk(r0, r1, work):
         s, t = student[r0:r1].to(acc) / T, teacher[r0:r1].to(acc)
-        loss, bound, g = _uld_chunk(s, t if teacher_is_topk else t / T_t, k, T, need_grad, teacher_is_topk)
+        loss, bound, g = _uld_chunk(s, t / T_t, None, T, grad is not None)
         kept = None if keep is None else keep[r0:r1]
         if kept is not None:
             loss, bound = torch.where(kept, loss, 0.0), torch.where(kept, bound, 0.0)
         row_loss[r0:r1], row_bound[r0:r1] = loss, bound
-        if need_grad:
+        if grad is not None:  # after every read of the chunk's student rows (grad may be their storage)
             g = g * scale
             grad[r0:r1] = g if kept is None else torch.where(kept[:, None], g, 0.0)
 
@@ -101,56 +102,50 @@ def uld_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *, nee
     return row_loss, row_bound, grad
 
 
-def _topk_terms(lq, lp):
-    """(q_top, row losses, bounds, g_top) from both sides' top-k log-probabilities [N, k], sorted
-    descending."""
-    q_top, p_top = lq.exp(), lp.exp()
-    r_s, r_t = _tail(lq), _tail(lp)
-    diff = q_top - p_top
-    loss = diff.abs().sum(-1) + (r_s - r_t).abs()
-    return q_top, loss, 2 * torch.minimum(r_s, r_t), diff.sign() - (r_s - r_t).sign()[:, None]
-
-
-def uld_topk_forward_triton(student, teacher, labels, scale, k, T, T_t, ignore_index, *, need_grad=True,
-                            teacher_is_topk=False):
-    """``uld_forward``'s top-K mode on the Triton backend: each side's top k and log-sum-exp in one
-    read of its logits (the ``teacher_topk`` kernel; a teacher given as top log-probabilities is
-    only sorted), the row terms on the [N, k] results, and the gradient in one more pass over the
-    student's logits (``kernels/uld.py``)."""
-    triton_backend = implementation("triton")
+def uld_topk_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *, backend, grad=None,
+                     teacher_is_topk=False):
+    """The top-K mode on ``backend`` ("triton" or "torch"): each side's top k and log-sum-exp in one
+    streaming read of its logits (the backend's ``teacher_topk``; a teacher given as top
+    log-probabilities is only sorted), the row terms on the [N, k] results, and the gradient times
+    ``scale`` in one more pass over the student's logits (``uld_topk_gradient``), written into
+    ``grad`` (or None). No ``[N, V]`` buffer besides ``grad``: the torch backend's passes go in
+    chunks of rows."""
+    impl = implementation(backend)
     acc = accumulation_dtype(student.dtype, teacher.dtype)
-    lq, index = triton_backend.teacher_topk(student, k, T)
-    if teacher_is_topk:
-        lp = teacher.sort(-1, descending=True).values[:, :k]
-    else:
-        lp, _ = triton_backend.teacher_topk(teacher, k, T_t)
+    lq, index = impl.teacher_topk(student, k, T)
+    lp = teacher.sort(-1, descending=True).values[:, :k] if teacher_is_topk else impl.teacher_topk(teacher, k, T_t)[0]
     q_top, loss, bound, g_top = _topk_terms(lq.to(acc), lp.to(acc))
     keep = torch.ones_like(loss, dtype=torch.bool) if labels is None else labels != ignore_index
     loss, bound = torch.where(keep, loss, 0.0), torch.where(keep, bound, 0.0)
-    if not need_grad:
+    if grad is None:
         return loss, bound, None
     index = index.long()
     c = (q_top * g_top).sum(-1)
     lse = student.gather(1, index[:, :1]).to(acc)[:, 0] / T - lq[:, 0].to(acc)  # lq_0 = z_0 / T - lse
     factor = torch.where(keep, scale / T, 0.0)
-    grad = triton_backend.uld_topk_gradient(student, lse, (-c * factor).contiguous(), T)
+    impl.uld_topk_gradient(student, lse, (-c * factor).contiguous(), T, out=grad)
     top = torch.where(keep[:, None], q_top * (g_top - c[:, None]) * factor[:, None], 0.0)
-    return loss, bound, grad.scatter_(1, index, top.to(grad.dtype))
+    # put_, not scatter_: torch's CPU scatter_ into a half-precision tensor copies all of it to float32.
+    at = index + torch.arange(grad.shape[0], device=grad.device)[:, None] * grad.shape[1]
+    return loss, bound, grad.put_(at.reshape(-1), top.to(grad.dtype).reshape(-1))
 
 
 class ULDLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, labels, k, T, T_t, ignore_index, reduction, backend, teacher_is_topk):
+    def forward(ctx, student, teacher, labels, k, T, T_t, ignore_index, reduction, backend, teacher_is_topk, inplace):
+        # Detached, so that an in-place gradient is a plain write into storage, not an autograd op.
         s2, t2, labels1 = rows(student.detach()), rows(teacher), flat_labels(labels)
         acc = accumulation_dtype(student.dtype, teacher.dtype)
         norm = normaliser(reduction, labels1, s2.shape[0], max(s2.shape[1], t2.shape[1]), ignore_index,
                           device=student.device, dtype=acc)
-        need_grad = ctx.needs_input_grad[0]
-        forward = uld_topk_forward_triton if backend == "triton" else uld_forward
-        row_loss, row_bound, grad = forward(s2, t2, labels1, grad_scale(norm, device=student.device, dtype=acc),
-                                            k, T, T_t, ignore_index, need_grad=need_grad,
-                                            teacher_is_topk=teacher_is_topk)
-        if need_grad:
+        grad = gradient_buffer(s2, inplace, ctx.needs_input_grad[0])
+        scale = grad_scale(norm, device=student.device, dtype=acc)
+        if k is None:
+            row_loss, row_bound, grad = uld_forward(s2, t2, labels1, scale, T, T_t, ignore_index, grad=grad)
+        else:
+            row_loss, row_bound, grad = uld_topk_forward(s2, t2, labels1, scale, k, T, T_t, ignore_index,
+                                                         backend=backend, grad=grad, teacher_is_topk=teacher_is_topk)
+        if grad is not None:
             ctx.save_for_backward(grad)
         ctx.backend, ctx.shape, ctx.held = backend, student.shape, False  # never held: not a custom op
         ctx.mark_non_differentiable(row_bound)
@@ -160,7 +155,7 @@ class ULDLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_bound):
-        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 9
+        return (scaled_student_grad(ctx, grad_loss),) + (None,) * 10
 
 
 def as_teacher(teacher, k):
@@ -219,7 +214,8 @@ def _resolve(backend, student_logits, k):
 
 
 def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher_temperature=None, labels=None,
-             ignore_index=-100, reduction="batchmean", num_items_in_batch=None, backend="auto", return_bound=False):
+             ignore_index=-100, reduction="batchmean", num_items_in_batch=None, inplace=False, backend="auto",
+             return_bound=False):
     """Universal Logit Distillation loss between vocabularies of any two sizes (see the module docstring).
 
     ``student_logits`` [..., V_s], ``teacher_logits`` [..., V_t] (a constant): the same leading dims,
@@ -231,8 +227,10 @@ def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher
     ``fastkd.kd_loss``. ``teacher_logits`` may instead be the ``(logprobs, indices)`` of
     ``fastkd.teacher_topk`` or a ``TeacherCache`` (``k`` defaults to their width; their temperature
     must be the teacher's: see ``topk_kd_loss``); the teacher's tail is then 1 - the sum of its top
-    k, and "mean" counts max(V_s, width) terms. ``backend``: "triton" (the top-K mode, k <= 1024: ``uld_topk_forward_triton``),
-    "torch" (the chunked PyTorch backend, both modes), "auto" (Triton where it runs and has the mode).
+    k, and "mean" counts max(V_s, width) terms. ``inplace=True`` writes the student's gradient into
+    ``student_logits``' storage, as ``kd_loss``'s (do not read those logits afterwards). ``backend``:
+    "triton" (the top-K mode, k <= 1024), "torch" (the chunked PyTorch backend, both modes), "auto"
+    (Triton where it runs and has the mode).
 
     On equal-length answers, ``uld_loss(s, t, labels=labels, teacher_temperature=...)`` equals TRL's
     ``trl.experimental.gold`` ULD loss (``use_extended_uld=False``, no EOS skipping).
@@ -242,12 +240,13 @@ def uld_loss(student_logits, teacher_logits, *, k=None, temperature=1.0, teacher
                                                      teacher_temperature=teacher_temperature))
     teacher_logits, k, teacher_is_topk = as_teacher(teacher_logits, k)
     k = check_uld_inputs(student_logits, teacher_logits, labels, k, ignore_index)
+    check_inplace(inplace, student_logits)
     T = check_temperature(temperature)
     T_t = T if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
     reduction = make_reduction(reduction, num_items_in_batch)
     backend = _resolve(backend, student_logits, k)
     loss, bound = ULDLossFunction.apply(student_logits, teacher_logits, labels, k, T, T_t, ignore_index, reduction,
-                                        backend, teacher_is_topk)
+                                        backend, teacher_is_topk, inplace)
     return (loss, bound) if return_bound else loss
 
 
@@ -315,6 +314,56 @@ def hybrid_uld_loss(student, teacher, vocab_map, *, divergence="jsd", beta=0.5, 
     norm = normaliser(reduction, None if labels is None else labels.reshape(-1), keep.shape[0], max(V_s, V_t),
                       ignore_index, device=q.device, dtype=dtype)
     return reduce(row_loss, norm, reduction, student.shape[:-1])
+
+
+def aligned_uld_loss(student_logits, teacher_logits, student_ids, teacher_ids, groups, vocab_map=None, *, k=None,
+                     temperature=1.0, teacher_temperature=None, merge_strategy="observed", divergence="jsd", beta=0.5,
+                     skew=0.1, matched_weight=None, unmatched_weight=None):
+    """GOLD's loss over two tokenizations of the same completions: ``(sum over aligned rows, rows)``.
+
+    ``student_logits`` [B, C_s, V_s] and ``teacher_logits`` [B, C_t, V_t]: row i predicts token i of
+    ``student_ids`` / ``teacher_ids`` ([B, C] each, any padding past the groups); ``groups``: per
+    sample, the ``(student groups, teacher groups)`` of ``fastkd.vocab_map.align_completion``; pairs
+    with an empty side are dropped. A pair of one token on each side compares the two logit rows:
+    ``uld_loss`` (``k`` for its top-K form) or, with a ``vocab_map``, ``hybrid_uld_loss``. A longer
+    pair compares merged probabilities (``merge_probabilities`` with ``merge_strategy``) by
+    ``hybrid_uld_loss(..., probabilities=True)`` (exact; an empty map without ``vocab_map``). The
+    other options as ``hybrid_uld_loss``'s. Divide the sum by the rows (or a count over the
+    micro-batches of a step) for the mean over aligned rows."""
+    from .vocab_map import VocabMap, merge_probabilities
+
+    T = check_temperature(temperature)
+    T_t = T if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
+    hybrid = vocab_map is not None
+    if not hybrid:
+        empty = torch.zeros(0, dtype=torch.long)
+        vocab_map = VocabMap(empty, empty)
+    options = dict(divergence=divergence, beta=beta, skew=skew, matched_weight=matched_weight,
+                   unmatched_weight=unmatched_weight, reduction="sum")
+    single_s, single_t, merged_s, merged_t = [], [], [], []
+    for b, (s_groups, t_groups) in enumerate(groups):
+        pairs = [(sg, tg) for sg, tg in zip(s_groups, t_groups) if sg and tg]
+        single_s += [(b, sg[0]) for sg, tg in pairs if len(sg) == len(tg) == 1]
+        single_t += [(b, tg[0]) for sg, tg in pairs if len(sg) == len(tg) == 1]
+        longer = [(sg, tg) for sg, tg in pairs if len(sg) > 1 or len(tg) > 1]
+        if longer:
+            q = torch.softmax(student_logits[b].float() / T, -1)
+            p = torch.softmax(teacher_logits[b].float() / T_t, -1)
+            merged_s.append(merge_probabilities(q, [sg for sg, _ in longer], student_ids[b], merge_strategy))
+            merged_t.append(merge_probabilities(p, [tg for _, tg in longer], teacher_ids[b], merge_strategy))
+    total = student_logits.sum() * 0.0  # on the graph, 0 without a pair
+    if single_s:
+        s_rows = student_logits[tuple(torch.tensor(single_s, device=student_logits.device).t())]
+        t_rows = teacher_logits[tuple(torch.tensor(single_t, device=teacher_logits.device).t())]
+        if hybrid:
+            total = total + hybrid_uld_loss(s_rows, t_rows, vocab_map, temperature=T, teacher_temperature=T_t,
+                                            **options)
+        else:
+            total = total + uld_loss(s_rows, t_rows, k=k, temperature=T, teacher_temperature=T_t, reduction="sum")
+    if merged_s:
+        total = total + hybrid_uld_loss(torch.cat(merged_s), torch.cat(merged_t), vocab_map, probabilities=True,
+                                        **options)
+    return total, len(single_s) + sum(m.shape[0] for m in merged_s)
 
 
 # ---------------------------------------------------------------------------------------------

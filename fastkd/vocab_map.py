@@ -4,7 +4,8 @@ text's two tokenizations by byte offsets, with the probability merging of TRL's 
 - ``VocabMap``: the teacher ids whose token string is also in the student's vocabulary, and the
   student id of each (GOLD's ``_initialize_vocabulary_mapping``: matched by the exact string).
 - ``align_by_byte_offsets``: walk both ``[start, end)`` byte spans, advancing the side whose token
-  ends earlier; a group closes where both sides end at the same byte.
+  ends earlier; a group closes where both sides end at the same byte. ``align_completion``: that
+  for a completion the student generated, tokenized again by the teacher's tokenizer.
 - ``merge_probabilities``: one row per group. A group of several tokens gets a base distribution
   times the probabilities of the tokens actually taken at its other positions (the chain rule):
   "observed" takes the first position's distribution, "bayesian" the last one's.
@@ -68,6 +69,36 @@ def align_by_byte_offsets(student_offsets, teacher_offsets):
         s_groups.append(list(range(s_start, len(student_offsets))))
         t_groups.append(list(range(t_start, len(teacher_offsets))))
     return s_groups, t_groups
+
+
+def decoded_byte_ends(tokenizer, ids):
+    """The UTF-8 byte end of each token of ``ids`` in their decoded text (``skip_special_tokens``):
+    the length of the prefix decoded up to it. A token that ends inside a character (its prefix
+    decodes to a trailing U+FFFD) ends where the token before it does; a special token is zero-width."""
+    ends, end = [], 0
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[:i + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if not text.endswith("\ufffd"):
+            end = len(text.encode("utf-8"))
+        ends.append((end, end))
+    return ends
+
+
+def align_completion(student_tokenizer, teacher_tokenizer, completion_ids, *, ends_with_eos=False):
+    """``(teacher ids, student groups, teacher groups)`` of a completion given as student token ids:
+    its text (decoded without special tokens) tokenized by ``teacher_tokenizer`` (no special tokens;
+    then the teacher's EOS when ``ends_with_eos``, zero-width at the end, as GOLD), and the two
+    tokenizations aligned by the byte ends of their decoded prefixes (``decoded_byte_ends``,
+    ``align_by_byte_offsets``): exact to the byte where a token ends inside a character, which the
+    character offsets of ``return_offsets_mapping`` are not. Hugging Face tokenizers."""
+    completion_ids = list(completion_ids)
+    text = student_tokenizer.decode(completion_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    teacher_ids = list(teacher_tokenizer(text, add_special_tokens=False)["input_ids"])
+    if ends_with_eos and teacher_tokenizer.eos_token_id is not None:
+        teacher_ids.append(teacher_tokenizer.eos_token_id)
+    s_groups, t_groups = align_by_byte_offsets(decoded_byte_ends(student_tokenizer, completion_ids),
+                                               decoded_byte_ends(teacher_tokenizer, teacher_ids))
+    return teacher_ids, s_groups, t_groups
 
 
 def merge_probabilities(probs, groups, token_ids, strategy="observed"):

@@ -246,3 +246,54 @@ def test_teacher_from_teacher_topk(backend):
         fastkd.uld_loss(s, pair, k=4)
     with pytest.raises(ValueError, match="k must"):
         fastkd.uld_loss(s, pair, k=7, teacher_temperature=0.8)
+
+
+@pytest.mark.parametrize("k", [None, 3])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inplace_writes_the_gradient_into_the_logits(k, backend):
+    if backend == "triton" and k is None:
+        pytest.skip("the Triton backend has the top-K mode only")
+    s, t = logits(5, V_T, dtype=torch.float64), logits(5, V_S, dtype=torch.float64)
+    labels = torch.tensor([0, -100, 1, 2, 3])
+    want, want_grad = _loss_and_grad(fastkd.uld_loss, s, t, k=k, labels=labels, backend=backend)
+    student = s.clone().requires_grad_()
+    loss = fastkd.uld_loss(student, t, k=k, labels=labels, backend=backend, inplace=True)
+    (grad,) = torch.autograd.grad(loss, student)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+    assert grad.data_ptr() == student.data_ptr()
+    with pytest.raises(ValueError, match="inplace=True needs student_logits"):
+        fastkd.uld_loss(s[:1].expand(5, V_T), t, inplace=True)
+
+
+def _peak_bytes(fn):
+    """Peak bytes of the tensors that torch allocates while ``fn`` runs, on this thread."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_memory_is_the_gradient_and_a_few_chunks(dtype, monkeypatch):
+    """Forward + backward of the top-K mode on the torch backend holds no [N, V] buffer but the
+    returned gradient (none with ``inplace=True``): the rest is chunks of rows (here 1/8 of N)."""
+    from fastkd.backends import torch as torch_backend
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 2**20)  # [64, 4096] float32 chunks of N = 512 rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the chunks on this thread, where the profiler sees them
+    try:
+        s, t = logits(512, 4096).to(dtype), logits(512, 3000).to(dtype)
+        gradient = s.numel() * s.element_size()
+        student = s.clone().requires_grad_()
+        peak = _peak_bytes(lambda: torch.autograd.grad(fastkd.uld_loss(student, t, k=64), student))
+        assert gradient <= peak <= gradient + 3 * 2**20
+        peak = _peak_bytes(lambda: torch.autograd.grad(fastkd.uld_loss(student, t, k=64, inplace=True), student))
+        assert peak <= 3 * 2**20
+    finally:
+        torch.set_num_threads(threads)

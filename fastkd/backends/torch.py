@@ -437,6 +437,23 @@ def teacher_topk(logits, k, temperature, *, chunk_bytes=None):
     return logprobs, indices
 
 
+def uld_topk_gradient(student, lse, coef, temperature, *, out=None, chunk_bytes=None):
+    """As ``fastkd.backends.triton.uld_topk_gradient``: each chunk's exp(s / T - lse) * coef
+    computed in the gradient's own rows where it has the accumulation dtype."""
+    N, V = student.shape
+    out = empty((N, V), dtype=student.dtype, device=student.device) if out is None else out
+
+    def one_chunk(r0, r1, work):
+        g = _grad_out(out, r0, r1, work)
+        _scaled(student[r0:r1], temperature, g).sub_(lse[r0:r1, None]).exp_().mul_(coef[r0:r1, None])
+        _zero_rows(g, coef[r0:r1] == 0)
+        if g.data_ptr() != out[r0:r1].data_ptr():
+            out[r0:r1] = g
+
+    for_each_chunk(chunks(N, V, chunk_bytes, student.device), V, lse.dtype, student.device, one_chunk)
+    return out
+
+
 def log1mexp(x):
     """log(1 - exp(x)) for x < 0, -inf for x >= 0 (the teacher's tail mass when x = lse(lt))."""
     value = torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))

@@ -228,13 +228,14 @@ def teacher_topk(logits, k, temperature):
     return logprobs, indices
 
 
-def uld_topk_gradient(student, lse, coef, temperature):
+def uld_topk_gradient(student, lse, coef, temperature, *, out=None):
     """``coef[:, None] * softmax(student / T)`` ``[N, V]`` in the student's dtype, with ``lse`` [N] the
-    log-sum-exp of student / T; rows whose ``coef`` is 0 are 0 (``kernels/uld.py``)."""
+    log-sum-exp of student / T; rows whose ``coef`` is 0 are 0 (``kernels/uld.py``). Written into
+    ``out`` (a fresh tensor if None), which may be ``student`` itself."""
     from ..kernels import uld
 
     N, V = student.shape
-    out = empty((N, V), dtype=student.dtype, device=student.device)
+    out = empty((N, V), dtype=student.dtype, device=student.device) if out is None else out
     if N == 0:
         return out
     block, warps = _block_and_warps(V)

@@ -12,11 +12,13 @@ import argparse
 import os
 from pathlib import Path
 
-PRESETS = ("cpu", "small", "headline", "fused-linear", "cpu-fused-linear", "trl", "full", "cpu-full", "smoke")
-OPS = ("kd_loss", "kd_loss_ce", "softmax", "log_softmax", "topk_kd_loss", "teacher_topk", "fused_linear_kd")
+PRESETS = ("cpu", "small", "headline", "fused-linear", "cpu-fused-linear", "trl", "uld", "full", "cpu-full", "smoke")
+OPS = ("kd_loss", "kd_loss_ce", "softmax", "log_softmax", "topk_kd_loss", "teacher_topk", "fused_linear_kd", "uld",
+       "uld_topk")
 DTYPES = ("bf16", "fp16", "fp32")
 MODES = ("fwd", "bwd", "fwd+bwd")
-PROVIDERS = ("torch-eager", "fastkd-triton", "fastkd-torch", "fastkd-unfused", "torch-compile", "liger", "trl")
+PROVIDERS = ("torch-eager", "fastkd-triton", "fastkd-torch", "fastkd-unfused", "torch-compile", "liger", "trl",
+             "fastkd-inplace")
 MIN_ROUNDS = 3  # CPU: alternating rounds per case at least (--rounds; runner.py)
 
 

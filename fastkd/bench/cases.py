@@ -23,8 +23,15 @@ from .arguments import MODES, OPS  # declared there, torch-free, for the command
 # (hidden states and weights in, the [N, V] logits never stored by the fused providers).
 # kd_loss_ce: classic (Hinton-style) distillation of a classifier, the dense loss at CE_TEMPERATURE
 # with hard labels, CE_WEIGHT on each of the soft loss and the cross-entropy.
+# uld: ULD between two vocabularies (fastkd.uld_loss, exact: both probability rows sorted); uld_topk:
+# its top-K form (k=K). The eager idiom of both is the exact sorted L1, so uld_topk's difference from
+# eager is the top-K error; TRL's GOLD (trl.experimental.gold) is the other exact provider. Logits of
+# standard deviation ULD_LOGIT_SCALE: peaked rows, as a trained model's (at 3, random rows are so flat
+# that the top 64 of 32000 columns hold a small part of the mass).
 DIVERGENCE_OPS = ("kd_loss", "kd_loss_ce", "topk_kd_loss", "fused_linear_kd")
-TOPK_OPS = ("topk_kd_loss", "teacher_topk")
+ULD_OPS = ("uld", "uld_topk")
+TOPK_OPS = ("topk_kd_loss", "teacher_topk", "uld_topk")
+ULD_LOGIT_SCALE = 8.0
 OP_MODES = {op: MODES for op in OPS} | {"teacher_topk": ("fwd",)}  # the teacher has no gradient
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -98,6 +105,7 @@ KERNEL_VARIANTS = tuple(f"fastkd-triton[{kernel}]" for kernel in KD_KERNELS)
 CPU_WITH_COMPILE = ("torch-eager", "fastkd-torch", "torch-compile")
 GPU_PROVIDERS = ("torch-eager", "fastkd-triton", "fastkd-torch", "torch-compile", "liger")
 FUSED_LINEAR_PROVIDERS = ("torch-eager", "fastkd-unfused", "fastkd-triton", "liger", "trl")
+ULD_PROVIDERS = ("torch-eager", "fastkd-triton", "fastkd-torch", "fastkd-inplace", "trl")
 
 # Small calls, where the per-call cost of the host path (validation, dispatch, the chunk loop's
 # small ops) dominates: a classifier's distillation (V = 8 and 10, with labels at T = 20), a
@@ -158,6 +166,11 @@ PRESETS = {
              providers=("fastkd-torch", "trl")),
         Grid(ops=("fused_linear_kd",), divergences=("jsd",), ns=(2048,), vs=(128256,), hs=(2048,),
              providers=("fastkd-torch", "trl")),
+    ),
+    # ULD across vocabularies against TRL's GOLD, fp32, at Llama-2's and Qwen's vocabulary sizes: exact
+    # and top-64, the gradient returned (fastkd-inplace: written into the logits). CPU: minutes.
+    "uld": (
+        Grid(ops=ULD_OPS, ns=(256,), vs=(32000, 151936), ks=(64,), providers=ULD_PROVIDERS),
     ),
     # Everything on a GPU (hours, mostly torch.compile warm-ups).
     "full": (

@@ -9,6 +9,7 @@ Counted per element (``e`` bytes for the case's dtype; O(N) terms such as per-ro
 | softmax, log_softmax | read x, write y: 2e | read y and dy, write dx: 3e | 5e |
 | topk_kd_loss | read the student [N, V]: 1e | 2e, as kd_loss | read the student, write the gradient: 2e |
 | teacher_topk | read the teacher [N, V]: 1e | - | - |
+| uld, uld_topk | read student + teacher: 2e | 2e, as kd_loss | read both, write the gradient: 3e |
 | fused_linear_kd, per element of the [N, H] and [V, H] hidden states and weights | read h, W, h_t, W_t: 2e | read h, W, write their gradients: 2e | 3e |
 
 The top-k ops also move the k log-probabilities (float32) and indices (int32) of every row: 8 k
@@ -27,6 +28,8 @@ _NV_ACCESSES = {
     "log_softmax": {"fwd": 2, "bwd": 3, "fwd+bwd": 5},
     "topk_kd_loss": {"fwd": 1, "bwd": 2, "fwd+bwd": 2},
     "teacher_topk": {"fwd": 1},
+    "uld": {"fwd": 2, "bwd": 2, "fwd+bwd": 3},
+    "uld_topk": {"fwd": 2, "bwd": 2, "fwd+bwd": 3},
 }
 _FUSED_LINEAR_ACCESSES = {"fwd": 2, "bwd": 2, "fwd+bwd": 3}
 _FUSED_LINEAR_MATMULS = {"fwd": 2, "bwd": 2, "fwd+bwd": 4}

@@ -1,6 +1,7 @@
 """The one registry of benchmark providers: fastkd per backend (and per variant of its dense Triton
-kernel), the eager PyTorch idiom, its ``torch.compile``, and Liger and TRL (its chunked divergence,
-for the fused linear loss) when installed.
+kernel, and ``fastkd-inplace``: the gradient written into the logits), the eager PyTorch idiom, its
+``torch.compile``, and Liger and TRL (its chunked divergence, for the fused linear loss; GOLD's ULD
+loss, for the uld ops) when installed.
 
 Every provider of a case computes the same number: the eager idioms of ``fastkd.divergences`` fix the convention
 (forward KL as users write it today, T**2-scaled; JSD as TRL's generalized JSD, unscaled), and
@@ -23,7 +24,9 @@ import inspect
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -33,7 +36,7 @@ import fastkd
 
 from ..backends import interpreter_enabled, triton_installed
 from ..divergences import lookup
-from .cases import BETA, CE_TEMPERATURE, CE_WEIGHT, KD_KERNELS, SKEW, TEMPERATURE, Case
+from .cases import BETA, CE_TEMPERATURE, CE_WEIGHT, KD_KERNELS, SKEW, TEMPERATURE, ULD_OPS, Case
 
 KD_KERNEL_VARIABLE = "FASTKD_KD_KERNEL"
 REFUSED = (ValueError, NotImplementedError)  # how the launcher says it has no such kernel
@@ -88,6 +91,14 @@ def eager_teacher_topk(k: int, T: float = TEMPERATURE) -> Callable:
     return extract
 
 
+def eager_uld(s, t, T: float = TEMPERATURE):
+    """Exact ULD as plain PyTorch (GOLD's formula without its loop over samples): both softmaxes
+    sorted, the L1 of the sorted rows summed, over the N rows (one vocabulary size here: no padding)."""
+    q = torch.softmax(s / T, -1).sort(-1, descending=True).values
+    p = torch.softmax(t / T, -1).sort(-1, descending=True).values
+    return (q - p).abs().sum() / s.shape[0]
+
+
 def eager_forward(case: Case) -> Optional[Callable]:
     """The eager idiom of ``case`` (None where there is none: top-k losses other than kl)."""
     if case.op == "kd_loss":
@@ -100,6 +111,8 @@ def eager_forward(case: Case) -> Optional[Callable]:
         return eager_topk_kd_loss if case.divergence == "kl" else None
     if case.op == "teacher_topk":
         return eager_teacher_topk(case.k)
+    if case.op in ULD_OPS:
+        return eager_uld
     loss = eager_kd_loss(case.divergence)
     return lambda h, W, th, Wt: loss(h @ W.T, th @ Wt.T)
 
@@ -120,6 +133,8 @@ def describe_eager(case: Case) -> Optional[str]:
                 "Σ p (log p − log q) over the k + tail, mean·T²") if case.divergence == "kl" else None
     if case.op == "teacher_topk":
         return "topk(t/T, k) − logsumexp(t/T)"
+    if case.op in ULD_OPS:
+        return "Σ |sort(softmax(s/T)) − sort(softmax(t/T))| / N: exact ULD (uld_topk: the reference of its error)"
     return f"{_eager_formula(case.divergence)} on s = h @ W.T, t = h_t @ W_t.T"
 
 
@@ -146,10 +161,20 @@ def _fastkd(backend):
             return lambda s, logprobs, indices: fastkd.topk_kd_loss(s, logprobs, indices, tail="bucket", **options)
         if case.op == "teacher_topk":
             return lambda t: fastkd.teacher_topk(t, case.k, temperature=TEMPERATURE, backend=backend)
+        if case.op in ULD_OPS:
+            return _fastkd_uld(case, backend)
         options = _kd_options(case, backend)
         return lambda h, W, th, Wt: fastkd.fused_linear_kd_loss(h, W, th, Wt, **options)
 
     return make
+
+
+def _fastkd_uld(case, backend, inplace=False):
+    """``fastkd.uld_loss`` of a uld case (None for the exact mode on Triton, which has no kernel for it)."""
+    if case.op == "uld" and backend == "triton":
+        return None
+    k = case.k if case.op == "uld_topk" else None
+    return lambda s, t: fastkd.uld_loss(s, t, k=k, temperature=TEMPERATURE, inplace=inplace, backend=backend)
 
 
 def _describe_fastkd(backend):
@@ -168,7 +193,11 @@ def _describe_fastkd(backend):
             "teacher_topk": f"fastkd.teacher_topk(t, k, T, backend={backend!r})",
             "fused_linear_kd": f"fastkd.fused_linear_kd_loss(h, W, h_t, W_t, T, {scale}"
                                f"backend={backend!r}), the [N, V] logits never stored",
+            "uld": None if backend == "triton" else f"fastkd.uld_loss(s, t, T, backend={backend!r}): exact",
+            "uld_topk": f"fastkd.uld_loss(s, t, T, k, backend={backend!r}): top-K",
         }[case.op]
+        if call is None:
+            return None
         return f"{call}; {how}"
 
     return describe
@@ -186,6 +215,38 @@ def _describe_fastkd_unfused(case: Case):
         return None
     return (f"fastkd.kd_loss(h @ W.T, h_t @ W_t.T, T, divergence={case.divergence!r}, "
             f"t2_scale={t2_scale(case.divergence)}, backend='auto'); the logits materialised")
+
+
+def _fastkd_inplace(case: Case):
+    """fastkd ("auto" backend) with ``inplace=True``, the student gradient written into the student's
+    logits: before every call they are restored from a copy taken at the first call (timed, not
+    counted in the peak memory: the copy exists before the measured call)."""
+    if case.op == "kd_loss":
+        options = _kd_options(case, "auto")
+        loss = lambda s, t: fastkd.kd_loss(s, t, inplace=True, **options)  # noqa: E731
+    elif case.op in ULD_OPS:
+        loss = _fastkd_uld(case, "auto", inplace=True)
+    else:
+        return None
+    pristine = []
+
+    def forward(s, t):
+        if not pristine:
+            pristine.append(s.detach().clone())
+        s.detach().copy_(pristine[0])
+        return loss(s, t)
+
+    return forward
+
+
+def _describe_fastkd_inplace(case: Case):
+    if case.op == "kd_loss":
+        call = f"fastkd.kd_loss(s, t, T, divergence={case.divergence!r}, t2_scale={t2_scale(case.divergence)}"
+    elif case.op in ULD_OPS:
+        call = "fastkd.uld_loss(s, t, T" + (", k" if case.op == "uld_topk" else "")
+    else:
+        return None
+    return f"{call}, inplace=True); the student's logits restored from a copy before each call (timed)"
 
 
 # ----------------------------------------------------------------------------------------- torch.compile
@@ -267,8 +328,28 @@ def _describe_liger(case: Case):
 TRL_BETA = {"kl": 0.0, "reverse_kl": 1.0, "jsd": BETA}
 
 
+def _gold_uld(case: Case):
+    """TRL's GOLD ``ULDLoss`` (trl.experimental.gold), exact, on one sample of N answer rows."""
+    with warnings.catch_warnings():  # TRLExperimentalWarning: the module is experimental
+        warnings.simplefilter("ignore")
+        from trl.experimental.gold.gold_trainer import ULDLoss
+    loss = ULDLoss(SimpleNamespace(
+        uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=TEMPERATURE,
+        uld_teacher_temperature=TEMPERATURE, uld_skip_student_eos=False, uld_skip_teacher_eos=False,
+        use_extended_uld=False, uld_token_merge_strategy="observed"))
+
+    def forward(s, t):
+        ids = torch.zeros(1, s.shape[0], dtype=torch.long, device=s.device)  # labels and ids: every row an answer
+        return loss(s[None], t[None], ids, ids, ids, ids)
+
+    return forward
+
+
 def _trl(case: Case):
-    """TRL's ``_chunked_divergence_loss`` (trl.DistillationTrainer's loss), every row in the loss."""
+    """TRL's ``_chunked_divergence_loss`` (trl.DistillationTrainer's loss), every row in the loss; for
+    the uld ops, GOLD's ULD loss."""
+    if case.op in ULD_OPS:
+        return _gold_uld(case)
     if case.op != "fused_linear_kd" or case.divergence not in TRL_BETA:
         return None
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
@@ -279,6 +360,8 @@ def _trl(case: Case):
 
 
 def _describe_trl(case: Case):
+    if case.op in ULD_OPS:
+        return "trl.experimental.gold ULDLoss(s[None], t[None], ...), T on both sides: exact, a loop over samples"
     if case.op != "fused_linear_kd" or case.divergence not in TRL_BETA:
         return None
     scale = "·T²" if t2_scale(case.divergence) else ""
@@ -410,6 +493,8 @@ PROVIDERS = {p.name: p for p in (
     Provider("torch-compile", _compile_runs, _compiled, _describe_compiled, default_on_cpu=False),
     Provider("liger", _liger_runs, _liger, _describe_liger),
     Provider("trl", _trl_runs, _trl, _describe_trl),
+    Provider("fastkd-inplace", lambda device: None, _fastkd_inplace, _describe_fastkd_inplace, default_on_cpu=False,
+             default_on_gpu=False),
 )}
 
 

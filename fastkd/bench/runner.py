@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from .arguments import MIN_ROUNDS  # CPU: alternating rounds per case at least (--rounds)
-from .cases import TEMPERATURE
+from .cases import TEMPERATURE, ULD_LOGIT_SCALE, ULD_OPS
 from .min_bytes import copy_bytes, min_bytes, min_flops
 from .providers import BASELINE, REFUSED, environment_variables, provider as provider_named
 
@@ -291,6 +291,9 @@ def make_inputs(case, device, seed=0):
         s = randn(n, v, scale=3.0).requires_grad_()
         logprobs, indices = fastkd.teacher_topk(randn(n, v, scale=3.0), case.k, temperature=TEMPERATURE)
         return Inputs((s, logprobs, indices), (s,), None)
+    if case.op in ULD_OPS:
+        s = randn(n, v, scale=ULD_LOGIT_SCALE).requires_grad_()
+        return Inputs((s, randn(n, v, scale=ULD_LOGIT_SCALE)), (s,), None)
     # fused_linear_kd: logits h @ W.T of unit variance
     h = randn(n, case.h, scale=case.h**-0.5).requires_grad_()
     W = randn(v, case.h).requires_grad_()
