@@ -293,7 +293,7 @@ def _mixture_elements(s, teachers, r0, r1, opts, work):
         lse = t.logsumexp(-1, keepdim=True)
         defined = defined & torch.isfinite(lse[:, 0])
         lts.append(t.sub_(lse))  # lt_i = t_i - lse(t_i), as the kernel
-    lt = div.mixture_log_prob(lts, opts.log_teacher_weights(), work)
+    lt = div.mixture_log_prob(lts, opts.log_teacher_weights, work)
     x = div.Elements(opts, work, torch.zeros_like(m_s), ls=ls, lt=lt, q=lambda: e_s.mul_(d_s.reciprocal()),
                      s_minus_t=lambda: torch.sub(ls, lt, out=work.take()))
     return x, defined, None
