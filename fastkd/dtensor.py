@@ -43,8 +43,8 @@ import torch
 from .backends import flat_labels, resolve_backend
 from .distributed import group_name
 from .fused_linear import default_chunk_size
-from .options import (IDENTITY, check_chunk_size, check_fused_inputs, check_transforms, make_options,
-                      make_reduction)
+from .options import (IDENTITY, check_chunk_size, check_fused_inputs, check_transforms, make_reduction,
+                      options_of)
 from .vocab_parallel_linear import VocabParallelLinearKDFunction
 
 
@@ -328,9 +328,7 @@ def _vocab_parallel_linear(hidden, labels, weight, head, layout, kw):
     t_hidden = kw["teacher_hidden"]
     if isinstance(t_hidden, (list, tuple)) and len(t_hidden) == 1:
         t_hidden = t_hidden[0]
-    opts = make_options(**{name: kw[name] for name in (
-        "temperature", "divergence", "beta", "skew", "ignore_index", "hard_weight", "soft_weight", "t2_scale",
-        "teacher_temperature")})
+    opts = options_of(kw)
     (teacher,) = check_fused_inputs(hidden, local_weight, bias, t_hidden, t_weight, t_bias, t_logits, labels, opts)
     transforms = check_transforms(kw["student_logit_scale"], kw["student_softcap"], kw["teacher_logit_scale"],
                                   kw["teacher_softcap"])

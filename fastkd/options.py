@@ -10,7 +10,7 @@ defines the same order as constexprs; a test checks the correspondence).
 """
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import NamedTuple, Optional
 
@@ -196,6 +196,17 @@ def make_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore
         teacher_temperature = check_temperature(teacher_temperature, "teacher_temperature")
     return KDOptions(check_temperature(temperature), entry.name, beta, skew, hard_weight, soft_weight,
                      t2_scale, ignore_index, teacher_temperature, tuple(teacher_weights))
+
+
+# The KD options an entry point takes as keyword arguments (teacher_weights apart: it is checked
+# against the number of teachers, ``check_teacher_weights``).
+OPTION_NAMES = tuple(f.name for f in fields(KDOptions) if f.name != "teacher_weights")
+
+
+def options_of(arguments, **more):
+    """``make_options`` of the OPTION_NAMES among an entry point's ``arguments`` (its ``locals()``)
+    and of ``more``."""
+    return make_options(**{name: arguments[name] for name in OPTION_NAMES}, **more)
 
 
 def as_teachers(teacher_logits, name="teacher_logits"):

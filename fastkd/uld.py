@@ -138,6 +138,12 @@ def uld_topk_forward_triton(student, teacher, labels, scale, k, T, T_t, ignore_i
     return loss, bound, grad.scatter_(1, index, top.to(grad.dtype))
 
 
+def _reduced_loss_and_bound(ctx, row_loss, row_bound, norm, reduction, shape):
+    """The reduced loss and its (non-differentiable) bound, from their per-row values."""
+    ctx.mark_non_differentiable(row_bound)
+    return reduce(row_loss, norm, reduction, shape), reduce(row_bound, norm, reduction, shape)
+
+
 class ULDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, k, T, T_t, ignore_index, reduction, backend, teacher_is_topk):
@@ -153,9 +159,7 @@ class ULDLossFunction(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(grad)
         ctx.backend, ctx.shape, ctx.held = backend, student.shape, False  # never held: not a custom op
-        ctx.mark_non_differentiable(row_bound)
-        shape = student.shape[:-1]
-        return reduce(row_loss, norm, reduction, shape), reduce(row_bound, norm, reduction, shape)
+        return _reduced_loss_and_bound(ctx, row_loss, row_bound, norm, reduction, student.shape[:-1])
 
     @staticmethod
     @once_differentiable
@@ -377,9 +381,7 @@ class FusedLinearULDFunction(torch.autograd.Function):
             ctx.save_for_backward(*(x for x in grads if x is not None))
         else:
             ctx.save_for_backward(h2, weight, t2, *(() if bias is None else (bias,)))
-        ctx.mark_non_differentiable(row_bound)
-        shape = hidden.shape[:-1]
-        return reduce(row_loss, norm, reduction, shape), reduce(row_bound, norm, reduction, shape)
+        return _reduced_loss_and_bound(ctx, row_loss, row_bound, norm, reduction, hidden.shape[:-1])
 
     @staticmethod
     @once_differentiable
