@@ -5,6 +5,7 @@ Every launcher takes 2-D tensors whose last dimension is contiguous (any row str
 multi-block paths at tiny V). ``fastkd.backends.torch`` has the same functions with the same results. Triton
 and the kernels are imported on first use, never at ``import fastkd``.
 """
+import functools
 import math
 
 import torch
@@ -88,10 +89,12 @@ def _resident_launch(V, acc_dtype):
     return block, warps
 
 
+@functools.lru_cache(maxsize=256)
 def option_args(opts: KDOptions, kernel):
     """The options as ``kernel``'s arguments, by name: of the scalars and constexprs below, those
     its signature declares (the KD kernels share these names). The one place options become kernel
-    arguments; every value is a field or cached property of ``opts``."""
+    arguments; every value is a field or cached property of ``opts``. Cached per (options, kernel):
+    a training loop passes the same options at every step, and hashing them costs less than this."""
     mix_weight, log_weight_p, log_weight_q = opts.mixture_weights
     log_teacher_weights = opts.log_teacher_weights + (0.0,) * (MAX_TEACHERS - opts.num_teachers)
     args = dict(
