@@ -3,7 +3,8 @@
 Every launcher takes 2-D tensors whose last dimension is contiguous (any row stride), labels
 ``[N]`` of any stride; the block width is at most MAX_BLOCK_V (tests lower it to force the
 multi-block paths at tiny V). ``fastkd.backends.torch`` has the same functions with the same results. Triton
-and the kernels are imported on first use, never at ``import fastkd``.
+and the kernels are imported on first use, never at ``import fastkd``. ``KDOptions`` become kernel
+arguments in ``option_args`` only; ``_launch`` adds the grid, block width and warps.
 """
 import functools
 import math
