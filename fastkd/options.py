@@ -30,9 +30,9 @@ class KDOptions:
     """What the kernels (and their torch peers) compute per row; the reduction is ``Reduction``'s.
 
     Built once per call, checked, by ``make_options`` (or by ``fastkd.ops.unpack_kd_options`` from
-    the packed scalars of a custom op). The scalars the backends derive from it (1/T, the
+    the packed scalars of a custom op). The scalars derived from it on the host (1/T, the
     gradient's factor, the log-weights) are its cached properties below, computed on first use
-    and never again: the backends read them, they do not rebuild them."""
+    and never again: the launchers and the torch backend read them, they do not rebuild them."""
     temperature: float = 1.0
     divergence: str = "kl"
     beta: float = 0.5
