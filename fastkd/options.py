@@ -70,7 +70,7 @@ class KDOptions:
         """The divergence's registry entry (``fastkd.divergences``)."""
         return lookup(self.divergence)
 
-    @property
+    @cached_property
     def divergence_code(self):
         return DIVERGENCES.index(self.divergence)
 
