@@ -30,12 +30,12 @@ A token that dies unused (a forward whose backward never runs) releases its grad
 Scalars. A Python float given to an op is a constant of the compiled graph: dynamo guards on its
 value and recompiles when it changes. So the float options (temperatures, beta, skew, hard and
 soft weights) travel as one float64 CPU tensor (``pack_scalars``) that the op reads on the host (a
-CPU tensor: no device synchronisation); ``pack_kd_options`` and ``unpack_kd_options`` are the one
-pair that turns ``KDOptions`` into op arguments and back. Dynamo still compiles its first call with those values as
+CPU tensor: no device synchronisation). Dynamo still compiles its first call with those values as
 constants and recompiles once when one changes (its automatic-dynamic rule, applied to every
 Python scalar); every later value reuses that graph. ``torch.compile(dynamic=True)`` skips even the
 one recompile. Strings, bools and ints (divergence, flags, ignore_index, backend) are ordinary op
-arguments: changing one recompiles.
+arguments: changing one recompiles. ``pack_kd_options`` and ``unpack_kd_options`` are the one pair
+that turns ``KDOptions`` into op arguments and back.
 
 Outside ``torch.compile`` the wrappers below call the backend directly (``traced()`` is False): the
 dispatcher's path through a custom op (packing the scalars, the op's schema, autograd and dynamo

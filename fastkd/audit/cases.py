@@ -2,8 +2,9 @@
 
 A case is one training step of a loss, run through the public API as a user runs it: the forward
 kernel(s), then the backward's ``scale_rows`` pass (``fastkd.autograd.scaled_student_grad``, which
-returns at once for an upstream gradient of 1: the forward applied the reduction's normaliser). A new kernel variant is one more row; ``kd_kernel`` is the dense kernel
-(``fastkd.config.kd_kernel``) set around its launches, e.g.
+returns at once for an upstream gradient of 1: the forward applied the reduction's normaliser).
+A new kernel variant is one more row; ``kd_kernel`` is the dense kernel (``fastkd.config.kd_kernel``)
+set around its launches, e.g.
 
     Case("kd_loss kl two_pass", kd_step, dict(divergence="kl"), floor_op="kd_loss", gate=True,
          budget=(10, 0), kd_kernel="two_pass"),
