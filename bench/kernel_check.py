@@ -1,6 +1,6 @@
 """Which dense kernels run on this machine, and whether each matches the two-pass kernel (GPU check).
 
-For each FASTKD_KD_KERNEL value and each V it prints the kernel the launcher picks, or why it
+For each ``fastkd.config.kd_kernel`` value and each V it prints the kernel the launcher picks, or why it
 refuses ("unavailable": the resident kernel holds rows of up to 8192 columns; not a failure),
 then compares the loss and gradient of every available kernel with the two-pass kernel's on the
 same bf16 inputs, for every divergence (with labels and the hard CE). Exit status 1 when one
@@ -22,17 +22,14 @@ GRAD_ATOL = 2**-6  # bf16: relative to the gradient's largest magnitude
 
 
 def loss_and_grad(kernel, s, t, labels, divergence):
-    os.environ["FASTKD_KD_KERNEL"] = kernel
-    try:
-        import fastkd
+    import fastkd
 
+    with fastkd.config.override(kd_kernel=kernel):
         x = s.detach().clone().requires_grad_()
         loss = fastkd.kd_loss(x, t, divergence=divergence, temperature=2.0, labels=labels, hard_weight=0.5,
                               backend="triton")
         loss.backward()
-        return loss.detach().float(), x.grad.float()
-    finally:
-        os.environ.pop("FASTKD_KD_KERNEL", None)
+    return loss.detach().float(), x.grad.float()
 
 
 def main(argv=None):
@@ -42,6 +39,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import triton
 
+    from fastkd import config
     from fastkd.backends import triton as launch
     from fastkd.divergences import DIVERGENCES
 
@@ -55,12 +53,12 @@ def main(argv=None):
     failed = False
     for V in (int(v) for v in args.v.split(",")):
         available = {}
-        for kernel in (k for k in launch.KD_KERNELS if k != "auto"):
+        for kernel in (k for k in config.KD_KERNELS if k != "auto"):
             try:
-                available[kernel] = launch.kd_kernel(V, device, torch.float32, name=kernel)
+                available[kernel] = launch.kd_kernel(V, torch.float32, name=kernel)
             except NotImplementedError as refused:
                 print(f"V={V} {kernel}: unavailable: {refused}")
-        print(f"V={V} auto runs {launch.kd_kernel(V, device, torch.float32, name='auto')}; "
+        print(f"V={V} auto runs {launch.kd_kernel(V, torch.float32, name='auto')}; "
               + ", ".join(f"{k} runs {v}" for k, v in available.items()))
         g = torch.Generator(device=device).manual_seed(V)
         s = (2 * torch.randn(args.n, V, device=device, generator=g)).bfloat16()

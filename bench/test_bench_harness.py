@@ -6,7 +6,6 @@ import csv
 import json
 import re
 import math
-import os
 import runpy
 import subprocess
 import sys
@@ -18,7 +17,8 @@ import torch
 
 import fastkd
 import fastkd.backends.triton
-from fastkd.bench import command, providers as providers_module, runner
+import fastkd.config
+from fastkd.bench import command, runner
 from fastkd.bench.cases import (BETA, KERNEL_VARIANTS, OPS, PRESETS, SKEW, TEMPERATURE, Case, Grid,
                                 select_cases)
 from fastkd.bench.min_bytes import min_bytes, min_flops
@@ -151,37 +151,35 @@ def test_triton_and_its_variants_need_a_gpu_or_the_interpreter(monkeypatch):
 # ----------------------------------------------------------------------------------------- kernel variants
 @pytest.fixture
 def fake_launcher(monkeypatch):
-    """A launcher that reads FASTKD_KD_KERNEL at call time: 'two_pass' is right, 'resident' doubles
-    the gradient (a wrong kernel), 'absent' is not built here, others refused."""
+    """A launcher that reads fastkd.config.kd_kernel at call time: 'two_pass' is right, 'resident'
+    doubles the gradient (a wrong kernel), 'absent' (a name the config takes here) is not built."""
     real = fastkd.backends.triton.kd_forward
     seen = []
 
     def kd_forward(student, teacher, labels, grad_scale, opts, **kw):
-        kernel = os.environ.get("FASTKD_KD_KERNEL", "auto")
+        kernel = fastkd.config.kd_kernel
         seen.append(kernel)
-        if kernel not in ("auto", "two_pass", "resident", "absent"):
-            raise ValueError(f"FASTKD_KD_KERNEL={kernel!r} is not a kernel")
         if kernel == "absent":
             raise NotImplementedError("absent needs a GPU this machine has not")
         loss, grad = real(student, teacher, labels, grad_scale, opts, **kw)
         return loss, grad * 2 if kernel == "resident" and grad is not None else grad
 
-    providers_module._launcher_reads_kd_kernel.cache_clear()
+    monkeypatch.setattr(fastkd.config, "KD_KERNELS", fastkd.config.KD_KERNELS + ("absent",))
     monkeypatch.setattr(fastkd.backends.triton, "kd_forward", kd_forward)
-    yield seen
-    providers_module._launcher_reads_kd_kernel.cache_clear()
+    return seen
 
 
 def test_kernel_variants_are_checked_then_timed_side_by_side(fake_launcher, monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("FASTKD_KD_KERNEL", "two_pass")  # the default provider ignores the caller's choice
+    monkeypatch.setattr(fastkd.config, "kd_kernel", "two_pass")  # the default provider ignores the caller's choice
     status = cli_main(["bench", "--preset", "smoke", "--ops", "kd_loss", "--divergences", "kl", "--n", "4",
                        "--v", "40", "--modes", "fwd+bwd", "--quick", "--no-plots", "--out", str(tmp_path),
                        "--providers", "torch-eager", "fastkd-triton", "fastkd-triton[two_pass]",
                        "fastkd-triton[resident]", "fastkd-triton[absent]", "fastkd-triton[nope]"])
     assert status == 1  # a failed check fails the run
-    assert os.environ["FASTKD_KD_KERNEL"] == "two_pass"  # restored
-    assert {"auto", "two_pass", "resident", "absent", "nope"} <= set(fake_launcher)
+    assert fastkd.config.kd_kernel == "two_pass"  # restored
+    assert {"auto", "two_pass", "resident", "absent"} <= set(fake_launcher)
+    assert "nope" not in fake_launcher  # refused by the config before the launch
     (csv_path,) = tmp_path.glob("*.csv")
     rows = {r["provider"]: r for r in csv.DictReader(open(csv_path)) if r["op"] != "copy"}
     assert rows["fastkd-triton"]["note"] == "" and float(rows["fastkd-triton"]["ms_p50"]) > 0
@@ -190,29 +188,7 @@ def test_kernel_variants_are_checked_then_timed_side_by_side(fake_launcher, monk
     assert rows["fastkd-triton[resident]"]["note"].startswith("check failed against fastkd-triton")
     assert rows["fastkd-triton[resident]"]["ms_p50"] == ""  # not timed
     assert rows["fastkd-triton[absent]"]["note"].startswith("unavailable: NotImplementedError: absent needs")
-    assert rows["fastkd-triton[nope]"]["note"].startswith("unavailable: ValueError")
-
-
-def test_variants_are_unavailable_when_the_launcher_ignores_the_variable(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    real = fastkd.backends.triton.kd_forward
-
-    def ignoring_the_variable(*args, **kwargs):  # a launcher that never reads FASTKD_KD_KERNEL
-        saved = os.environ.pop("FASTKD_KD_KERNEL", None)
-        try:
-            return real(*args, **kwargs)
-        finally:
-            if saved is not None:
-                os.environ["FASTKD_KD_KERNEL"] = saved
-
-    monkeypatch.setattr(fastkd.backends.triton, "kd_forward", ignoring_the_variable)
-    providers_module._launcher_reads_kd_kernel.cache_clear()
-    try:
-        _, skipped = select_providers(["fastkd-triton", "fastkd-triton[two_pass]"], CPU, select_cases("smoke"))
-    finally:
-        providers_module._launcher_reads_kd_kernel.cache_clear()
-    assert list(skipped) == ["fastkd-triton[two_pass]"]
-    assert "ignores FASTKD_KD_KERNEL" in skipped["fastkd-triton[two_pass]"]
+    assert rows["fastkd-triton[nope]"]["note"].startswith("unavailable: ValueError: fastkd.config.kd_kernel='nope'")
 
 
 # ----------------------------------------------------------------------------------------- GPU path, stood in

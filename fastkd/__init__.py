@@ -25,7 +25,7 @@ _PUBLIC = {
     "TopK": "topk_values", "vocab_shard_layout": "distributed",
     "uld_loss": "uld", "hybrid_uld_loss": "uld", "fused_linear_uld_loss": "uld", "VocabMap": "vocab_map",
 }
-__all__ = ["kd_loss", "KDLoss", "softmax", "log_softmax", "reference", "__version__",
+__all__ = ["kd_loss", "KDLoss", "softmax", "log_softmax", "reference", "config", "__version__",
            "fused_linear_kd_loss", "FusedLinearKDLoss",
            "teacher_topk", "topk_kd_loss", "TopKKDLoss", "TeacherCache", "TeacherCacheWriter",
            "TeacherCacheError", "TopK", "vocab_parallel_kd_loss", "vocab_shard_layout", "serving", "uld_loss",

@@ -199,7 +199,7 @@ def mixture_steps(teachers, opts: KDOptions, dtype):
         lts = [out[r0:r1]] + [empty((r1 - r0, W), dtype=dtype, device=device) for _ in teachers[1:]]
         for i, (lt, t) in enumerate(zip(lts, teachers)):
             lt.copy_(t[r0:r1]).div_(opts.teacher_T).sub_(lse[r0:r1, i: i + 1])
-        mixture_log_prob(lts, opts.log_teacher_weights(), FreshBuffers(lts[0]))  # into lts[0], out's rows
+        mixture_log_prob(lts, opts.log_teacher_weights, FreshBuffers(lts[0]))  # into lts[0], out's rows
     return out.masked_fill_(~torch.isfinite(lse).all(-1, keepdim=True), float("nan"))
 
 

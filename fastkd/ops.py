@@ -34,7 +34,8 @@ CPU tensor: no device synchronisation). Dynamo still compiles its first call wit
 constants and recompiles once when one changes (its automatic-dynamic rule, applied to every
 Python scalar); every later value reuses that graph. ``torch.compile(dynamic=True)`` skips even the
 one recompile. Strings, bools and ints (divergence, flags, ignore_index, backend) are ordinary op
-arguments: changing one recompiles.
+arguments: changing one recompiles. ``pack_kd_options`` and ``unpack_kd_options`` are the one pair
+that turns ``KDOptions`` into op arguments and back.
 
 Outside ``torch.compile`` the wrappers below call the backend directly (``traced()`` is False): the
 dispatcher's path through a custom op (packing the scalars, the op's schema, autograd and dynamo
@@ -66,9 +67,13 @@ def pack_scalars(*values):
     return torch.tensor(values, dtype=torch.float64)
 
 
-def pack_kd_scalars(opts: KDOptions):
-    return pack_scalars(opts.temperature, opts.teacher_T, opts.beta, opts.skew, opts.hard_weight, opts.soft_weight,
-                        *opts.teacher_weights)
+def pack_kd_options(opts: KDOptions):
+    """``opts`` as the arguments ``(scalars, divergence, t2_scale, ignore_index)`` of a custom op:
+    the floats in one tensor (``pack_scalars``), the rest as op arguments of their own (changing
+    one recompiles). ``unpack_kd_options`` is its inverse; nothing else knows the layout."""
+    scalars = pack_scalars(opts.temperature, opts.teacher_T, opts.beta, opts.skew, opts.hard_weight,
+                           opts.soft_weight, *opts.teacher_weights)
+    return scalars, opts.divergence, opts.t2_scale, opts.ignore_index
 
 
 def unpack_kd_options(scalars, divergence, t2_scale, ignore_index):
@@ -82,11 +87,6 @@ def traced():
     """Whether the call is being traced (``torch.compile``, ``torch.export``): then the wrappers go
     through the custom ops, else they call the backend directly."""
     return torch.compiler.is_compiling()
-
-
-def _static(opts: KDOptions):
-    """The options that are op arguments of their own (changing one recompiles)."""
-    return opts.divergence, opts.t2_scale, opts.ignore_index
 
 
 def autocast_off(device):
@@ -192,12 +192,11 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, backend, 
             row_loss, grad = implementation(backend).kd_forward(student, teachers, labels, grad_scale, opts,
                                                                 inplace=inplace, need_grad=need_grad)
         return row_loss, student if inplace else grad
-    scalars = pack_kd_scalars(opts)
+    options = pack_kd_options(opts)
     if inplace:
-        return torch.ops.fastkd.kd_forward_inplace(student, teachers, labels, grad_scale, scalars, *_static(opts),
-                                                   backend), student
-    row_loss, grad = torch.ops.fastkd.kd_forward(student, teachers, labels, grad_scale, scalars, *_static(opts),
-                                                 backend, need_grad, hold_grad)
+        return torch.ops.fastkd.kd_forward_inplace(student, teachers, labels, grad_scale, *options, backend), student
+    row_loss, grad = torch.ops.fastkd.kd_forward(student, teachers, labels, grad_scale, *options, backend, need_grad,
+                                                 hold_grad)
     return row_loss, grad if need_grad else None
 
 
@@ -245,12 +244,12 @@ def topk_kd_forward(student, logprobs, indices, labels, grad_scale, opts: KDOpti
             row_loss, grad = implementation(backend).topk_kd_forward(student, logprobs, indices, labels, grad_scale,
                                                                      opts, tail, inplace=inplace, need_grad=need_grad)
         return row_loss, student if inplace else grad
-    scalars = pack_kd_scalars(opts)
+    options = pack_kd_options(opts)
     if inplace:
-        return torch.ops.fastkd.topk_kd_forward_inplace(student, logprobs, indices, labels, grad_scale, scalars,
-                                                        *_static(opts), tail, backend), student
-    row_loss, grad = torch.ops.fastkd.topk_kd_forward(student, logprobs, indices, labels, grad_scale, scalars,
-                                                      *_static(opts), tail, backend, need_grad, hold_grad)
+        return torch.ops.fastkd.topk_kd_forward_inplace(student, logprobs, indices, labels, grad_scale, *options,
+                                                        tail, backend), student
+    row_loss, grad = torch.ops.fastkd.topk_kd_forward(student, logprobs, indices, labels, grad_scale, *options,
+                                                      tail, backend, need_grad, hold_grad)
     return row_loss, grad if need_grad else None
 
 
@@ -312,11 +311,10 @@ def vocab_parallel_forward(student, teacher, labels, opts: KDOptions, reduction:
             row_loss, grad, norm = run_rank(student, teacher, labels, opts, reduction, backend, group_name,
                                             vocab_start, inplace=inplace, need_grad=need_grad)
         return row_loss, student if inplace else grad, norm
-    scalars = pack_kd_scalars(opts)
     items = reduction.num_items_in_batch
     if items is not None and not isinstance(items, torch.Tensor):
         items = torch.tensor(float(items), dtype=torch.float64)
-    args = (student, teacher, labels, scalars, *_static(opts), reduction.kind, items, backend, group_name,
+    args = (student, teacher, labels, *pack_kd_options(opts), reduction.kind, items, backend, group_name,
             vocab_start)
     if inplace:
         row_loss, norm = torch.ops.fastkd.vocab_parallel_forward_inplace(*args)
@@ -379,7 +377,7 @@ def fused_linear_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, 
     linear = [t[1:] for t in teachers if t[0] == "linear"]
     row_loss, *grads, entropy = torch.ops.fastkd.fused_linear_pass(
         hidden, weight, bias, [h for h, _, _ in linear], [w for _, w, _ in linear], [b for _, _, b in linear], logits,
-        labels, grad_scale, row_scale, pack_kd_scalars(opts), *_static(opts), backend, chunk, *want, *transforms[0],
+        labels, grad_scale, row_scale, *pack_kd_options(opts), backend, chunk, *want, *transforms[0],
         *transforms[1], want_entropy)
     return (row_loss, *(grad if wanted else None for grad, wanted in zip(grads, want)),
             entropy if want_entropy else None)

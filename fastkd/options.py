@@ -10,7 +10,8 @@ defines the same order as constexprs; a test checks the correspondence).
 """
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import NamedTuple, Optional
 
 import torch
@@ -26,7 +27,12 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 @dataclass(frozen=True)
 class KDOptions:
-    """What the kernels (and their torch peers) compute per row; the reduction is ``Reduction``'s."""
+    """What the kernels (and their torch peers) compute per row; the reduction is ``Reduction``'s.
+
+    Built once per call, checked, by ``make_options`` (or by ``fastkd.ops.unpack_kd_options`` from
+    the packed scalars of a custom op). The scalars derived from it on the host (1/T, the
+    gradient's factor, the log-weights) are its cached properties below, computed on first use
+    and never again: the launchers and the torch backend read them, they do not rebuild them."""
     temperature: float = 1.0
     divergence: str = "kl"
     beta: float = 0.5
@@ -46,7 +52,17 @@ class KDOptions:
     def num_teachers(self):
         return len(self.teacher_weights)
 
+    @cached_property
+    def inv_temperature(self):
+        return 1.0 / self.temperature
+
+    @cached_property
+    def inv_teacher_temperature(self):
+        return 1.0 / self.teacher_T
+
+    @cached_property
     def log_teacher_weights(self):
+        """log w_i of the mixture of teachers (-inf for a weight of 0)."""
         return tuple(map(log_weight, self.teacher_weights))
 
     @property
@@ -54,14 +70,20 @@ class KDOptions:
         """The divergence's registry entry (``fastkd.divergences``)."""
         return lookup(self.divergence)
 
-    @property
+    @cached_property
     def divergence_code(self):
         return DIVERGENCES.index(self.divergence)
 
-    @property
+    @cached_property
     def soft_scale(self):
         """Factor on the divergence: soft_weight, times T**2 (the student's T) when t2_scale."""
         return self.soft_weight * (self.temperature**2 if self.t2_scale else 1.0)
+
+    @cached_property
+    def soft_grad_scale(self):
+        """Factor on dD/ds in the student gradient, before the reduction's ``grad_scale``:
+        soft_scale / T (s = z / T)."""
+        return self.soft_scale / self.temperature
 
     @property
     def cross_term_side(self):
@@ -73,6 +95,7 @@ class KDOptions:
     def has_cross_term(self):
         return self.cross_term_side is not None
 
+    @cached_property
     def mixture_weights(self):
         """(mix_weight, log w_p, log w_q) of the mixture M = w_p p + w_q q this divergence uses."""
         entry = self.entry
@@ -173,6 +196,17 @@ def make_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore
         teacher_temperature = check_temperature(teacher_temperature, "teacher_temperature")
     return KDOptions(check_temperature(temperature), entry.name, beta, skew, hard_weight, soft_weight,
                      t2_scale, ignore_index, teacher_temperature, tuple(teacher_weights))
+
+
+# The KD options an entry point takes as keyword arguments (teacher_weights apart: it is checked
+# against the number of teachers, ``check_teacher_weights``).
+OPTION_NAMES = tuple(f.name for f in fields(KDOptions) if f.name != "teacher_weights")
+
+
+def options_of(arguments, **more):
+    """``make_options`` of the OPTION_NAMES among an entry point's ``arguments`` (its ``locals()``)
+    and of ``more``."""
+    return make_options(**{name: arguments[name] for name in OPTION_NAMES}, **more)
 
 
 def as_teachers(teacher_logits, name="teacher_logits"):

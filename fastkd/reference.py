@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .checks import check_index_values, check_values
 from .divergences import log_mixture, lookup
 from .options import (as_teachers, check_dim, check_kd_inputs, check_labels, check_logits, check_tail,
-                      check_teacher_weights, check_temperature, check_topk_inputs, make_options, make_reduction)
+                      check_teacher_weights, check_temperature, check_topk_inputs, make_reduction, options_of)
 from .topk_values import topk_teacher
 
 
@@ -81,10 +81,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     NaN row is whatever autograd gives).
     """
     teachers = as_teachers(teacher_logits)
-    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature,
-                        teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
+    opts = options_of(locals(), teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
     check_kd_inputs(student_logits, teachers, labels, opts)
     check_values(student_logits, teachers, labels, opts, check_finite)
     reduction = make_reduction(reduction, num_items_in_batch)
@@ -133,9 +130,7 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices=None, *, tail
     log-probabilities, renormalised over the k (``"renormalize"``), and (``"bucket"``) the log of
     max(0, 1 - their total) (0 when k = V). ``row_divergence`` of the two, autograd for gradients.
     """
-    opts = make_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                        t2_scale=t2_scale, teacher_temperature=teacher_temperature)
+    opts = options_of(locals())
     reduction = make_reduction(reduction, num_items_in_batch)
     tail = check_tail(tail)
     teacher_logprobs, teacher_indices = topk_teacher(teacher_logprobs, teacher_indices, opts)

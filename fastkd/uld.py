@@ -130,6 +130,12 @@ def uld_topk_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *
     return loss, bound, grad.put_(at.reshape(-1), top.to(grad.dtype).reshape(-1))
 
 
+def _reduced_loss_and_bound(ctx, row_loss, row_bound, norm, reduction, shape):
+    """The reduced loss and its (non-differentiable) bound, from their per-row values."""
+    ctx.mark_non_differentiable(row_bound)
+    return reduce(row_loss, norm, reduction, shape), reduce(row_bound, norm, reduction, shape)
+
+
 class ULDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, k, T, T_t, ignore_index, reduction, backend, teacher_is_topk, inplace):
@@ -148,9 +154,7 @@ class ULDLossFunction(torch.autograd.Function):
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.backend, ctx.shape, ctx.held = backend, student.shape, False  # never held: not a custom op
-        ctx.mark_non_differentiable(row_bound)
-        shape = student.shape[:-1]
-        return reduce(row_loss, norm, reduction, shape), reduce(row_bound, norm, reduction, shape)
+        return _reduced_loss_and_bound(ctx, row_loss, row_bound, norm, reduction, student.shape[:-1])
 
     @staticmethod
     @once_differentiable
@@ -426,9 +430,7 @@ class FusedLinearULDFunction(torch.autograd.Function):
             ctx.save_for_backward(*(x for x in grads if x is not None))
         else:
             ctx.save_for_backward(h2, weight, t2, *(() if bias is None else (bias,)))
-        ctx.mark_non_differentiable(row_bound)
-        shape = hidden.shape[:-1]
-        return reduce(row_loss, norm, reduction, shape), reduce(row_bound, norm, reduction, shape)
+        return _reduced_loss_and_bound(ctx, row_loss, row_bound, norm, reduction, hidden.shape[:-1])
 
     @staticmethod
     @once_differentiable

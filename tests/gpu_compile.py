@@ -32,7 +32,7 @@ def _kd_variants(s, t, divergence, tails, quick):
     ``quick``: every kernel and divergence, with the combinations cut to the ones that differ most."""
     from fastkd.backends import VOCAB_PARALLEL_ROW
     from fastkd.backends import triton as launch
-    from fastkd.bench.providers import environment_variables
+    from fastkd import config
     from fastkd.buffers import accumulation_dtype
     from fastkd.options import KDOptions
 
@@ -50,7 +50,7 @@ def _kd_variants(s, t, divergence, tails, quick):
                             teacher_weights=(0.25,) * launch.MAX_TEACHERS)
         launch.kd_forward(s, (t,) * launch.MAX_TEACHERS, labels, scale, mixture, need_grad=need_grad)
         resident = slice(0, launch.resident_capacity(acc))  # one CTA holds the row
-        with environment_variables([("FASTKD_KD_KERNEL", "resident")]):
+        with config.override(kd_kernel="resident"):
             launch.kd_forward(s[:, resident], t[:, resident], labels, scale, opts, need_grad=need_grad)
         for tail in tails:
             launch.topk_kd_forward(s, torch.empty(N, 8, dtype=acc), torch.zeros(N, 8, dtype=torch.int32),

@@ -18,6 +18,7 @@ import torch
 import fastkd
 import fastkd.backends.torch
 import fastkd.backends.triton
+import fastkd.config
 from fastkd import reference
 
 from helpers import DIVERGENCES
@@ -89,7 +90,7 @@ def test_large_logits_no_less_accurate_than_float32_pytorch(divergence, kernel, 
         monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 16)
     if kernel == "resident":
         monkeypatch.setattr(fastkd.backends.triton, "RESIDENT_BLOCK", 64)  # one CTA holds the row
-    monkeypatch.setenv("FASTKD_KD_KERNEL", "auto" if kernel == "torch" else kernel)
+    monkeypatch.setattr(fastkd.config, "kd_kernel", "auto" if kernel == "torch" else kernel)
     backend = "torch" if kernel == "torch" else "triton"
     gen = torch.Generator().manual_seed(21)
     for case, (student_scale, teacher_scale, kw) in LARGE_LOGITS.items():

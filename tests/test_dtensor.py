@@ -254,6 +254,10 @@ def check_fsdp_head(mesh, *, seed, rank, world_size, n_rows=6, H=5, V=11, chunk_
 
 
 def _run(rank, cases):
+    # The torch backend's small-input path stacks up to three tiny [rows, V] inputs into one
+    # log-softmax (at most 3 STACK_ELEMENTS elements); at these shapes that would pass for a
+    # gathered [N, V], so it is off here and the largest-tensor checks keep their meaning.
+    fastkd.backends.torch.STACK_ELEMENTS = 0
     for name, check, kwargs in cases:
         try:
             check(**kwargs)

@@ -1,8 +1,8 @@
 """The row-resident kernel (kernels/kd_resident.py): which kernel a call runs, and a representative
 subset of the dense-loss tests through it (one CTA a row), with the bytes it requests.
 
-The whole dense-loss suite runs through it with the variable set to resident (about 30 s on 2
-cores, left out of CI to keep its time):
+The whole dense-loss suite runs through it with ``fastkd.config.kd_kernel`` set to resident from
+the environment (about 30 s on 2 cores, left out of CI to keep its time):
     FASTKD_KD_KERNEL=resident python -m pytest -q tests/test_kd_loss.py tests/test_divergences.py \
         tests/test_degenerate_rows.py tests/test_views_and_dtypes.py tests/test_fuzz.py -k triton
 """
@@ -11,20 +11,20 @@ import torch
 
 import fastkd
 import fastkd.backends.triton as launch
+import fastkd.config
 import test_degenerate_rows
 import test_divergences
 import test_fused_linear
 import test_kd_loss
 from helpers import DIVERGENCES
 
-KD_KERNEL = "FASTKD_KD_KERNEL"
 CPU = torch.device("cpu")
 
 
 @pytest.fixture
 def kernel(monkeypatch):
     """The resident kernel forced on, one CTA a row of up to 64 columns (the tests' rows: 13 to 53)."""
-    monkeypatch.setenv(KD_KERNEL, "resident")
+    monkeypatch.setattr(fastkd.config, "kd_kernel", "resident")
     monkeypatch.setattr(launch, "RESIDENT_BLOCK", 64)
     monkeypatch.setattr(launch, "RESIDENT_BLOCK_FLOAT64", 64)
     return "resident"
@@ -33,7 +33,7 @@ def kernel(monkeypatch):
 def _ran(kernel, V, dtype=torch.float32):
     """The resident kernel's launch of a row of V columns: checks that the test below runs it."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert launch.kd_kernel(V, CPU, acc) == kernel
+    assert launch.kd_kernel(V, acc) == kernel
     return launch._resident_launch(V, acc)
 
 
@@ -42,32 +42,45 @@ def _ran(kernel, V, dtype=torch.float32):
 def test_auto_picks_by_the_model(monkeypatch, name):
     """auto: resident for the three-pass divergences up to RESIDENT_AUTO_V columns (one teacher),
     two_pass for kl and reverse_kl and every longer row (fastkd/backends/triton.py says why)."""
-    monkeypatch.delenv(KD_KERNEL, raising=False)
+    monkeypatch.setattr(fastkd.config, "kd_kernel", "auto")
     monkeypatch.setattr(launch, "RESIDENT_BLOCK", 8192)  # the GPU's (conftest lowers it)
     three_pass = not fastkd.options.make_options(divergence=name).has_cross_term
     expected = "resident" if three_pass else "two_pass"
-    assert launch.kd_kernel(launch.RESIDENT_AUTO_V, CPU, three_pass=three_pass) == expected
-    assert launch.kd_kernel(launch.RESIDENT_AUTO_V + 1, CPU, three_pass=three_pass) == "two_pass"
-    assert launch.kd_kernel(1000, CPU, three_pass=three_pass, num_teachers=2) == "two_pass"
-    assert launch.kd_kernel(128256, CPU, three_pass=three_pass) == "two_pass"
-    assert launch.kd_kernel(100, CPU, name="two_pass", three_pass=three_pass) == "two_pass"
+    assert launch.kd_kernel(launch.RESIDENT_AUTO_V, three_pass=three_pass) == expected
+    assert launch.kd_kernel(launch.RESIDENT_AUTO_V + 1, three_pass=three_pass) == "two_pass"
+    assert launch.kd_kernel(1000, three_pass=three_pass, num_teachers=2) == "two_pass"
+    assert launch.kd_kernel(128256, three_pass=three_pass) == "two_pass"
+    assert launch.kd_kernel(100, name="two_pass", three_pass=three_pass) == "two_pass"
 
 
 def test_resident_launch_and_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(launch, "RESIDENT_BLOCK", 8192)
     assert launch._resident_launch(8192, torch.float32) == (8192, 16)
     assert launch._resident_launch(100, torch.float32) == (128, 4)
-    assert launch.kd_kernel(8192, CPU, name="resident") == "resident"
+    assert launch.kd_kernel(8192, name="resident") == "resident"
     with pytest.raises(NotImplementedError, match="a row of 8193 columns is longer than the 8192 one CTA holds"):
-        launch.kd_kernel(8193, CPU, name="resident")
+        launch.kd_kernel(8193, name="resident")
     with pytest.raises(NotImplementedError, match="one teacher only"):
-        launch.kd_kernel(100, CPU, name="resident", num_teachers=2)
+        launch.kd_kernel(100, name="resident", num_teachers=2)
 
 
 def test_unknown_kernel_name_is_a_value_error(monkeypatch):
-    monkeypatch.setenv(KD_KERNEL, "resident_please")
-    with pytest.raises(ValueError, match="FASTKD_KD_KERNEL='resident_please' is not one of auto, two_pass"):
+    message = "fastkd.config.kd_kernel='resident_please' is not one of auto, two_pass, resident"
+    monkeypatch.setattr(fastkd.config, "kd_kernel", "two_pass")
+    with pytest.raises(ValueError, match=message):
+        with fastkd.config.override(kd_kernel="resident_please"):
+            pass
+    assert fastkd.config.kd_kernel == "two_pass"  # left as it was
+    monkeypatch.setattr(fastkd.config, "kd_kernel", "resident_please")  # set directly: refused at the call
+    with pytest.raises(ValueError, match=message):
         fastkd.kd_loss(torch.randn(2, 8), torch.randn(2, 8), backend="triton")
+
+
+def test_override_sets_the_kernel_for_the_block_only(monkeypatch):
+    monkeypatch.setattr(fastkd.config, "kd_kernel", "auto")
+    with fastkd.config.override(kd_kernel="resident"):
+        assert launch.kd_kernel(10, three_pass=False) == "resident"
+    assert launch.kd_kernel(10, three_pass=False) == "two_pass"
 
 
 # ------------------------------------------------------------------- the dense-loss tests, a subset
@@ -116,7 +129,7 @@ def test_accuracy_at_a_real_vocabulary_and_block(monkeypatch):
     from test_accuracy import test_no_less_accurate_than_float32_pytorch
 
     monkeypatch.setattr(launch, "RESIDENT_BLOCK", 8192)
-    monkeypatch.setenv(KD_KERNEL, "resident")
+    monkeypatch.setattr(fastkd.config, "kd_kernel", "resident")
     assert launch._resident_launch(8192, torch.float32) == (8192, 16)
     for name in ("kl", "jsd"):
         test_no_less_accurate_than_float32_pytorch(name, "triton", torch.bfloat16, 8192, monkeypatch, CPU)
@@ -134,7 +147,7 @@ def test_each_input_is_read_once_for_every_divergence(monkeypatch):
 
     monkeypatch.setattr(launch, "RESIDENT_BLOCK", 64)
     V = 64
-    ids = [cases.case_id(c) for c in cases.CASES if c.env.get(KD_KERNEL) == "resident" and not c.options["hard_ce"]]
+    ids = [cases.case_id(c) for c in cases.CASES if c.kd_kernel == "resident" and not c.options["hard_ce"]]
     counted = traffic.count(ids, torch.bfloat16, shape=(3, V))
     assert sorted(ids) == sorted(f"kd_loss {name} [resident]" for name in DIVERGENCES)
     for case_id in ids:

@@ -2,11 +2,12 @@
 
 A case is one training step of a loss, run through the public API as a user runs it: the forward
 kernel(s), then the backward's ``scale_rows`` pass (``fastkd.autograd.scaled_student_grad``, which
-returns at once for an upstream gradient of 1: the forward applied the reduction's normaliser). A new kernel variant is one more row; ``env`` is set around its
-launches, for a launcher that picks its kernel from an environment variable at launch time, e.g.
+returns at once for an upstream gradient of 1: the forward applied the reduction's normaliser).
+A new kernel variant is one more row; ``kd_kernel`` is the dense kernel (``fastkd.config.kd_kernel``)
+set around its launches, e.g.
 
     Case("kd_loss kl two_pass", kd_step, dict(divergence="kl"), floor_op="kd_loss", gate=True,
-         budget=(10, 0), env={"FASTKD_KD_KERNEL": "two_pass"}),
+         budget=(10, 0), kd_kernel="two_pass"),
 
 Case ids (the name, and the flags in brackets) must be unique.
 
@@ -101,7 +102,7 @@ class Case:
     floor_op: str | None = None    # fastkd.bench.min_bytes op whose fwd+bwd traffic is the floor
     gate: bool = False             # held to no spill in a loop, 128-bit loads and its budget
     budget: tuple | None = None    # bf16 bytes requested per element, per launched kernel
-    env: dict = field(default_factory=dict)
+    kd_kernel: str = "auto"        # fastkd.config.kd_kernel around its launches
     alternating: bool = False      # the kernels' passes over a row alternate direction (for the L2 model)
 
 
@@ -115,24 +116,24 @@ def _kd(divergence, budget, hard_ce=False, gate=True):
     """The two-pass kernel, whatever V (the default picks the resident kernel for short rows)."""
     return Case(f"kd_loss {divergence}", kd_step, dict(divergence=divergence, hard_ce=hard_ce),
                 flags="hard CE" if hard_ce else "", floor_op="kd_loss", gate=gate, budget=budget,
-                env={"FASTKD_KD_KERNEL": "two_pass"}, alternating=True)
+                kd_kernel="two_pass", alternating=True)
 
 
 def _resident(divergence, hard_ce=False, gate=True):
-    """The resident kernel (FASTKD_KD_KERNEL=resident): one CTA a row, up to 8192 columns; the
+    """The resident kernel (``kd_kernel="resident"``): one CTA a row, up to 8192 columns; the
     launcher refuses longer rows (reported as not compiled)."""
     return Case(f"kd_loss {divergence}", kd_step, dict(divergence=divergence, hard_ce=hard_ce),
                 flags="hard CE, resident" if hard_ce else "resident", floor_op="kd_loss", gate=gate,
-                budget=(6, 0), env={"FASTKD_KD_KERNEL": "resident"})
+                budget=(6, 0), kd_kernel="resident")
 
 
 CASES = (
     *(_kd(divergence, _two_pass_budget(divergence)) for divergence in DIVERGENCES),
     *(_kd(divergence, _two_pass_budget(divergence), hard_ce=True) for divergence in DIVERGENCES),
     Case("kd_loss kl", kd_step, dict(divergence="kl", hard_ce=True, temperature=1.0), flags="hard CE, T = 1",
-         floor_op="kd_loss", gate=True, budget=(10, 0), alternating=True, env={"FASTKD_KD_KERNEL": "two_pass"}),
+         floor_op="kd_loss", gate=True, budget=(10, 0), alternating=True, kd_kernel="two_pass"),
     Case("kd_loss kl", kd_step, dict(divergence="kl", teachers=2), flags="2 teachers", gate=True, budget=(20, 0),
-         alternating=True, env={"FASTKD_KD_KERNEL": "two_pass"}),
+         alternating=True, kd_kernel="two_pass"),
     *(_resident(divergence) for divergence in DIVERGENCES),
     *(_resident(divergence, hard_ce=True, gate=False) for divergence in DIVERGENCES),
     Case("softmax", softmax_step, dict(log=False), floor_op="softmax"),
@@ -158,8 +159,8 @@ def select(names=None, gate_only=False):
 
 
 def run_step(case, inputs):
-    """Run ``case``'s launches on ``inputs`` with its environment set."""
-    from ..bench.providers import environment_variables
+    """Run ``case``'s launches on ``inputs`` with its dense kernel set."""
+    from .. import config
 
-    with environment_variables(case.env.items()):
+    with config.override(kd_kernel=case.kd_kernel):
         case.step(inputs, **case.options)

@@ -316,7 +316,7 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, grad, acc):
         row_loss.masked_fill_(ignored, 0.0)
     if grad is None:
         return row_loss, None
-    soft_grad_scale = opts.soft_scale / opts.temperature
+    soft_grad_scale = opts.soft_grad_scale
     g = dD if soft_grad_scale == 1 else dD.mul_(constant(soft_grad_scale, dtype=acc, device=dD.device))
     if ce is not None:
         g.add_(ce_grad, alpha=opts.hard_weight)
@@ -340,7 +340,7 @@ def _mixture_elements(s, teachers, r0, r1, opts, work):
         lse = t.logsumexp(-1, keepdim=True)
         defined = defined & torch.isfinite(lse[:, 0])
         lts.append(t.sub_(lse))  # lt_i = t_i - lse(t_i), as the kernel
-    lt = div.mixture_log_prob(lts, opts.log_teacher_weights(), work)
+    lt = div.mixture_log_prob(lts, opts.log_teacher_weights, work)
     x = div.Elements(opts, work, torch.zeros_like(m_s), ls=ls, lt=lt, q=lambda: e_s.mul_(d_s.reciprocal()),
                      s_minus_t=lambda: torch.sub(ls, lt, out=work.take()))
     return x, defined, None
@@ -358,7 +358,7 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
     if small and len(teachers) == 1:
         return _small_kd_forward(student, teachers[0], labels, grad_scale, opts, grad, acc)
     loss = empty(N, dtype=acc, device=student.device)
-    soft_grad_scale = grad_scale.to(acc) * (opts.soft_scale / opts.temperature)
+    soft_grad_scale = grad_scale.to(acc) * opts.soft_grad_scale
     has_ce = labels is not None and opts.hard_weight != 0
 
     def one_chunk(r0, r1, work):
@@ -536,7 +536,7 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
         if grad is not None:
             # Per row [rows, 1], NaN for the undefined rows, folded into one scaling of the chunk.
             scale = _row_factor(grad_scale.to(acc), defined)
-            soft_grad_scale = scale * (opts.soft_scale / T)
+            soft_grad_scale = scale * opts.soft_grad_scale
             # Unlisted column j: q_j (g_tail - S) = e_j (g_tail - S) / d; a finite factor keeps 0 * inf out.
             g = e.mul_(soft_grad_scale * c_tail.clamp(-big, big)[:, None] / d)
             listed_q = lq.exp()
@@ -629,7 +629,7 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
     N, W = student.shape
     loss = empty(N, dtype=row.dtype, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
-    soft_grad_scale = grad_scale.to(row.dtype) * (opts.soft_scale / opts.temperature)
+    soft_grad_scale = grad_scale.to(row.dtype) * opts.soft_grad_scale
 
     def body(rows, s, t, kept, work):
         r = row[rows]

@@ -85,7 +85,7 @@ class Elements:
         return torch.exp(self.lt, out=self.work.take())
 
     def _lm(self):
-        _, log_weight_p, log_weight_q = self.opts.mixture_weights()
+        _, log_weight_p, log_weight_q = self.opts.mixture_weights
         scratch = self.work.take()
         lm = log_mixture(self.ls, self.lt, log_weight_p, log_weight_q, self.work.take(), scratch)
         self.work.give_back(scratch)
@@ -223,7 +223,7 @@ def element_terms(x: Elements, opts: KDOptions, out1, out2):
         return _masked_product(x.q, x.s_minus_t, out1), torch.mul(x.q, x.shift, out=out2)
     if name == "tvd":
         return torch.sub(x.p, x.q, out=out1).abs_(), torch.mul(x.q, x.sign_p_minus_q, out=out2)
-    mix, log_wp, log_wq = opts.mixture_weights()
+    mix, log_wp, log_wq = opts.mixture_weights
     if name == "jsd":
         return (_masked_product(x.p, torch.sub(x.lt, x.lm, out=out1), out1),
                 _masked_product(x.q, torch.sub(x.ls, x.lm, out=out2), out2))
@@ -262,7 +262,7 @@ def divergence_grad(x: Elements, A1, A2, opts: KDOptions, out, scale=1.0):
         return _masked_product(x.q, ratio, out).mul_(scale)
     if name == "tvd":
         return torch.sub(A2, x.sign_p_minus_q, out=out).mul_(x.q).mul_(0.5 * scale)
-    mix, log_wp, log_wq = opts.mixture_weights()
+    mix, log_wp, log_wq = opts.mixture_weights
     if name == "jsd":
         return _masked_product(x.q, torch.sub(x.ls, x.lm, out=out).sub_(A2), out).mul_((1 - mix) * scale)
     if name not in ("skew_kl", "skew_reverse_kl"):
@@ -292,7 +292,7 @@ def point_grad(lp, lq, opts: KDOptions):
     if name == "tvd":
         g = -0.5 * sign(lp - lq)
         return q * g, g
-    mix, log_wp, log_wq = opts.mixture_weights()
+    mix, log_wp, log_wq = opts.mixture_weights
     lm = log_mixture(lq, lp, log_wp, log_wq)
     if name == "jsd":
         g = (1 - mix) * (lq - lm)

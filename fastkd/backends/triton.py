@@ -3,14 +3,17 @@
 Every launcher takes 2-D tensors whose last dimension is contiguous (any row stride), labels
 ``[N]`` of any stride; the block width is at most MAX_BLOCK_V (tests lower it to force the
 multi-block paths at tiny V). ``fastkd.backends.torch`` has the same functions with the same results. Triton
-and the kernels are imported on first use, never at ``import fastkd``.
+and the kernels are imported on first use, never at ``import fastkd``. ``KDOptions`` become kernel
+arguments in ``option_args`` only; ``_launch`` adds the grid, block width and warps.
 """
+import functools
 import math
-import os
 
 import torch
 
+from .. import config
 from ..buffers import accumulation_dtype, empty, gradient_buffer
+from ..config import check_kd_kernel
 from ..options import TAILS, KDOptions, as_teachers
 
 MAX_BLOCK_V = 4096
@@ -45,13 +48,6 @@ def _labels(labels, stand_in):
     return (stand_in, 0) if labels is None else (labels, labels.stride(0))
 
 
-# The dense kernels; FASTKD_KD_KERNEL, read at every call, chooses one (tests, benchmarks):
-#   auto       the default: the kernel the audit's model (fastkd/audit/model.py) times faster
-#   two_pass   kernels/kd_loss.py: any V, each input read twice (three times for the divergences
-#              without a cross term, fastkd.divergences)
-#   resident   kernels/kd_resident.py, each input read once, the row held in registers by one CTA
-#              (rows of up to resident_capacity columns, one teacher)
-KD_KERNELS = ("auto", "two_pass", "resident")
 # Columns of a row one CTA of the resident kernel keeps in registers: 16 a thread of 16 warps
 # (512 threads, at most 128 registers each); float64 (gradcheck) 1024 columns of 4 warps.
 RESIDENT_BLOCK = 8192
@@ -69,14 +65,13 @@ def resident_capacity(acc_dtype):
     return RESIDENT_BLOCK_FLOAT64 if acc_dtype == torch.float64 else RESIDENT_BLOCK
 
 
-def kd_kernel(V, device, acc_dtype=torch.float32, name=None, num_teachers=1, three_pass=True):
+def kd_kernel(V, acc_dtype=torch.float32, name=None, num_teachers=1, three_pass=True):
     """The dense kernel a call on rows of ``V`` columns runs, accumulating in ``acc_dtype``:
-    "two_pass" or "resident". ``name`` (by default FASTKD_KD_KERNEL, else "auto") is one of
-    KD_KERNELS; ``three_pass``: the divergence has no cross term, so two_pass reads the row three
-    times. A kernel that cannot run the call raises NotImplementedError."""
-    name = os.environ.get("FASTKD_KD_KERNEL", "auto") if name is None else name
-    if name not in KD_KERNELS:
-        raise ValueError(f"FASTKD_KD_KERNEL={name!r} is not one of {', '.join(KD_KERNELS)}")
+    "two_pass" or "resident". ``name``: one of ``fastkd.config.KD_KERNELS``, by default
+    ``fastkd.config.kd_kernel`` (read here, and nowhere else); ``three_pass``: the divergence has
+    no cross term, so two_pass reads the row three times. A kernel that cannot run the call raises
+    NotImplementedError."""
+    name = check_kd_kernel(config.kd_kernel if name is None else name)
     fits = V <= resident_capacity(acc_dtype)
     if name == "auto":
         return "resident" if three_pass and num_teachers == 1 and fits and V <= RESIDENT_AUTO_V else "two_pass"
@@ -95,9 +90,23 @@ def _resident_launch(V, acc_dtype):
     return block, warps
 
 
-def _kd_scalars(opts: KDOptions):
-    """The float scalars every KD kernel takes, in its order: 1 / T_s, 1 / T_t, the mixture weights."""
-    return (1.0 / opts.temperature, 1.0 / opts.teacher_T, *opts.mixture_weights())
+@functools.lru_cache(maxsize=256)
+def option_args(opts: KDOptions, kernel):
+    """The options as ``kernel``'s arguments, by name: of the scalars and constexprs below, those
+    its signature declares (the KD kernels share these names). The one place options become kernel
+    arguments; every value is a field or cached property of ``opts``. Cached per (options, kernel):
+    a training loop passes the same options at every step, and hashing them costs less than this."""
+    mix_weight, log_weight_p, log_weight_q = opts.mixture_weights
+    log_teacher_weights = opts.log_teacher_weights + (0.0,) * (MAX_TEACHERS - opts.num_teachers)
+    args = dict(
+        inv_temperature=opts.inv_temperature, inv_teacher_temperature=opts.inv_teacher_temperature,
+        mix_weight=mix_weight, log_weight_p=log_weight_p, log_weight_q=log_weight_q, soft_scale=opts.soft_scale,
+        hard_weight=opts.hard_weight, ignore_index=opts.ignore_index,
+        **{f"log_teacher_weight_{i}": w for i, w in enumerate(log_teacher_weights)},
+        DIVERGENCE=opts.divergence_code, HAS_CE=opts.hard_weight != 0,
+        CE_FROM_STUDENT=opts.hard_weight != 0 and opts.temperature == 1.0,
+    )
+    return {name: args[name] for name in kernel.arg_names if name in args}
 
 
 # ---------------------------------------------------------------------------------------------- dense
@@ -115,21 +124,16 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
     acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
     loss = empty(N, dtype=acc, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
-    kernel = kd_kernel(V, student.device, acc, num_teachers=len(teachers), three_pass=not opts.has_cross_term)
+    choice = kd_kernel(V, acc, num_teachers=len(teachers), three_pass=not opts.has_cross_term)
     if N == 0:
         return loss, grad
-    if kernel == "resident":
+    if choice == "resident":
         return _resident_kd_forward(student, teachers[0], labels, grad_scale, opts, loss, grad)
-    block, warps = _block_and_warps(V)
-    log_teacher_weights = opts.log_teacher_weights() + (0.0,) * (MAX_TEACHERS - len(teachers))
-    kd_loss.kd_forward_kernel[(N,)](
-        student, student.stride(0), teachers, tuple(t.stride(0) for t in teachers), *_labels(labels, loss),
-        loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
-        V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, *log_teacher_weights, opts.ignore_index,
-        DIVERGENCE=opts.divergence_code, NUM_TEACHERS=len(teachers), HAS_LABELS=labels is not None,
-        HAS_CE=opts.hard_weight != 0, CE_FROM_STUDENT=opts.hard_weight != 0 and opts.temperature == 1.0, WRITE_GRAD=grad is not None,
-        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, VEC=_vec(student, *teachers), num_warps=warps,
-    )
+    _launch(kd_loss.kd_forward_kernel, N, V,
+            student, student.stride(0), teachers, tuple(t.stride(0) for t in teachers), *_labels(labels, loss),
+            loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss, V, opts=opts,
+            NUM_TEACHERS=len(teachers), HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None,
+            ACC_DTYPE=_tl_dtype(acc), VEC=_vec(student, *teachers))
     return loss, grad
 
 
@@ -140,14 +144,24 @@ def _resident_kd_forward(student, teacher, labels, grad_scale, opts, loss, grad)
     N, V = student.shape
     acc = accumulation_dtype(student.dtype, teacher.dtype)
     block, warps = _resident_launch(V, acc)
-    kd_resident.kd_resident_kernel[(N,)](
+    kernel = kd_resident.kd_resident_kernel
+    kernel[(N,)](
         student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, loss),
-        loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
-        V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
-        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
+        loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss, V,
+        **option_args(opts, kernel), HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None,
+        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
     )
     return loss, grad
+
+
+def _launch(kernel, N, V, *args, opts=None, **meta):
+    """``kernel(*args, **meta)`` on one program a row of ``N`` rows (nothing when N = 0), with the
+    block width and warps of rows of ``V`` columns and, given ``opts``, the options' arguments
+    (``option_args``)."""
+    if N:
+        block, warps = _block_and_warps(V)
+        options = {} if opts is None else option_args(opts, kernel)
+        kernel[(N,)](*args, **options, **meta, BLOCK_V=block, num_warps=warps)
 
 
 def scale_rows(grad, scale, *, out=None):
@@ -157,14 +171,9 @@ def scale_rows(grad, scale, *, out=None):
 
     N, V = grad.shape
     out = empty((N, V), dtype=grad.dtype, device=grad.device) if out is None else out
-    if N == 0 or V == 0:
-        return out
-    block, warps = _block_and_warps(V)
-    scale_kernels.scale_rows_kernel[(N,)](
-        grad, grad.stride(0), out, out.stride(0), scale, 0 if scale.numel() == 1 else scale.stride(0), V,
-        IN_PLACE=out is grad, ACC_DTYPE=_tl_dtype(accumulation_dtype(grad.dtype)), BLOCK_V=block,
-        num_warps=warps,
-    )
+    _launch(scale_kernels.scale_rows_kernel, N, V, grad, grad.stride(0), out, out.stride(0), scale,
+            0 if scale.numel() == 1 else scale.stride(0), V, IN_PLACE=out is grad,
+            ACC_DTYPE=_tl_dtype(accumulation_dtype(grad.dtype)))
     return out
 
 
@@ -176,13 +185,8 @@ def softmax_forward(x, temperature, *, log):
 
     N, V = x.shape
     y = empty((N, V), dtype=x.dtype, device=x.device)
-    if N == 0:
-        return y
-    block, warps = _block_and_warps(V)
-    softmax.softmax_forward_kernel[(N,)](
-        x, x.stride(0), y, y.stride(0), V, 1.0 / temperature,
-        LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)), BLOCK_V=block, num_warps=warps,
-    )
+    _launch(softmax.softmax_forward_kernel, N, V, x, x.stride(0), y, y.stride(0), V, 1.0 / temperature, LOG=log,
+            ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)))
     return y
 
 
@@ -191,13 +195,8 @@ def softmax_backward(y, dy, temperature, *, log):
 
     N, V = y.shape
     dx = empty((N, V), dtype=y.dtype, device=y.device)
-    if N == 0:
-        return dx
-    block, warps = _block_and_warps(V)
-    softmax.softmax_backward_kernel[(N,)](
-        y, y.stride(0), dy, dy.stride(0), dx, dx.stride(0), V, 1.0 / temperature,
-        LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(y.dtype, dy.dtype)), BLOCK_V=block, num_warps=warps,
-    )
+    _launch(softmax.softmax_backward_kernel, N, V, y, y.stride(0), dy, dy.stride(0), dx, dx.stride(0), V,
+            1.0 / temperature, LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(y.dtype, dy.dtype)))
     return dx
 
 
@@ -236,13 +235,8 @@ def uld_topk_gradient(student, lse, coef, temperature, *, out=None):
 
     N, V = student.shape
     out = empty((N, V), dtype=student.dtype, device=student.device) if out is None else out
-    if N == 0:
-        return out
-    block, warps = _block_and_warps(V)
-    uld.uld_topk_grad_kernel[(N,)](
-        student, student.stride(0), out, out.stride(0), lse, coef, V, 1.0 / temperature,
-        ACC_DTYPE=_tl_dtype(lse.dtype), BLOCK_V=block, num_warps=warps,
-    )
+    _launch(uld.uld_topk_grad_kernel, N, V, student, student.stride(0), out, out.stride(0), lse, coef, V,
+            1.0 / temperature, ACC_DTYPE=_tl_dtype(lse.dtype))
     return out
 
 
@@ -261,18 +255,12 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
         return loss, grad
     # The listed columns' gradients, parked between the kernel's passes (see its docstring).
     scratch = loss if grad is None else empty((N, K), dtype=acc, device=student.device)
-    block, warps = _block_and_warps(V)
-    block_k = min(MAX_BLOCK_K, max(2, _pow2(K)))
-    inv_temperature, _, mix, log_wp, log_wq = _kd_scalars(opts)
-    topk_kd_loss.topk_kd_forward_kernel[(N,)](
-        student, student.stride(0), teacher_logprobs, teacher_logprobs.stride(0),
-        teacher_indices, teacher_indices.stride(0), *_labels(labels, loss),
-        loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, scratch, loss,
-        V, K, inv_temperature, mix, log_wp, log_wq, opts.soft_scale, opts.hard_weight, opts.ignore_index,
-        DIVERGENCE=opts.divergence_code, TAIL=TAILS.index(tail),
-        HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0, WRITE_GRAD=grad is not None,
-        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, BLOCK_K=block_k, num_warps=warps,
-    )
+    _launch(topk_kd_loss.topk_kd_forward_kernel, N, V,
+            student, student.stride(0), teacher_logprobs, teacher_logprobs.stride(0),
+            teacher_indices, teacher_indices.stride(0), *_labels(labels, loss),
+            loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, scratch, loss, V, K,
+            opts=opts, TAIL=TAILS.index(tail), HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None,
+            ACC_DTYPE=_tl_dtype(acc), BLOCK_K=min(MAX_BLOCK_K, max(2, _pow2(K))))
     return loss, grad
 
 
@@ -287,16 +275,9 @@ def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start):
     N, W = student.shape
     acc = accumulation_dtype(student.dtype, teacher.dtype)
     stats = empty((N, len(VOCAB_PARALLEL_STATS)), dtype=acc, device=student.device)
-    if N == 0:
-        return stats
-    block, warps = _block_and_warps(W)
-    inv_temperature, inv_teacher_temperature, *_ = _kd_scalars(opts)
-    vocab_parallel.partial_stats_kernel[(N,)](
-        student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, stats), stats,
-        W, vocab_start, inv_temperature, inv_teacher_temperature, opts.ignore_index,
-        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, VEC=_vec(student, teacher), num_warps=warps,
-    )
+    _launch(vocab_parallel.partial_stats_kernel, N, W,
+            student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, stats), stats, W, vocab_start,
+            opts=opts, HAS_LABELS=labels is not None, ACC_DTYPE=_tl_dtype(acc), VEC=_vec(student, teacher))
     return stats
 
 
@@ -306,15 +287,9 @@ def row_scalars(student, teacher, labels, row, opts: KDOptions):
 
     N, W = student.shape
     scalars = empty((N, 2), dtype=row.dtype, device=student.device)
-    if N == 0:
-        return scalars
-    block, warps = _block_and_warps(W)
-    vocab_parallel.row_scalars_kernel[(N,)](
-        student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row, scalars,
-        W, *_kd_scalars(opts), opts.ignore_index,
-        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, ACC_DTYPE=_tl_dtype(row.dtype),
-        BLOCK_V=block, VEC=_vec(student, teacher), num_warps=warps,
-    )
+    _launch(vocab_parallel.row_scalars_kernel, N, W,
+            student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row, scalars, W,
+            opts=opts, HAS_LABELS=labels is not None, ACC_DTYPE=_tl_dtype(row.dtype), VEC=_vec(student, teacher))
     return scalars
 
 
@@ -327,15 +302,9 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
     N, W = student.shape
     loss = empty(N, dtype=row.dtype, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
-    if N == 0:
-        return loss, grad
-    block, warps = _block_and_warps(W)
-    vocab_parallel.shard_finish_kernel[(N,)](
-        student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row,
-        loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
-        W, vocab_start, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
-        DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(row.dtype), BLOCK_V=block, VEC=_vec(student, teacher),
-        num_warps=warps,
-    )
+    _launch(vocab_parallel.shard_finish_kernel, N, W,
+            student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row,
+            loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss, W, vocab_start,
+            opts=opts, HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(row.dtype),
+            VEC=_vec(student, teacher))
     return loss, grad

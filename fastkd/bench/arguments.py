@@ -47,7 +47,7 @@ def add_arguments(parser):
     parser.add_argument("--modes", nargs="+", metavar="M", help=f"replace the preset's modes: {', '.join(MODES)}")
     parser.add_argument("--providers", nargs="+", metavar="P",
                         help=f"providers of every case (default: each grid's, else all that run by default "
-                             f"here): {', '.join(PROVIDERS)}, or fastkd-triton[KERNEL] for any FASTKD_KD_KERNEL")
+                             f"here): {', '.join(PROVIDERS)}, or fastkd-triton[KERNEL] for any fastkd.config.kd_kernel")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:K")
     parser.add_argument("--threads", type=int, metavar="K",
                         help="torch CPU threads (default: torch's choice); 1 steadies timings on a busy machine")

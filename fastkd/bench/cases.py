@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..backends import triton as triton_backend
+from .. import config
 from ..divergences import DIVERGENCES
 from .arguments import MODES, OPS  # declared there, torch-free, for the command's help
 
@@ -100,7 +100,7 @@ class Grid:
 
 _OTHER_DIVERGENCES = tuple(d for d in DIVERGENCES if d != "kl")
 GPU_VS = (32000, 50257, 128256, 151936, 262144)
-KD_KERNELS = tuple(k for k in triton_backend.KD_KERNELS if k != "auto")  # FASTKD_KD_KERNEL values but "auto"
+KD_KERNELS = tuple(k for k in config.KD_KERNELS if k != "auto")  # the kernels fastkd.config.kd_kernel names
 KERNEL_VARIANTS = tuple(f"fastkd-triton[{kernel}]" for kernel in KD_KERNELS)
 CPU_WITH_COMPILE = ("torch-eager", "fastkd-torch", "torch-compile")
 GPU_PROVIDERS = ("torch-eager", "fastkd-triton", "fastkd-torch", "torch-compile", "liger")

@@ -11,17 +11,16 @@ implementation of that case; ``describe(case)`` says in one line what that funct
 legend ``fastkd bench`` prints). Optional packages are imported inside ``make`` only.
 
 Variants of the dense Triton kernel: ``fastkd-triton[KERNEL]`` runs fastkd-triton with
-``FASTKD_KD_KERNEL=KERNEL`` set around every call (the launcher reads it at call time); a launcher
-that refuses the value (ValueError, NotImplementedError) makes the variant unavailable, and the
-runner checks a variant's loss and gradients against fastkd-triton before timing it.
+``fastkd.config.kd_kernel`` set to KERNEL around every call (``fastkd.config.override``); a name the
+config refuses (ValueError) or a kernel that cannot run the case (NotImplementedError) makes the
+variant unavailable, and the runner checks a variant's loss and gradients against fastkd-triton
+before timing it.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import inspect
-import os
 import re
 import shutil
 import warnings
@@ -38,8 +37,7 @@ from ..backends import interpreter_enabled, triton_installed
 from ..divergences import lookup
 from .cases import BETA, CE_TEMPERATURE, CE_WEIGHT, KD_KERNELS, SKEW, TEMPERATURE, ULD_OPS, Case
 
-KD_KERNEL_VARIABLE = "FASTKD_KD_KERNEL"
-REFUSED = (ValueError, NotImplementedError)  # how the launcher says it has no such kernel
+REFUSED = (ValueError, NotImplementedError)  # how the config or the launcher says it has no such kernel
 
 
 def t2_scale(divergence):
@@ -402,47 +400,6 @@ def _liger_runs(device):
     return None if torch.device(device).type == "cuda" else "needs a CUDA device"
 
 
-@contextlib.contextmanager
-def environment_variables(settings):
-    """Set (value) or unset (None) each ``(name, value)`` of ``settings``; restore them afterwards."""
-    saved = {name: os.environ.get(name) for name, _ in settings}
-    try:
-        for name, value in settings:
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@functools.lru_cache(maxsize=None)
-def _launcher_reads_kd_kernel(device: str):
-    """None when the launcher reads FASTKD_KD_KERNEL at call time (it refuses a made-up value),
-    else why the variants cannot be told apart from fastkd-triton."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    s = torch.randn(2, 16, device=device, generator=generator, requires_grad=True)
-    t = torch.randn(2, 16, device=device, generator=generator)
-    try:
-        with environment_variables([(KD_KERNEL_VARIABLE, "fastkd-bench-probe-not-a-kernel")]):
-            fastkd.kd_loss(s, t, backend="triton")
-    except REFUSED:
-        return None
-    except Exception as error:  # noqa: BLE001 - reported as the reason
-        return f"probing the launcher failed: {type(error).__name__}: {error}"
-    return (f"this fastkd's launcher ignores {KD_KERNEL_VARIABLE} (a made-up value ran): "
-            "every variant would be the default kernel")
-
-
-def _variant_runs(device):
-    return _fastkd_triton_runs(device) or _launcher_reads_kd_kernel(str(torch.device(device)))
-
-
 # ----------------------------------------------------------------------------------------- the registry
 @dataclass(frozen=True)
 class Provider:
@@ -452,7 +409,7 @@ class Provider:
     describe: Callable[[Case], Optional[str]]  # None exactly where make has no implementation
     default_on_cpu: bool = True
     default_on_gpu: bool = True
-    env: tuple = ()  # (name, value or None to unset) set around every call of the provider
+    kd_kernel: Optional[str] = None  # fastkd.config.kd_kernel around every call of the provider (None: as set)
     check_against: Optional[str] = None  # checked (loss, gradients) against this provider before timing
 
     def is_default(self, device):
@@ -465,7 +422,7 @@ VARIANT_NAME = re.compile(r"^fastkd-triton\[([A-Za-z0-9_]+)\]$")
 
 
 def kernel_variant(kernel: str) -> Provider:
-    """fastkd-triton with ``FASTKD_KD_KERNEL=kernel`` around its calls, checked against fastkd-triton."""
+    """fastkd-triton with ``fastkd.config.kd_kernel = kernel`` around its calls, checked against fastkd-triton."""
     describe_triton = _describe_fastkd("triton")
 
     def make(case: Case):
@@ -474,17 +431,17 @@ def kernel_variant(kernel: str) -> Provider:
     def describe(case: Case):
         if case.op not in ("kd_loss", "fused_linear_kd"):
             return None
-        return f"{describe_triton(case)}, {KD_KERNEL_VARIABLE}={kernel}"
+        return f"{describe_triton(case)}, kd_kernel={kernel}"
 
-    return Provider(f"{TRITON}[{kernel}]", _variant_runs, make, describe, default_on_cpu=False,
-                    default_on_gpu=False, env=((KD_KERNEL_VARIABLE, kernel),), check_against=TRITON)
+    return Provider(f"{TRITON}[{kernel}]", _fastkd_triton_runs, make, describe, default_on_cpu=False,
+                    default_on_gpu=False, kd_kernel=kernel, check_against=TRITON)
 
 
 PROVIDERS = {p.name: p for p in (
     Provider(BASELINE, lambda device: None, eager_forward, describe_eager),
-    # The default kernel, whatever FASTKD_KD_KERNEL says in the caller's environment.
+    # The default kernel, whatever fastkd.config.kd_kernel (or FASTKD_KD_KERNEL) says in the caller.
     Provider(TRITON, _fastkd_triton_runs, _fastkd("triton"), _describe_fastkd("triton"), default_on_cpu=False,
-             env=((KD_KERNEL_VARIABLE, None),)),
+             kd_kernel="auto"),
     *(kernel_variant(kernel) for kernel in KD_KERNELS),
     Provider("fastkd-torch", lambda device: None, _fastkd("torch"), _describe_fastkd("torch")),
     Provider("fastkd-unfused", lambda device: None, _fastkd_unfused, _describe_fastkd_unfused),
@@ -506,7 +463,7 @@ def provider(name: str) -> Provider:
     if match:
         return kernel_variant(match.group(1))
     raise ValueError(f"providers: unknown {name}; choose from {', '.join(PROVIDERS)} "
-                     f"(or fastkd-triton[KERNEL] for any {KD_KERNEL_VARIABLE} value)")
+                     f"(or fastkd-triton[KERNEL] for any fastkd.config.kd_kernel value)")
 
 
 def _ordered(names):

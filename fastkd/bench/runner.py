@@ -37,10 +37,11 @@ from typing import Optional
 
 import torch
 
+from .. import config
 from .arguments import MIN_ROUNDS  # CPU: alternating rounds per case at least (--rounds)
 from .cases import TEMPERATURE, ULD_LOGIT_SCALE, ULD_OPS
 from .min_bytes import copy_bytes, min_bytes, min_flops
-from .providers import BASELINE, REFUSED, environment_variables, provider as provider_named
+from .providers import BASELINE, REFUSED, provider as provider_named
 
 COLUMNS = ("op", "divergence", "provider", "mode", "dtype", "n", "v", "k", "h", "ms_p50", "ms_p20", "ms_p80",
            "first_call_ms", "rounds", "round_ms", "speedup_p50", "speedup_min", "speedup_max", "min_bytes", "gbps",
@@ -311,13 +312,13 @@ def mode_call(case, forward, inputs):
     return lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
 
 
-def with_env(settings, fn):
-    """``fn`` with the environment ``settings`` applied around every call."""
-    if not settings:
+def with_kd_kernel(kernel, fn):
+    """``fn`` with ``fastkd.config.kd_kernel`` set to ``kernel`` around every call (None: ``fn``)."""
+    if kernel is None:
         return fn
 
     def call(*args):
-        with environment_variables(settings):
+        with config.override(kd_kernel=kernel):
             return fn(*args)
 
     return call
@@ -542,7 +543,7 @@ class _Reference:
     def get(self, name):
         if name not in self.results:
             reference = provider_named(name)
-            forward = with_env(reference.env, reference.make(self.case))
+            forward = with_kd_kernel(reference.kd_kernel, reference.make(self.case))
             try:
                 self.results[name] = value_and_grads(self.case, forward, self.inputs)
             except Exception as error:  # noqa: BLE001 - reported on the variant's row
@@ -572,14 +573,14 @@ def _run_provider(case, provider, inputs, device, quick, references):
         forward = provider.make(case)
         if forward is None:
             return None
-        forward = with_env(provider.env, forward)
+        forward = with_kd_kernel(provider.kd_kernel, forward)
         check = ""
         if provider.check_against:
             note, check = _check(case, provider, forward, inputs, references)
             if note:
                 return note, check
         call, value, peak, first_ms = prepare(case, forward, inputs, device)
-        call = with_env(provider.env, call)
+        call = with_kd_kernel(provider.kd_kernel, call)
         if on_gpu(device):  # one at a time: the GPU is not shared, its memory is precious
             return Measured(time_gpu(call, quick), None, peak, value, first_ms, check)
         return call, value, peak, first_ms, check
