@@ -21,6 +21,8 @@ differs from tl.where: where w > 0 and x is inf - inf = NaN, which happens only 
 divergence is +inf (a log-ratio of +inf meets a row scalar of +inf), w * x is 0 here and NaN in
 the kernels; that row's gradient is not finite either way.
 """
+import math
+
 import torch
 
 from ..options import KDOptions
@@ -77,6 +79,8 @@ class Elements:
     s_minus_t = property(lambda self: self._get("s_minus_t"))
     lm = property(lambda self: self._get("lm"))
     sign_p_minus_q = property(lambda self: self._get("sign_p_minus_q"))
+    lt_minus_lm = property(lambda self: self._get("lt_minus_lm"))
+    ls_minus_lm = property(lambda self: self._get("ls_minus_lm"))
 
     def _q(self):
         return torch.exp(self.ls, out=self.work.take())
@@ -94,6 +98,22 @@ class Elements:
     def _sign_p_minus_q(self):  # lt - ls = shift - s_minus_t
         out = self.work.take()
         return sign(torch.sub(self.shift, self.s_minus_t, out=out), out)
+
+    def _log_ratios_to_mixture(self):
+        """lt - lM and ls - lM, both at once (``mixture_log_ratios``)."""
+        _, log_weight_p, _ = self.opts.mixture_weights()
+        r, scratch = torch.sub(self.ls, self.lt, out=self.work.take()), self.work.take()
+        self._values["lt_minus_lm"], self._values["ls_minus_lm"] = mixture_log_ratios(
+            r, math.exp(log_weight_p), self.work.take(), self.work.take(), scratch)
+        self.work.give_back(r, scratch)
+
+    def _lt_minus_lm(self):
+        self._log_ratios_to_mixture()
+        return self._values["lt_minus_lm"]
+
+    def _ls_minus_lm(self):
+        self._log_ratios_to_mixture()
+        return self._values["ls_minus_lm"]
 
 
 def _reads_log_probabilities(opts: KDOptions):
@@ -198,6 +218,18 @@ def log_mixture(ls, lt, log_weight_p, log_weight_q, out=None, scratch=None):
                            out=out)
 
 
+def mixture_log_ratios(r, weight_p, out1, out2, scratch):
+    """lt - lM and ls - lM for M = w_p p + w_q q (w_q = 1 - w_p) from the log-ratio r = ls - lt, into
+    ``out1``, ``out2`` (``scratch``: one more buffer): lt - lM = -log(w_p + w_q e^r) and
+    ls - lM = r + (lt - lM). With g = -log1p(w expm1(-|r|)), w = w_q where r < 0 and w_p where
+    r > 0: lt - lM = g - max(r, 0), ls - lM = g + min(r, 0), each to a few ulps of its own size
+    (kernels/divergences.py, jsd). r = +-inf gives -inf where the weight (p, q) is 0."""
+    w = sign(r, scratch).mul_(0.5 * (2 * weight_p - 1)).add_(0.5)  # w_p at r > 0, w_q at r < 0
+    g = torch.abs(r, out=out2).neg_().expm1_().mul_(w).log1p_().neg_()
+    return (torch.sub(g, torch.clamp(r, min=0, out=out1), out=out1),
+            g.add_(torch.clamp(r, max=0, out=scratch)))
+
+
 def sign(x, out=None):
     """-1, 0 or 1; 0 at NaN too (torch.sign's convention), as the kernels'."""
     return torch.sign(x, out=out)
@@ -225,8 +257,7 @@ def element_terms(x: Elements, opts: KDOptions, out1, out2):
         return torch.sub(x.p, x.q, out=out1).abs_(), torch.mul(x.q, x.sign_p_minus_q, out=out2)
     mix, log_wp, log_wq = opts.mixture_weights()
     if name == "jsd":
-        return (_masked_product(x.p, torch.sub(x.lt, x.lm, out=out1), out1),
-                _masked_product(x.q, torch.sub(x.ls, x.lm, out=out2), out2))
+        return _masked_product(x.p, x.lt_minus_lm, out1), _masked_product(x.q, x.ls_minus_lm, out2)
     if name == "skew_kl":
         return (_masked_product(x.p, torch.sub(x.lt, x.lm, out=out1), out1),
                 skew_kl_ratio(x.ls, x.lt, x.lm, x.p, mix, out2))
@@ -264,7 +295,7 @@ def divergence_grad(x: Elements, A1, A2, opts: KDOptions, out, scale=1.0):
         return torch.sub(A2, x.sign_p_minus_q, out=out).mul_(x.q).mul_(0.5 * scale)
     mix, log_wp, log_wq = opts.mixture_weights()
     if name == "jsd":
-        return _masked_product(x.q, torch.sub(x.ls, x.lm, out=out).sub_(A2), out).mul_((1 - mix) * scale)
+        return _masked_product(x.q, torch.sub(x.ls_minus_lm, A2, out=out), out).mul_((1 - mix) * scale)
     if name not in ("skew_kl", "skew_reverse_kl"):
         raise _no_branch(name)
     scratch = x.work.take()
