@@ -5,6 +5,7 @@ semantics without trl installed), and against TRL's own staticmethod when trl is
 """
 import functools
 import importlib
+import math
 import os
 
 import pytest
@@ -355,3 +356,26 @@ def test_server_top_1_loss_equals_trls(beta, add_tail):
         self, torch.log_softmax(z / T, -1), *args), s)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bench_report_gives_fastkd_against_trl():
+    """The bench's table and summary give each fastkd row's speed-up against TRL's row of its case
+    (TRL's time / fastkd's, median and range over the rounds) and its memory as a multiple of TRL's."""
+    from fastkd.bench.report import summary_markdown, table_rows
+
+    def row(provider, rounds, peak_mib):
+        return dict(op="fused_linear_kd", divergence="jsd", dtype="fp32", mode="fwd+bwd", n=2048, v=32000, k="",
+                    h=1024, provider=provider, ms_p50=sorted(rounds)[1], ms_p20=min(rounds), ms_p80=max(rounds),
+                    round_ms=" ".join(map(str, rounds)), speedup_p50=math.nan, speedup_min=math.nan,
+                    speedup_max=math.nan, gbps=math.nan, frac_of_copy_bw=math.nan, tflops=1.0,
+                    peak_mem_bytes=peak_mib * 2**20, diff_vs_eager=math.nan, note="", check="")
+
+    rows = [row("fastkd-torch", [10, 12, 8], 200), row("trl", [40, 30, 40], 2000)]
+    header, body = table_rows(rows)
+    columns = [dict(zip(header, line)) for line in body]
+    assert [(c["speed-up vs TRL"], c["memory vs TRL"]) for c in columns] == [("4.00× (2.50–5.00)", "0.10×"), ("", "")]
+    env = dict(device="cpu x", torch="2", triton="3", commit="abc", date="2026-01-01T00:00:00Z")
+    text = summary_markdown(rows, env, dict(load_average_start=1.0, load_average_end=2.0), [])
+    assert "| fused_linear_kd/jsd fp32 fwd+bwd N=2048 V=32000 H=1024 | 40 ms | 2000 MiB | 10 ms (fastkd-torch) " \
+           "| 200 MiB | 4.00× (2.50–5.00) | 0.10× |" in text
+    assert "speed-up vs TRL" not in table_rows(rows[:1])[0]  # no TRL row, no TRL columns

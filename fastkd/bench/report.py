@@ -240,7 +240,7 @@ def _mib(x):
     return f"{x / 2**20:.0f} MiB" if _ok(x) else ""
 
 
-def comparisons(rows, other):
+def comparisons_with(rows, other):
     """Every case where provider ``other`` and a fastkd provider were both timed: (other's row,
     fastkd's row, median, min and max of other's time / fastkd's time per round: ``time_ratio``)."""
     theirs = _rows_of(rows, other)
@@ -249,8 +249,8 @@ def comparisons(rows, other):
 
 
 def compile_comparisons(rows):
-    """``comparisons`` against torch-compile."""
-    return comparisons(rows, "torch-compile")
+    """``comparisons_with`` torch-compile."""
+    return comparisons_with(rows, "torch-compile")
 
 
 def summary_markdown(rows, env, machine, legend_lines):
@@ -289,7 +289,7 @@ def summary_markdown(rows, env, machine, legend_lines):
             for c, f, ratio, lo, hi in comparisons])
         lines += ["", ("torch.compile beats fastkd in: " + "; ".join(wins) + ".") if wins else
                   "torch.compile beats fastkd in none of these cases."]
-    against_trl = comparisons(measured, TRL)
+    against_trl = comparisons_with(measured, TRL)
     if against_trl:
         lines += ["", "**fastkd against TRL's chunked divergence** (speed-up: TRL's time / fastkd's in the same "
                   "round; memory: fastkd's peak extra memory / TRL's, the returned gradients counted on both "
