@@ -8,7 +8,8 @@ every torch op is a pass over the chunk's memory, and a pass that writes in plac
 of one that writes a third buffer; so the functions write into the ``out`` buffers they are given
 or over their inputs, and ``Elements`` holds each per-element quantity of a chunk that the
 kernels' functions take as arguments (ls, lt, q, p, s_minus_t, shift), plus log M and sign(p - q),
-computed once, on first use: a kernel recomputes log M in each pass. The kernels' plumbing
+computed once, on first use: a kernel recomputes log M in each pass (jsd reads lt - lM and
+ls - lM, from ls - lt: ``mixture_log_ratios``). The kernels' plumbing
 (divergence_scalars, load_tile, load_teacher_tiles, finish_row_statistics, row_loss) has no
 mirror, and fold_row_statistics takes whole rows at once.
 
@@ -21,8 +22,6 @@ differs from tl.where: where w > 0 and x is inf - inf = NaN, which happens only 
 divergence is +inf (a log-ratio of +inf meets a row scalar of +inf), w * x is 0 here and NaN in
 the kernels; that row's gradient is not finite either way.
 """
-import math
-
 import torch
 
 from ..options import KDOptions
@@ -55,8 +54,9 @@ class Elements:
     Each is defined (``define``) as a tensor or as a function that computes it, and computed once,
     on first use, so that the element_terms and divergence_grad of a chunk read the same buffers
     and a quantity that no formula of the divergence reads costs nothing. Defaults: q = exp(ls),
-    p = exp(lt), lm = log_mixture(ls, lt), sign_p_minus_q = sign(shift - s_minus_t), in buffers
-    of ``work`` (``take()`` / ``give_back()``)."""
+    p = exp(lt), lm = log_mixture(ls, lt), sign_p_minus_q = sign(shift - s_minus_t), lt_minus_lm
+    and ls_minus_lm = mixture_log_ratios(ls - lt), in buffers of ``work`` (``take()`` /
+    ``give_back()``)."""
 
     def __init__(self, opts: KDOptions, work, shift=0.0, **sources):
         self.opts, self.work, self.shift = opts, work, shift
@@ -101,10 +101,10 @@ class Elements:
 
     def _log_ratios_to_mixture(self):
         """lt - lM and ls - lM, both at once (``mixture_log_ratios``)."""
-        _, log_weight_p, _ = self.opts.mixture_weights()
+        weight_p = self.opts.mixture_weights()[0]
         r, scratch = torch.sub(self.ls, self.lt, out=self.work.take()), self.work.take()
         self._values["lt_minus_lm"], self._values["ls_minus_lm"] = mixture_log_ratios(
-            r, math.exp(log_weight_p), self.work.take(), self.work.take(), scratch)
+            r, weight_p, self.work.take(), self.work.take(), scratch)
         self.work.give_back(r, scratch)
 
     def _lt_minus_lm(self):
