@@ -34,9 +34,11 @@ a q / M <= 1 is taken as exp(log a + ls - lM): no 0 * inf at a = 0; tvd's sign i
 jsd's lt - lM and ls - lM come from r = ls - lt (mixture_log_ratios), not from log M: near
 convergence log M, of the size of |ls|, rounds by eps |ls| in every element, an error that does not
 cancel in the sum and outweighs the value itself (D ~ r^2 / 8): row values erred 5e-3 relative at
-|r| ~ 1e-2 and more than 100 % at 1e-3. From r both are exact to a few ulps of their own size, and a
-rounding of r itself moves b p (lt - lM) + (1-b) q (ls - lM) only to second order (the derivative in
-r is b (1-b) (q - p e^r) / M = 0).)
+|r| ~ 1e-2 and more than 100 % at 1e-3. With h = log1p(w expm1(-|r|)) (w = w_p where r > 0, w_q
+where r < 0), lt - lM = -(h + max(r, 0)) and ls - lM = min(r, 0) - h are exact to a few ulps of
+their own size whatever the sign and size of r, and a rounding of r itself moves
+b p (lt - lM) + (1-b) q (ls - lM) only to second order (its derivative in r is
+b (1-b) (q - p e^r) / M = 0).)
 
 Top-k (topk_kd_loss.py) takes D between two distributions on a few points with log-masses lp, lq,
 the student's not necessarily normalised there, so its gradient needs the derivatives one level
@@ -216,18 +218,17 @@ def log_mixture(ls, lt, log_weight_p, log_weight_q):
 
 @triton.jit
 def mixture_log_ratios(r, weight_p):
-    """lt - lM and ls - lM of jsd (M = w_p p + (1 - w_p) q) from r = ls - lt: with w = 1 - w_p where
-    r < 0 and w_p where r > 0, g = -log1p(w expm1(-|r|)) is lt - lM (r <= 0) or ls - lM (r >= 0),
-    and ls - lM = (lt - lM) + r gives the other. expm1 (for -|r| >= -1) and log1p are Kahan's
-    (u - 1) x / log(u), with the accurate tl.exp and tl.log: each result to a few ulps of its own
-    size (the jsd note above)."""
+    """lt - lM and ls - lM of jsd (M = w_p p + (1 - w_p) q) from r = ls - lt: h = log1p(w expm1(-|r|))
+    with w = w_p where r > 0 and 1 - w_p where r < 0, lt - lM = -(h + max(r, 0)) and
+    ls - lM = min(r, 0) - h (the jsd note above). expm1 (of -|r| > -1) and log1p are Kahan's
+    (u - 1) x / log(u), with the accurate tl.exp and tl.log."""
     a = -tl.abs(r)
     u = tl.exp(a)
-    expm1 = tl.where(a < -1.0, u - 1.0, tl.where(u == 1.0, a, (u - 1.0) * a / tl.log(u)))
+    expm1 = tl.where(a <= -1.0, u - 1.0, tl.where(u == 1.0, a, (u - 1.0) * a / tl.log(u)))
     y = tl.where(r > 0, weight_p, 1.0 - weight_p) * expm1
     v = 1.0 + y
-    g = -tl.where(v == 1.0, y, tl.log(v) * y / (v - 1.0))
-    return g - tl.maximum(r, 0.0), g + tl.minimum(r, 0.0)
+    h = tl.where(v == 1.0, y, tl.log(v) * y / (v - 1.0))
+    return -(h + tl.maximum(r, 0.0)), tl.minimum(r, 0.0) - h
 
 
 @triton.jit

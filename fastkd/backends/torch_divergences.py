@@ -101,11 +101,10 @@ class Elements:
 
     def _log_ratios_to_mixture(self):
         """lt - lM and ls - lM, both at once (``mixture_log_ratios``)."""
-        weight_p = self.opts.mixture_weights()[0]
-        r, scratch = torch.sub(self.ls, self.lt, out=self.work.take()), self.work.take()
+        r, out = torch.sub(self.ls, self.lt, out=self.work.take()), self.work.take()
         self._values["lt_minus_lm"], self._values["ls_minus_lm"] = mixture_log_ratios(
-            r, weight_p, self.work.take(), self.work.take(), scratch)
-        self.work.give_back(r, scratch)
+            r, self.opts.mixture_weights()[0], out, self.work.take())
+        self.work.give_back(out)
 
     def _lt_minus_lm(self):
         self._log_ratios_to_mixture()
@@ -218,16 +217,15 @@ def log_mixture(ls, lt, log_weight_p, log_weight_q, out=None, scratch=None):
                            out=out)
 
 
-def mixture_log_ratios(r, weight_p, out1, out2, scratch):
-    """lt - lM and ls - lM for M = w_p p + w_q q (w_q = 1 - w_p) from the log-ratio r = ls - lt, into
-    ``out1``, ``out2`` (``scratch``: one more buffer): lt - lM = -log(w_p + w_q e^r) and
-    ls - lM = r + (lt - lM). With g = -log1p(w expm1(-|r|)), w = w_q where r < 0 and w_p where
-    r > 0: lt - lM = g - max(r, 0), ls - lM = g + min(r, 0), each to a few ulps of its own size
-    (kernels/divergences.py, jsd). r = +-inf gives -inf where the weight (p, q) is 0."""
-    w = sign(r, scratch).mul_(0.5 * (2 * weight_p - 1)).add_(0.5)  # w_p at r > 0, w_q at r < 0
-    g = torch.abs(r, out=out2).neg_().expm1_().mul_(w).log1p_().neg_()
-    return (torch.sub(g, torch.clamp(r, min=0, out=out1), out=out1),
-            g.add_(torch.clamp(r, max=0, out=scratch)))
+def mixture_log_ratios(r, weight_p, out, scratch):
+    """lt - lM and ls - lM for M = w_p p + (1 - w_p) q from the log-ratio r = ls - lt (overwritten),
+    as (``r``'s buffer, ``scratch``; ``out``: a work buffer): h = log1p(w expm1(-|r|)) with w = w_p
+    where r > 0 and 1 - w_p where r < 0, lt - lM = -(h + max(r, 0)) and ls - lM = min(r, 0) - h
+    (kernels/divergences.py, jsd)."""
+    h = torch.abs(r, out=out).neg_().expm1_()
+    h.mul_(weight_p if weight_p == 0.5 else sign(r, scratch).mul_(weight_p - 0.5).add_(0.5)).log1p_()
+    ls_minus_lm = torch.clamp(r, max=0, out=scratch).sub_(h)
+    return r.clamp_(min=0).add_(h).neg_(), ls_minus_lm
 
 
 def sign(x, out=None):
