@@ -49,14 +49,15 @@ UPCAST_TILE_BYTES). That is O(chunk V + N H + V H), never O(N V).
 Default chunk (``default_chunk_size``): ``H // 4`` rows rounded down to a power of two, clamped to
 [MATMUL_ROWS, MAX_CHUNK_ROWS], then halved (not below MIN_CHUNK_ROWS) while the chunk's float32
 blocks together exceed MAX_CHUNK_BYTES, on the CPU CPU_CHUNK_BYTES. The CPU's cap is what bounds
-the memory at large vocabularies, where the weight gradient that both fused and unfused paths
-hold is most of it: at V = 128256, H = 2048, N = 2048 (fp32 JSD, fwd + bwd) the 512 rows of the
-1 GiB cap took 1536 MiB of peak extra memory, 0.37 times TRL's chunked divergence's 4111 MiB, of
-which 1002 MiB is the float32 weight gradient itself (so 0.24 times is the floor there); 128 rows
-hold 125 MiB of blocks instead of 501 MiB. It leaves V = 32000 at the H // 4 rows. Tying the chunk to H keeps each block at most a quarter of
-the weight's elements (chunk V <= V H / 4) for real models (H >= 1024), so the two or three
-float32 blocks stay below the float32 ``[V, H]`` weight-gradient accumulator that must be held
-anyway. MATMUL_ROWS is the least that lets the three matmuls of a chunk (2 chunk H V flops each,
+the memory at large vocabularies, where the weight gradient that both fused and unfused paths hold
+is most of it: at V = 128256, H = 2048, N = 2048 (fp32 JSD, fwd + bwd) the 512 rows of the 1 GiB
+cap took 1536 MiB of peak extra memory, 0.37 times TRL's chunked divergence's 4111 MiB, of which
+1002 MiB is the float32 weight gradient itself (so 0.24 times is the floor there); 128 rows hold
+125 MiB of blocks instead of 501 MiB. It leaves V = 32000 at the H // 4 rows. Tying the chunk to H
+keeps each block at most a quarter of the weight's elements (chunk V <= V H / 4) for real models
+(H >= 1024), so the two or three float32 blocks stay below the float32 ``[V, H]`` weight-gradient
+accumulator that must be held anyway.
+MATMUL_ROWS is the least that lets the three matmuls of a chunk (2 chunk H V flops each,
 for one read of the V H weight) run near full speed (H = 1024, V = 32000 on a CPU: 64 rows 21,
 256 rows 31, 4096 rows 36 GFLOP/s): with a small H, chunks of H // 4 rows made the fused loss
 slower than the unfused one (H = 256, V = 32000, fp32 fwd + bwd on 2 shared cores, N = 4096, one

@@ -218,9 +218,9 @@ def log_mixture(ls, lt, log_weight_p, log_weight_q):
 
 @triton.jit
 def mixture_log_ratios(r, weight_p):
-    """lt - lM and ls - lM of jsd (M = w_p p + (1 - w_p) q) from r = ls - lt: h = log1p(w expm1(-|r|))
-    with w = w_p where r > 0 and 1 - w_p where r < 0, lt - lM = -(h + max(r, 0)) and
-    ls - lM = min(r, 0) - h (the jsd note above). expm1 (of -|r| > -1) and log1p are Kahan's
+    """lt - lM and ls - lM of jsd (M = w_p p + (1 - w_p) q) from r = ls - lt: with
+    h = log1p(w expm1(-|r|)), w = w_p where r > 0 and 1 - w_p where r < 0, lt - lM = -(h + max(r, 0))
+    and ls - lM = min(r, 0) - h (the jsd note above). expm1 (of -|r| > -1) and log1p are Kahan's
     (u - 1) x / log(u), with the accurate tl.exp and tl.log."""
     a = -tl.abs(r)
     u = tl.exp(a)

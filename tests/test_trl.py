@@ -373,7 +373,8 @@ def test_bench_report_gives_fastkd_against_trl():
     rows = [row("fastkd-torch", [10, 12, 8], 200), row("trl", [40, 30, 40], 2000)]
     header, body = table_rows(rows)
     columns = [dict(zip(header, line)) for line in body]
-    assert [(c["speed-up vs TRL"], c["memory vs TRL"]) for c in columns] == [("4.00× (2.50–5.00)", "0.10×"), ("", "")]
+    assert [(c["speed-up vs TRL"], c["memory vs TRL"]) for c in columns] == [("4.00× (2.50–5.00)", "0.10×"),
+                                                                              ("", "")]
     env = dict(device="cpu x", torch="2", triton="3", commit="abc", date="2026-01-01T00:00:00Z")
     text = summary_markdown(rows, env, dict(load_average_start=1.0, load_average_end=2.0), [])
     assert "| fused_linear_kd/jsd fp32 fwd+bwd N=2048 V=32000 H=1024 | 40 ms | 2000 MiB | 10 ms (fastkd-torch) " \
