@@ -158,7 +158,7 @@ def time_ratio(theirs, mine):
 def vs_trl(row, trl):
     """A fastkd row's [speed-up against TRL's row of its case (median (min–max) of TRL's time / the
     row's per round), peak memory as a multiple of TRL's]: empty for other providers or cases."""
-    if trl is None or not row["provider"].startswith("fastkd") or not _ok(row["ms_p50"]):
+    if trl is None or row["provider"] not in FASTKD or not _ok(row["ms_p50"]):
         return ["", ""]
     ratio, lo, hi = time_ratio(trl, row)
     spread = f" ({lo:.2f}–{hi:.2f})" if _ok(lo) else ""
