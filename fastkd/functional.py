@@ -389,7 +389,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     lead = student_hidden.shape[:-1]
     teachers = tuple((kind, x.reshape(-1, x.shape[-1]), *rest) for kind, x, *rest in teachers)  # [N, Ht] / [N, V]
     blocks = 1 + len(teachers) + (student_softcap is not None)
-    chunk = chunk_size or fused_linear.default_chunk_size(V, H, blocks=blocks)
+    chunk = chunk_size or fused_linear.default_chunk_size(V, H, blocks, student_hidden.device.type)
     loss, entropy = FusedLinearKDFunction.apply(student_hidden.reshape(-1, H), student_weight, student_bias, teachers,
                                                 flat_labels(labels), opts, reduction, backend, chunk, lead, transforms,
                                                 return_entropy)

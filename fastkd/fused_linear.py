@@ -48,10 +48,16 @@ UPCAST_TILE_BYTES). That is O(chunk V + N H + V H), never O(N V).
 
 Default chunk (``default_chunk_size``): ``H // 4`` rows rounded down to a power of two, clamped to
 [MATMUL_ROWS, MAX_CHUNK_ROWS], then halved (not below MIN_CHUNK_ROWS) while the chunk's float32
-blocks together exceed MAX_CHUNK_BYTES. Tying the chunk to H keeps each block at most a quarter of
-the weight's elements (chunk V <= V H / 4) for real models (H >= 1024), so the two or three
-float32 blocks stay below the float32 ``[V, H]`` weight-gradient accumulator that must be held
-anyway. MATMUL_ROWS is the least that lets the three matmuls of a chunk (2 chunk H V flops each,
+blocks together exceed MAX_CHUNK_BYTES, on the CPU CPU_CHUNK_BYTES. The CPU's cap is what bounds
+the memory at large vocabularies, where the weight gradient that both fused and unfused paths hold
+is most of it: at V = 128256, H = 2048, N = 2048 (fp32 JSD, fwd + bwd) the 512 rows of the 1 GiB
+cap took 1536 MiB of peak extra memory, 0.37 times TRL's chunked divergence's 4111 MiB, of which
+1002 MiB is the float32 weight gradient itself (so 0.24 times is the floor there); 128 rows hold
+125 MiB of blocks instead of 501 MiB. It leaves V = 32000 at the H // 4 rows. Tying the chunk to H
+keeps each block at most a quarter of the weight's elements (chunk V <= V H / 4) for real models
+(H >= 1024), so the two or three float32 blocks stay below the float32 ``[V, H]`` weight-gradient
+accumulator that must be held anyway.
+MATMUL_ROWS is the least that lets the three matmuls of a chunk (2 chunk H V flops each,
 for one read of the V H weight) run near full speed (H = 1024, V = 32000 on a CPU: 64 rows 21,
 256 rows 31, 4096 rows 36 GFLOP/s): with a small H, chunks of H // 4 rows made the fused loss
 slower than the unfused one (H = 256, V = 32000, fp32 fwd + bwd on 2 shared cores, N = 4096, one
@@ -73,14 +79,17 @@ MIN_CHUNK_ROWS = 16
 MATMUL_ROWS = 256
 MAX_CHUNK_ROWS = 1024
 MAX_CHUNK_BYTES = 2**30  # all the float32 [chunk, V] blocks of a chunk together
+CPU_CHUNK_BYTES = 128 * 2**20  # the same on the CPU
 UPCAST_TILE_BYTES = 8 * 2**20  # the float32 weight tile of the upcast product (no float32-output matmul)
 
 
-def default_chunk_size(V, H, blocks=2):
-    """Rows per chunk for vocabulary ``V``, hidden size ``H`` and ``blocks`` float32 ``[chunk, V]``
-    buffers (2; 3 with a student softcap): the rule in the module docstring."""
+def default_chunk_size(V, H, blocks=2, device_type="cuda"):
+    """Rows per chunk for vocabulary ``V``, hidden size ``H``, ``blocks`` float32 ``[chunk, V]``
+    buffers (2; 3 with a student softcap) and the tensors' ``device_type``: the rule in the module
+    docstring."""
     rows = min(MAX_CHUNK_ROWS, max(MATMUL_ROWS, 1 << max(0, (max(H, 1) // 4).bit_length() - 1)))
-    while rows > MIN_CHUNK_ROWS and blocks * rows * V * 4 > MAX_CHUNK_BYTES:
+    max_bytes = CPU_CHUNK_BYTES if device_type == "cpu" else MAX_CHUNK_BYTES
+    while rows > MIN_CHUNK_ROWS and blocks * rows * V * 4 > max_bytes:
         rows //= 2
     return rows
 
@@ -206,7 +215,8 @@ def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backe
     device = hidden.device
     row_loss = torch.zeros(N, dtype=accumulation_dtype(hidden.dtype, *(t[1].dtype for t in teachers)), device=device)
     grad_hidden = empty((N, hidden.shape[1]), dtype=hidden.dtype, device=device) if want_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=device) if want_weight else None
+    # The first chunk's product is written into grad_weight, the others added: no pass to zero it.
+    grad_weight = (empty if N else torch.zeros)(weight.shape, dtype=acc, device=device) if want_weight else None
     grad_bias = torch.zeros(V, dtype=acc, device=device) if want_bias else None
     entropy = torch.zeros(N, dtype=acc, device=device) if want_entropy else None
 
@@ -252,7 +262,8 @@ def chunked_pass(hidden, weight, bias, teachers, labels, grad_scale, opts, backe
             torch.mm(g, weight, out=grad_hidden[r0:r1])
         if want_weight:
             if g.dtype == acc:
-                grad_weight.addmm_(g.t(), h)
+                grad_weight.addmm_(g.t(), h) if r0 else torch.mm(g.t(), h, out=grad_weight)
             else:  # bf16/fp16: one product per chunk in the weight dtype, summed in float32
-                grad_weight.add_(torch.mm(g.t(), h))
+                product = torch.mm(g.t(), h)
+                grad_weight.add_(product) if r0 else grad_weight.copy_(product)
     return row_loss, grad_hidden, grad_weight, grad_bias, entropy

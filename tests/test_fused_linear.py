@@ -219,6 +219,11 @@ def test_default_chunk_size_rule():
     assert fused_linear.default_chunk_size(10, 3) == fused_linear.MATMUL_ROWS  # a small H: rows for the matmuls
     assert fused_linear.default_chunk_size(32000, 256) == 256
     assert fused_linear.default_chunk_size(2**24, 8192) == 16
+    # On the CPU the blocks together stay within CPU_CHUNK_BYTES (128 MiB): V = 32000 keeps its rows.
+    assert fused_linear.default_chunk_size(32000, 1024, device_type="cpu") == 256
+    assert fused_linear.default_chunk_size(32000, 256, device_type="cpu") == 256
+    assert fused_linear.default_chunk_size(128256, 2048, device_type="cpu") == 128
+    assert fused_linear.default_chunk_size(128256, 2048, blocks=3, device_type="cpu") == 64
     for V, H in ((32000, 1024), (262144, 8192), (50257, 768), (128256, 4096), (32000, 256)):
         for blocks in (2, 3):
             rows = fused_linear.default_chunk_size(V, H, blocks)

@@ -8,7 +8,8 @@ every torch op is a pass over the chunk's memory, and a pass that writes in plac
 of one that writes a third buffer; so the functions write into the ``out`` buffers they are given
 or over their inputs, and ``Elements`` holds each per-element quantity of a chunk that the
 kernels' functions take as arguments (ls, lt, q, p, s_minus_t, shift), plus log M and sign(p - q),
-computed once, on first use: a kernel recomputes log M in each pass. The kernels' plumbing
+computed once, on first use: a kernel recomputes log M in each pass (jsd reads lt - lM and
+ls - lM, from ls - lt: ``mixture_log_ratios``). The kernels' plumbing
 (divergence_scalars, load_tile, load_teacher_tiles, finish_row_statistics, row_loss) has no
 mirror, and fold_row_statistics takes whole rows at once.
 
@@ -53,8 +54,9 @@ class Elements:
     Each is defined (``define``) as a tensor or as a function that computes it, and computed once,
     on first use, so that the element_terms and divergence_grad of a chunk read the same buffers
     and a quantity that no formula of the divergence reads costs nothing. Defaults: q = exp(ls),
-    p = exp(lt), lm = log_mixture(ls, lt), sign_p_minus_q = sign(shift - s_minus_t), in buffers
-    of ``work`` (``take()`` / ``give_back()``)."""
+    p = exp(lt), lm = log_mixture(ls, lt), sign_p_minus_q = sign(shift - s_minus_t), lt_minus_lm
+    and ls_minus_lm = mixture_log_ratios(ls - lt), in buffers of ``work`` (``take()`` /
+    ``give_back()``)."""
 
     def __init__(self, opts: KDOptions, work, shift=0.0, **sources):
         self.opts, self.work, self.shift = opts, work, shift
@@ -77,6 +79,8 @@ class Elements:
     s_minus_t = property(lambda self: self._get("s_minus_t"))
     lm = property(lambda self: self._get("lm"))
     sign_p_minus_q = property(lambda self: self._get("sign_p_minus_q"))
+    lt_minus_lm = property(lambda self: self._get("lt_minus_lm"))
+    ls_minus_lm = property(lambda self: self._get("ls_minus_lm"))
 
     def _q(self):
         return torch.exp(self.ls, out=self.work.take())
@@ -94,6 +98,21 @@ class Elements:
     def _sign_p_minus_q(self):  # lt - ls = shift - s_minus_t
         out = self.work.take()
         return sign(torch.sub(self.shift, self.s_minus_t, out=out), out)
+
+    def _log_ratios_to_mixture(self):
+        """lt - lM and ls - lM, both at once (``mixture_log_ratios``)."""
+        r, out = torch.sub(self.ls, self.lt, out=self.work.take()), self.work.take()
+        self._values["lt_minus_lm"], self._values["ls_minus_lm"] = mixture_log_ratios(
+            r, self.opts.mixture_weights()[0], out, self.work.take())
+        self.work.give_back(out)
+
+    def _lt_minus_lm(self):
+        self._log_ratios_to_mixture()
+        return self._values["lt_minus_lm"]
+
+    def _ls_minus_lm(self):
+        self._log_ratios_to_mixture()
+        return self._values["ls_minus_lm"]
 
 
 def _reads_log_probabilities(opts: KDOptions):
@@ -198,6 +217,17 @@ def log_mixture(ls, lt, log_weight_p, log_weight_q, out=None, scratch=None):
                            out=out)
 
 
+def mixture_log_ratios(r, weight_p, out, scratch):
+    """lt - lM and ls - lM for M = w_p p + (1 - w_p) q from the log-ratio r = ls - lt (overwritten),
+    as (``r``'s buffer, ``scratch``; ``out``: a work buffer): h = log1p(w expm1(-|r|)) with w = w_p
+    where r > 0 and 1 - w_p where r < 0, lt - lM = -(h + max(r, 0)) and ls - lM = min(r, 0) - h
+    (kernels/divergences.py, jsd)."""
+    h = torch.abs(r, out=out).neg_().expm1_()
+    h.mul_(weight_p if weight_p == 0.5 else sign(r, scratch).mul_(weight_p - 0.5).add_(0.5)).log1p_()
+    ls_minus_lm = torch.clamp(r, max=0, out=scratch).sub_(h)
+    return r.clamp_(min=0).add_(h).neg_(), ls_minus_lm
+
+
 def sign(x, out=None):
     """-1, 0 or 1; 0 at NaN too (torch.sign's convention), as the kernels'."""
     return torch.sign(x, out=out)
@@ -225,8 +255,7 @@ def element_terms(x: Elements, opts: KDOptions, out1, out2):
         return torch.sub(x.p, x.q, out=out1).abs_(), torch.mul(x.q, x.sign_p_minus_q, out=out2)
     mix, log_wp, log_wq = opts.mixture_weights
     if name == "jsd":
-        return (_masked_product(x.p, torch.sub(x.lt, x.lm, out=out1), out1),
-                _masked_product(x.q, torch.sub(x.ls, x.lm, out=out2), out2))
+        return _masked_product(x.p, x.lt_minus_lm, out1), _masked_product(x.q, x.ls_minus_lm, out2)
     if name == "skew_kl":
         return (_masked_product(x.p, torch.sub(x.lt, x.lm, out=out1), out1),
                 skew_kl_ratio(x.ls, x.lt, x.lm, x.p, mix, out2))
@@ -264,7 +293,7 @@ def divergence_grad(x: Elements, A1, A2, opts: KDOptions, out, scale=1.0):
         return torch.sub(A2, x.sign_p_minus_q, out=out).mul_(x.q).mul_(0.5 * scale)
     mix, log_wp, log_wq = opts.mixture_weights
     if name == "jsd":
-        return _masked_product(x.q, torch.sub(x.ls, x.lm, out=out).sub_(A2), out).mul_((1 - mix) * scale)
+        return _masked_product(x.q, torch.sub(x.ls_minus_lm, A2, out=out), out).mul_((1 - mix) * scale)
     if name not in ("skew_kl", "skew_reverse_kl"):
         raise _no_branch(name)
     scratch = x.work.take()

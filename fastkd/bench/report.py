@@ -1,6 +1,7 @@
 """Write the results: the long-format CSV, a JSON of the environment, the legend (what each provider
-runs), the readable table (speed-up and memory ratio against torch eager) as text and markdown, and
-the summary: the headline case, torch.compile against fastkd, and every case in one short table
+runs), the readable table (speed-up and memory ratio against torch eager, and against TRL where it
+ran) as text and markdown, and the summary: the headline case, torch.compile against fastkd, fastkd
+against TRL, and every case in one short table
 (the README's figures are a run's summary, copied unchanged)."""
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from .providers import BASELINE
 from .runner import COLUMNS
 
 RANGE = "min–max over rounds"
+TRL = "trl"
+FASTKD = ("fastkd-torch", "fastkd-triton")
 
 
 def file_prefix(env, label):
@@ -109,24 +112,57 @@ def memory_ratio(row, eager):
 
 
 def table_rows(rows):
-    """Header and one row per (case, provider), with ratios against the eager row of the case."""
+    """Header and one row per (case, provider), with ratios against the eager row of the case, and
+    where the run timed TRL, the fastkd rows' ratios against TRL's row of the case (``vs_trl``)."""
     header = ["op", "dtype", "mode", "shape", "provider", "ms (p50)", "p20-p80", "GB/s", "of copy", "TFLOP/s",
               "peak MiB", "speed-up", "memory", "note"]
     eager = {_case_key(r): r for r in rows if r["provider"] == BASELINE}
+    trl = _rows_of(rows, TRL)
     out = []
     for r in rows:
         if r["op"] == "copy":
             continue
         memory = memory_ratio(r, eager.get(_case_key(r)))
         spread = f"{_fmt(r['ms_p20'], '.4g')}-{_fmt(r['ms_p80'], '.4g')}" if _ok(r["ms_p20"]) else ""
-        out.append([_label(r), r["dtype"], r["mode"], _shape(r), r["provider"], _fmt(r["ms_p50"], ".3f"), spread,
-                    _fmt(r["gbps"], ".1f"), _fmt(r["frac_of_copy_bw"], ".1%"), _fmt(r["tflops"], ".1f"),
-                    _fmt(r["peak_mem_bytes"] / 2**20 if _ok(r["peak_mem_bytes"]) else math.nan, ".1f"),
-                    speedup_text(r), _times(memory), _note(r)])
+        line = [_label(r), r["dtype"], r["mode"], _shape(r), r["provider"], _fmt(r["ms_p50"], ".3f"), spread,
+                _fmt(r["gbps"], ".1f"), _fmt(r["frac_of_copy_bw"], ".1%"), _fmt(r["tflops"], ".1f"),
+                _fmt(r["peak_mem_bytes"] / 2**20 if _ok(r["peak_mem_bytes"]) else math.nan, ".1f"),
+                speedup_text(r), _times(memory)]
+        if trl:
+            line += vs_trl(r, trl.get(_case_key(r)))
+        out.append(line + [_note(r)])
+    if trl:
+        header[-1:-1] = ["speed-up vs TRL", "memory vs TRL"]
     if not any(r[9] for r in out):  # no matmul case: drop the TFLOP/s column
         header.pop(9)
         out = [r[:9] + r[10:] for r in out]
     return header, out
+
+
+def _rows_of(rows, provider):
+    """The measured rows of ``provider`` by case."""
+    return {_case_key(r): r for r in rows if r["provider"] == provider and _ok(r["ms_p50"])}
+
+
+def time_ratio(theirs, mine):
+    """(median, min, max) of their time / mine over the rounds in which both ran (the speed-up of
+    ``mine`` against ``theirs``), or the ratio of the median times with NaN bounds (GPU, or rounds
+    that do not pair)."""
+    a, b = _rounds(theirs), _rounds(mine)
+    if a and len(a) == len(b):
+        ratios = [x / y for x, y in zip(a, b)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+    return theirs["ms_p50"] / mine["ms_p50"], math.nan, math.nan
+
+
+def vs_trl(row, trl):
+    """A fastkd row's [speed-up against TRL's row of its case (median (min–max) of TRL's time / the
+    row's per round), peak memory as a multiple of TRL's]: empty for other providers or cases."""
+    if trl is None or row["provider"] not in FASTKD or not _ok(row["ms_p50"]):
+        return ["", ""]
+    ratio, lo, hi = time_ratio(trl, row)
+    spread = f" ({lo:.2f}–{hi:.2f})" if _ok(lo) else ""
+    return [f"{ratio:.2f}×{spread}", _times(memory_ratio(row, trl))]
 
 
 def _note(row):
@@ -206,27 +242,17 @@ def _mib(x):
     return f"{x / 2**20:.0f} MiB" if _ok(x) else ""
 
 
+def comparisons_with(rows, other):
+    """Every case where provider ``other`` and a fastkd provider were both timed: (other's row,
+    fastkd's row, median, min and max of other's time / fastkd's time per round: ``time_ratio``)."""
+    theirs = _rows_of(rows, other)
+    return [(theirs[_case_key(r)], r, *time_ratio(theirs[_case_key(r)], r)) for r in rows
+            if r["provider"] in FASTKD and _ok(r["ms_p50"]) and _case_key(r) in theirs]
+
+
 def compile_comparisons(rows):
-    """Every case where torch-compile and a fastkd provider were both timed: (case row, fastkd row,
-    median and range of compile's time / fastkd's time per round, or the ratio of medians)."""
-    by_case = {}
-    for r in rows:
-        if r["op"] != "copy" and _ok(r["ms_p50"]):
-            by_case.setdefault(_case_key(r), {})[r["provider"]] = r
-    out = []
-    for providers in by_case.values():
-        compiled = providers.get("torch-compile")
-        for name in ("fastkd-torch", "fastkd-triton"):
-            if compiled is None or name not in providers:
-                continue
-            mine, theirs = _rounds(providers[name]), _rounds(compiled)
-            if mine and len(mine) == len(theirs):
-                ratios = [c / f for c, f in zip(theirs, mine)]
-                out.append((compiled, providers[name], statistics.median(ratios), min(ratios), max(ratios)))
-            else:
-                out.append((compiled, providers[name], compiled["ms_p50"] / providers[name]["ms_p50"],
-                            math.nan, math.nan))
-    return out
+    """``comparisons_with`` torch-compile."""
+    return comparisons_with(rows, "torch-compile")
 
 
 def summary_markdown(rows, env, machine, legend_lines):
@@ -265,6 +291,16 @@ def summary_markdown(rows, env, machine, legend_lines):
             for c, f, ratio, lo, hi in comparisons])
         lines += ["", ("torch.compile beats fastkd in: " + "; ".join(wins) + ".") if wins else
                   "torch.compile beats fastkd in none of these cases."]
+    against_trl = comparisons_with(measured, TRL)
+    if against_trl:
+        lines += ["", "**fastkd against TRL's chunked divergence** (speed-up: TRL's time / fastkd's in the same "
+                  "round; memory: fastkd's peak extra memory / TRL's, the returned gradients counted on both "
+                  "sides):", ""]
+        lines += _markdown_table(["case", "TRL", "TRL peak", "fastkd", "fastkd peak", "speed-up", "memory"], [
+            [f"{_label(t)} {t['dtype']} {t['mode']} {_shape(t)}", _ms(t["ms_p50"]), _mib(t["peak_mem_bytes"]),
+             f"{_ms(f['ms_p50'])} ({f['provider']})", _mib(f["peak_mem_bytes"]),
+             f"{ratio:.2f}×" + (f" ({lo:.2f}–{hi:.2f})" if _ok(lo) else ""), _times(memory_ratio(f, t))]
+            for t, f, ratio, lo, hi in against_trl])
     others = [r for r in measured if r["provider"] != BASELINE and _case_key(r) != headline_key]
     if others:
         lines += ["", "**Every other case** (speed-up and memory against torch-eager, as above):", ""]
