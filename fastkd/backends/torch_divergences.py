@@ -103,7 +103,7 @@ class Elements:
         """lt - lM and ls - lM, both at once (``mixture_log_ratios``)."""
         r, out = torch.sub(self.ls, self.lt, out=self.work.take()), self.work.take()
         self._values["lt_minus_lm"], self._values["ls_minus_lm"] = mixture_log_ratios(
-            r, self.opts.mixture_weights()[0], out, self.work.take())
+            r, self.opts.mixture_weights[0], out, self.work.take())
         self.work.give_back(out)
 
     def _lt_minus_lm(self):
