@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .row_stats import exp, finite, fold_tile, log, log_add_exp, tile_rows_to_row
+from .row_tiles import load_teacher_tiles, load_tile
 
 # Codes of fastkd.divergences.DIVERGENCES, in its order (a test checks the correspondence). Every
 # table below has one branch per code and fails to compile (tl.static_assert) for any other.
@@ -64,25 +65,6 @@ def divergence_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log
     return (tl.full((), inv_temperature, ACC_DTYPE), tl.full((), inv_teacher_temperature, ACC_DTYPE),
             tl.full((), mix_weight, ACC_DTYPE), tl.full((), log_weight_p, ACC_DTYPE),
             tl.full((), log_weight_q, ACC_DTYPE))
-
-
-@triton.jit
-def load_tile(ptr, offsets, width, scale, ACC_DTYPE: tl.constexpr, EVICTION: tl.constexpr):
-    """One tile of a row at ``offsets`` [R, C] (each tile row one thread's contiguous C elements),
-    times ``scale``, in the accumulation dtype; -inf past ``width``. ``EVICTION``: "evict_last" for a
-    read that a later pass repeats, "evict_first" for the last."""
-    x = tl.load(ptr + offsets, mask=offsets < width, other=float("-inf"), eviction_policy=EVICTION)
-    return x.to(ACC_DTYPE) * scale
-
-
-@triton.jit
-def load_teacher_tiles(t_rows, offsets, width, inv_teacher_temperature, ACC_DTYPE: tl.constexpr,
-                       EVICTION: tl.constexpr, NUM_TEACHERS: tl.constexpr):
-    """``load_tile`` of each teacher's row: a tuple of t = teacher / T_t."""
-    ts = ()
-    for i in tl.static_range(NUM_TEACHERS):
-        ts = ts + (load_tile(t_rows[i], offsets, width, inv_teacher_temperature, ACC_DTYPE, EVICTION),)
-    return ts
 
 
 @triton.jit
@@ -146,10 +128,37 @@ def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
 
 
 @triton.jit
-def finish_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
-                          NUM_TEACHERS: tl.constexpr):
+def init_row_statistics(TILE_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
+    """The statistics ``fold_row_tile`` folds tiles into, before the first: (m_s, d_s, m_ts, d_ts,
+    m_z, d_z, cross), maxima -inf and sums 0, [TILE_ROWS] each (m_ts, d_ts: one per teacher)."""
+    m_ts = ()
+    d_ts = ()
+    for i in tl.static_range(NUM_TEACHERS):
+        m_ts = m_ts + (tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE),)
+        d_ts = d_ts + (tl.zeros((TILE_ROWS,), ACC_DTYPE),)
+    return (tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE), tl.zeros((TILE_ROWS,), ACC_DTYPE), m_ts, d_ts,
+            tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE), tl.zeros((TILE_ROWS,), ACC_DTYPE),
+            tl.zeros((TILE_ROWS,), ACC_DTYPE))
+
+
+@triton.jit
+def fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
+                  ACC_DTYPE: tl.constexpr, EVICTION: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
+                  NUM_TEACHERS: tl.constexpr):
+    """Load the student's and each teacher's tile at ``offsets`` (row_tiles.py) and fold it into
+    ``stats`` (``fold_row_statistics``)."""
+    z = load_tile(z_row, offsets, mask, 1.0, ACC_DTYPE, EVICTION)
+    ts = load_teacher_tiles(t_rows, offsets, mask, inv_teacher_temperature, ACC_DTYPE, EVICTION, NUM_TEACHERS)
+    m_s, d_s, m_ts, d_ts, m_z, d_z, cross = stats
+    return fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, z * inv_temperature, ts, DIVERGENCE, HAS_CE,
+                               NUM_TEACHERS)
+
+
+@triton.jit
+def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
     """The row's maxima and sums of exps (and cross term, re-centred on the row's maxima) from the
     per-tile-row ones of ``fold_row_statistics``: once per row, across threads."""
+    m_s, d_s, m_ts, d_ts, m_z, d_z, cross = stats
     M_s, D_s = tile_rows_to_row(m_s, d_s)
     M_ts = ()
     D_ts = ()

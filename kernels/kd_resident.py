@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 
 from .divergences import (JSD, cross_term_elements, cross_term_scalars, divergence_grad, divergence_scalars,
-                          element_terms, load_tile, log_ratio_shift, row_loss)
+                          element_terms, log_ratio_shift, row_loss)
 from .row_stats import exp, finite, row_label, store
+from .row_tiles import load_tile
 
 
 @triton.jit
@@ -78,9 +79,9 @@ def kd_resident_kernel(
 
     if valid:
         mask = cols < V
-        z = load_tile(z_row, cols, V, 1.0, ACC_DTYPE, "evict_first")
+        z = load_tile(z_row, cols, mask, 1.0, ACC_DTYPE, "evict_first")
         s = z * inv_temperature
-        t = load_tile(t_row, cols, V, inv_teacher_temperature, ACC_DTYPE, "evict_first")
+        t = load_tile(t_row, cols, mask, inv_teacher_temperature, ACC_DTYPE, "evict_first")
         m_s, m_t, m_z = row_maxima(s, t, z, HAS_CE)
         e_s = exp(s - finite(m_s))
         e_t = exp(t - finite(m_t))

@@ -40,6 +40,15 @@ def _vec(*tensors):
     return 16 // max(t.element_size() for t in tensors)
 
 
+def _row_walk(*tensors):
+    """VEC and ALIGNED of a kernel walking the rows of ``tensors`` (None: absent) in 16-byte groups
+    (kernels/row_tiles.py): the elements of one 16-byte load of the widest, and whether their row
+    strides agree modulo VEC, so that every row's aligned groups start at the same column."""
+    tensors = [t for t in tensors if t is not None]
+    vec = _vec(*tensors)
+    return dict(VEC=vec, ALIGNED=len({t.stride(0) % vec for t in tensors}) == 1)
+
+
 def _labels(labels, stand_in):
     """The labels pointer and stride for a kernel (any tensor stands in when there are none)."""
     return (stand_in, 0) if labels is None else (labels, labels.stride(0))
@@ -128,7 +137,7 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
         V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, *log_teacher_weights, opts.ignore_index,
         DIVERGENCE=opts.divergence_code, NUM_TEACHERS=len(teachers), HAS_LABELS=labels is not None,
         HAS_CE=opts.hard_weight != 0, CE_FROM_STUDENT=opts.hard_weight != 0 and opts.temperature == 1.0, WRITE_GRAD=grad is not None,
-        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, VEC=_vec(student, *teachers), num_warps=warps,
+        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, **_row_walk(student, grad, *teachers), num_warps=warps,
     )
     return loss, grad
 
@@ -294,7 +303,7 @@ def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start):
         student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, stats), stats,
         W, vocab_start, inv_temperature, inv_teacher_temperature, opts.ignore_index,
         DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, VEC=_vec(student, teacher), num_warps=warps,
+        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, **_row_walk(student, teacher), num_warps=warps,
     )
     return stats
 
@@ -312,7 +321,7 @@ def row_scalars(student, teacher, labels, row, opts: KDOptions):
         student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row, scalars,
         W, *_kd_scalars(opts), opts.ignore_index,
         DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, ACC_DTYPE=_tl_dtype(row.dtype),
-        BLOCK_V=block, VEC=_vec(student, teacher), num_warps=warps,
+        BLOCK_V=block, **_row_walk(student, teacher), num_warps=warps,
     )
     return scalars
 
@@ -334,7 +343,7 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
         loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss,
         W, vocab_start, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
         DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
-        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(row.dtype), BLOCK_V=block, VEC=_vec(student, teacher),
-        num_warps=warps,
+        WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(row.dtype), BLOCK_V=block,
+        **_row_walk(student, teacher, grad), num_warps=warps,
     )
     return loss, grad
