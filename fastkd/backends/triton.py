@@ -17,6 +17,11 @@ MAX_BLOCK_V = 4096
 MAX_TEACHERS = 4  # the dense kernel's mixture of teachers (kernels/kd_loss.py has as many weight slots)
 MAX_TOPK_K = 1024  # teacher_topk keeps k keys on chip; larger k uses torch.topk (fastkd.functional)
 MAX_BLOCK_K = 1024
+# ptxas's ceiling on registers a thread (the `maxnreg` launch option) for the resident kernel, which
+# would use up to 141: 112 leaves 2 CTAs of 8 warps an SM (1 of 16 with room to spare). The audit
+# gate (tests/test_audit.py) fails a gated kernel above it. (teacher_topk is not capped: at 112 its
+# merge spills in the loop.)
+MAX_REGISTERS = 112
 
 
 def _tl_dtype(dtype):
@@ -155,6 +160,7 @@ def _resident_kd_forward(student, teacher, labels, grad_scale, opts, loss, grad)
         V, *_kd_scalars(opts), opts.soft_scale, opts.hard_weight, opts.ignore_index,
         DIVERGENCE=opts.divergence_code, HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0,
         WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
+        maxnreg=MAX_REGISTERS,
     )
     return loss, grad
 

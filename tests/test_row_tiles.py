@@ -1,0 +1,62 @@
+"""Rows walked in whole 16-byte groups (kernels/row_tiles.py): a head before the row's first aligned
+group and a tail after its last go through an edge tile after each loop. Odd V puts a head of 1 to
+VEC - 1 columns on most rows of a contiguous tensor; a slice ``x[:, :V]`` of a wider tensor gives row
+strides that agree with the gradient's modulo VEC (width V + 8: the aligned walk) or not (V + 3: the
+plain walk). Blocks of 16 columns (conftest) make several loop iterations; -inf columns sit in a
+head and a tail, and one row is ignored.
+"""
+import pytest
+import torch
+
+import fastkd
+from fastkd import reference
+from helpers import assert_close_to_oracle, logits
+
+N = 5
+LAYOUTS = {"contiguous": 0, "slice, strides agree": 8, "slice, strides differ": 3}
+
+
+def _view(x, extra):
+    """``x`` as the first columns of a tensor ``extra`` columns wider (a copy when extra is 0)."""
+    if extra == 0:
+        return x.clone()
+    wide = torch.zeros(x.shape[0], x.shape[1] + extra, dtype=x.dtype)
+    wide[:, :x.shape[1]] = x
+    return wide[:, :x.shape[1]]
+
+
+def _inputs(V, dtype, extra):
+    torch.manual_seed(V + extra)
+    s, t = logits(N, V, dtype=dtype), logits(N, V, dtype=dtype)
+    for x in (s, t):
+        x[:, 1] = float("-inf")       # in the head of every row that has one
+        x[:, V - 1] = float("-inf")   # in the tail
+    labels = torch.randint(2, V - 1, (N,))
+    labels[2] = -100
+    return _view(s, extra), _view(t, extra), labels
+
+
+def _loss_and_grad(fn, s, t, labels, kw):
+    leaf = s.detach().requires_grad_()
+    loss = fn(leaf, t, labels=labels, **kw)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("V", [37, 53])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+@pytest.mark.parametrize("loss_fn", ["kd_loss", "vocab_parallel_kd_loss"])
+def test_odd_widths_and_strides_match_the_oracle(loss_fn, divergence, dtype, V, layout, monkeypatch,
+                                                 one_rank_group):
+    monkeypatch.setenv("FASTKD_KD_KERNEL", "two_pass")
+    s, t, labels = _inputs(V, dtype, LAYOUTS[layout])
+    assert s.stride(0) == V + LAYOUTS[layout]
+    kw = dict(divergence=divergence, temperature=2.0, hard_weight=0.5)
+    loss, grad = _loss_and_grad(getattr(fastkd, loss_fn), s, t, labels, dict(kw, backend="triton"))
+    oracle, oracle_grad = _loss_and_grad(reference.kd_loss, s.double(), t.double(), labels, kw)
+    f32, f32_grad = _loss_and_grad(reference.kd_loss, s.float(), t.float(), labels, kw)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    assert_close_to_oracle(loss, oracle, f32, dtype=dtype, grows_with=V)
+    assert_close_to_oracle(grad, oracle_grad, f32_grad, dtype=dtype)
