@@ -149,7 +149,6 @@ def kd_forward_kernel(
     for i in tl.static_range(NUM_TEACHERS):
         t_rows = t_rows + (body_pointer(teacher_ptrs[i], row * teacher_row_strides[i], head, VEC, ALIGNED),)
     g_row = body_pointer(grad_ptr, row * grad_row_stride, head, VEC, ALIGNED)
-    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
     last_start = (tl.cdiv(n, BLOCK_V) - 1) * BLOCK_V
     ELEMENT_PASS: tl.constexpr = DIVERGENCE >= JSD or NUM_TEACHERS > 1
     Z_STATS: tl.constexpr = HAS_CE and not CE_FROM_STUDENT
@@ -163,6 +162,7 @@ def kd_forward_kernel(
             offsets, mask = body_tile(start, n, BLOCK_V, VEC)
             stats = fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
                                   ACC_DTYPE, "evict_last", DIVERGENCE, Z_STATS, NUM_TEACHERS)
+        edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)  # here and below: not live across a loop
         stats = fold_row_tile(stats, z_row, t_rows, edge, edge_mask, inv_temperature, inv_teacher_temperature,
                               ACC_DTYPE, "evict_last", DIVERGENCE, Z_STATS, NUM_TEACHERS)
         m_s, d_s, m_ts, d_ts, m_z, d_z, cross = finish_row_statistics(stats, DIVERGENCE, Z_STATS, NUM_TEACHERS)
@@ -185,6 +185,7 @@ def kd_forward_kernel(
                 a1, a2 = _row_terms(a1, a2, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
                                     m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights, mix_weight,
                                     log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS)
+            edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
             a1, a2 = _row_terms(a1, a2, z_row, t_rows, edge, edge_mask, inv_temperature, inv_teacher_temperature,
                                 m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights, mix_weight,
                                 log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS)
@@ -213,6 +214,7 @@ def kd_forward_kernel(
                                log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
                                soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS, HAS_CE,
                                CE_FROM_STUDENT)
+            edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
             _gradient_tile(g_row, z_row, t_rows, edge, edge_mask, head + edge, label, inv_temperature,
                            inv_teacher_temperature, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift,
                            log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
@@ -220,5 +222,5 @@ def kd_forward_kernel(
                            CE_FROM_STUDENT)
     else:
         if WRITE_GRAD:
-            zero_row(g_row, n, edge, edge_mask, ACC_DTYPE, BLOCK_V, VEC)
+            zero_row(g_row, head, n, V, ACC_DTYPE, BLOCK_V, VEC)
         store(loss_ptr + row, tl.zeros((), ACC_DTYPE))

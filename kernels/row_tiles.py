@@ -78,10 +78,11 @@ def load_teacher_tiles(t_rows, offsets, mask, inv_teacher_temperature, ACC_DTYPE
 
 
 @triton.jit
-def zero_row(ptr, n, edge, edge_mask, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
-    """Store 0 in every column of a row (``ptr`` from ``body_pointer``; ``edge``, ``edge_mask`` its edge tile)."""
+def zero_row(ptr, head, n, V, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """Store 0 in every column of a row (``ptr`` from ``body_pointer``, ``head`` and ``n`` from ``row_split``)."""
     zeros = tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE)
     for start in range(0, n, BLOCK_V):
         offsets, mask = body_tile(start, n, BLOCK_V, VEC)
         store(ptr + offsets, zeros, mask=mask)
+    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
     store(ptr + edge, zeros, mask=edge_mask)

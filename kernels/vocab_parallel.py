@@ -184,7 +184,6 @@ def shard_finish_kernel(
     z_row = body_pointer(z_ptr, row * z_row_stride, head, VEC, ALIGNED)
     t_row = body_pointer(t_ptr, row * t_row_stride, head, VEC, ALIGNED)
     g_row = body_pointer(grad_ptr, row * grad_row_stride, head, VEC, ALIGNED)
-    edge, edge_mask = edge_tile(head, n, W, BLOCK_V, VEC)
     label, kept = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     if kept:
@@ -215,6 +214,7 @@ def shard_finish_kernel(
                                 inv_teacher_temperature, lse_s, lse_t, lse_z, shift, A1_row, A2_row, mix_weight,
                                 log_weight_p, log_weight_q, soft_grad_scale, hard_grad_scale, nan_row, ACC_DTYPE,
                                 DIVERGENCE, HAS_CE)
+            edge, edge_mask = edge_tile(head, n, W, BLOCK_V, VEC)
             _shard_gradient(g_row, z_row, t_row, edge, edge_mask, head + edge, local_label, inv_temperature,
                             inv_teacher_temperature, lse_s, lse_t, lse_z, shift, A1_row, A2_row, mix_weight,
                             log_weight_p, log_weight_q, soft_grad_scale, hard_grad_scale, nan_row, ACC_DTYPE,
@@ -222,4 +222,4 @@ def shard_finish_kernel(
     else:
         store(loss_ptr + row, tl.zeros((), ACC_DTYPE))
         if WRITE_GRAD:
-            zero_row(g_row, n, edge, edge_mask, ACC_DTYPE, BLOCK_V, VEC)
+            zero_row(g_row, head, n, W, ACC_DTYPE, BLOCK_V, VEC)

@@ -60,3 +60,41 @@ def test_odd_widths_and_strides_match_the_oracle(loss_fn, divergence, dtype, V, 
     assert grad.dtype == dtype and torch.isfinite(grad).all()
     assert_close_to_oracle(loss, oracle, f32, dtype=dtype, grows_with=V)
     assert_close_to_oracle(grad, oracle_grad, f32_grad, dtype=dtype)
+
+
+def _grads(fn, x, *args, upstream=None, **kw):
+    leaf = x.detach().requires_grad_()
+    out = fn(leaf, *args, **kw)
+    out.backward(upstream if upstream is not None else torch.ones_like(out))
+    return out.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_softmax_at_odd_widths_and_strides(name, dtype, layout):
+    V = 53
+    s, _, _ = _inputs(V, dtype, LAYOUTS[layout])
+    s[:, 1] = 0.5  # a softmax row of -inf is undefined
+    dy = _view(logits(N, V, dtype=dtype), LAYOUTS[layout])
+    y, grad = _grads(getattr(fastkd, name), s, 2.0, upstream=dy, backend="triton")
+    oracle, oracle_grad = _grads(getattr(reference, name), s.double(), 2.0, upstream=dy.double())
+    f32, f32_grad = _grads(getattr(reference, name), s.float(), 2.0, upstream=dy.float())
+    finite = torch.isfinite(oracle)
+    assert_close_to_oracle(y[finite], oracle[finite], f32[finite], dtype=dtype)
+    assert_close_to_oracle(grad, oracle_grad, f32_grad, dtype=dtype, grows_with=V)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tail", ["bucket", "ignore"])
+def test_topk_kd_loss_at_odd_widths_and_strides(tail, dtype, layout):
+    V, k = 53, 6
+    s, t, labels = _inputs(V, dtype, LAYOUTS[layout])
+    logprobs, indices = torch.log_softmax(t.double() / 2.0, dim=-1).topk(k, dim=-1)
+    kw = dict(tail=tail, temperature=2.0, hard_weight=0.5, labels=labels)
+    loss, grad = _grads(fastkd.topk_kd_loss, s, logprobs.float(), indices, backend="triton", **kw)
+    oracle, oracle_grad = _grads(reference.topk_kd_loss, s.double(), logprobs, indices, **kw)
+    f32, f32_grad = _grads(reference.topk_kd_loss, s.float(), logprobs.float(), indices, **kw)
+    assert_close_to_oracle(loss, oracle, f32, dtype=dtype, grows_with=V)
+    assert_close_to_oracle(grad, oracle_grad, f32_grad, dtype=dtype)

@@ -196,7 +196,8 @@ def softmax_forward(x, temperature, *, log):
     block, warps = _block_and_warps(V)
     softmax.softmax_forward_kernel[(N,)](
         x, x.stride(0), y, y.stride(0), V, 1.0 / temperature,
-        LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)), BLOCK_V=block, num_warps=warps,
+        LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)), BLOCK_V=block, **_row_walk(x, y),
+        num_warps=warps,
     )
     return y
 
@@ -211,7 +212,8 @@ def softmax_backward(y, dy, temperature, *, log):
     block, warps = _block_and_warps(V)
     softmax.softmax_backward_kernel[(N,)](
         y, y.stride(0), dy, dy.stride(0), dx, dx.stride(0), V, 1.0 / temperature,
-        LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(y.dtype, dy.dtype)), BLOCK_V=block, num_warps=warps,
+        LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(y.dtype, dy.dtype)), BLOCK_V=block,
+        **_row_walk(y, dy, dx), num_warps=warps,
     )
     return dx
 
@@ -255,7 +257,7 @@ def uld_topk_gradient(student, lse, coef, temperature):
     block, warps = _block_and_warps(V)
     uld.uld_topk_grad_kernel[(N,)](
         student, student.stride(0), out, out.stride(0), lse, coef, V, 1.0 / temperature,
-        ACC_DTYPE=_tl_dtype(lse.dtype), BLOCK_V=block, num_warps=warps,
+        ACC_DTYPE=_tl_dtype(lse.dtype), BLOCK_V=block, **_row_walk(student, out), num_warps=warps,
     )
     return out
 
@@ -285,7 +287,7 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
         V, K, inv_temperature, mix, log_wp, log_wq, opts.soft_scale, opts.hard_weight, opts.ignore_index,
         DIVERGENCE=opts.divergence_code, TAIL=TAILS.index(tail),
         HAS_LABELS=labels is not None, HAS_CE=opts.hard_weight != 0, WRITE_GRAD=grad is not None,
-        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, BLOCK_K=block_k, num_warps=warps,
+        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, BLOCK_K=block_k, **_row_walk(student, grad), num_warps=warps,
     )
     return loss, grad
 
