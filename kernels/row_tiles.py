@@ -25,10 +25,11 @@ from .row_stats import store
 
 @triton.jit
 def row_split(offset, V, VEC: tl.constexpr, ALIGNED: tl.constexpr):
-    """(h, n): the head's length and the body's, for the row at element ``offset`` (above)."""
-    head = offset * 0
+    """(h, n): the head's length and the body's, for the row at element ``offset`` (above), as 32-bit
+    integers like V, so that the tiles' offsets stay 32-bit (half the registers of 64-bit ones)."""
+    head = tl.zeros((), tl.int32)
     if ALIGNED:
-        head = (VEC - offset % VEC) % VEC
+        head = ((VEC - offset % VEC) % VEC).to(tl.int32)
     return head, tl.maximum(V - head, 0) // VEC * VEC
 
 
