@@ -68,6 +68,14 @@ def divergence_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log
 
 
 @triton.jit
+def loss_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale,
+                 hard_weight, ACC_DTYPE: tl.constexpr):
+    """``divergence_scalars`` and the loss's weights soft_scale, hard_weight, in the accumulation dtype."""
+    return divergence_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q,
+                              ACC_DTYPE) + (tl.full((), soft_scale, ACC_DTYPE), tl.full((), hard_weight, ACC_DTYPE))
+
+
+@triton.jit
 def cross_term_elements(e_s, e_t, s_c, t_c, DIVERGENCE: tl.constexpr):
     """The terms of kl's cross term e^(t - m_t) ((t - m_t) - (s - m_s)), or reverse_kl's
     e^(s - m_s) ((s - m_s) - (t - m_t)), from the centred s_c = s - m_s, t_c = t - m_t; 0 where the
@@ -82,10 +90,11 @@ def cross_term_elements(e_s, e_t, s_c, t_c, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def recentre_cross(cross, weight, m_s, new_m_s, m_t, new_m_t, DIVERGENCE: tl.constexpr):
+def recentre_cross(cross, d_s, d_t, m_s, new_m_s, m_t, new_m_t, DIVERGENCE: tl.constexpr):
     """A cross term summed against the maxima m_s, m_t, re-centred on new_m_s, new_m_t (its weights,
-    summing to ``weight`` against the old maximum, rescaled with them): each of its terms moves by
-    (m_t - new_m_t) - (m_s - new_m_s) (kl), the opposite (reverse_kl). 0 stays 0."""
+    summing to d_t (kl) or d_s (reverse_kl) against the old maxima, rescaled with them): each of its
+    terms moves by (m_t - new_m_t) - (m_s - new_m_s) (kl), the opposite (reverse_kl). 0 stays 0."""
+    weight = d_t if DIVERGENCE == KL else d_s
     move = (finite(m_t) - finite(new_m_t)) - (finite(m_s) - finite(new_m_s))
     if DIVERGENCE == REVERSE_KL:
         move = -move
@@ -115,10 +124,7 @@ def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
         new_m_ts = new_m_ts + (m_t,)
         new_d_ts = new_d_ts + (d_t,)
     if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
-        weight = old_d_s
-        if DIVERGENCE == KL:
-            weight = d_ts[0]
-        cross = recentre_cross(cross, weight, old_m_s, m_s, m_ts[0], new_m_ts[0], DIVERGENCE)
+        cross = recentre_cross(cross, old_d_s, d_ts[0], old_m_s, m_s, m_ts[0], new_m_ts[0], DIVERGENCE)
         terms = cross_term_elements(e_s, e_t, s - finite(m_s)[:, None], ts[0] - finite(new_m_ts[0])[:, None],
                                     DIVERGENCE)
         cross += tl.sum(terms, axis=1)
@@ -167,10 +173,7 @@ def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
         M_ts = M_ts + (M_t,)
         D_ts = D_ts + (D_t,)
     if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
-        weight = d_s
-        if DIVERGENCE == KL:
-            weight = d_ts[0]
-        cross = recentre_cross(cross, weight, m_s, M_s, m_ts[0], M_ts[0], DIVERGENCE)
+        cross = recentre_cross(cross, d_s, d_ts[0], m_s, M_s, m_ts[0], M_ts[0], DIVERGENCE)
     M_z, D_z = tl.max(m_z, axis=0), tl.sum(d_z, axis=0)
     if HAS_CE:
         M_z, D_z = tile_rows_to_row(m_z, d_z)

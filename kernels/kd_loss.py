@@ -43,9 +43,8 @@ pass repeats are "evict_last", the last pass's reads and the gradient store "evi
 import triton
 import triton.language as tl
 
-from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, element_terms,
-                          finish_row_statistics, fold_row_tile, init_row_statistics, log_ratio_shift,
-                          mixture_log_prob, row_loss)
+from .divergences import (JSD, cross_term_scalars, divergence_grad, element_terms, finish_row_statistics,
+                          fold_row_tile, init_row_statistics, log_ratio_shift, loss_scalars, mixture_log_prob, row_loss)
 from .row_stats import exp, row_label, store
 from .row_tiles import body_pointer, body_tile, edge_tile, load_teacher_tiles, load_tile, row_split, zero_row
 
@@ -135,10 +134,9 @@ def kd_forward_kernel(
     CE_FROM_STUDENT: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
     VEC: tl.constexpr, ALIGNED: tl.constexpr,  # ALIGNED: every row stride (the gradient's too) equal modulo VEC
 ):
-    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
-        inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
-    soft_scale = tl.full((), soft_scale, ACC_DTYPE)
-    hard_weight = tl.full((), hard_weight, ACC_DTYPE)
+    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale, hard_weight = (
+        loss_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale,
+                     hard_weight, ACC_DTYPE))
     log_teacher_weights = (tl.full((), log_teacher_weight_0, ACC_DTYPE), tl.full((), log_teacher_weight_1, ACC_DTYPE),
                            tl.full((), log_teacher_weight_2, ACC_DTYPE), tl.full((), log_teacher_weight_3, ACC_DTYPE))
     row = tl.program_id(0).to(tl.int64)

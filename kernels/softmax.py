@@ -44,13 +44,13 @@ def softmax_forward_kernel(
     head, n = row_split(row * x_row_stride, V, VEC, ALIGNED)
     x_row = body_pointer(x_ptr, row * x_row_stride, head, VEC, ALIGNED)
     y_row = body_pointer(y_ptr, row * y_row_stride, head, VEC, ALIGNED)
-    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
 
     m = tl.full((BLOCK_V // VEC,), float("-inf"), ACC_DTYPE)
     d = tl.zeros((BLOCK_V // VEC,), ACC_DTYPE)
     for start in range(0, n, BLOCK_V):
         offsets, mask = body_tile(start, n, BLOCK_V, VEC)
         m, d = _fold(m, d, x_row, offsets, mask, inv_temperature, ACC_DTYPE)
+    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)  # here and below: not live across a loop
     m, d = _fold(m, d, x_row, edge, edge_mask, inv_temperature, ACC_DTYPE)
     m, d = tile_rows_to_row(m, d)
     lse = m + tl.log(d)
@@ -58,6 +58,7 @@ def softmax_forward_kernel(
     for start in range(0, n, BLOCK_V):
         offsets, mask = body_tile(start, n, BLOCK_V, VEC)
         _forward_tile(y_row, x_row, offsets, mask, inv_temperature, lse, LOG, ACC_DTYPE)
+    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
     _forward_tile(y_row, x_row, edge, edge_mask, inv_temperature, lse, LOG, ACC_DTYPE)
 
 
@@ -94,16 +95,17 @@ def softmax_backward_kernel(
     y_row = body_pointer(y_ptr, row * y_row_stride, head, VEC, ALIGNED)
     dy_row = body_pointer(dy_ptr, row * dy_row_stride, head, VEC, ALIGNED)
     dx_row = body_pointer(dx_ptr, row * dx_row_stride, head, VEC, ALIGNED)
-    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
 
     acc = tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE)
     for start in range(0, n, BLOCK_V):
         offsets, mask = body_tile(start, n, BLOCK_V, VEC)
         acc = _dot_tile(acc, y_row, dy_row, offsets, mask, LOG, ACC_DTYPE)
+    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
     acc = _dot_tile(acc, y_row, dy_row, edge, edge_mask, LOG, ACC_DTYPE)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
 
     for start in range(0, n, BLOCK_V):
         offsets, mask = body_tile(start, n, BLOCK_V, VEC)
         _backward_tile(dx_row, y_row, dy_row, offsets, mask, total, inv_temperature, LOG, ACC_DTYPE)
+    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
     _backward_tile(dx_row, y_row, dy_row, edge, edge_mask, total, inv_temperature, LOG, ACC_DTYPE)

@@ -50,7 +50,7 @@ Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading anyth
 import triton
 import triton.language as tl
 
-from .divergences import divergence_scalars, divergence_value, element_terms, point_grad
+from .divergences import divergence_value, element_terms, loss_scalars, point_grad
 from .row_stats import exp, fold_tile, online_max_update, row_label, store, tile_rows_to_row
 from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split, zero_row
 
@@ -135,10 +135,8 @@ def topk_kd_forward_kernel(
     WRITE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     VEC: tl.constexpr, ALIGNED: tl.constexpr,  # the row walk of the student and its gradient (row_tiles.py)
 ):
-    inv_temperature, _, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
-        inv_temperature, inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
-    soft_scale = tl.full((), soft_scale, ACC_DTYPE)
-    hard_weight = tl.full((), hard_weight, ACC_DTYPE)
+    inv_temperature, _, mix_weight, log_weight_p, log_weight_q, soft_scale, hard_weight = loss_scalars(
+        inv_temperature, inv_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale, hard_weight, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     lt_row = lt_ptr + row * lt_row_stride

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, divergence_value,
-                          element_terms, finish_row_statistics, fold_row_tile, init_row_statistics, log_ratio_shift)
+                          element_terms, finish_row_statistics, fold_row_tile, init_row_statistics, log_ratio_shift,
+                          loss_scalars)
 from .row_stats import exp, row_label, store
 from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split, zero_row
 
@@ -175,10 +176,9 @@ def shard_finish_kernel(
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
-        inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
-    soft_scale = tl.full((), soft_scale, ACC_DTYPE)
-    hard_weight = tl.full((), hard_weight, ACC_DTYPE)
+    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale, hard_weight = (
+        loss_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale,
+                     hard_weight, ACC_DTYPE))
     row = tl.program_id(0).to(tl.int64)
     head, n = row_split(row * z_row_stride, W, VEC, ALIGNED)
     z_row = body_pointer(z_ptr, row * z_row_stride, head, VEC, ALIGNED)
