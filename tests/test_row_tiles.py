@@ -3,7 +3,8 @@ group and a tail after its last go through an edge tile after each loop. Odd V p
 VEC - 1 columns on most rows of a contiguous tensor; a slice ``x[:, :V]`` of a wider tensor gives row
 strides that agree with the gradient's modulo VEC (width V + 8: the aligned walk) or not (V + 3: the
 plain walk). Blocks of 16 columns (conftest) make several loop iterations; -inf columns sit in a
-head and a tail, and one row is ignored.
+head and a tail, and one row is ignored. Every kernel that walks rows is reached: two-pass kd_loss
+(and the backward's scale_rows), the vocabulary-parallel kernels, softmax, topk_kd_loss.
 """
 import pytest
 import torch
@@ -37,9 +38,10 @@ def _inputs(V, dtype, extra):
 
 
 def _loss_and_grad(fn, s, t, labels, kw):
+    """The loss and its gradient for an upstream gradient of 3 (the backward's scale_rows walks the row too)."""
     leaf = s.detach().requires_grad_()
     loss = fn(leaf, t, labels=labels, **kw)
-    loss.backward()
+    (3 * loss).backward()
     return loss.detach(), leaf.grad
 
 

@@ -178,7 +178,7 @@ def scale_rows(grad, scale, *, out=None):
     scale_kernels.scale_rows_kernel[(N,)](
         grad, grad.stride(0), out, out.stride(0), scale, 0 if scale.numel() == 1 else scale.stride(0), V,
         IN_PLACE=out is grad, ACC_DTYPE=_tl_dtype(accumulation_dtype(grad.dtype)), BLOCK_V=block,
-        num_warps=warps,
+        **_row_walk(grad, out), num_warps=warps,
     )
     return out
 
