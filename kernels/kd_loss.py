@@ -154,15 +154,16 @@ def kd_forward_kernel(
     label, valid = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     if valid:
-        # Pass 1, first to last block, then the edge: log-sum-exps (and the kl / reverse_kl cross term).
-        stats = init_row_statistics(BLOCK_V // VEC, ACC_DTYPE, NUM_TEACHERS)
+        # Pass 1, the edge, then first to last block: log-sum-exps (and the kl / reverse_kl cross term).
+        # (Each pass takes the edge tile before its loop: after it, its registers add to the loop's.)
+        edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
+        stats = fold_row_tile(init_row_statistics(BLOCK_V // VEC, ACC_DTYPE, NUM_TEACHERS), z_row, t_rows, edge,
+                              edge_mask, inv_temperature, inv_teacher_temperature, ACC_DTYPE, "evict_last", DIVERGENCE,
+                              Z_STATS, NUM_TEACHERS)
         for start in range(0, n, BLOCK_V):
             offsets, mask = body_tile(start, n, BLOCK_V, VEC)
             stats = fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
                                   ACC_DTYPE, "evict_last", DIVERGENCE, Z_STATS, NUM_TEACHERS)
-        edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)  # here and below: not live across a loop
-        stats = fold_row_tile(stats, z_row, t_rows, edge, edge_mask, inv_temperature, inv_teacher_temperature,
-                              ACC_DTYPE, "evict_last", DIVERGENCE, Z_STATS, NUM_TEACHERS)
         m_s, d_s, m_ts, d_ts, m_z, d_z, cross = finish_row_statistics(stats, DIVERGENCE, Z_STATS, NUM_TEACHERS)
         if CE_FROM_STUDENT:
             m_z, d_z = m_s, d_s
@@ -176,17 +177,16 @@ def kd_forward_kernel(
 
         # Pass 2, last to first block: the row scalars, when the first pass could not give them.
         if ELEMENT_PASS:
-            a1 = tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE)
-            a2 = tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE)
+            edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
+            a1, a2 = _row_terms(tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE), tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE),
+                                z_row, t_rows, edge, edge_mask, inv_temperature, inv_teacher_temperature, m_s, d_s,
+                                log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights, mix_weight, log_weight_p,
+                                log_weight_q, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS)
             for start in range(0, n, BLOCK_V):
                 offsets, mask = body_tile(_block_start(start, last_start, False), n, BLOCK_V, VEC)
                 a1, a2 = _row_terms(a1, a2, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
                                     m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights, mix_weight,
                                     log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS)
-            edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
-            a1, a2 = _row_terms(a1, a2, z_row, t_rows, edge, edge_mask, inv_temperature, inv_teacher_temperature,
-                                m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights, mix_weight,
-                                log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS)
             A1 = tl.sum(tl.sum(a1, axis=1), axis=0)
             A2 = tl.sum(tl.sum(a2, axis=1), axis=0)
         else:
@@ -205,6 +205,12 @@ def kd_forward_kernel(
             soft_grad_scale = grad_scale * soft_scale * inv_temperature
             hard_grad_scale = grad_scale * hard_weight
             log_d_z = tl.log(d_z)
+            edge, edge_mask = edge_tile(head, n, V, 2 * VEC, VEC)
+            _gradient_tile(g_row, z_row, t_rows, edge, edge_mask, head + edge, label, inv_temperature,
+                           inv_teacher_temperature, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift,
+                           log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
+                           soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS, HAS_CE,
+                           CE_FROM_STUDENT)
             for start in range(0, n, BLOCK_V):
                 offsets, mask = body_tile(_block_start(start, last_start, ELEMENT_PASS), n, BLOCK_V, VEC)
                 _gradient_tile(g_row, z_row, t_rows, offsets, mask, head + offsets, label, inv_temperature,
@@ -212,12 +218,6 @@ def kd_forward_kernel(
                                log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
                                soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS, HAS_CE,
                                CE_FROM_STUDENT)
-            edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
-            _gradient_tile(g_row, z_row, t_rows, edge, edge_mask, head + edge, label, inv_temperature,
-                           inv_teacher_temperature, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift,
-                           log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
-                           soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS, HAS_CE,
-                           CE_FROM_STUDENT)
     else:
         if WRITE_GRAD:
             zero_row(g_row, head, n, V, ACC_DTYPE, BLOCK_V, VEC)

@@ -51,7 +51,9 @@ def body_tile(start, n, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
 
 @triton.jit
 def edge_tile(head, n, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
-    """Offsets and mask of the tile holding the head (tile row 0) and the tail (tile row 1)."""
+    """Offsets and mask of the tile holding the head (tile row 0) and the tail (tile row 1), of
+    BLOCK_V / VEC tile rows like a body tile (to fold into per-tile-row accumulators), or of 2 rows
+    (BLOCK_V = 2 VEC: fewer registers where nothing accumulates)."""
     tile_row = tl.arange(0, BLOCK_V // VEC)[:, None]
     lane = tl.arange(0, VEC)[None, :]
     offsets = tl.where(tile_row == 0, lane - VEC, n + lane)
