@@ -31,7 +31,7 @@ one bf16 teacher, 4 for fp32):
 
 Layout. A block of BLOCK_V columns is a tile [BLOCK_V / VEC, VEC]: each tile row is one thread's
 VEC contiguous elements (16 bytes: one vector load). Each pass walks the row's aligned body in such
-tiles and its unaligned head and tail in one edge tile after the loop (row_tiles.py), so its loads
+tiles and its unaligned head and tail in one edge tile beside the loop (row_tiles.py), so its loads
 are 16 bytes whatever V and the row strides. Pass 1 keeps its maxima and sums per tile row and
 folds them across threads once per row, so its loop has no cross-thread reduction.
 
@@ -155,7 +155,7 @@ def kd_forward_kernel(
 
     if valid:
         # Pass 1, the edge, then first to last block: log-sum-exps (and the kl / reverse_kl cross term).
-        # (Each pass takes the edge tile before its loop: after it, its registers add to the loop's.)
+        # (The edge before the loop, here and in pass 2, the gradient's after it: fewest registers.)
         edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
         stats = fold_row_tile(init_row_statistics(BLOCK_V // VEC, ACC_DTYPE, NUM_TEACHERS), z_row, t_rows, edge,
                               edge_mask, inv_temperature, inv_teacher_temperature, ACC_DTYPE, "evict_last", DIVERGENCE,
@@ -205,12 +205,6 @@ def kd_forward_kernel(
             soft_grad_scale = grad_scale * soft_scale * inv_temperature
             hard_grad_scale = grad_scale * hard_weight
             log_d_z = tl.log(d_z)
-            edge, edge_mask = edge_tile(head, n, V, 2 * VEC, VEC)
-            _gradient_tile(g_row, z_row, t_rows, edge, edge_mask, head + edge, label, inv_temperature,
-                           inv_teacher_temperature, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift,
-                           log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
-                           soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS, HAS_CE,
-                           CE_FROM_STUDENT)
             for start in range(0, n, BLOCK_V):
                 offsets, mask = body_tile(_block_start(start, last_start, ELEMENT_PASS), n, BLOCK_V, VEC)
                 _gradient_tile(g_row, z_row, t_rows, offsets, mask, head + offsets, label, inv_temperature,
@@ -218,6 +212,12 @@ def kd_forward_kernel(
                                log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
                                soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS, HAS_CE,
                                CE_FROM_STUDENT)
+            edge, edge_mask = edge_tile(head, n, V, 2 * VEC, VEC)
+            _gradient_tile(g_row, z_row, t_rows, edge, edge_mask, head + edge, label, inv_temperature,
+                           inv_teacher_temperature, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift,
+                           log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
+                           soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS, HAS_CE,
+                           CE_FROM_STUDENT)
     else:
         if WRITE_GRAD:
             zero_row(g_row, head, n, V, ACC_DTYPE, BLOCK_V, VEC)

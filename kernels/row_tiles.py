@@ -9,8 +9,10 @@ boundary only when o is a multiple of VEC (16 bytes / the widest element size, t
 The main loops walk the body in tiles [BLOCK_V / VEC, VEC], one aligned group per tile row (one
 thread's vector load), masked by whole groups (``body_tile``), so Triton proves every load 16-byte
 aligned and VEC wide, and nothing crosses threads inside a loop. The head and the tail go through
-one edge tile after the loop (``edge_tile``: tile row 0 the head's group, tile row 1 the tail's,
-masked per element), the same code as a loop iteration.
+one edge tile beside the loop (``edge_tile``: tile row 0 the head's group, tile row 1 the tail's,
+masked per element), the same code as a loop iteration, outside it. (kd_loss.py takes the edge of
+a pass that accumulates before its loop and the gradient's after it, as a 2-row tile: where the
+edge's registers add least to the loop's.)
 
 Several tensors (student, teachers, gradient) share the split, which the launcher asserts with
 ALIGNED when their row strides agree modulo VEC (then o_x + h is a multiple of VEC for each of
