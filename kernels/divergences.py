@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from .row_stats import exp, finite, fold_tile, log, log_add_exp, tile_rows_to_row
+from .row_tiles import load_teacher_tiles, load_tile
 
 # Codes of fastkd.divergences.DIVERGENCES, in its order (a test checks the correspondence). Every
 # table below has one branch per code and fails to compile (tl.static_assert) for any other.
@@ -75,22 +76,11 @@ def divergence_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log
 
 
 @triton.jit
-def load_tile(ptr, offsets, width, scale, ACC_DTYPE: tl.constexpr, EVICTION: tl.constexpr):
-    """One tile of a row at ``offsets`` [R, C] (each tile row one thread's contiguous C elements),
-    times ``scale``, in the accumulation dtype; -inf past ``width``. ``EVICTION``: "evict_last" for a
-    read that a later pass repeats, "evict_first" for the last."""
-    x = tl.load(ptr + offsets, mask=offsets < width, other=float("-inf"), eviction_policy=EVICTION)
-    return x.to(ACC_DTYPE) * scale
-
-
-@triton.jit
-def load_teacher_tiles(t_rows, offsets, width, inv_teacher_temperature, ACC_DTYPE: tl.constexpr,
-                       EVICTION: tl.constexpr, NUM_TEACHERS: tl.constexpr):
-    """``load_tile`` of each teacher's row: a tuple of t = teacher / T_t."""
-    ts = ()
-    for i in tl.static_range(NUM_TEACHERS):
-        ts = ts + (load_tile(t_rows[i], offsets, width, inv_teacher_temperature, ACC_DTYPE, EVICTION),)
-    return ts
+def loss_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale,
+                 hard_weight, ACC_DTYPE: tl.constexpr):
+    """``divergence_scalars`` and the loss's weights soft_scale, hard_weight, in the accumulation dtype."""
+    return divergence_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q,
+                              ACC_DTYPE) + (tl.full((), soft_scale, ACC_DTYPE), tl.full((), hard_weight, ACC_DTYPE))
 
 
 @triton.jit
@@ -108,10 +98,11 @@ def cross_term_elements(e_s, e_t, s_c, t_c, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def recentre_cross(cross, weight, m_s, new_m_s, m_t, new_m_t, DIVERGENCE: tl.constexpr):
+def recentre_cross(cross, d_s, d_t, m_s, new_m_s, m_t, new_m_t, DIVERGENCE: tl.constexpr):
     """A cross term summed against the maxima m_s, m_t, re-centred on new_m_s, new_m_t (its weights,
-    summing to ``weight`` against the old maximum, rescaled with them): each of its terms moves by
-    (m_t - new_m_t) - (m_s - new_m_s) (kl), the opposite (reverse_kl). 0 stays 0."""
+    summing to d_t (kl) or d_s (reverse_kl) against the old maxima, rescaled with them): each of its
+    terms moves by (m_t - new_m_t) - (m_s - new_m_s) (kl), the opposite (reverse_kl). 0 stays 0."""
+    weight = d_t if DIVERGENCE == KL else d_s
     move = (finite(m_t) - finite(new_m_t)) - (finite(m_s) - finite(new_m_s))
     if DIVERGENCE == REVERSE_KL:
         move = -move
@@ -141,10 +132,7 @@ def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
         new_m_ts = new_m_ts + (m_t,)
         new_d_ts = new_d_ts + (d_t,)
     if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
-        weight = old_d_s
-        if DIVERGENCE == KL:
-            weight = d_ts[0]
-        cross = recentre_cross(cross, weight, old_m_s, m_s, m_ts[0], new_m_ts[0], DIVERGENCE)
+        cross = recentre_cross(cross, old_d_s, d_ts[0], old_m_s, m_s, m_ts[0], new_m_ts[0], DIVERGENCE)
         terms = cross_term_elements(e_s, e_t, s - finite(m_s)[:, None], ts[0] - finite(new_m_ts[0])[:, None],
                                     DIVERGENCE)
         cross += tl.sum(terms, axis=1)
@@ -154,10 +142,37 @@ def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
 
 
 @triton.jit
-def finish_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
-                          NUM_TEACHERS: tl.constexpr):
+def init_row_statistics(TILE_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
+    """The statistics ``fold_row_tile`` folds tiles into, before the first: (m_s, d_s, m_ts, d_ts,
+    m_z, d_z, cross), maxima -inf and sums 0, [TILE_ROWS] each (m_ts, d_ts: one per teacher)."""
+    m_ts = ()
+    d_ts = ()
+    for i in tl.static_range(NUM_TEACHERS):
+        m_ts = m_ts + (tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE),)
+        d_ts = d_ts + (tl.zeros((TILE_ROWS,), ACC_DTYPE),)
+    return (tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE), tl.zeros((TILE_ROWS,), ACC_DTYPE), m_ts, d_ts,
+            tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE), tl.zeros((TILE_ROWS,), ACC_DTYPE),
+            tl.zeros((TILE_ROWS,), ACC_DTYPE))
+
+
+@triton.jit
+def fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
+                  ACC_DTYPE: tl.constexpr, EVICTION: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
+                  NUM_TEACHERS: tl.constexpr):
+    """Load the student's and each teacher's tile at ``offsets`` (row_tiles.py) and fold it into
+    ``stats`` (``fold_row_statistics``)."""
+    z = load_tile(z_row, offsets, mask, 1.0, ACC_DTYPE, EVICTION)
+    ts = load_teacher_tiles(t_rows, offsets, mask, inv_teacher_temperature, ACC_DTYPE, EVICTION, NUM_TEACHERS)
+    m_s, d_s, m_ts, d_ts, m_z, d_z, cross = stats
+    return fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, z * inv_temperature, ts, DIVERGENCE, HAS_CE,
+                               NUM_TEACHERS)
+
+
+@triton.jit
+def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
     """The row's maxima and sums of exps (and cross term, re-centred on the row's maxima) from the
     per-tile-row ones of ``fold_row_statistics``: once per row, across threads."""
+    m_s, d_s, m_ts, d_ts, m_z, d_z, cross = stats
     M_s, D_s = tile_rows_to_row(m_s, d_s)
     M_ts = ()
     D_ts = ()
@@ -166,10 +181,7 @@ def finish_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, DIVERGENCE: tl.
         M_ts = M_ts + (M_t,)
         D_ts = D_ts + (D_t,)
     if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
-        weight = d_s
-        if DIVERGENCE == KL:
-            weight = d_ts[0]
-        cross = recentre_cross(cross, weight, m_s, M_s, m_ts[0], M_ts[0], DIVERGENCE)
+        cross = recentre_cross(cross, d_s, d_ts[0], m_s, M_s, m_ts[0], M_ts[0], DIVERGENCE)
     M_z, D_z = tl.max(m_z, axis=0), tl.sum(d_z, axis=0)
     if HAS_CE:
         M_z, D_z = tile_rows_to_row(m_z, d_z)

@@ -30,8 +30,10 @@ one bf16 teacher, 4 for fp32):
     otherwise: 3 (b_s + b_t) + b_s      (14 for one bf16 teacher, 20 for two)
 
 Layout. A block of BLOCK_V columns is a tile [BLOCK_V / VEC, VEC]: each tile row is one thread's
-VEC contiguous elements (16 bytes: one vector load). Pass 1 keeps its maxima and sums per tile
-row and folds them across threads once per row, so its loop has no cross-thread reduction.
+VEC contiguous elements (16 bytes: one vector load). Each pass walks the row's aligned body in such
+tiles and its unaligned head and tail in one edge tile beside the loop (row_tiles.py), so its loads
+are 16 bytes whatever V and the row strides. Pass 1 keeps its maxima and sums per tile row and
+folds them across threads once per row, so its loop has no cross-thread reduction.
 
 Cache order. Successive passes run in opposite directions (pass 1 first to last block, the next
 pass back, the next forward again), so each re-read starts with the blocks the previous pass
@@ -41,10 +43,10 @@ pass repeats are "evict_last", the last pass's reads and the gradient store "evi
 import triton
 import triton.language as tl
 
-from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, element_terms,
-                          finish_row_statistics, fold_row_statistics, load_teacher_tiles, load_tile, log_ratio_shift,
-                          mixture_log_prob, row_loss)
+from .divergences import (JSD, cross_term_scalars, divergence_grad, element_terms, finish_row_statistics,
+                          fold_row_tile, init_row_statistics, log_ratio_shift, loss_scalars, mixture_log_prob, row_loss)
 from .row_stats import exp, row_label, store
+from .row_tiles import body_pointer, body_tile, edge_tile, load_teacher_tiles, load_tile, row_split, zero_row
 
 
 @triton.jit
@@ -83,6 +85,39 @@ def _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teache
 
 
 @triton.jit
+def _row_terms(a1, a2, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature, m_s, d_s, log_d_s,
+               m_ts, d_ts, log_d_ts, shift, log_teacher_weights, mix_weight, log_weight_p, log_weight_q,
+               ACC_DTYPE: tl.constexpr, DIVERGENCE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
+    """Pass 2 on one tile: a1, a2 plus the tile's element terms (0 where masked: p = q = 0)."""
+    s = load_tile(z_row, offsets, mask, inv_temperature, ACC_DTYPE, "evict_last")
+    ts = load_teacher_tiles(t_rows, offsets, mask, inv_teacher_temperature, ACC_DTYPE, "evict_last", NUM_TEACHERS)
+    ls, lt, q, p, s_minus_t, row_shift = _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift,
+                                                    log_teacher_weights, NUM_TEACHERS)
+    b1, b2 = element_terms(ls, lt, q, p, s_minus_t, row_shift, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+    return a1 + b1, a2 + b2
+
+
+@triton.jit
+def _gradient_tile(g_row, z_row, t_rows, offsets, mask, columns, label, inv_temperature, inv_teacher_temperature,
+                   m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights, A1, A2, mix_weight,
+                   log_weight_p, log_weight_q, m_z, log_d_z, soft_grad_scale, hard_grad_scale, row_nan,
+                   ACC_DTYPE: tl.constexpr, DIVERGENCE: tl.constexpr, NUM_TEACHERS: tl.constexpr,
+                   HAS_CE: tl.constexpr, CE_FROM_STUDENT: tl.constexpr):
+    """The gradient pass on one tile: read it (the last read, "evict_first") and store its gradient."""
+    z = load_tile(z_row, offsets, mask, 1.0, ACC_DTYPE, "evict_first")
+    ts = load_teacher_tiles(t_rows, offsets, mask, inv_teacher_temperature, ACC_DTYPE, "evict_first", NUM_TEACHERS)
+    ls, lt, q, p, s_minus_t, row_shift = _log_probs(z * inv_temperature, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts,
+                                                    shift, log_teacher_weights, NUM_TEACHERS)
+    g = divergence_grad(ls, lt, q, p, s_minus_t, row_shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
+                        DIVERGENCE)
+    g = soft_grad_scale * g + row_nan
+    if HAS_CE:
+        softmax_z = q if CE_FROM_STUDENT else exp((z - m_z) - log_d_z)
+        g += hard_grad_scale * (softmax_z - tl.where(columns == label, 1.0, 0.0))
+    store(g_row + offsets, g, mask=mask, eviction_policy="evict_first")
+
+
+@triton.jit
 def kd_forward_kernel(
     z_ptr, z_row_stride,            # student logits [N, V], any float dtype, unit column stride
     teacher_ptrs, teacher_row_strides,  # NUM_TEACHERS teacher logits [N, V] (any float dtypes) and row strides
@@ -97,48 +132,39 @@ def kd_forward_kernel(
     ignore_index,
     DIVERGENCE: tl.constexpr, NUM_TEACHERS: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     CE_FROM_STUDENT: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
-    VEC: tl.constexpr,
+    VEC: tl.constexpr, ALIGNED: tl.constexpr,  # ALIGNED: every row stride (the gradient's too) equal modulo VEC
 ):
-    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
-        inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
-    soft_scale = tl.full((), soft_scale, ACC_DTYPE)
-    hard_weight = tl.full((), hard_weight, ACC_DTYPE)
+    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale, hard_weight = (
+        loss_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale,
+                     hard_weight, ACC_DTYPE))
     log_teacher_weights = (tl.full((), log_teacher_weight_0, ACC_DTYPE), tl.full((), log_teacher_weight_1, ACC_DTYPE),
                            tl.full((), log_teacher_weight_2, ACC_DTYPE), tl.full((), log_teacher_weight_3, ACC_DTYPE))
     row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * z_row_stride
+    head, n = row_split(row * z_row_stride, V, VEC, ALIGNED)
+    # Every row pointer at column head, the start of the row's aligned body (row_tiles.py).
+    z_row = body_pointer(z_ptr, row * z_row_stride, head, VEC, ALIGNED)
     t_rows = ()
     for i in tl.static_range(NUM_TEACHERS):
-        t_rows = t_rows + (teacher_ptrs[i] + row * teacher_row_strides[i],)
-    g_row = grad_ptr + row * grad_row_stride
-    TILE_ROWS: tl.constexpr = BLOCK_V // VEC
-    tile = tl.arange(0, TILE_ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    last_start = (tl.cdiv(V, BLOCK_V) - 1) * BLOCK_V
+        t_rows = t_rows + (body_pointer(teacher_ptrs[i], row * teacher_row_strides[i], head, VEC, ALIGNED),)
+    g_row = body_pointer(grad_ptr, row * grad_row_stride, head, VEC, ALIGNED)
+    last_start = (tl.cdiv(n, BLOCK_V) - 1) * BLOCK_V
     ELEMENT_PASS: tl.constexpr = DIVERGENCE >= JSD or NUM_TEACHERS > 1
     Z_STATS: tl.constexpr = HAS_CE and not CE_FROM_STUDENT
 
     label, valid = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     if valid:
-        # Pass 1, first to last block: log-sum-exps (and the kl / reverse_kl cross term).
-        m_s = tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE)
-        d_s = tl.zeros((TILE_ROWS,), ACC_DTYPE)
-        m_ts = ()
-        d_ts = ()
-        for i in tl.static_range(NUM_TEACHERS):
-            m_ts = m_ts + (tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE),)
-            d_ts = d_ts + (tl.zeros((TILE_ROWS,), ACC_DTYPE),)
-        m_z = tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE)
-        d_z = tl.zeros((TILE_ROWS,), ACC_DTYPE)
-        cross = tl.zeros((TILE_ROWS,), ACC_DTYPE)
-        for start in range(0, V, BLOCK_V):
-            z = load_tile(z_row, start + tile, V, 1.0, ACC_DTYPE, "evict_last")
-            ts = load_teacher_tiles(t_rows, start + tile, V, inv_teacher_temperature, ACC_DTYPE, "evict_last",
-                                    NUM_TEACHERS)
-            m_s, d_s, m_ts, d_ts, m_z, d_z, cross = fold_row_statistics(
-                m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, z * inv_temperature, ts, DIVERGENCE, Z_STATS, NUM_TEACHERS)
-        m_s, d_s, m_ts, d_ts, m_z, d_z, cross = finish_row_statistics(
-            m_s, d_s, m_ts, d_ts, m_z, d_z, cross, DIVERGENCE, Z_STATS, NUM_TEACHERS)
+        # Pass 1, the edge, then first to last block: log-sum-exps (and the kl / reverse_kl cross term).
+        # (The edge before the loop, here and in pass 2, the gradient's after it: fewest registers.)
+        edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
+        stats = fold_row_tile(init_row_statistics(BLOCK_V // VEC, ACC_DTYPE, NUM_TEACHERS), z_row, t_rows, edge,
+                              edge_mask, inv_temperature, inv_teacher_temperature, ACC_DTYPE, "evict_last", DIVERGENCE,
+                              Z_STATS, NUM_TEACHERS)
+        for start in range(0, n, BLOCK_V):
+            offsets, mask = body_tile(start, n, BLOCK_V, VEC)
+            stats = fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
+                                  ACC_DTYPE, "evict_last", DIVERGENCE, Z_STATS, NUM_TEACHERS)
+        m_s, d_s, m_ts, d_ts, m_z, d_z, cross = finish_row_statistics(stats, DIVERGENCE, Z_STATS, NUM_TEACHERS)
         if CE_FROM_STUDENT:
             m_z, d_z = m_s, d_s
         log_d_s = tl.log(d_s)
@@ -151,27 +177,24 @@ def kd_forward_kernel(
 
         # Pass 2, last to first block: the row scalars, when the first pass could not give them.
         if ELEMENT_PASS:
-            a1 = tl.zeros((TILE_ROWS, VEC), ACC_DTYPE)
-            a2 = tl.zeros((TILE_ROWS, VEC), ACC_DTYPE)
-            for start in range(0, V, BLOCK_V):
-                start = _block_start(start, last_start, False)
-                s = load_tile(z_row, start + tile, V, inv_temperature, ACC_DTYPE, "evict_last")
-                ts = load_teacher_tiles(t_rows, start + tile, V, inv_teacher_temperature, ACC_DTYPE, "evict_last",
-                                        NUM_TEACHERS)
-                ls, lt, q, p, s_minus_t, row_shift = _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts,
-                                                                shift, log_teacher_weights, NUM_TEACHERS)
-                # Columns past V load -inf: every term is 0 there (p = q = 0).
-                b1, b2 = element_terms(ls, lt, q, p, s_minus_t, row_shift, mix_weight, log_weight_p, log_weight_q,
-                                       DIVERGENCE)
-                a1 += b1
-                a2 += b2
+            edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
+            a1, a2 = _row_terms(tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE), tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE),
+                                z_row, t_rows, edge, edge_mask, inv_temperature, inv_teacher_temperature, m_s, d_s,
+                                log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights, mix_weight, log_weight_p,
+                                log_weight_q, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS)
+            for start in range(0, n, BLOCK_V):
+                offsets, mask = body_tile(_block_start(start, last_start, False), n, BLOCK_V, VEC)
+                a1, a2 = _row_terms(a1, a2, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
+                                    m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights, mix_weight,
+                                    log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS)
             A1 = tl.sum(tl.sum(a1, axis=1), axis=0)
             A2 = tl.sum(tl.sum(a2, axis=1), axis=0)
         else:
             A1, A2 = cross_term_scalars(cross, d_s, d_ts[0], shift, DIVERGENCE)
         z_label = tl.zeros((), ACC_DTYPE)
         if HAS_CE:
-            z_label = tl.load(z_row + label, mask=(label >= 0) & (label < V), other=float("nan")).to(ACC_DTYPE)
+            z_label = tl.load(z_row + (label - head), mask=(label >= 0) & (label < V), other=float("nan"))
+            z_label = z_label.to(ACC_DTYPE)
         loss, row_nan = row_loss(A1, A2, mix_weight, soft_scale, hard_weight, m_z + tl.log(d_z), z_label, label, V,
                                  defined, DIVERGENCE, HAS_CE)
         store(loss_ptr + row, loss)
@@ -182,23 +205,20 @@ def kd_forward_kernel(
             soft_grad_scale = grad_scale * soft_scale * inv_temperature
             hard_grad_scale = grad_scale * hard_weight
             log_d_z = tl.log(d_z)
-            for start in range(0, V, BLOCK_V):
-                start = _block_start(start, last_start, ELEMENT_PASS)
-                z = load_tile(z_row, start + tile, V, 1.0, ACC_DTYPE, "evict_first")
-                ts = load_teacher_tiles(t_rows, start + tile, V, inv_teacher_temperature, ACC_DTYPE, "evict_first",
-                                        NUM_TEACHERS)
-                ls, lt, q, p, s_minus_t, row_shift = _log_probs(z * inv_temperature, ts, m_s, d_s, log_d_s, m_ts,
-                                                                d_ts, log_d_ts, shift, log_teacher_weights,
-                                                                NUM_TEACHERS)
-                g = divergence_grad(ls, lt, q, p, s_minus_t, row_shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
-                                    DIVERGENCE)
-                g = soft_grad_scale * g + row_nan
-                if HAS_CE:
-                    softmax_z = q if CE_FROM_STUDENT else exp((z - m_z) - log_d_z)
-                    g += hard_grad_scale * (softmax_z - tl.where(start + tile == label, 1.0, 0.0))
-                store(g_row + start + tile, g, mask=start + tile < V, eviction_policy="evict_first")
+            for start in range(0, n, BLOCK_V):
+                offsets, mask = body_tile(_block_start(start, last_start, ELEMENT_PASS), n, BLOCK_V, VEC)
+                _gradient_tile(g_row, z_row, t_rows, offsets, mask, head + offsets, label, inv_temperature,
+                               inv_teacher_temperature, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift,
+                               log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
+                               soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS, HAS_CE,
+                               CE_FROM_STUDENT)
+            edge, edge_mask = edge_tile(head, n, V, 2 * VEC, VEC)
+            _gradient_tile(g_row, z_row, t_rows, edge, edge_mask, head + edge, label, inv_temperature,
+                           inv_teacher_temperature, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift,
+                           log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
+                           soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS, HAS_CE,
+                           CE_FROM_STUDENT)
     else:
         if WRITE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                store(g_row + start + tile, tl.zeros((TILE_ROWS, VEC), ACC_DTYPE), mask=start + tile < V)
+            zero_row(g_row, head, n, V, ACC_DTYPE, BLOCK_V, VEC)
         store(loss_ptr + row, tl.zeros((), ACC_DTYPE))

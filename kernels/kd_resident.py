@@ -23,9 +23,10 @@ an all-NaN gradient row, exactly as kd_loss.py.
 import triton
 import triton.language as tl
 
-from .divergences import (JSD, cross_term_elements, cross_term_scalars, divergence_grad, divergence_scalars,
-                          element_terms, load_tile, log_ratio_shift, row_loss)
+from .divergences import (JSD, cross_term_elements, cross_term_scalars, divergence_grad, element_terms,
+                          log_ratio_shift, loss_scalars, row_loss)
 from .row_stats import exp, finite, row_label, store
+from .row_tiles import load_tile
 
 
 @triton.jit
@@ -64,10 +65,9 @@ def kd_resident_kernel(
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,   # BLOCK_V >= V
 ):
-    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
-        inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
-    soft_scale = tl.full((), soft_scale, ACC_DTYPE)
-    hard_weight = tl.full((), hard_weight, ACC_DTYPE)
+    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale, hard_weight = (
+        loss_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale,
+                     hard_weight, ACC_DTYPE))
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     t_row = t_ptr + row * t_row_stride
@@ -78,9 +78,9 @@ def kd_resident_kernel(
 
     if valid:
         mask = cols < V
-        z = load_tile(z_row, cols, V, 1.0, ACC_DTYPE, "evict_first")
+        z = load_tile(z_row, cols, mask, 1.0, ACC_DTYPE, "evict_first")
         s = z * inv_temperature
-        t = load_tile(t_row, cols, V, inv_teacher_temperature, ACC_DTYPE, "evict_first")
+        t = load_tile(t_row, cols, mask, inv_teacher_temperature, ACC_DTYPE, "evict_first")
         m_s, m_t, m_z = row_maxima(s, t, z, HAS_CE)
         e_s = exp(s - finite(m_s))
         e_t = exp(t - finite(m_t))

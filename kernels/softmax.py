@@ -7,73 +7,105 @@ Math, per row x of length V at temperature T (s = x / T):
     backward     dx_j = y_j * (dy_j - sum_i dy_i * y_i) / T        (softmax)
                  dx_j = (dy_j - exp(ly_j) * sum_i dy_i) / T        (log_softmax)
 
-lse(s) comes from an online max / sum-of-exps over vocabulary blocks, so any V works with one
-program per row. Bytes per element: forward reads x twice (the second read usually hits cache when
-a row fits in L2) and writes y once; backward reads y and dy twice and writes dx once.
+lse(s) comes from an online max / sum-of-exps over vocabulary blocks, kept per tile row and folded
+across threads once per row, so any V works with one program per row. Each loop walks the row's
+aligned body, then its head and tail in one edge tile (row_tiles.py): 16-byte loads at any V and
+row stride. Bytes per element: forward reads x twice (the second read usually hits cache when a row
+fits in L2) and writes y once; backward reads y and dy twice and writes dx once.
 """
 import triton
 import triton.language as tl
 
-from .row_stats import exp, online_logsumexp_update, store
+from .row_stats import exp, fold_tile, store, tile_rows_to_row
+from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split
+
+
+@triton.jit
+def _fold(m, d, x_row, offsets, mask, inv_temperature, ACC_DTYPE: tl.constexpr):
+    m, d, _, _ = fold_tile(m, d, load_tile(x_row, offsets, mask, inv_temperature, ACC_DTYPE, ""))
+    return m, d
+
+
+@triton.jit
+def _forward_tile(y_row, x_row, offsets, mask, inv_temperature, lse, LOG: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    out = load_tile(x_row, offsets, mask, inv_temperature, ACC_DTYPE, "") - lse
+    if not LOG:
+        out = exp(out)
+    store(y_row + offsets, out, mask=mask)
 
 
 @triton.jit
 def softmax_forward_kernel(
     x_ptr, x_row_stride, y_ptr, y_row_stride, V, inv_temperature: tl.float64,
-    LOG: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOG: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * x_row_stride
-    y_row = y_ptr + row * y_row_stride
-    cols = tl.arange(0, BLOCK_V)
+    head, n = row_split(row * x_row_stride, V, VEC, ALIGNED)
+    x_row = body_pointer(x_ptr, row * x_row_stride, head, VEC, ALIGNED)
+    y_row = body_pointer(y_ptr, row * y_row_stride, head, VEC, ALIGNED)
 
-    m = tl.full((), float("-inf"), ACC_DTYPE)
-    d = tl.zeros((), ACC_DTYPE)
-    for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        s = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE) * inv_temperature
-        m, d = online_logsumexp_update(m, d, s)
+    m = tl.full((BLOCK_V // VEC,), float("-inf"), ACC_DTYPE)
+    d = tl.zeros((BLOCK_V // VEC,), ACC_DTYPE)
+    for start in range(0, n, BLOCK_V):
+        offsets, mask = body_tile(start, n, BLOCK_V, VEC)
+        m, d = _fold(m, d, x_row, offsets, mask, inv_temperature, ACC_DTYPE)
+    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)  # here and below: not live across a loop
+    m, d = _fold(m, d, x_row, edge, edge_mask, inv_temperature, ACC_DTYPE)
+    m, d = tile_rows_to_row(m, d)
     lse = m + tl.log(d)
 
-    for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        s = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE) * inv_temperature
-        out = s - lse
-        if not LOG:
-            out = exp(out)
-        store(y_row + start + cols, out, mask=mask)
+    for start in range(0, n, BLOCK_V):
+        offsets, mask = body_tile(start, n, BLOCK_V, VEC)
+        _forward_tile(y_row, x_row, offsets, mask, inv_temperature, lse, LOG, ACC_DTYPE)
+    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
+    _forward_tile(y_row, x_row, edge, edge_mask, inv_temperature, lse, LOG, ACC_DTYPE)
+
+
+@triton.jit
+def _dot_tile(acc, y_row, dy_row, offsets, mask, LOG: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """acc plus the tile's dy (log_softmax) or dy * y (softmax)."""
+    dy = tl.load(dy_row + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    if LOG:
+        return acc + dy
+    else:
+        return acc + dy * tl.load(y_row + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def _backward_tile(dx_row, y_row, dy_row, offsets, mask, total, inv_temperature, LOG: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr):
+    dy = tl.load(dy_row + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    y = tl.load(y_row + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    if LOG:
+        dx = dy - exp(y) * total
+    else:
+        dx = y * (dy - total)
+    store(dx_row + offsets, dx * inv_temperature, mask=mask)
 
 
 @triton.jit
 def softmax_backward_kernel(
     y_ptr, y_row_stride, dy_ptr, dy_row_stride, dx_ptr, dx_row_stride, V, inv_temperature: tl.float64,
-    LOG: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOG: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
-    y_row = y_ptr + row * y_row_stride
-    dy_row = dy_ptr + row * dy_row_stride
-    dx_row = dx_ptr + row * dx_row_stride
-    cols = tl.arange(0, BLOCK_V)
+    head, n = row_split(row * y_row_stride, V, VEC, ALIGNED)
+    y_row = body_pointer(y_ptr, row * y_row_stride, head, VEC, ALIGNED)
+    dy_row = body_pointer(dy_ptr, row * dy_row_stride, head, VEC, ALIGNED)
+    dx_row = body_pointer(dx_ptr, row * dx_row_stride, head, VEC, ALIGNED)
 
-    acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
-    for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(ACC_DTYPE)
-        if LOG:
-            acc += dy
-        else:
-            y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(ACC_DTYPE)
-            acc += dy * y
-    total = tl.sum(acc, axis=0)
+    acc = tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE)
+    for start in range(0, n, BLOCK_V):
+        offsets, mask = body_tile(start, n, BLOCK_V, VEC)
+        acc = _dot_tile(acc, y_row, dy_row, offsets, mask, LOG, ACC_DTYPE)
+    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
+    acc = _dot_tile(acc, y_row, dy_row, edge, edge_mask, LOG, ACC_DTYPE)
+    total = tl.sum(tl.sum(acc, axis=1), axis=0)
 
-    for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(ACC_DTYPE)
-        y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(ACC_DTYPE)
-        if LOG:
-            dx = dy - exp(y) * total
-        else:
-            dx = y * (dy - total)
-        store(dx_row + start + cols, dx * inv_temperature, mask=mask)
+    for start in range(0, n, BLOCK_V):
+        offsets, mask = body_tile(start, n, BLOCK_V, VEC)
+        _backward_tile(dx_row, y_row, dy_row, offsets, mask, total, inv_temperature, LOG, ACC_DTYPE)
+    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
+    _backward_tile(dx_row, y_row, dy_row, edge, edge_mask, total, inv_temperature, LOG, ACC_DTYPE)

@@ -50,8 +50,9 @@ Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading anyth
 import triton
 import triton.language as tl
 
-from .divergences import divergence_scalars, divergence_value, element_terms, point_grad
-from .row_stats import exp, online_max_update, row_label, store
+from .divergences import divergence_value, element_terms, loss_scalars, point_grad
+from .row_stats import exp, fold_tile, online_max_update, row_label, store, tile_rows_to_row
+from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split, zero_row
 
 BUCKET = tl.constexpr(0)
 RENORMALIZE = tl.constexpr(1)
@@ -92,6 +93,33 @@ def _listed(z_row, lt_row, idx_row, k0, lanes, K, V, inv_temperature, ACC_DTYPE:
 
 
 @triton.jit
+def _row_sums(sums, z_row, offsets, mask, inv_temperature, s_floor, ACC_DTYPE: tl.constexpr, TAIL: tl.constexpr,
+              HAS_CE: tl.constexpr):
+    """Pass (1) on one tile: the per-tile-row (m_s, d_s, d_low, m_z, d_z) folded with it."""
+    m_s, d_s, d_low, m_z, d_z = sums
+    z = load_tile(z_row, offsets, mask, 1.0, ACC_DTYPE, "")
+    s = z * inv_temperature
+    m_s, d_s, e_s, alpha_s = fold_tile(m_s, d_s, s)
+    if TAIL == BUCKET:
+        d_low = d_low * alpha_s + tl.sum(tl.where(s < s_floor, e_s, 0.0), axis=1)
+    if HAS_CE:
+        m_z, d_z, _, _ = fold_tile(m_z, d_z, z)
+    return m_s, d_s, d_low, m_z, d_z
+
+
+@triton.jit
+def _unlisted_gradient(g_row, z_row, offsets, mask, columns, label, inv_temperature, lse_s, lse_z, c_tail,
+                       soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE: tl.constexpr, HAS_CE: tl.constexpr):
+    """Pass (2) on one tile: q_j (g_tail - S) (and the hard CE's gradient) at its columns."""
+    z = load_tile(z_row, offsets, mask, 1.0, ACC_DTYPE, "")
+    q = exp(z * inv_temperature - lse_s)
+    grad = soft_grad_scale * tl.where(q > 0, q * c_tail, 0.0) + row_nan
+    if HAS_CE:
+        grad += hard_grad_scale * (exp(z - lse_z) - tl.where(columns == label, 1.0, 0.0))
+    store(g_row + offsets, grad, mask=mask)
+
+
+@triton.jit
 def topk_kd_forward_kernel(
     z_ptr, z_row_stride,            # student logits [N, V], any float dtype
     lt_ptr, lt_row_stride,          # teacher log-probabilities [N, K], any float dtype
@@ -105,19 +133,21 @@ def topk_kd_forward_kernel(
     soft_scale: tl.float64, hard_weight: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr, ALIGNED: tl.constexpr,  # the row walk of the student and its gradient (row_tiles.py)
 ):
-    inv_temperature, _, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
-        inv_temperature, inv_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
-    soft_scale = tl.full((), soft_scale, ACC_DTYPE)
-    hard_weight = tl.full((), hard_weight, ACC_DTYPE)
+    inv_temperature, _, mix_weight, log_weight_p, log_weight_q, soft_scale, hard_weight = loss_scalars(
+        inv_temperature, inv_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale, hard_weight, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     lt_row = lt_ptr + row * lt_row_stride
     idx_row = idx_ptr + row * idx_row_stride
     g_row = grad_ptr + row * grad_row_stride
     scratch_row = scratch_ptr + row * K
-    cols = tl.arange(0, BLOCK_V)
     lanes = tl.arange(0, BLOCK_K)
+    # The passes over the row walk it from its first aligned group (z_row and g_row are for gathers).
+    head, n = row_split(row * z_row_stride, V, VEC, ALIGNED)
+    z_body = body_pointer(z_ptr, row * z_row_stride, head, VEC, ALIGNED)
+    g_body = body_pointer(grad_ptr, row * grad_row_stride, head, VEC, ALIGNED)
 
     label, valid = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
@@ -141,23 +171,18 @@ def topk_kd_forward_kernel(
         lse_kt = m_kt + tl.log(d_kt)
 
         # (1) One pass over the row: lse(s), the surely-unlisted mass d_low, lse(z).
-        m_s = tl.full((), float("-inf"), ACC_DTYPE)
-        m_z = tl.full((), float("-inf"), ACC_DTYPE)
-        d_s = tl.zeros((), ACC_DTYPE)
-        d_low = tl.zeros((), ACC_DTYPE)
-        d_z = tl.zeros((), ACC_DTYPE)
-        for start in range(0, V, BLOCK_V):
-            mask = start + cols < V
-            z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
-            s = z * inv_temperature
-            m_s, safe_s, alpha_s = online_max_update(m_s, s)
-            e_s = exp(s - safe_s)
-            d_s = d_s * alpha_s + tl.sum(e_s, axis=0)
-            if TAIL == BUCKET:
-                d_low = d_low * alpha_s + tl.sum(tl.where(s < s_floor, e_s, 0.0), axis=0)
-            if HAS_CE:
-                m_z, safe_z, alpha_z = online_max_update(m_z, z)
-                d_z = d_z * alpha_z + tl.sum(exp(z - safe_z), axis=0)
+        sums = (tl.full((BLOCK_V // VEC,), float("-inf"), ACC_DTYPE), tl.zeros((BLOCK_V // VEC,), ACC_DTYPE),
+                tl.zeros((BLOCK_V // VEC,), ACC_DTYPE), tl.full((BLOCK_V // VEC,), float("-inf"), ACC_DTYPE),
+                tl.zeros((BLOCK_V // VEC,), ACC_DTYPE))
+        for start in range(0, n, BLOCK_V):
+            offsets, mask = body_tile(start, n, BLOCK_V, VEC)
+            sums = _row_sums(sums, z_body, offsets, mask, inv_temperature, s_floor, ACC_DTYPE, TAIL, HAS_CE)
+        edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
+        m_s, d_s, d_low, m_z, d_z = _row_sums(sums, z_body, edge, edge_mask, inv_temperature, s_floor, ACC_DTYPE,
+                                              TAIL, HAS_CE)
+        _, d_low = tile_rows_to_row(m_s, d_low)
+        m_s, d_s = tile_rows_to_row(m_s, d_s)
+        m_z, d_z = tile_rows_to_row(m_z, d_z)
         lse_s = m_s + tl.log(d_s)
         lse_z = m_z + tl.log(d_z)
 
@@ -220,14 +245,13 @@ def topk_kd_forward_kernel(
                 store(scratch_row + k0 + lanes, grad, mask=live)
 
             # (2) The unlisted-column gradient at every column.
-            for start in range(0, V, BLOCK_V):
-                mask = start + cols < V
-                z = tl.load(z_row + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
-                q = exp(z * inv_temperature - lse_s)
-                grad = soft_grad_scale * tl.where(q > 0, q * c_tail, 0.0) + row_nan
-                if HAS_CE:
-                    grad += hard_grad_scale * (exp(z - lse_z) - tl.where(start + cols == label, 1.0, 0.0))
-                store(g_row + start + cols, grad, mask=mask)
+            for start in range(0, n, BLOCK_V):
+                offsets, mask = body_tile(start, n, BLOCK_V, VEC)
+                _unlisted_gradient(g_body, z_body, offsets, mask, head + offsets, label, inv_temperature, lse_s,
+                                   lse_z, c_tail, soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, HAS_CE)
+            edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
+            _unlisted_gradient(g_body, z_body, edge, edge_mask, head + edge, label, inv_temperature, lse_s, lse_z,
+                               c_tail, soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, HAS_CE)
 
             # (D) The listed gradients over it: every store of pass 2 lands first.
             tl.debug_barrier()
@@ -239,6 +263,5 @@ def topk_kd_forward_kernel(
                 store(g_row + index, grad, mask=ok)
     else:
         if WRITE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                store(g_row + start + cols, tl.zeros((BLOCK_V,), ACC_DTYPE), mask=start + cols < V)
+            zero_row(g_body, head, n, V, ACC_DTYPE, BLOCK_V, VEC)
         store(loss_ptr + row, tl.zeros((), ACC_DTYPE))

@@ -10,12 +10,20 @@ side from the top K):
 This kernel writes the part every column has, out[r, j] = coef[r] * exp(s_j - lse[r]) with
 coef = -c * scale / T (0 for an ignored row, whose gradient is then 0 whatever its logits); the K
 top columns are overwritten afterwards with (1 / T) q_j (g_j - c) * scale (an [N, K] scatter).
-Bytes per row: the logits read once, the gradient written once.
+Bytes per row: the logits read once, the gradient written once, in 16-byte groups at any V and
+row stride (row_tiles.py).
 """
 import triton
 import triton.language as tl
 
 from .row_stats import exp, store
+from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split
+
+
+@triton.jit
+def _gradient_tile(out_row, z_row, offsets, mask, lse, coef, inv_temperature, ACC_DTYPE: tl.constexpr):
+    q = exp(load_tile(z_row, offsets, mask, inv_temperature, ACC_DTYPE, "") - lse)
+    store(out_row + offsets, tl.where(coef == 0, 0.0, coef * q), mask=mask)
 
 
 @triton.jit
@@ -23,14 +31,16 @@ def uld_topk_grad_kernel(
     z_ptr, z_row_stride,            # student logits [N, V], any float dtype, unit column stride
     out_ptr, out_row_stride,        # gradient [N, V], the student's dtype
     lse_ptr, coef_ptr,              # [N] each, ACC_DTYPE: log-sum-exp of z / T, and coef (above)
-    V, inv_temperature, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    V, inv_temperature, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
     coef = tl.load(coef_ptr + row).to(ACC_DTYPE)
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        z = tl.load(z_ptr + row * z_row_stride + start + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE)
-        q = exp(z * inv_temperature - lse)
-        store(out_ptr + row * out_row_stride + start + cols, tl.where(coef == 0, 0.0, coef * q), mask=mask)
+    head, n = row_split(row * z_row_stride, V, VEC, ALIGNED)
+    z_row = body_pointer(z_ptr, row * z_row_stride, head, VEC, ALIGNED)
+    out_row = body_pointer(out_ptr, row * out_row_stride, head, VEC, ALIGNED)
+    for start in range(0, n, BLOCK_V):
+        offsets, mask = body_tile(start, n, BLOCK_V, VEC)
+        _gradient_tile(out_row, z_row, offsets, mask, lse, coef, inv_temperature, ACC_DTYPE)
+    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
+    _gradient_tile(out_row, z_row, edge, edge_mask, lse, coef, inv_temperature, ACC_DTYPE)

@@ -26,14 +26,17 @@ or an inconsistent shard layout).
 
 Ignored rows (y == ignore_index) get neutral statistics (maxima -inf, sums 0), loss 0 and a zero
 gradient without reading the logits. Bytes moved per element are those of the fused single-GPU
-kernel: 2 (b_s + b_t) + b_s for kl and reverse_kl, 3 (b_s + b_t) + b_s for the others.
+kernel: 2 (b_s + b_t) + b_s for kl and reverse_kl, 3 (b_s + b_t) + b_s for the others. Each loop
+walks the shard's aligned body and then its head and tail, as kd_loss.py (row_tiles.py).
 """
 import triton
 import triton.language as tl
 
 from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, divergence_value,
-                          element_terms, finish_row_statistics, fold_row_statistics, load_tile, log_ratio_shift)
+                          element_terms, finish_row_statistics, fold_row_tile, init_row_statistics, log_ratio_shift,
+                          loss_scalars)
 from .row_stats import exp, row_label, store
+from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split, zero_row
 
 # Columns of STATS [N, 8] and ROW [N, 11], in the order of fastkd.backends.VOCAB_PARALLEL_STATS and
 # VOCAB_PARALLEL_ROW (a test checks the correspondence). (constexpr: jit code reads only those.)
@@ -52,39 +55,34 @@ def partial_stats_kernel(
     stats_ptr,                      # STATS [N, 8], float32 (float64 for float64 input)
     W, vocab_start, inv_temperature: tl.float64, inv_teacher_temperature: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     inv_temperature = tl.full((), inv_temperature, ACC_DTYPE)
     inv_teacher_temperature = tl.full((), inv_teacher_temperature, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * z_row_stride
-    t_row = t_ptr + row * t_row_stride
-    out = stats_ptr + row * STATS_WIDTH
-    TILE_ROWS: tl.constexpr = BLOCK_V // VEC
-    tile = tl.arange(0, TILE_ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     label, kept = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
+    width = tl.where(kept, W, 0)  # an ignored row reads nothing: its statistics stay neutral
+    head, n = row_split(row * z_row_stride, width, VEC, ALIGNED)
+    z_row = body_pointer(z_ptr, row * z_row_stride, head, VEC, ALIGNED)
+    t_rows = (body_pointer(t_ptr, row * t_row_stride, head, VEC, ALIGNED),)
+    out = stats_ptr + row * STATS_WIDTH
 
-    m_s = tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE)
-    m_ts = (tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE),)
-    m_z = tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE)
-    d_s = tl.zeros((TILE_ROWS,), ACC_DTYPE)
-    d_ts = (tl.zeros((TILE_ROWS,), ACC_DTYPE),)
-    d_z = tl.zeros((TILE_ROWS,), ACC_DTYPE)
-    cross = tl.zeros((TILE_ROWS,), ACC_DTYPE)
+    stats = init_row_statistics(BLOCK_V // VEC, ACC_DTYPE, 1)
     z_y = tl.zeros((), ACC_DTYPE)
-    for start in range(0, tl.where(kept, W, 0), BLOCK_V):
-        z = load_tile(z_row, start + tile, W, 1.0, ACC_DTYPE, "")
-        ts = (load_tile(t_row, start + tile, W, inv_teacher_temperature, ACC_DTYPE, ""),)
-        m_s, d_s, m_ts, d_ts, m_z, d_z, cross = fold_row_statistics(
-            m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, z * inv_temperature, ts, DIVERGENCE, HAS_CE, 1)
-    m_s, d_s, m_ts, d_ts, m_z, d_z, cross = finish_row_statistics(
-        m_s, d_s, m_ts, d_ts, m_z, d_z, cross, DIVERGENCE, HAS_CE, 1)
+    for start in range(0, n, BLOCK_V):
+        offsets, mask = body_tile(start, n, BLOCK_V, VEC)
+        stats = fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
+                              ACC_DTYPE, "", DIVERGENCE, HAS_CE, 1)
+    edge, edge_mask = edge_tile(head, n, width, BLOCK_V, VEC)
+    stats = fold_row_tile(stats, z_row, t_rows, edge, edge_mask, inv_temperature, inv_teacher_temperature,
+                          ACC_DTYPE, "", DIVERGENCE, HAS_CE, 1)
+    m_s, d_s, m_ts, d_ts, m_z, d_z, cross = finish_row_statistics(stats, DIVERGENCE, HAS_CE, 1)
     m_t, d_t = m_ts[0], d_ts[0]
     if kept:
         if HAS_CE:
             local_label = label - vocab_start
             owned = (local_label >= 0) & (local_label < W)
-            z_y = tl.load(z_row + local_label, mask=owned, other=0.0).to(ACC_DTYPE)
+            z_y = tl.load(z_row + (local_label - head), mask=owned, other=0.0).to(ACC_DTYPE)
 
     store(out + M_S, m_s)
     store(out + M_T, m_t)
@@ -97,6 +95,35 @@ def partial_stats_kernel(
 
 
 @triton.jit
+def _shard_terms(a1, a2, z_row, t_row, offsets, mask, inv_temperature, inv_teacher_temperature, lse_s, lse_t, shift,
+                 mix_weight, log_weight_p, log_weight_q, ACC_DTYPE: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """a1, a2 plus one tile's element terms (0 where masked: the tile loads -inf, p = q = 0)."""
+    s = load_tile(z_row, offsets, mask, inv_temperature, ACC_DTYPE, "")
+    t = load_tile(t_row, offsets, mask, inv_teacher_temperature, ACC_DTYPE, "")
+    ls, lt = s - lse_s, t - lse_t
+    b1, b2 = element_terms(ls, lt, exp(ls), exp(lt), s - t, shift, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+    return a1 + b1, a2 + b2
+
+
+@triton.jit
+def _shard_gradient(g_row, z_row, t_row, offsets, mask, columns, label, inv_temperature, inv_teacher_temperature, lse_s,
+                    lse_t, lse_z, shift, A1, A2, mix_weight, log_weight_p, log_weight_q, soft_grad_scale,
+                    hard_grad_scale, nan_row, ACC_DTYPE: tl.constexpr, DIVERGENCE: tl.constexpr,
+                    HAS_CE: tl.constexpr):
+    """One tile of the shard's gradient (``columns`` and ``label`` local to the shard)."""
+    z = load_tile(z_row, offsets, mask, 1.0, ACC_DTYPE, "")
+    s = z * inv_temperature
+    t = load_tile(t_row, offsets, mask, inv_teacher_temperature, ACC_DTYPE, "")
+    ls, lt = s - lse_s, t - lse_t
+    g = soft_grad_scale * divergence_grad(ls, lt, exp(ls), exp(lt), s - t, shift, A1, A2, mix_weight, log_weight_p,
+                                          log_weight_q, DIVERGENCE)
+    g += nan_row
+    if HAS_CE:
+        g += hard_grad_scale * (exp(z - lse_z) - tl.where(columns == label, 1.0, 0.0))
+    store(g_row + offsets, g, mask=mask)
+
+
+@triton.jit
 def row_scalars_kernel(
     z_ptr, z_row_stride,            # student shard [N, W]
     t_ptr, t_row_stride,            # teacher shard [N, W]
@@ -106,33 +133,30 @@ def row_scalars_kernel(
     W, inv_temperature: tl.float64, inv_teacher_temperature: tl.float64, mix_weight: tl.float64,
     log_weight_p: tl.float64, log_weight_q: tl.float64, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
-    VEC: tl.constexpr,
+    VEC: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
         inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * z_row_stride
-    t_row = t_ptr + row * t_row_stride
-    TILE_ROWS: tl.constexpr = BLOCK_V // VEC
-    tile = tl.arange(0, TILE_ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    head, n = row_split(row * z_row_stride, W, VEC, ALIGNED)
+    z_row = body_pointer(z_ptr, row * z_row_stride, head, VEC, ALIGNED)
+    t_row = body_pointer(t_ptr, row * t_row_stride, head, VEC, ALIGNED)
     label, kept = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
-    a1 = tl.zeros((TILE_ROWS, VEC), ACC_DTYPE)
-    a2 = tl.zeros((TILE_ROWS, VEC), ACC_DTYPE)
+    a1 = tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE)
+    a2 = tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE)
     if kept:
         values = row_ptr + row * ROW_WIDTH
         lse_s = tl.load(values + LSE_S)
         lse_t = tl.load(values + LSE_T)
         shift = tl.load(values + SHIFT)
-        for start in range(0, W, BLOCK_V):
-            s = load_tile(z_row, start + tile, W, inv_temperature, ACC_DTYPE, "")
-            t = load_tile(t_row, start + tile, W, inv_teacher_temperature, ACC_DTYPE, "")
-            # Columns past W load -inf: every term is 0 there (p = q = 0).
-            ls, lt = s - lse_s, t - lse_t
-            b1, b2 = element_terms(ls, lt, exp(ls), exp(lt), s - t, shift, mix_weight, log_weight_p, log_weight_q,
-                                   DIVERGENCE)
-            a1 += b1
-            a2 += b2
+        for start in range(0, n, BLOCK_V):
+            offsets, mask = body_tile(start, n, BLOCK_V, VEC)
+            a1, a2 = _shard_terms(a1, a2, z_row, t_row, offsets, mask, inv_temperature, inv_teacher_temperature,
+                                  lse_s, lse_t, shift, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE)
+        edge, edge_mask = edge_tile(head, n, W, BLOCK_V, VEC)
+        a1, a2 = _shard_terms(a1, a2, z_row, t_row, edge, edge_mask, inv_temperature, inv_teacher_temperature,
+                              lse_s, lse_t, shift, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE)
     store(scalars_ptr + row * 2, tl.sum(tl.sum(a1, axis=1), axis=0))
     store(scalars_ptr + row * 2 + 1, tl.sum(tl.sum(a2, axis=1), axis=0))
 
@@ -150,18 +174,16 @@ def shard_finish_kernel(
     log_weight_p: tl.float64, log_weight_q: tl.float64, soft_scale: tl.float64, hard_weight: tl.float64,
     ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q = divergence_scalars(
-        inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE)
-    soft_scale = tl.full((), soft_scale, ACC_DTYPE)
-    hard_weight = tl.full((), hard_weight, ACC_DTYPE)
+    inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale, hard_weight = (
+        loss_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log_weight_p, log_weight_q, soft_scale,
+                     hard_weight, ACC_DTYPE))
     row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * z_row_stride
-    t_row = t_ptr + row * t_row_stride
-    g_row = grad_ptr + row * grad_row_stride
-    TILE_ROWS: tl.constexpr = BLOCK_V // VEC
-    tile = tl.arange(0, TILE_ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    head, n = row_split(row * z_row_stride, W, VEC, ALIGNED)
+    z_row = body_pointer(z_ptr, row * z_row_stride, head, VEC, ALIGNED)
+    t_row = body_pointer(t_ptr, row * t_row_stride, head, VEC, ALIGNED)
+    g_row = body_pointer(grad_ptr, row * grad_row_stride, head, VEC, ALIGNED)
     label, kept = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     if kept:
@@ -186,19 +208,18 @@ def shard_finish_kernel(
             soft_grad_scale = grad_scale * soft_scale * inv_temperature
             hard_grad_scale = grad_scale * hard_weight
             local_label = label - vocab_start
-            for start in range(0, W, BLOCK_V):
-                z = load_tile(z_row, start + tile, W, 1.0, ACC_DTYPE, "")
-                s = z * inv_temperature
-                t = load_tile(t_row, start + tile, W, inv_teacher_temperature, ACC_DTYPE, "")
-                ls, lt = s - lse_s, t - lse_t
-                g = soft_grad_scale * divergence_grad(ls, lt, exp(ls), exp(lt), s - t, shift, A1_row, A2_row,
-                                                      mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
-                g += nan_row
-                if HAS_CE:
-                    g += hard_grad_scale * (exp(z - lse_z) - tl.where(start + tile == local_label, 1.0, 0.0))
-                store(g_row + start + tile, g, mask=start + tile < W)
+            for start in range(0, n, BLOCK_V):
+                offsets, mask = body_tile(start, n, BLOCK_V, VEC)
+                _shard_gradient(g_row, z_row, t_row, offsets, mask, head + offsets, local_label, inv_temperature,
+                                inv_teacher_temperature, lse_s, lse_t, lse_z, shift, A1_row, A2_row, mix_weight,
+                                log_weight_p, log_weight_q, soft_grad_scale, hard_grad_scale, nan_row, ACC_DTYPE,
+                                DIVERGENCE, HAS_CE)
+            edge, edge_mask = edge_tile(head, n, W, BLOCK_V, VEC)
+            _shard_gradient(g_row, z_row, t_row, edge, edge_mask, head + edge, local_label, inv_temperature,
+                            inv_teacher_temperature, lse_s, lse_t, lse_z, shift, A1_row, A2_row, mix_weight,
+                            log_weight_p, log_weight_q, soft_grad_scale, hard_grad_scale, nan_row, ACC_DTYPE,
+                            DIVERGENCE, HAS_CE)
     else:
         store(loss_ptr + row, tl.zeros((), ACC_DTYPE))
         if WRITE_GRAD:
-            for start in range(0, W, BLOCK_V):
-                store(g_row + start + tile, tl.zeros((TILE_ROWS, VEC), ACC_DTYPE), mask=start + tile < W)
+            zero_row(g_row, head, n, W, ACC_DTYPE, BLOCK_V, VEC)

@@ -104,8 +104,11 @@ class BackgroundJob:
                 env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
                 env["TRITON_CACHE_DIR"] = os.path.join(self.dir, "triton-cache")
                 self.output = open(os.path.join(self.dir, "output"), "w+")
+                # From the checkout's root, whatever folder a test has moved to meanwhile (the docs'
+                # tests do), so that ``-m fastkd...`` imports this checkout's fastkd.
                 self.process = subprocess.Popen([sys.executable, *self.argv], env=env, stdout=self.output,
-                                                stderr=subprocess.STDOUT, text=True)
+                                                stderr=subprocess.STDOUT, text=True,
+                                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             self.started.set()
         if self.process is not None:
             self.process.wait()

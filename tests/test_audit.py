@@ -106,12 +106,23 @@ def test_bytes_requested_per_element_within_budget(gate_rows, case_id):
                                                                                    kernel["bytes_per_element"])
 
 
-def test_unaligned_rows_get_narrow_loads(unaligned_rows):
-    """The load check can fail: a row stride that is not a multiple of 16 elements loses the
-    specialisation, and with it the 128-bit loads."""
+def test_unaligned_rows_load_128_bits_without_shuffles(unaligned_rows):
+    """A row length and stride that are not multiples of 16 elements: the two-pass kernel walks the
+    row's aligned groups (kernels/row_tiles.py), so its main loops still load 128 bits and hold no
+    shuffle; the check can fail, the stride is not specialised as divisible."""
     for kernel in _kernels(unaligned_rows, "kd_loss kl", UNALIGNED_V):
         assert "V" not in kernel["divisible_by_16"].split()
-        assert all(int(w) < 128 for w in kernel["widest_load_bits"].split("|")), kernel
+        assert all(w == "128" for w in kernel["widest_load_bits"].split("|")), kernel
+        assert all(n == "0" for n in kernel["shfl_per_iteration"].split("|")), kernel
+
+
+@pytest.mark.parametrize("case_id", GATED)
+def test_registers_within_the_ceiling(gate_rows, case_id):
+    """At most MAX_REGISTERS a thread (fastkd/backends/triton.py; spills: test_no_spill_inside_a_loop)."""
+    from fastkd.backends.triton import MAX_REGISTERS
+
+    for kernel in _kernels(gate_rows, case_id):
+        assert int(kernel["registers"]) <= MAX_REGISTERS, (kernel["kernel"], kernel["registers"])
 
 
 # The SASS reader, on a listing in nvdisasm's format: a pass-1 loop, a pass-3 loop unrolled twice

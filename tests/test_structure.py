@@ -54,7 +54,7 @@ def test_the_torch_table_mirrors_the_kernel_table():
     kernel = _functions_in_order(divergences)
     torch_side = [name for name in _functions_in_order(torch_divergences) if name != "finite"]
     assert [name for name in kernel if name in torch_side] == torch_side
-    plumbing = {"divergence_scalars", "load_tile", "load_teacher_tiles", "finish_row_statistics", "row_loss"}
+    plumbing = {"divergence_scalars", "loss_scalars", "init_row_statistics", "fold_row_tile", "finish_row_statistics", "row_loss"}
     assert set(kernel) - set(torch_side) <= plumbing, set(kernel) - set(torch_side)
 
 

@@ -20,6 +20,11 @@ MAX_BLOCK_V = 4096
 MAX_TEACHERS = 4  # the dense kernel's mixture of teachers (kernels/kd_loss.py has as many weight slots)
 MAX_TOPK_K = 1024  # teacher_topk keeps k keys on chip; larger k uses torch.topk (fastkd.functional)
 MAX_BLOCK_K = 1024
+# ptxas's ceiling on registers a thread (the `maxnreg` launch option) for the resident kernel, which
+# would use up to 141: 112 leaves 2 CTAs of 8 warps an SM (1 of 16 with room to spare). The audit
+# gate (tests/test_audit.py) fails a gated kernel above it. (teacher_topk is not capped: at 112 its
+# merge spills in the loop.)
+MAX_REGISTERS = 112
 
 
 def _tl_dtype(dtype):
@@ -41,6 +46,15 @@ def _block_and_warps(V):
 def _vec(*tensors):
     """Elements per thread of a tile row: one 16-byte load of the widest input."""
     return 16 // max(t.element_size() for t in tensors)
+
+
+def _row_walk(*tensors):
+    """VEC and ALIGNED of a kernel walking the rows of ``tensors`` (None: absent) in 16-byte groups
+    (kernels/row_tiles.py): the elements of one 16-byte load of the widest, and whether their row
+    strides agree modulo VEC, so that every row's aligned groups start at the same column."""
+    tensors = [t for t in tensors if t is not None]
+    vec = _vec(*tensors)
+    return dict(VEC=vec, ALIGNED=len({t.stride(0) % vec for t in tensors}) == 1)
 
 
 def _labels(labels, stand_in):
@@ -133,7 +147,7 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
             student, student.stride(0), teachers, tuple(t.stride(0) for t in teachers), *_labels(labels, loss),
             loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss, V, opts=opts,
             NUM_TEACHERS=len(teachers), HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None,
-            ACC_DTYPE=_tl_dtype(acc), VEC=_vec(student, *teachers))
+            ACC_DTYPE=_tl_dtype(acc), **_row_walk(student, grad, *teachers))
     return loss, grad
 
 
@@ -149,7 +163,7 @@ def _resident_kd_forward(student, teacher, labels, grad_scale, opts, loss, grad)
         student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, loss),
         loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss, V,
         **option_args(opts, kernel), HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None,
-        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps,
+        ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=warps, maxnreg=MAX_REGISTERS,
     )
     return loss, grad
 
@@ -171,9 +185,11 @@ def scale_rows(grad, scale, *, out=None):
 
     N, V = grad.shape
     out = empty((N, V), dtype=grad.dtype, device=grad.device) if out is None else out
+    if V == 0:
+        return out
     _launch(scale_kernels.scale_rows_kernel, N, V, grad, grad.stride(0), out, out.stride(0), scale,
             0 if scale.numel() == 1 else scale.stride(0), V, IN_PLACE=out is grad,
-            ACC_DTYPE=_tl_dtype(accumulation_dtype(grad.dtype)))
+            ACC_DTYPE=_tl_dtype(accumulation_dtype(grad.dtype)), **_row_walk(grad, out))
     return out
 
 
@@ -186,7 +202,7 @@ def softmax_forward(x, temperature, *, log):
     N, V = x.shape
     y = empty((N, V), dtype=x.dtype, device=x.device)
     _launch(softmax.softmax_forward_kernel, N, V, x, x.stride(0), y, y.stride(0), V, 1.0 / temperature, LOG=log,
-            ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)))
+            ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)), **_row_walk(x, y))
     return y
 
 
@@ -196,7 +212,8 @@ def softmax_backward(y, dy, temperature, *, log):
     N, V = y.shape
     dx = empty((N, V), dtype=y.dtype, device=y.device)
     _launch(softmax.softmax_backward_kernel, N, V, y, y.stride(0), dy, dy.stride(0), dx, dx.stride(0), V,
-            1.0 / temperature, LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(y.dtype, dy.dtype)))
+            1.0 / temperature, LOG=log, ACC_DTYPE=_tl_dtype(accumulation_dtype(y.dtype, dy.dtype)),
+            **_row_walk(y, dy, dx))
     return dx
 
 
@@ -236,7 +253,7 @@ def uld_topk_gradient(student, lse, coef, temperature, *, out=None):
     N, V = student.shape
     out = empty((N, V), dtype=student.dtype, device=student.device) if out is None else out
     _launch(uld.uld_topk_grad_kernel, N, V, student, student.stride(0), out, out.stride(0), lse, coef, V,
-            1.0 / temperature, ACC_DTYPE=_tl_dtype(lse.dtype))
+            1.0 / temperature, ACC_DTYPE=_tl_dtype(lse.dtype), **_row_walk(student, out))
     return out
 
 
@@ -260,7 +277,8 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
             teacher_indices, teacher_indices.stride(0), *_labels(labels, loss),
             loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, scratch, loss, V, K,
             opts=opts, TAIL=TAILS.index(tail), HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None,
-            ACC_DTYPE=_tl_dtype(acc), BLOCK_K=min(MAX_BLOCK_K, max(2, _pow2(K))))
+            ACC_DTYPE=_tl_dtype(acc), BLOCK_K=min(MAX_BLOCK_K, max(2, _pow2(K))),
+            **_row_walk(student, grad))
     return loss, grad
 
 
@@ -277,7 +295,7 @@ def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start):
     stats = empty((N, len(VOCAB_PARALLEL_STATS)), dtype=acc, device=student.device)
     _launch(vocab_parallel.partial_stats_kernel, N, W,
             student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, stats), stats, W, vocab_start,
-            opts=opts, HAS_LABELS=labels is not None, ACC_DTYPE=_tl_dtype(acc), VEC=_vec(student, teacher))
+            opts=opts, HAS_LABELS=labels is not None, ACC_DTYPE=_tl_dtype(acc), **_row_walk(student, teacher))
     return stats
 
 
@@ -289,7 +307,7 @@ def row_scalars(student, teacher, labels, row, opts: KDOptions):
     scalars = empty((N, 2), dtype=row.dtype, device=student.device)
     _launch(vocab_parallel.row_scalars_kernel, N, W,
             student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row, scalars, W,
-            opts=opts, HAS_LABELS=labels is not None, ACC_DTYPE=_tl_dtype(row.dtype), VEC=_vec(student, teacher))
+            opts=opts, HAS_LABELS=labels is not None, ACC_DTYPE=_tl_dtype(row.dtype), **_row_walk(student, teacher))
     return scalars
 
 
@@ -306,5 +324,5 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
             student, student.stride(0), teacher, teacher.stride(0), *_labels(labels, row), row,
             loss if grad is None else grad, 0 if grad is None else grad.stride(0), grad_scale, loss, W, vocab_start,
             opts=opts, HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None, ACC_DTYPE=_tl_dtype(row.dtype),
-            VEC=_vec(student, teacher))
+            **_row_walk(student, teacher, grad))
     return loss, grad
