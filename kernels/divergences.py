@@ -31,14 +31,10 @@ A2 = -shift (kl) or shift = log(d_s / d_t): terms of the size of the row's sprea
 sum p (t - s) - (lse(s) - lse(t)) would cancel two of the size |z / T|. reverse_kl's gradient reads
 ls - lt - D = (s_minus_t - shift) - (A1 - A2), right for either pair (s_minus_t, shift).
 a q / M <= 1 is taken as exp(log a + ls - lM): no 0 * inf at a = 0; tvd's sign is 0 where p = q.
-jsd's lt - lM and ls - lM come from r = ls - lt (mixture_log_ratios), not from log M: near
-convergence log M, of the size of |ls|, rounds by eps |ls| in every element, an error that does not
-cancel in the sum and outweighs the value itself (D ~ r^2 / 8): row values erred 5e-3 relative at
-|r| ~ 1e-2 and more than 100 % at 1e-3. With h = log1p(w expm1(-|r|)) (w = w_p where r > 0, w_q
-where r < 0), lt - lM = -(h + max(r, 0)) and ls - lM = min(r, 0) - h are exact to a few ulps of
-their own size whatever the sign and size of r, and a rounding of r itself moves
-b p (lt - lM) + (1-b) q (ls - lM) only to second order (its derivative in r is
-b (1-b) (q - p e^r) / M = 0).)
+jsd's lt - lM and ls - lM are taken against log M here, which near convergence rounds like
+float32 PyTorch's (D ~ r^2 / 8 against an eps |ls| rounding a term): the torch table forms them
+from r = ls - lt instead (fastkd/backends/torch_divergences.py, mixture_log_ratios), but that form
+(two logs and two divisions more an element) modelled 2.7x slower here and was not kept.)
 
 Top-k (topk_kd_loss.py) takes D between two distributions on a few points with log-masses lp, lq,
 the student's not necessarily normalised there, so its gradient needs the derivatives one level
@@ -229,21 +225,6 @@ def log_mixture(ls, lt, log_weight_p, log_weight_q):
 
 
 @triton.jit
-def mixture_log_ratios(r, weight_p):
-    """lt - lM and ls - lM of jsd (M = w_p p + (1 - w_p) q) from r = ls - lt: with
-    h = log1p(w expm1(-|r|)), w = w_p where r > 0 and 1 - w_p where r < 0, lt - lM = -(h + max(r, 0))
-    and ls - lM = min(r, 0) - h (the jsd note above). expm1 (of -|r| > -1) and log1p are Kahan's
-    (u - 1) x / log(u), with the accurate tl.exp and tl.log."""
-    a = -tl.abs(r)
-    u = tl.exp(a)
-    expm1 = tl.where(a <= -1.0, u - 1.0, tl.where(u == 1.0, a, (u - 1.0) * a / tl.log(u)))
-    y = tl.where(r > 0, weight_p, 1.0 - weight_p) * expm1
-    v = 1.0 + y
-    h = tl.where(v == 1.0, y, tl.log(v) * y / (v - 1.0))
-    return -(h + tl.maximum(r, 0.0)), tl.minimum(r, 0.0) - h
-
-
-@triton.jit
 def sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
 
@@ -268,13 +249,12 @@ def element_terms(ls, lt, q, p, s_minus_t, shift, mix_weight, log_weight_p, log_
     elif DIVERGENCE == TVD:
         a1 = tl.abs(p - q)
         a2 = q * sign(shift - s_minus_t)
-    elif DIVERGENCE == JSD:
-        lt_minus_lm, ls_minus_lm = mixture_log_ratios(ls - lt, mix_weight)
-        a1 = tl.where(p > 0, p * lt_minus_lm, 0.0)
-        a2 = tl.where(q > 0, q * ls_minus_lm, 0.0)
     else:
         lm = log_mixture(ls, lt, log_weight_p, log_weight_q)
-        if DIVERGENCE == SKEW_KL:
+        if DIVERGENCE == JSD:
+            a1 = tl.where(p > 0, p * (lt - lm), 0.0)
+            a2 = tl.where(q > 0, q * (ls - lm), 0.0)
+        elif DIVERGENCE == SKEW_KL:
             a1 = tl.where(p > 0, p * (lt - lm), 0.0)
             a2 = skew_kl_ratio(ls, lt, lm, p, mix_weight)
         elif DIVERGENCE == SKEW_REVERSE_KL:
@@ -325,12 +305,11 @@ def divergence_grad(ls, lt, q, p, s_minus_t, shift, A1, A2, mix_weight, log_weig
         g = tl.where(q > 0, q * ((s_minus_t - shift) - (A1 - A2)), 0.0)
     elif DIVERGENCE == TVD:
         g = 0.5 * q * (A2 - sign(shift - s_minus_t))
-    elif DIVERGENCE == JSD:
-        _, ls_minus_lm = mixture_log_ratios(ls - lt, mix_weight)
-        g = (1.0 - mix_weight) * tl.where(q > 0, q * (ls_minus_lm - A2), 0.0)
     else:
         lm = log_mixture(ls, lt, log_weight_p, log_weight_q)
-        if DIVERGENCE == SKEW_KL:
+        if DIVERGENCE == JSD:
+            g = (1.0 - mix_weight) * tl.where(q > 0, q * (ls - lm - A2), 0.0)
+        elif DIVERGENCE == SKEW_KL:
             g = (1.0 - mix_weight) * (q * A2 - skew_kl_ratio(ls, lt, lm, p, mix_weight))
         elif DIVERGENCE == SKEW_REVERSE_KL:
             g = tl.where(q > 0, q * (ls - lm - exp(log_weight_q + ls - lm) - (A1 - A2)), 0.0)

@@ -8,8 +8,9 @@ every torch op is a pass over the chunk's memory, and a pass that writes in plac
 of one that writes a third buffer; so the functions write into the ``out`` buffers they are given
 or over their inputs, and ``Elements`` holds each per-element quantity of a chunk that the
 kernels' functions take as arguments (ls, lt, q, p, s_minus_t, shift), plus log M and sign(p - q),
-computed once, on first use: a kernel recomputes log M in each pass (jsd reads lt - lM and
-ls - lM, from ls - lt: ``mixture_log_ratios``). The kernels' plumbing
+computed once, on first use: a kernel recomputes log M in each pass. One difference: here jsd reads
+lt - lM and ls - lM from ls - lt (``mixture_log_ratios``; accurate near convergence), the kernels
+from log M (as float32 PyTorch; the accurate form modelled 2.7x slower there). The kernels' plumbing
 (divergence_scalars, load_tile, load_teacher_tiles, finish_row_statistics, row_loss) has no
 mirror, and fold_row_statistics takes whole rows at once.
 
