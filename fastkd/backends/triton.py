@@ -63,12 +63,12 @@ def _labels(labels, stand_in):
 
 
 # Columns of a row one CTA of the resident kernel keeps in registers: 16 a thread of 16 warps
-# (512 threads, at most 128 registers each); float64 (gradcheck) 1024 columns of 4 warps.
+# (512 threads, capped at MAX_REGISTERS each); float64 (gradcheck) 1024 columns of 4 warps.
 RESIDENT_BLOCK = 8192
 RESIDENT_BLOCK_FLOAT64 = 1024
 # auto runs the resident kernel up to this V, for the divergences whose two-pass kernel reads the
 # row three times: there the model (`fastkd audit`, sm_90, N = 8192, bf16) times it at 0.09 ms
-# against 0.12 (jsd, V = 4096); at V = 8192 it holds one CTA an SM at 109-123 registers and models
+# against 0.12 (jsd, V = 4096); at V = 8192 it holds one CTA an SM at 108-112 registers and models
 # slower (0.38 ms against 0.24), and for kl and reverse_kl (two reads) the two-pass kernel models
 # faster at every V (0.05 ms against 0.06 at V = 4096).
 RESIDENT_AUTO_V = 4096
