@@ -40,3 +40,13 @@ def load_example(file_name):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     return example
+
+
+def run_rank_cases(rank, cases):
+    """Run ``(name, check, kwargs)`` cases on one process of a distributed test: ``check(**kwargs)``
+    each, a failure re-raised naming the rank and the case."""
+    for name, check, kwargs in cases:
+        try:
+            check(**kwargs)
+        except Exception as error:
+            raise AssertionError(f"rank {rank}, case {name}: {error}") from error

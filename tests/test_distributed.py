@@ -26,7 +26,7 @@ import fastkd.backends.triton
 from fastkd import vocab_parallel_kd_loss
 from fastkd.distributed import forward_steps, mixture_steps, vocab_shard_layout
 from fastkd.options import make_options
-from helpers import DIVERGENCES, assert_close_to_oracle
+from helpers import DIVERGENCES, assert_close_to_oracle, run_rank_cases
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 JOIN_TIMEOUT_S = 120  # a bound for a hang only; each group takes a few seconds
@@ -355,11 +355,7 @@ def check_against_single_process(widths, *, seed, dtype, backend="torch", group=
 
 
 def _run_cases(rank, cases):
-    for name, kwargs in cases:
-        try:
-            check_against_single_process(**kwargs)
-        except Exception as error:
-            raise AssertionError(f"rank {rank}, case {name}: {error}") from error
+    run_rank_cases(rank, [(name, check_against_single_process, kwargs) for name, kwargs in cases])
 
 
 def _two_ranks(rank, world_size, port):

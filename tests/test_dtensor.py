@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 import fastkd
 from fastkd.dtensor import has_dtensor
-from helpers import DIVERGENCES, assert_close_to_oracle
+from helpers import DIVERGENCES, assert_close_to_oracle, run_rank_cases
 from test_distributed import _backward, _init, make_case, options_for, spawn
 
 
@@ -258,11 +258,7 @@ def _run(rank, cases):
     # log-softmax (at most 3 STACK_ELEMENTS elements); at these shapes that would pass for a
     # gathered [N, V], so it is off here and the largest-tensor checks keep their meaning.
     fastkd.backends.torch.STACK_ELEMENTS = 0
-    for name, check, kwargs in cases:
-        try:
-            check(**kwargs)
-        except Exception as error:
-            raise AssertionError(f"rank {rank}, case {name}: {error}") from error
+    run_rank_cases(rank, cases)
 
 
 def _two_ranks(rank, world_size, port):
