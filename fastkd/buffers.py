@@ -1,4 +1,4 @@
-"""Output buffers and cached constant operands, shared by the backends.
+"""Output buffers, cached constant operands and host reads of CPU labels, shared by the backends.
 
 Every output the launchers and the torch backend allocate comes from ``empty``. With
 ``FASTKD_POISON_ALLOCATIONS=1`` in the environment (or ``POISON_ALLOCATIONS = True``, as the tests
@@ -7,6 +7,7 @@ returns memory it never wrote shows up as a NaN instead of passing by luck.
 """
 import functools
 import os
+import weakref
 
 import torch
 
@@ -37,7 +38,16 @@ def _constant(value, dtype, device, shape):
     return torch.tensor(value, dtype=dtype, device=device).reshape(shape)
 
 
-_cached_constant = functools.lru_cache(maxsize=64)(_constant)
+@functools.lru_cache(maxsize=64)
+def _cached_constant(value, dtype, device, shape):
+    tensor = _constant(value, dtype, device, shape)
+    tensor.host_value = value  # known on the host without reading the tensor (constant_value)
+    return tensor
+
+
+def constant_value(x):
+    """The number a cached ``constant`` holds (known on the host, no read), or None for any other tensor."""
+    return getattr(x, "host_value", None)
 
 
 def constant(value, *, dtype, device, shape=()):
@@ -47,3 +57,27 @@ def constant(value, *, dtype, device, shape=()):
     if torch.compiler.is_compiling():
         return _constant(value, dtype, device, shape)
     return _cached_constant(value, dtype, torch.device(device), shape)
+
+
+# The last host_label_range read: (weak reference to the labels' base tensor, the view's geometry and
+# version, (low, high)). One call reads its labels' range at up to three places (the range check,
+# the kept-row count, the small call's masks); a weak reference cannot be confused with a later
+# tensor at the same address, and the version counter (shared by a tensor and its views) sees writes.
+_last_label_range = (None, None, None)
+
+
+def host_label_range(labels):
+    """(lowest, highest) label of CPU ``labels`` (read on the host: no synchronisation; not while
+    ``torch.compile`` traces), or None when empty; an unchanged tensor (or view of the same base) is
+    read once."""
+    global _last_label_range
+    if labels.numel() == 0:
+        return None
+    base = labels if labels._base is None else labels._base
+    key = (labels.storage_offset(), labels.shape, labels.stride(), labels._version)
+    ref, last_key, value = _last_label_range
+    if ref is not None and ref() is base and last_key == key:
+        return value
+    value = tuple(int(x) for x in torch.aminmax(labels))
+    _last_label_range = (weakref.ref(base), key, value)
+    return value

@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from .buffers import host_label_range
 from .options import KDOptions, check_bool
 
 CHECK_CHUNK_ELEMENTS = 2**24  # rows are scanned in chunks of about this many elements
@@ -43,10 +44,8 @@ def check_label_range(labels, V, opts: KDOptions):
     if labels is None or opts.hard_weight == 0 or labels.device.type != "cpu" or torch.compiler.is_compiling():
         return
     flat = labels.reshape(-1)
-    if flat.numel() == 0:
-        return
-    low, high = (int(x) for x in torch.aminmax(flat))
-    if 0 <= low and high < V:
+    label_range = host_label_range(flat)
+    if label_range is None or (0 <= label_range[0] and label_range[1] < V):
         return
     bad = (flat.clamp(0, V - 1) != flat) & (flat != opts.ignore_index)  # outside [0, V), not ignored
     if bad.any():

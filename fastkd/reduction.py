@@ -18,13 +18,21 @@ has one upstream gradient per row, known only in the backward: its gradient is s
 """
 import torch
 
-from .buffers import constant
+from .buffers import constant, host_label_range
 from .options import Reduction
 
 
 def _in_host_memory(labels):
     """CPU labels outside ``torch.compile``'s tracing: the host reads them without a synchronisation."""
     return labels.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _host_kept_count(labels, ignore_index):
+    """How many CPU ``labels`` are not ``ignore_index`` (all of them when it is outside their range)."""
+    label_range = host_label_range(labels)
+    if label_range is None or not label_range[0] <= ignore_index <= label_range[1]:
+        return labels.numel()
+    return int(labels.ne(ignore_index).sum())
 
 
 def normaliser(reduction: Reduction, labels, N, V, ignore_index, *, device, dtype, host=False):
@@ -44,7 +52,7 @@ def normaliser(reduction: Reduction, labels, N, V, ignore_index, *, device, dtyp
         if items is not None:
             count = float(items)
         else:
-            count = N if labels is None else int(labels.ne(ignore_index).sum())
+            count = N if labels is None else _host_kept_count(labels, ignore_index)
         count = count if count != 0 else 1
         if not host:
             count = torch.full((), count, dtype=dtype, device=device)
@@ -63,9 +71,10 @@ def reduce(row_loss, norm, reduction: Reduction, leading_shape):
     """The loss from the per-row losses ``[N]`` and the normaliser of ``normaliser``."""
     if reduction.kind == "none":
         return row_loss.reshape(leading_shape)
-    total = row_loss.sum()
     if norm is None:
-        return total
+        return row_loss.sum()
     if not isinstance(norm, torch.Tensor):
-        norm = constant(norm, dtype=total.dtype, device=total.device)
-    return total.div_(norm)
+        if norm == row_loss.numel():  # every row kept ("batchmean"): the mean, in one op
+            return row_loss.mean()
+        norm = constant(norm, dtype=row_loss.dtype, device=row_loss.device)
+    return row_loss.sum().div_(norm)

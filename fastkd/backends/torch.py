@@ -22,19 +22,21 @@ Small calls. A call of one chunk and at most SMALL_ELEMENTS elements (a classifi
 distillation, a few rows) runs on the calling thread in fresh tensors, by fused ops
 (``_small_kd_forward``): there each op costs its microseconds of Python and dispatch, not a pass
 over memory, so the fewest ops win: both sides' log-probabilities by log_softmax (``_log_softmax``;
-up to STACK_ELEMENTS the student, the teacher and the hard CE's student at T = 1 are stacked into
-one log-softmax), then one teacher's kl by the table's kl written out (about ten ops for value and
-gradient), the other divergences by the table itself; CPU labels, read on the host, that are all
-in [0, V) and none ignore_index need no row masks; scalars are cached tensors (``buffers.constant``:
-an op with a Python number costs a tensor's creation more); a mixture of teachers runs the chunk's
-code once.
+short rows up to STACK_ELEMENTS stack the student, the teacher and the hard CE's student at T = 1
+into one log-softmax of six ops), then one teacher's kl by the table's kl written out (about ten
+ops for value and gradient), the other divergences by the table itself; the hard CE by nll_loss;
+CPU labels, read on the host once (``buffers.host_label_range``), that are all in [0, V) and none
+ignore_index need no row masks; a cached ``grad_scale`` (``buffers.constant``, its value known on
+the host) is folded into the gradient's other factors; a mixture of teachers runs the chunk's code
+once.
 """
+import functools
 import math
 import threading
 
 import torch
 
-from ..buffers import accumulation_dtype, constant, empty, gradient_buffer
+from ..buffers import accumulation_dtype, constant, constant_value, empty, gradient_buffer, host_label_range
 from ..options import KDOptions, as_teachers
 from . import VOCAB_PARALLEL_ROW, VOCAB_PARALLEL_STATS
 from . import torch_divergences as div
@@ -150,19 +152,20 @@ def _scaled(x, temperature, out):
     return out.copy_(x).div_(temperature)
 
 
-def _hard_ce(log_q, labels, need_grad, in_range=None):
+def _hard_ce(log_q, labels, need_grad):
     """Cross-entropy per row ``[rows]`` from the student's log-probabilities at T = 1, ``log_q``,
     its gradient q - one-hot (written over ``log_q``; None without ``need_grad``), and whether each
     label is in [0, V) (a row with another label computes on a stand-in column; the caller makes it
-    NaN). ``in_range=True``: the caller knows every label is, and gets that back."""
-    index = labels
-    if in_range is None:
-        index = labels.clamp(0, log_q.shape[-1] - 1)
-        in_range = index == labels
-    index = index.long().unsqueeze(1)
-    ce = log_q.gather(1, index).neg_()[:, 0]
-    grad = log_q.exp_().scatter_(1, index, -1.0, reduce="add") if need_grad else None
-    return ce, grad, in_range
+    NaN)."""
+    index = labels.clamp(0, log_q.shape[-1] - 1)
+    in_range = index == labels
+    ce = log_q.gather(1, index.long().unsqueeze(1)).neg_()[:, 0]
+    return ce, _hard_ce_grad(log_q, index) if need_grad else None, in_range
+
+
+def _hard_ce_grad(log_q, index):
+    """The cross-entropy's gradient q - one-hot(``index``, labels in [0, V)), written over ``log_q``."""
+    return log_q.exp_().scatter_(1, index.long().unsqueeze(1), -1.0, reduce="add")
 
 
 def _labels_all_kept(labels, V, ignore_index):
@@ -170,7 +173,7 @@ def _labels_all_kept(labels, V, ignore_index):
     none can be ``ignore_index``: then a small call needs no row masks. False elsewhere."""
     if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
         return False
-    low, high = (int(x) for x in torch.aminmax(labels))
+    low, high = host_label_range(labels)
     return 0 <= low and high < V and not low <= ignore_index <= high
 
 
@@ -230,9 +233,10 @@ SHORT_ROW = 16
 FEW_ROWS = 32
 
 
-# Small calls of at most this many elements (N * V) stack their sides for one log-softmax: there
-# an op's dispatch (a microsecond or two) costs more than the stack's copy; at N = 4096, V = 10 the
-# copy cost some 5 %.
+# Small calls of short rows and at most this many elements (N * V) stack their sides for one
+# log-softmax: there an op's dispatch (a microsecond or two) costs more than the stack's copy; at
+# N = 4096, V = 10 the copy cost some 5 %. Longer rows take torch's log_softmax per side, which
+# measured faster than the stack (4 x 8: 6.9 us against 8.5 us).
 STACK_ELEMENTS = 2**12
 
 
@@ -258,14 +262,21 @@ def _log_softmax(x, short):
     return shifted.sub_(shifted.exp().sum(-1, keepdim=True).log_())
 
 
+@functools.lru_cache(maxsize=64)
+def _small_temperatures(opts, hard_ce):
+    """The temperatures of the sides ``_small_log_probs`` takes, and whether any is not 1."""
+    temperatures = (opts.temperature, opts.teacher_T) + ((1.0,) if hard_ce and opts.temperature != 1 else ())
+    return temperatures, any(T != 1 for T in temperatures)
+
+
 def _small_log_probs(student, teacher, opts, acc, hard_ce):
     """(ls, lt, log_q): log_softmax of student / T, of teacher / T_t and, with ``hard_ce`` at
-    T != 1, of the student at T = 1 (else None), all ``[N, V]`` in ``acc``. Up to STACK_ELEMENTS
-    the sides are stacked and run one log-softmax."""
-    temperatures = (opts.temperature, opts.teacher_T) + ((1.0,) if hard_ce and opts.temperature != 1 else ())
+    T != 1, of the student at T = 1 (else None), all ``[N, V]`` in ``acc``. Short rows up to
+    STACK_ELEMENTS stack the sides and run one log-softmax."""
+    temperatures, tempered = _small_temperatures(opts, hard_ce)
     sides = (student, teacher, student)[:len(temperatures)]
-    short, tempered = _short_rows(student), any(T != 1 for T in temperatures)
-    if student.numel() <= STACK_ELEMENTS and (short or tempered):  # else stacking saves no op
+    short = _short_rows(student)
+    if short and student.numel() <= STACK_ELEMENTS:  # one short log-softmax's six ops, not six per side
         z = torch.stack(sides).to(acc)
         if tempered:
             z.div_(constant(temperatures, dtype=acc, device=z.device, shape=(-1, 1, 1)))
@@ -275,10 +286,10 @@ def _small_log_probs(student, teacher, opts, acc, hard_ce):
     return (*logs, None)[:3]
 
 
-def _small_kd_forward(student, teacher, labels, grad_scale, opts, grad, acc):
+def _small_kd_forward(student, teacher, labels, grad_scale, opts, acc, inplace, need_grad):
     """``kd_forward`` of a small call with one teacher: the whole ``[N, V]`` at once by fused ops in
-    fresh tensors (module docstring: Small calls), on the log-probabilities ls, lt; the gradient goes
-    into ``grad`` (or None) last, after every read of the student."""
+    fresh tensors (module docstring: Small calls), on the log-probabilities ls, lt; with ``inplace``
+    the gradient is written into ``student`` last, after every read of it."""
     has_ce = labels is not None and opts.hard_weight != 0
     ls, lt, log_q = _small_log_probs(student, teacher, opts, acc, has_ce)
     p = lt.exp()
@@ -286,11 +297,11 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, grad, acc):
     # where the formulas do not keep a row's NaNs by themselves (the table's masked products clear them).
     defined = None
     if opts.divergence == "kl":
-        # The table's kl written out: dD/ds = q - p, NaN exactly in the rows without both
-        # distributions; D = sum p (lt - ls) with the NaNs of 0 * inf (p = 0) cleared, plus 0 times
-        # q - p, which makes those rows NaN again (torch.where on [N, V] costs ten such passes).
+        # The table's kl written out: dD/ds = q - p and D = sum p (lt - ls), where p = 0 contributes
+        # 0 (not the NaN of 0 * inf); a row without both distributions has NaN log-probabilities,
+        # so NaN in both.
         dD = ls.exp().sub_(p)
-        D = (lt - ls).mul_(p).nan_to_num_(nan=0.0, posinf=div.INF, neginf=-div.INF).sum(-1).add_(dD[:, 0], alpha=0)
+        D = (lt - ls).mul_(p).masked_fill_(p == 0, 0.0).sum(-1)
     else:
         defined = ~torch.isnan(ls[:, 0] + lt[:, 0])
         fresh = FreshBuffers(ls)
@@ -298,33 +309,40 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, grad, acc):
         a1, a2 = div.element_terms(x, opts, fresh.take(), fresh.take())
         A1, A2 = a1.sum(-1, keepdim=True), a2.sum(-1, keepdim=True)
         D = div.divergence_value(A1, A2, opts)[:, 0]
-        dD = None if grad is None else div.divergence_grad(x, A1, A2, opts, fresh.take())
-    row_loss = D if opts.soft_scale == 1 else torch.mul(D, constant(opts.soft_scale, dtype=acc, device=D.device))
-    ce = None
+        dD = div.divergence_grad(x, A1, A2, opts, fresh.take()) if need_grad else None
+    row_loss = D if opts.soft_scale == 1 else D.mul_(opts.soft_scale)
+    log_q = ls if log_q is None else log_q  # the student at T = 1, which nothing reads after the CE
     # Labels read on the host (CPU) that are all kept and in range need no row masks.
     masked = labels is not None and not _labels_all_kept(labels, ls.shape[-1], opts.ignore_index)
-    if has_ce:  # at T = 1 over ls (or log_q), which nothing reads after this
-        ce, ce_grad, in_range = _hard_ce(ls if log_q is None else log_q, labels, grad is not None,
-                                         in_range=None if masked else True)
-        row_loss = torch.add(row_loss, ce, alpha=opts.hard_weight)
-        if masked:
-            defined = in_range if defined is None else defined & in_range
+    if has_ce and not masked:
+        row_loss = row_loss.add_(torch.nn.functional.nll_loss(log_q, labels.long(), reduction="none"),
+                                 alpha=opts.hard_weight)
+    elif has_ce:
+        ce, _, in_range = _hard_ce(log_q, labels, False)
+        row_loss = row_loss.add_(ce, alpha=opts.hard_weight)
+        defined = in_range if defined is None else defined & in_range
     if defined is not None:
         row_loss = torch.where(defined, row_loss, float("nan"))
     ignored = labels == opts.ignore_index if masked else None
     if ignored is not None:
         row_loss.masked_fill_(ignored, 0.0)
-    if grad is None:
+    if not need_grad:
         return row_loss, None
-    soft_grad_scale = opts.soft_grad_scale
-    g = dD if soft_grad_scale == 1 else dD.mul_(constant(soft_grad_scale, dtype=acc, device=dD.device))
-    if ce is not None:
-        g.add_(ce_grad, alpha=opts.hard_weight)
-    factor = grad_scale.to(acc) if defined is None else _row_factor(grad_scale.to(acc), defined)
-    torch.mul(g, factor, out=grad)
+    # The gradient: (soft_grad_scale dD + hard_weight (q - onehot)) * grad_scale, the last factor
+    # folded into the others where it is a cached constant (its value known on the host).
+    host_scale = constant_value(grad_scale) if defined is None else None
+    folded = 1.0 if host_scale is None else host_scale
+    g = dD.mul_(opts.soft_grad_scale * folded)
+    if has_ce:
+        index = labels.clamp(0, log_q.shape[-1] - 1) if masked else labels
+        g.add_(_hard_ce_grad(log_q, index), alpha=opts.hard_weight * folded)
+    if host_scale is None:
+        g.mul_(grad_scale.to(acc) if defined is None else _row_factor(grad_scale.to(acc), defined))
     if ignored is not None:
-        _zero_rows(grad, ignored)
-    return row_loss, grad
+        _zero_rows(g, ignored)
+    if inplace:
+        return row_loss, student.copy_(g)
+    return row_loss, g if g.dtype == student.dtype else g.to(student.dtype)
 
 
 def _mixture_elements(s, teachers, r0, r1, opts, work):
@@ -352,11 +370,12 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
     teachers = as_teachers(teachers)
     N, V = student.shape
     acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
-    grad = gradient_buffer(student, inplace, need_grad)
-    ranges = chunks(N, V, chunk_bytes, student.device)
+    # A call within SMALL_ELEMENTS is one chunk of the default size.
+    ranges = [(0, N)] if chunk_bytes is None and 0 < N * V <= SMALL_ELEMENTS else chunks(N, V, chunk_bytes, student.device)
     small = len(ranges) == 1 and N * V <= SMALL_ELEMENTS
     if small and len(teachers) == 1:
-        return _small_kd_forward(student, teachers[0], labels, grad_scale, opts, grad, acc)
+        return _small_kd_forward(student, teachers[0], labels, grad_scale, opts, acc, inplace, need_grad)
+    grad = gradient_buffer(student, inplace, need_grad)
     loss = empty(N, dtype=acc, device=student.device)
     soft_grad_scale = grad_scale.to(acc) * opts.soft_grad_scale
     has_ce = labels is not None and opts.hard_weight != 0
