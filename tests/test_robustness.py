@@ -377,3 +377,25 @@ def test_row_offsets_past_2_to_the_31(huge_rows):
 
     y = fastkd.softmax(student, temperature=1.5, backend="triton")
     torch.testing.assert_close(y.double(), torch.softmax(s64.detach() / 1.5, -1), rtol=1e-2, atol=1e-3)
+
+
+def test_host_label_range_sees_writes_and_new_tensors():
+    """The one-slot cache of CPU label ranges: a write to the labels (or to a view of them) and a
+    new tensor, even one at the freed address of the last, are read afresh."""
+    labels = torch.tensor([3, 1, 4])
+    assert buffers.host_label_range(labels) == (1, 4)
+    assert buffers.host_label_range(labels.view(-1)) == (1, 4)
+    labels[:1] = 9  # through a view: the version counter is shared
+    assert buffers.host_label_range(labels) == (1, 9)
+    for value in range(5):  # fresh tensors, often at the same address
+        assert buffers.host_label_range(torch.full((3,), value)) == (value, value)
+    assert buffers.host_label_range(torch.empty(0, dtype=torch.long)) is None
+
+
+def test_small_call_with_out_of_range_label_after_a_cached_read():
+    """A label changed in place after a call must be checked again, not taken from the last read."""
+    s, t, labels = torch.randn(4, 8), torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    fastkd.kd_loss(s, t, labels=labels, hard_weight=1.0, backend="torch")
+    labels[2] = 8
+    with pytest.raises(ValueError, match="labels"):
+        fastkd.kd_loss(s, t, labels=labels, hard_weight=1.0, backend="torch")
