@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, divergence_value,
                           element_terms, finish_row_statistics, fold_row_tile, init_row_statistics, log_ratio_shift,
-                          loss_scalars)
+                          loss_scalars, recentre_cross)
 from .row_stats import exp, row_label, store
 from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split, zero_row
 
@@ -76,8 +76,10 @@ def partial_stats_kernel(
     edge, edge_mask = edge_tile(head, n, width, BLOCK_V, VEC)
     stats = fold_row_tile(stats, z_row, t_rows, edge, edge_mask, inv_temperature, inv_teacher_temperature,
                           ACC_DTYPE, "", DIVERGENCE, HAS_CE, 1)
-    m_s, d_s, m_ts, d_ts, m_z, d_z, cross = finish_row_statistics(stats, DIVERGENCE, HAS_CE, 1)
+    m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centres = finish_row_statistics(stats, DIVERGENCE, HAS_CE, 1)
     m_t, d_t = m_ts[0], d_ts[0]
+    if DIVERGENCE < JSD:  # the host re-centres the shards' cross terms from their maxima
+        cross = recentre_cross(cross, d_s, d_t, centres[0], m_s, centres[1], m_t, DIVERGENCE)
     if kept:
         if HAS_CE:
             local_label = label - vocab_start
