@@ -186,9 +186,9 @@ def fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teac
 @triton.jit
 def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
     """The row's maxima and sums of exps, its cross term re-centred on the row's centres, and those
-    centres (c_s, c_t) (finite: the table above; the maxima, or 0 for a maximum of -inf, where there
-    is no cross term) from the per-tile-row ones of ``fold_row_statistics``: once per row, across
-    threads."""
+    centres (c_s, c_t) (the table above; the maxima where there is none: s - c_s is then the s - m_s
+    the caller computes anyway) from the per-tile-row ones of ``fold_row_statistics``: once per row,
+    across threads."""
     m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centre = stats
     M_s, D_s = tile_rows_to_row(m_s, d_s)
     M_ts = ()
@@ -197,7 +197,7 @@ def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
         M_t, D_t = tile_rows_to_row(m_ts[i], d_ts[i])
         M_ts = M_ts + (M_t,)
         D_ts = D_ts + (D_t,)
-    c_s, c_t = finite(M_s), finite(M_ts[0])
+    c_s, c_t = M_s, M_ts[0]
     if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
         # The centre of the tile row that holds the weights' maximum (the largest, on a tie).
         m_w, M_w = (m_ts[0], M_ts[0]) if DIVERGENCE == KL else (m_s, M_s)
