@@ -33,10 +33,11 @@ weights' argmax (c_s = s at argmax t, c_t = t at argmax s; the other centre is t
 summed against running values and re-centred as they move (recentre_cross), and A2 = -shift (kl)
 or shift: terms of the size of the row's spread, where sum p (t - s) - (lse(s) - lse(t)) would
 cancel two of the size |z / T|. reverse_kl's gradient reads ls - lt - D as
-(s_minus_t - A1) - (shift - A2), right for any pair (s_minus_t, shift) and, with the cross term,
-free of large terms where the weight is: at the argmax s_minus_t = 0 exactly and A1 is 0 where q
-is one-hot (|z / T| ~ 1e4), where centring on both maxima left two roundings of t - m_t (one per
-element, one through the re-centring) to differ by eps |t - m_t|, and shift - A2 = 0 exactly.)
+(s_minus_t - A1) - (shift - A2) (right for any pair; with the cross term shift - A2 = 0): where q
+is one-hot (|z / T| ~ 1e4) s_minus_t = 0 at the argmax and A1 = 0 exactly, where centring t on
+its maximum rounded t - m_t twice, once per element and once through the re-centring, and the
+two differed by eps |t - m_t|, 10x float32 PyTorch's error. The argmax costs pass 1 a compare, a
+select and a max an element.)
 a q / M <= 1 is taken as exp(log a + ls - lM): no 0 * inf at a = 0; tvd's sign is 0 where p = q.
 jsd's lt - lM and ls - lM are taken against log M here, which near convergence rounds like
 float32 PyTorch's (D ~ r^2 / 8 against an eps |ls| rounding a term): the torch table forms them
@@ -119,14 +120,14 @@ def recentre_cross(cross, d_s, d_t, c_s, new_c_s, c_t, new_c_t, DIVERGENCE: tl.c
 
 
 @triton.jit
-def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centre, z, s, ts,
-                        DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
+def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centre, z, s, ts, DIVERGENCE: tl.constexpr,
+                        HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr, ARGMAX_CENTRE: tl.constexpr):
     """Fold one tile [R, C] into the running maxima m and sums of exps d [R] of s, of each teacher's
     t (tuples m_ts, d_ts) and of z (hard CE), and, with one teacher, into kl's cross term
     sum e^(t - m_t) ((t - m_t) - (s - c_s)) or reverse_kl's sum e^(s - m_s) ((s - m_s) - (t - c_t)),
-    its other side centred on ``centre``, that side's logit at the weights' running argmax (c_s, c_t:
-    the table above), both re-centred as they move; per tile row (one thread's: no cross-thread work
-    in the loop)."""
+    its other side centred (ARGMAX_CENTRE) on ``centre``, that side's logit at the weights' running
+    argmax (c_s, c_t: the table above), else on that side's running maximum; re-centred as they
+    move. Per tile row (one thread's: no cross-thread work in the loop)."""
     old_m_s, old_d_s = m_s, d_s
     m_s, d_s, e_s, alpha_s = fold_tile(m_s, d_s, s)
     new_m_ts = ()
@@ -136,20 +137,25 @@ def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centre, z, s, ts,
         new_m_ts = new_m_ts + (m_t,)
         new_d_ts = new_d_ts + (d_t,)
     if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
-        if DIVERGENCE == KL:  # weights e^(t - m_t), the student's side centred at the teacher's argmax
-            w, x, old_m_w, m_w = ts[0], s, m_ts[0], new_m_ts[0]
-        else:
-            w, x, old_m_w, m_w = s, ts[0], old_m_s, m_s
-        at_argmax = tl.max(tl.where(w == m_w[:, None], x, float("-inf")), axis=1)
-        new_centre = tl.where(m_w > old_m_w, finite(at_argmax), centre)  # a new maximum in this tile
+        # w: the weights' side (kl: t, reverse_kl: s); x: the other.
         if DIVERGENCE == KL:
-            cross = recentre_cross(cross, old_d_s, d_ts[0], centre, new_centre, m_ts[0], m_w, DIVERGENCE)
-            terms = cross_term_elements(e_s, e_t, s - new_centre[:, None], w - finite(m_w)[:, None], DIVERGENCE)
+            w, x, old_m_w, m_w, old_m_x, m_x = ts[0], s, m_ts[0], new_m_ts[0], old_m_s, m_s
         else:
-            cross = recentre_cross(cross, old_d_s, d_ts[0], old_m_s, m_w, centre, new_centre, DIVERGENCE)
-            terms = cross_term_elements(e_s, e_t, w - finite(m_w)[:, None], ts[0] - new_centre[:, None], DIVERGENCE)
+            w, x, old_m_w, m_w, old_m_x, m_x = s, ts[0], old_m_s, m_s, m_ts[0], new_m_ts[0]
+        if ARGMAX_CENTRE:
+            at_argmax = tl.max(tl.where(w == m_w[:, None], x, float("-inf")), axis=1)
+            old_c = centre
+            centre = tl.where(m_w > old_m_w, finite(at_argmax), centre)  # a new maximum in this tile
+            c = centre
+        else:
+            old_c, c = old_m_x, finite(m_x)
+        if DIVERGENCE == KL:
+            cross = recentre_cross(cross, old_d_s, d_ts[0], old_c, c, old_m_w, m_w, DIVERGENCE)
+            terms = cross_term_elements(e_s, e_t, x - c[:, None], w - finite(m_w)[:, None], DIVERGENCE)
+        else:
+            cross = recentre_cross(cross, old_d_s, d_ts[0], old_m_w, m_w, old_c, c, DIVERGENCE)
+            terms = cross_term_elements(e_s, e_t, w - finite(m_w)[:, None], x - c[:, None], DIVERGENCE)
         cross += tl.sum(terms, axis=1)
-        centre = new_centre
     if HAS_CE:
         m_z, d_z, _, _ = fold_tile(m_z, d_z, z)
     return m_s, d_s, new_m_ts, new_d_ts, m_z, d_z, cross, centre
@@ -173,22 +179,23 @@ def init_row_statistics(TILE_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr, NUM_TE
 @triton.jit
 def fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
                   ACC_DTYPE: tl.constexpr, EVICTION: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
-                  NUM_TEACHERS: tl.constexpr):
+                  NUM_TEACHERS: tl.constexpr, ARGMAX_CENTRE: tl.constexpr):
     """Load the student's and each teacher's tile at ``offsets`` (row_tiles.py) and fold it into
     ``stats`` (``fold_row_statistics``)."""
     z = load_tile(z_row, offsets, mask, 1.0, ACC_DTYPE, EVICTION)
     ts = load_teacher_tiles(t_rows, offsets, mask, inv_teacher_temperature, ACC_DTYPE, EVICTION, NUM_TEACHERS)
     m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centre = stats
     return fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centre, z, z * inv_temperature, ts,
-                               DIVERGENCE, HAS_CE, NUM_TEACHERS)
+                               DIVERGENCE, HAS_CE, NUM_TEACHERS, ARGMAX_CENTRE)
 
 
 @triton.jit
-def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
+def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr,
+                          ARGMAX_CENTRE: tl.constexpr):
     """The row's maxima and sums of exps, its cross term re-centred on the row's centres, and those
-    centres (c_s, c_t) (the table above; the maxima where there is none: s - c_s is then the s - m_s
-    the caller computes anyway) from the per-tile-row ones of ``fold_row_statistics``: once per row,
-    across threads."""
+    centres (c_s, c_t) (the table above; the maxima where there is none, or without ARGMAX_CENTRE:
+    s - c_s is then the s - m_s the caller computes anyway) from the per-tile-row ones of
+    ``fold_row_statistics``: once per row, across threads."""
     m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centre = stats
     M_s, D_s = tile_rows_to_row(m_s, d_s)
     M_ts = ()
@@ -199,14 +206,17 @@ def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
         D_ts = D_ts + (D_t,)
     c_s, c_t = M_s, M_ts[0]
     if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
-        # The centre of the tile row that holds the weights' maximum (the largest, on a tie).
-        m_w, M_w = (m_ts[0], M_ts[0]) if DIVERGENCE == KL else (m_s, M_s)
-        C = finite(tl.max(tl.where(m_w == M_w, centre, float("-inf")), axis=0))
+        m_w, M_w, m_x, M_x = (m_ts[0], M_ts[0], m_s, M_s) if DIVERGENCE == KL else (m_s, M_s, m_ts[0], M_ts[0])
+        if ARGMAX_CENTRE:
+            # The centre of the tile row that holds the weights' maximum (the largest, on a tie).
+            c, C = centre, finite(tl.max(tl.where(m_w == M_w, centre, float("-inf")), axis=0))
+        else:
+            c, C = m_x, M_x
         if DIVERGENCE == KL:
-            cross = recentre_cross(cross, d_s, d_ts[0], centre, C, m_ts[0], M_ts[0], DIVERGENCE)
+            cross = recentre_cross(cross, d_s, d_ts[0], c, C, m_w, M_w, DIVERGENCE)
             c_s = C
         else:
-            cross = recentre_cross(cross, d_s, d_ts[0], m_s, M_s, centre, C, DIVERGENCE)
+            cross = recentre_cross(cross, d_s, d_ts[0], m_w, M_w, c, C, DIVERGENCE)
             c_t = C
     M_z, D_z = tl.max(m_z, axis=0), tl.sum(d_z, axis=0)
     if HAS_CE:

@@ -159,13 +159,14 @@ def kd_forward_kernel(
         edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
         stats = fold_row_tile(init_row_statistics(BLOCK_V // VEC, ACC_DTYPE, NUM_TEACHERS), z_row, t_rows, edge,
                               edge_mask, inv_temperature, inv_teacher_temperature, ACC_DTYPE, "evict_last", DIVERGENCE,
-                              Z_STATS, NUM_TEACHERS)
+                              Z_STATS, NUM_TEACHERS, ARGMAX_CENTRE=True)
         for start in range(0, n, BLOCK_V):
             offsets, mask = body_tile(start, n, BLOCK_V, VEC)
             stats = fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
-                                  ACC_DTYPE, "evict_last", DIVERGENCE, Z_STATS, NUM_TEACHERS)
+                                  ACC_DTYPE, "evict_last", DIVERGENCE, Z_STATS, NUM_TEACHERS,
+                                  ARGMAX_CENTRE=True)
         m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centres = finish_row_statistics(stats, DIVERGENCE, Z_STATS,
-                                                                              NUM_TEACHERS)
+                                                                              NUM_TEACHERS, ARGMAX_CENTRE=True)
         if CE_FROM_STUDENT:
             m_z, d_z = m_s, d_s
         log_d_s = tl.log(d_s)

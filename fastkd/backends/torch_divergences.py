@@ -134,11 +134,9 @@ def cross_term_elements(e_s, e_t, x: Elements, opts: KDOptions, out):
 
 
 def recentre_cross(cross, weight, m_s, new_m_s, m_t, new_m_t, opts: KDOptions):
-    """A cross term summed against the centres m_s, m_t, re-centred on new_m_s, new_m_t (the weights'
-    side centred on its maximum: its weights, summing to ``weight`` against the old one, are rescaled
-    with it): each of its terms moves by (m_t - new_m_t) - (m_s - new_m_s) (kl), the opposite
-    (reverse_kl). 0 stays 0. (Here whole rows are summed at once, centred on their maxima: only
-    ``fastkd.distributed`` re-centres shards.)"""
+    """A cross term summed against the maxima m_s, m_t, re-centred on new_m_s, new_m_t (its weights,
+    summing to ``weight`` against the old maximum, rescaled with them): each of its terms moves by
+    (m_t - new_m_t) - (m_s - new_m_s) (kl), the opposite (reverse_kl). 0 stays 0."""
     move = (finite(m_t) - finite(new_m_t)) - (finite(m_s) - finite(new_m_s))
     if opts.divergence == "kl":
         alpha = torch.exp(m_t - finite(new_m_t))
@@ -199,19 +197,16 @@ def mixture_log_prob(lts, log_teacher_weights, work):
     return out
 
 
-def log_ratio_shift(d_s, d_t, m_s=None, m_t=None, centres=None):
-    """The shift of the centred s_minus_t = (s - c_s) - (t - c_t), from the sums of exps d against
-    the maxima m and the ``centres`` (c_s, c_t): log(d_s / d_t) + ((m_s - c_s) - (m_t - c_t));
-    log(d_s / d_t) without centres (centred on the maxima, as this backend's rows are)."""
-    shift = torch.log(d_s / d_t)
-    if centres is not None:
-        shift = shift + ((finite(m_s) - centres[0]) - (finite(m_t) - centres[1]))
-    return shift
+def log_ratio_shift(d_s, d_t):
+    """The shift of the centred s_minus_t = (s - m_s) - (t - m_t): log(d_s / d_t). (The kernels'
+    also takes the centres of kl's and reverse_kl's cross term; whole rows here are centred on their
+    maxima: no running maxima to re-centre, no rounding of the re-centring to avoid.)"""
+    return torch.log(d_s / d_t)
 
 
 def cross_term_scalars(cross, d_s, d_t, shift, opts: KDOptions):
-    """A1, A2 of kl and reverse_kl from the first pass: the cross term, the sums of exps d_s, d_t,
-    and the shift of the same centres (``log_ratio_shift``)."""
+    """A1, A2 of kl and reverse_kl from the first pass: the cross term centred on the row's maxima,
+    the sums of exps d_s, d_t, and shift = log(d_s / d_t) (both of the size of the row's spread)."""
     if opts.divergence == "kl":
         return cross / d_t, -shift
     if opts.divergence == "reverse_kl":
