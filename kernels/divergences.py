@@ -9,10 +9,12 @@ Notation (one row): z student logits, s = z / T_s, t = teacher logits / T_t, V c
     computed as (s - max s) - log(sum exp(s - max s)): rounding lse(s), which is as large as the
     logits, would put an error of eps |s| on every log-probability; the max cancels exactly instead.
     s_minus_t and shift: ls - lt = s_minus_t - shift, with shift a row constant. Single-teacher
-    kernels pass the centred s_minus_t = (s - m_s) - (t - m_t) and shift = log(d_s / d_t) (the
-    vocabulary-parallel shards s - t and lse(s) - lse(t)): each exact to a few ulps of its own size,
-    so log-ratios near 0 (a converged student) and the sign of p - q are not lost under the
-    eps |lse| of ls - lt. Top-k passes ls - lt and 0.
+    kernels pass the centred s_minus_t = (s - c_s) - (t - c_t) and
+    shift = log(d_s / d_t) + ((m_s - c_s) - (m_t - c_t)) (log_ratio_shift), the centres c the
+    maxima m, or for kl and reverse_kl the cross term's (below) (the vocabulary-parallel shards
+    s - t and lse(s) - lse(t)): each exact to a few ulps of its own size, so log-ratios near 0 (a
+    converged student) and the sign of p - q are not lost under the eps |lse| of ls - lt. Top-k
+    passes ls - lt and 0.
 For D(q) any divergence, dD/ds_j = q_j (g_j - sum_i q_i g_i) with g_i = dD/dq_i; the table is that
 identity worked out. M is the mixture, log M = log_add_exp(log w_p + lt, log w_q + ls).
 
@@ -25,11 +27,17 @@ skew_reverse_kl   q (ls - lM)            a q^2 / M          A1                 q
 tvd               |p - q|                q sign(p - q)      A1 / 2             q_j (A2 - sign(p_j - q_j)) / 2
 mixture weights: jsd (w_p, w_q) = (b, 1-b); skew_kl (a, 1-a); skew_reverse_kl (1-a, a).
 (kl and reverse_kl need no element pass in a single-teacher kernel: A1 is the cross term
-sum e^(t - m_t) ((t - m_t) - (s - m_s)) / d_t (kl) or sum e^(s - m_s) ((s - m_s) - (t - m_t)) / d_s
-(reverse_kl), summed against the running maxima and re-centred as they grow (recentre_cross), and
-A2 = -shift (kl) or shift = log(d_s / d_t): terms of the size of the row's spread, where
-sum p (t - s) - (lse(s) - lse(t)) would cancel two of the size |z / T|. reverse_kl's gradient reads
-ls - lt - D = (s_minus_t - shift) - (A1 - A2), right for either pair (s_minus_t, shift).
+sum e^(t - m_t) ((t - m_t) - (s - c_s)) / d_t (kl) or sum e^(s - m_s) ((s - m_s) - (t - c_t)) / d_s
+(reverse_kl), the weights' side centred on its maximum and the other side on its logit at the
+weights' argmax (c_s = s at argmax t, c_t = t at argmax s; the other centre is the maximum), both
+summed against running values and re-centred as they move (recentre_cross), and A2 = -shift (kl)
+or shift: terms of the size of the row's spread, where sum p (t - s) - (lse(s) - lse(t)) would
+cancel two of the size |z / T|. reverse_kl's gradient reads ls - lt - D as
+(s_minus_t - A1) - (shift - A2) (right for any pair; with the cross term shift - A2 = 0): where q
+is one-hot (|z / T| ~ 1e4) s_minus_t = 0 at the argmax and A1 = 0 exactly, where centring t on
+its maximum rounded t - m_t twice, once per element and once through the re-centring, and the
+two differed by eps |t - m_t|, 10x float32 PyTorch's error. The argmax costs pass 1 a compare, a
+select and a max an element.)
 a q / M <= 1 is taken as exp(log a + ls - lM): no 0 * inf at a = 0; tvd's sign is 0 where p = q.
 jsd's lt - lM and ls - lM are taken against log M here, which near convergence rounds like
 float32 PyTorch's (D ~ r^2 / 8 against an eps |ls| rounding a term): the torch table forms them
@@ -94,31 +102,32 @@ def cross_term_elements(e_s, e_t, s_c, t_c, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def recentre_cross(cross, d_s, d_t, m_s, new_m_s, m_t, new_m_t, DIVERGENCE: tl.constexpr):
-    """A cross term summed against the maxima m_s, m_t, re-centred on new_m_s, new_m_t (its weights,
-    summing to d_t (kl) or d_s (reverse_kl) against the old maxima, rescaled with them): each of its
-    terms moves by (m_t - new_m_t) - (m_s - new_m_s) (kl), the opposite (reverse_kl). 0 stays 0."""
+def recentre_cross(cross, d_s, d_t, c_s, new_c_s, c_t, new_c_t, DIVERGENCE: tl.constexpr):
+    """A cross term summed against the centres c_s, c_t, re-centred on new_c_s, new_c_t (the weights'
+    side centred on its maximum: its weights, summing to d_t (kl) or d_s (reverse_kl) against the old
+    one, are rescaled with it): each of its terms moves by (c_t - new_c_t) - (c_s - new_c_s) (kl),
+    the opposite (reverse_kl). 0 stays 0."""
     weight = d_t if DIVERGENCE == KL else d_s
-    move = (finite(m_t) - finite(new_m_t)) - (finite(m_s) - finite(new_m_s))
+    move = (finite(c_t) - finite(new_c_t)) - (finite(c_s) - finite(new_c_s))
     if DIVERGENCE == REVERSE_KL:
         move = -move
-        alpha = exp(m_s - finite(new_m_s))
+        alpha = exp(c_s - finite(new_c_s))
     elif DIVERGENCE == KL:
-        alpha = exp(m_t - finite(new_m_t))
+        alpha = exp(c_t - finite(new_c_t))
     else:  # no cross term: nothing to re-centre
         alpha = tl.zeros_like(cross)
     return alpha * (cross + tl.where(weight > 0, weight * move, 0.0))
 
 
 @triton.jit
-def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
-                        DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
+def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centre, z, s, ts, DIVERGENCE: tl.constexpr,
+                        HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr, ARGMAX_CENTRE: tl.constexpr):
     """Fold one tile [R, C] into the running maxima m and sums of exps d [R] of s, of each teacher's
     t (tuples m_ts, d_ts) and of z (hard CE), and, with one teacher, into kl's cross term
-    sum e^(t - m_t) ((t - m_t) - (s - m_s)) or reverse_kl's sum e^(s - m_s) ((s - m_s) - (t - m_t))
-    against the running maxima (re-centred as they grow: terms of the size of the row's spread,
-    not of |s| or |t|, so D = A1 - A2 does not cancel); per tile row (one thread's: no
-    cross-thread work in the loop)."""
+    sum e^(t - m_t) ((t - m_t) - (s - c_s)) or reverse_kl's sum e^(s - m_s) ((s - m_s) - (t - c_t)),
+    its other side centred (ARGMAX_CENTRE) on ``centre``, that side's logit at the weights' running
+    argmax (c_s, c_t: the table above), else on that side's running maximum; re-centred as they
+    move. Per tile row (one thread's: no cross-thread work in the loop)."""
     old_m_s, old_d_s = m_s, d_s
     m_s, d_s, e_s, alpha_s = fold_tile(m_s, d_s, s)
     new_m_ts = ()
@@ -128,19 +137,35 @@ def fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, s, ts,
         new_m_ts = new_m_ts + (m_t,)
         new_d_ts = new_d_ts + (d_t,)
     if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
-        cross = recentre_cross(cross, old_d_s, d_ts[0], old_m_s, m_s, m_ts[0], new_m_ts[0], DIVERGENCE)
-        terms = cross_term_elements(e_s, e_t, s - finite(m_s)[:, None], ts[0] - finite(new_m_ts[0])[:, None],
-                                    DIVERGENCE)
+        # w: the weights' side (kl: t, reverse_kl: s); x: the other.
+        if DIVERGENCE == KL:
+            w, x, old_m_w, m_w, old_m_x, m_x = ts[0], s, m_ts[0], new_m_ts[0], old_m_s, m_s
+        else:
+            w, x, old_m_w, m_w, old_m_x, m_x = s, ts[0], old_m_s, m_s, m_ts[0], new_m_ts[0]
+        if ARGMAX_CENTRE:
+            at_argmax = tl.max(tl.where(w == m_w[:, None], x, float("-inf")), axis=1)
+            old_c = centre
+            centre = tl.where(m_w > old_m_w, finite(at_argmax), centre)  # a new maximum in this tile
+            c = centre
+        else:
+            old_c, c = old_m_x, finite(m_x)
+        if DIVERGENCE == KL:
+            cross = recentre_cross(cross, old_d_s, d_ts[0], old_c, c, old_m_w, m_w, DIVERGENCE)
+            terms = cross_term_elements(e_s, e_t, x - c[:, None], w - finite(m_w)[:, None], DIVERGENCE)
+        else:
+            cross = recentre_cross(cross, old_d_s, d_ts[0], old_m_w, m_w, old_c, c, DIVERGENCE)
+            terms = cross_term_elements(e_s, e_t, w - finite(m_w)[:, None], x - c[:, None], DIVERGENCE)
         cross += tl.sum(terms, axis=1)
     if HAS_CE:
         m_z, d_z, _, _ = fold_tile(m_z, d_z, z)
-    return m_s, d_s, new_m_ts, new_d_ts, m_z, d_z, cross
+    return m_s, d_s, new_m_ts, new_d_ts, m_z, d_z, cross, centre
 
 
 @triton.jit
 def init_row_statistics(TILE_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
     """The statistics ``fold_row_tile`` folds tiles into, before the first: (m_s, d_s, m_ts, d_ts,
-    m_z, d_z, cross), maxima -inf and sums 0, [TILE_ROWS] each (m_ts, d_ts: one per teacher)."""
+    m_z, d_z, cross, centre), maxima -inf, sums and centre 0, [TILE_ROWS] each (m_ts, d_ts: one per
+    teacher)."""
     m_ts = ()
     d_ts = ()
     for i in tl.static_range(NUM_TEACHERS):
@@ -148,27 +173,30 @@ def init_row_statistics(TILE_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr, NUM_TE
         d_ts = d_ts + (tl.zeros((TILE_ROWS,), ACC_DTYPE),)
     return (tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE), tl.zeros((TILE_ROWS,), ACC_DTYPE), m_ts, d_ts,
             tl.full((TILE_ROWS,), float("-inf"), ACC_DTYPE), tl.zeros((TILE_ROWS,), ACC_DTYPE),
-            tl.zeros((TILE_ROWS,), ACC_DTYPE))
+            tl.zeros((TILE_ROWS,), ACC_DTYPE), tl.zeros((TILE_ROWS,), ACC_DTYPE))
 
 
 @triton.jit
 def fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
                   ACC_DTYPE: tl.constexpr, EVICTION: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
-                  NUM_TEACHERS: tl.constexpr):
+                  NUM_TEACHERS: tl.constexpr, ARGMAX_CENTRE: tl.constexpr):
     """Load the student's and each teacher's tile at ``offsets`` (row_tiles.py) and fold it into
     ``stats`` (``fold_row_statistics``)."""
     z = load_tile(z_row, offsets, mask, 1.0, ACC_DTYPE, EVICTION)
     ts = load_teacher_tiles(t_rows, offsets, mask, inv_teacher_temperature, ACC_DTYPE, EVICTION, NUM_TEACHERS)
-    m_s, d_s, m_ts, d_ts, m_z, d_z, cross = stats
-    return fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, z, z * inv_temperature, ts, DIVERGENCE, HAS_CE,
-                               NUM_TEACHERS)
+    m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centre = stats
+    return fold_row_statistics(m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centre, z, z * inv_temperature, ts,
+                               DIVERGENCE, HAS_CE, NUM_TEACHERS, ARGMAX_CENTRE)
 
 
 @triton.jit
-def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
-    """The row's maxima and sums of exps (and cross term, re-centred on the row's maxima) from the
-    per-tile-row ones of ``fold_row_statistics``: once per row, across threads."""
-    m_s, d_s, m_ts, d_ts, m_z, d_z, cross = stats
+def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, NUM_TEACHERS: tl.constexpr,
+                          ARGMAX_CENTRE: tl.constexpr):
+    """The row's maxima and sums of exps, its cross term re-centred on the row's centres, and those
+    centres (c_s, c_t) (the table above; the maxima where there is none, or without ARGMAX_CENTRE:
+    s - c_s is then the s - m_s the caller computes anyway) from the per-tile-row ones of
+    ``fold_row_statistics``: once per row, across threads."""
+    m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centre = stats
     M_s, D_s = tile_rows_to_row(m_s, d_s)
     M_ts = ()
     D_ts = ()
@@ -176,12 +204,24 @@ def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
         M_t, D_t = tile_rows_to_row(m_ts[i], d_ts[i])
         M_ts = M_ts + (M_t,)
         D_ts = D_ts + (D_t,)
+    c_s, c_t = M_s, M_ts[0]
     if NUM_TEACHERS == 1 and (DIVERGENCE == KL or DIVERGENCE == REVERSE_KL):
-        cross = recentre_cross(cross, d_s, d_ts[0], m_s, M_s, m_ts[0], M_ts[0], DIVERGENCE)
+        m_w, M_w, m_x, M_x = (m_ts[0], M_ts[0], m_s, M_s) if DIVERGENCE == KL else (m_s, M_s, m_ts[0], M_ts[0])
+        if ARGMAX_CENTRE:
+            # The centre of the tile row that holds the weights' maximum (the largest, on a tie).
+            c, C = centre, finite(tl.max(tl.where(m_w == M_w, centre, float("-inf")), axis=0))
+        else:
+            c, C = m_x, M_x
+        if DIVERGENCE == KL:
+            cross = recentre_cross(cross, d_s, d_ts[0], c, C, m_w, M_w, DIVERGENCE)
+            c_s = C
+        else:
+            cross = recentre_cross(cross, d_s, d_ts[0], m_w, M_w, c, C, DIVERGENCE)
+            c_t = C
     M_z, D_z = tl.max(m_z, axis=0), tl.sum(d_z, axis=0)
     if HAS_CE:
         M_z, D_z = tile_rows_to_row(m_z, d_z)
-    return M_s, D_s, M_ts, D_ts, M_z, D_z, tl.sum(cross, axis=0)
+    return M_s, D_s, M_ts, D_ts, M_z, D_z, tl.sum(cross, axis=0), (c_s, c_t)
 
 
 @triton.jit
@@ -199,15 +239,20 @@ def mixture_log_prob(ts, lse_ts, log_teacher_weights, NUM_TEACHERS: tl.constexpr
 
 
 @triton.jit
-def log_ratio_shift(d_s, d_t):
-    """The shift of the centred s_minus_t = (s - m_s) - (t - m_t): log(d_s / d_t)."""
-    return tl.log(d_s / d_t)
+def log_ratio_shift(d_s, d_t, m_s=None, m_t=None, centres=None):
+    """The shift of the centred s_minus_t = (s - c_s) - (t - c_t), from the sums of exps d against
+    the maxima m and the ``centres`` (c_s, c_t): log(d_s / d_t) + ((m_s - c_s) - (m_t - c_t));
+    log(d_s / d_t) without centres (centred on the maxima)."""
+    shift = tl.log(d_s / d_t)
+    if centres is not None:
+        shift += (finite(m_s) - centres[0]) - (finite(m_t) - centres[1])
+    return shift
 
 
 @triton.jit
 def cross_term_scalars(cross, d_s, d_t, shift, DIVERGENCE: tl.constexpr):
-    """A1, A2 of kl and reverse_kl from the first pass: the cross term centred on the row's maxima,
-    the sums of exps d_s, d_t, and shift = log(d_s / d_t) (both of the size of the row's spread)."""
+    """A1, A2 of kl and reverse_kl from the first pass: the cross term, the sums of exps d_s, d_t,
+    and the shift of the same centres (``log_ratio_shift``)."""
     if DIVERGENCE == KL:
         A1 = cross / d_t
         A2 = -shift
@@ -302,7 +347,7 @@ def divergence_grad(ls, lt, q, p, s_minus_t, shift, A1, A2, mix_weight, log_weig
     if DIVERGENCE == KL:
         g = q - p
     elif DIVERGENCE == REVERSE_KL:
-        g = tl.where(q > 0, q * ((s_minus_t - shift) - (A1 - A2)), 0.0)
+        g = tl.where(q > 0, q * ((s_minus_t - A1) - (shift - A2)), 0.0)
     elif DIVERGENCE == TVD:
         g = 0.5 * q * (A2 - sign(shift - s_minus_t))
     else:

@@ -60,10 +60,10 @@ def _block_start(start, last_start, FORWARD: tl.constexpr):
 
 
 @triton.jit
-def _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights,
+def _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, centres, shift, log_teacher_weights,
                NUM_TEACHERS: tl.constexpr):
     """ls, lt, q, p, and (s_minus_t, shift) with ls - lt = s_minus_t - shift (divergences.py):
-    (s - m_s) - (t - m_t) and the row's shift for one teacher, ls - lt and 0 for a mixture.
+    (s - c_s) - (t - c_t) (``centres``) and the row's shift for one teacher, ls - lt and 0 for a mixture.
     q = e^(s - m_s) / d_s, p likewise (one teacher) or exp(lt) (a mixture)."""
     ls = (s - m_s) - log_d_s
     q = exp(s - m_s) * (1.0 / d_s)
@@ -71,7 +71,7 @@ def _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teache
         t = ts[0]
         lt = (t - m_ts[0]) - log_d_ts[0]
         p = exp(t - m_ts[0]) * (1.0 / d_ts[0])
-        s_minus_t = (s - m_s) - (t - m_ts[0])
+        s_minus_t = (s - centres[0]) - (t - centres[1])
         row_shift = shift
     else:
         lse_ts = ()
@@ -86,12 +86,12 @@ def _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teache
 
 @triton.jit
 def _row_terms(a1, a2, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature, m_s, d_s, log_d_s,
-               m_ts, d_ts, log_d_ts, shift, log_teacher_weights, mix_weight, log_weight_p, log_weight_q,
+               m_ts, d_ts, log_d_ts, centres, shift, log_teacher_weights, mix_weight, log_weight_p, log_weight_q,
                ACC_DTYPE: tl.constexpr, DIVERGENCE: tl.constexpr, NUM_TEACHERS: tl.constexpr):
     """Pass 2 on one tile: a1, a2 plus the tile's element terms (0 where masked: p = q = 0)."""
     s = load_tile(z_row, offsets, mask, inv_temperature, ACC_DTYPE, "evict_last")
     ts = load_teacher_tiles(t_rows, offsets, mask, inv_teacher_temperature, ACC_DTYPE, "evict_last", NUM_TEACHERS)
-    ls, lt, q, p, s_minus_t, row_shift = _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift,
+    ls, lt, q, p, s_minus_t, row_shift = _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, centres, shift,
                                                     log_teacher_weights, NUM_TEACHERS)
     b1, b2 = element_terms(ls, lt, q, p, s_minus_t, row_shift, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
     return a1 + b1, a2 + b2
@@ -99,7 +99,7 @@ def _row_terms(a1, a2, z_row, t_rows, offsets, mask, inv_temperature, inv_teache
 
 @triton.jit
 def _gradient_tile(g_row, z_row, t_rows, offsets, mask, columns, label, inv_temperature, inv_teacher_temperature,
-                   m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights, A1, A2, mix_weight,
+                   m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, centres, shift, log_teacher_weights, A1, A2, mix_weight,
                    log_weight_p, log_weight_q, m_z, log_d_z, soft_grad_scale, hard_grad_scale, row_nan,
                    ACC_DTYPE: tl.constexpr, DIVERGENCE: tl.constexpr, NUM_TEACHERS: tl.constexpr,
                    HAS_CE: tl.constexpr, CE_FROM_STUDENT: tl.constexpr):
@@ -107,7 +107,7 @@ def _gradient_tile(g_row, z_row, t_rows, offsets, mask, columns, label, inv_temp
     z = load_tile(z_row, offsets, mask, 1.0, ACC_DTYPE, "evict_first")
     ts = load_teacher_tiles(t_rows, offsets, mask, inv_teacher_temperature, ACC_DTYPE, "evict_first", NUM_TEACHERS)
     ls, lt, q, p, s_minus_t, row_shift = _log_probs(z * inv_temperature, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts,
-                                                    shift, log_teacher_weights, NUM_TEACHERS)
+                                                    centres, shift, log_teacher_weights, NUM_TEACHERS)
     g = divergence_grad(ls, lt, q, p, s_minus_t, row_shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
                         DIVERGENCE)
     g = soft_grad_scale * g + row_nan
@@ -159,12 +159,14 @@ def kd_forward_kernel(
         edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
         stats = fold_row_tile(init_row_statistics(BLOCK_V // VEC, ACC_DTYPE, NUM_TEACHERS), z_row, t_rows, edge,
                               edge_mask, inv_temperature, inv_teacher_temperature, ACC_DTYPE, "evict_last", DIVERGENCE,
-                              Z_STATS, NUM_TEACHERS)
+                              Z_STATS, NUM_TEACHERS, ARGMAX_CENTRE=True)
         for start in range(0, n, BLOCK_V):
             offsets, mask = body_tile(start, n, BLOCK_V, VEC)
             stats = fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
-                                  ACC_DTYPE, "evict_last", DIVERGENCE, Z_STATS, NUM_TEACHERS)
-        m_s, d_s, m_ts, d_ts, m_z, d_z, cross = finish_row_statistics(stats, DIVERGENCE, Z_STATS, NUM_TEACHERS)
+                                  ACC_DTYPE, "evict_last", DIVERGENCE, Z_STATS, NUM_TEACHERS,
+                                  ARGMAX_CENTRE=True)
+        m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centres = finish_row_statistics(stats, DIVERGENCE, Z_STATS,
+                                                                              NUM_TEACHERS, ARGMAX_CENTRE=True)
         if CE_FROM_STUDENT:
             m_z, d_z = m_s, d_s
         log_d_s = tl.log(d_s)
@@ -173,20 +175,20 @@ def kd_forward_kernel(
         for i in tl.static_range(NUM_TEACHERS):
             log_d_ts = log_d_ts + (tl.log(d_ts[i]),)
             defined = defined & (tl.abs(m_ts[i] + log_d_ts[i]) < float("inf"))
-        shift = log_ratio_shift(d_s, d_ts[0])
+        shift = log_ratio_shift(d_s, d_ts[0], m_s, m_ts[0], centres)
 
         # Pass 2, last to first block: the row scalars, when the first pass could not give them.
         if ELEMENT_PASS:
             edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
             a1, a2 = _row_terms(tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE), tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE),
                                 z_row, t_rows, edge, edge_mask, inv_temperature, inv_teacher_temperature, m_s, d_s,
-                                log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights, mix_weight, log_weight_p,
-                                log_weight_q, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS)
+                                log_d_s, m_ts, d_ts, log_d_ts, centres, shift, log_teacher_weights, mix_weight,
+                                log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS)
             for start in range(0, n, BLOCK_V):
                 offsets, mask = body_tile(_block_start(start, last_start, False), n, BLOCK_V, VEC)
                 a1, a2 = _row_terms(a1, a2, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
-                                    m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift, log_teacher_weights, mix_weight,
-                                    log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS)
+                                    m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, centres, shift, log_teacher_weights,
+                                    mix_weight, log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS)
             A1 = tl.sum(tl.sum(a1, axis=1), axis=0)
             A2 = tl.sum(tl.sum(a2, axis=1), axis=0)
         else:
@@ -208,13 +210,13 @@ def kd_forward_kernel(
             for start in range(0, n, BLOCK_V):
                 offsets, mask = body_tile(_block_start(start, last_start, ELEMENT_PASS), n, BLOCK_V, VEC)
                 _gradient_tile(g_row, z_row, t_rows, offsets, mask, head + offsets, label, inv_temperature,
-                               inv_teacher_temperature, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift,
+                               inv_teacher_temperature, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, centres, shift,
                                log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
                                soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS, HAS_CE,
                                CE_FROM_STUDENT)
             edge, edge_mask = edge_tile(head, n, V, 2 * VEC, VEC)
             _gradient_tile(g_row, z_row, t_rows, edge, edge_mask, head + edge, label, inv_temperature,
-                           inv_teacher_temperature, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, shift,
+                           inv_teacher_temperature, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, centres, shift,
                            log_teacher_weights, A1, A2, mix_weight, log_weight_p, log_weight_q, m_z, log_d_z,
                            soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, DIVERGENCE, NUM_TEACHERS, HAS_CE,
                            CE_FROM_STUDENT)

@@ -8,7 +8,11 @@ partial_stats_kernel (one pass over the shard; one row of STATS per row):
     m_s, m_t, m_z    shard maxima of s, t and z
     d_s, d_t, d_z    sum e^(s - m_s), sum e^(t - m_t), sum e^(z - m_z) over the shard
     cross            kl: sum e^(t - m_t) ((t - m_t) - (s - m_s)); reverse_kl: the same with s and t
-                     swapped; else 0 (divergences.fold_row_statistics)
+                     swapped; else 0 (divergences.fold_row_statistics, centred on the maxima: the
+                     single-device kernels' centre at the weights' argmax would need the other
+                     side's logit there from the rank that holds it, which the exchanges below do
+                     not carry; so at |z / T| ~ 1e4 reverse_kl's gradient keeps the rounding of
+                     the re-centring, ~1e4 eps)
     z_y              z at the label when this shard owns it, else 0
 The host combines these across ranks (fastkd/distributed.py) into ROW: with M the maximum over
 ranks, d = sum_r d_r e^(m_r - M), lse = M + log d, shift = (M_s - M_t) + log(d_s / d_t), and the
@@ -72,11 +76,13 @@ def partial_stats_kernel(
     for start in range(0, n, BLOCK_V):
         offsets, mask = body_tile(start, n, BLOCK_V, VEC)
         stats = fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
-                              ACC_DTYPE, "", DIVERGENCE, HAS_CE, 1)
+                              ACC_DTYPE, "", DIVERGENCE, HAS_CE, 1, ARGMAX_CENTRE=False)
     edge, edge_mask = edge_tile(head, n, width, BLOCK_V, VEC)
     stats = fold_row_tile(stats, z_row, t_rows, edge, edge_mask, inv_temperature, inv_teacher_temperature,
-                          ACC_DTYPE, "", DIVERGENCE, HAS_CE, 1)
-    m_s, d_s, m_ts, d_ts, m_z, d_z, cross = finish_row_statistics(stats, DIVERGENCE, HAS_CE, 1)
+                          ACC_DTYPE, "", DIVERGENCE, HAS_CE, 1, ARGMAX_CENTRE=False)
+    # The cross term centred on the shard's maxima: the host re-centres it on the row's.
+    m_s, d_s, m_ts, d_ts, m_z, d_z, cross, _ = finish_row_statistics(stats, DIVERGENCE, HAS_CE, 1,
+                                                                     ARGMAX_CENTRE=False)
     m_t, d_t = m_ts[0], d_ts[0]
     if kept:
         if HAS_CE:

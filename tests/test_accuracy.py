@@ -76,9 +76,14 @@ def test_no_less_accurate_than_float32_pytorch(divergence, backend, dtype, V, mo
 
 
 # Logits where a value formed as sum p (t - s) - (lse(s) - lse(t)) cancels two terms of size |z / T|
-# A teacher or a student of scale 1e4, a teacher of scale 3 at T_t = 0.05.
+# A teacher or a student of scale 1e4, a teacher of scale 3 at T_t = 0.05; both of scale 1e4 (q and
+# p one-hot: reverse_kl's gradient at the student's argmax is 0 up to the other columns' mass; the
+# seed sweep of tests/test_divergences.py covers it), a teacher of scale 3 or 1e4 at T_t = 0.05, 50.
 LARGE_LOGITS = {"teacher 1e4": (1.0, 1e4, {}), "student 1e4": (1e4, 1.0, {}),
-                "teacher T_t 0.05": (1.0, 3.0, {"teacher_temperature": 0.05})}
+                "teacher T_t 0.05": (1.0, 3.0, {"teacher_temperature": 0.05}), "both 1e4": (1e4, 1e4, {}),
+                "teacher T_t 50": (1.0, 3.0, {"teacher_temperature": 50.0}),
+                "teacher 1e4 T_t 0.05": (1.0, 1e4, {"teacher_temperature": 0.05}),
+                "teacher 1e4 T_t 50": (1.0, 1e4, {"teacher_temperature": 50.0})}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

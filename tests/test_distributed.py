@@ -490,3 +490,29 @@ def test_large_logits_value_does_not_cancel(divergence, backend, monkeypatch):
     allowed = 2 * (eager - truth).abs().max() + 4 * torch.finfo(torch.float32).eps * truth.abs().max()
     for row_loss, _, _ in results:
         assert (row_loss.double() - truth).abs().max() <= allowed
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.xfail(strict=True, reason="vocabulary-parallel reverse_kl gradient at |logits| ~ 1e4 (known, open)")
+def test_large_logits_reverse_kl_gradient(backend, monkeypatch):
+    """Student and teacher of scale 1e4 (q one-hot), 12 seeds: the gradient at the student's
+    argmax, 0 up to the other columns' mass, errs by eps |t - max t| ~ 1e4 eps in some seeds, where
+    float32 PyTorch's is 0. Known defect: the shards' cross terms are re-centred on the teacher's
+    global maximum (the single-device kernels centre it on the teacher's logit at the student's
+    argmax, kernels/divergences.py; here that logit would have to come from the rank holding the
+    argmax, which the two exchanges do not carry)."""
+    monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 16)
+    widths, starts = (40, 23, 40), (0, 40, 63)
+    for seed in range(12):
+        gen = torch.Generator().manual_seed(seed)
+        student, teacher = ((torch.randn(4, 103, generator=gen, dtype=torch.float64) * 1e4).float() for _ in range(2))
+        results, _ = simulate(student, teacher, None, starts, widths, make_options(divergence="reverse_kl"), backend)
+        grad = torch.cat([g for _, g, _ in results], 1).double()
+        grads = []
+        for x in (student.double(), student):
+            x = x.clone().requires_grad_()
+            fastkd.reference.kd_loss(x, teacher.to(x.dtype), divergence="reverse_kl", reduction="sum").backward()
+            grads.append(x.grad.double())
+        truth, eager = grads
+        allowed = 2 * (eager - truth).abs().max() + 4 * torch.finfo(torch.float32).eps
+        assert (grad - truth).abs().max() <= allowed, f"seed {seed}"

@@ -318,6 +318,12 @@ SCALES = {
     "kl_teacher_temperature_0_05": dict(lead=(3,), V=47, teacher_temperature=0.05, seed=6),
     "reverse_kl_teacher_temperature_50": dict(lead=(3,), V=47, divergence="reverse_kl", scale=1e4,
                                               teacher_temperature=50.0, seed=7),
+    # Teachers of scale 1e4 at the ends of the T_t range, the gradient too (reverse_kl's at 1e4, T = 1:
+    # tests/test_divergences.py sweeps it over seeds against float32 PyTorch's error).
+    "kl_teacher_temperature_50_1e4": dict(lead=(3,), V=47, scale=1e4, teacher_temperature=50.0, seed=8),
+    "reverse_kl_teacher_temperature_0_05_1e4": dict(lead=(3,), V=47, divergence="reverse_kl", scale=1e4,
+                                                    teacher_temperature=0.05, seed=9),
+    "reverse_kl_1e4": dict(lead=(3,), V=47, divergence="reverse_kl", scale=1e4, seed=10),
 }
 
 

@@ -198,7 +198,9 @@ def mixture_log_prob(lts, log_teacher_weights, work):
 
 
 def log_ratio_shift(d_s, d_t):
-    """The shift of the centred s_minus_t = (s - m_s) - (t - m_t): log(d_s / d_t)."""
+    """The shift of the centred s_minus_t = (s - m_s) - (t - m_t): log(d_s / d_t). (The kernels'
+    also takes the centres of kl's and reverse_kl's cross term; whole rows here are centred on their
+    maxima: no running maxima to re-centre, no rounding of the re-centring to avoid.)"""
     return torch.log(d_s / d_t)
 
 
@@ -288,7 +290,7 @@ def divergence_grad(x: Elements, A1, A2, opts: KDOptions, out, scale=1.0):
     if name == "kl":
         return torch.sub(x.q, x.p, out=out).mul_(scale)
     if name == "reverse_kl":
-        ratio = torch.sub(x.s_minus_t, x.shift, out=out).sub_(A1 - A2)  # ls - lt - D
+        ratio = torch.sub(x.s_minus_t, A1, out=out).sub_(x.shift - A2)  # ls - lt - D
         return _masked_product(x.q, ratio, out).mul_(scale)
     if name == "tvd":
         return torch.sub(A2, x.sign_p_minus_q, out=out).mul_(x.q).mul_(0.5 * scale)
