@@ -11,7 +11,7 @@ Notation (one row): z student logits, s = z / T_s, t = teacher logits / T_t, V c
     s_minus_t and shift: ls - lt = s_minus_t - shift, with shift a row constant. Single-teacher
     kernels pass the centred s_minus_t = (s - c_s) - (t - c_t) and
     shift = log(d_s / d_t) + ((m_s - c_s) - (m_t - c_t)) (log_ratio_shift), the centres c the
-    maxima m, or for kl and reverse_kl the cross term's (below) (the vocabulary-parallel shards
+    maxima m, or in the two-pass kernel's reverse_kl the cross term's (below) (the vocabulary-parallel shards
     s - t and lse(s) - lse(t)): each exact to a few ulps of its own size, so log-ratios near 0 (a
     converged student) and the sign of p - q are not lost under the eps |lse| of ls - lt. Top-k
     passes ls - lt and 0.
@@ -28,8 +28,9 @@ tvd               |p - q|                q sign(p - q)      A1 / 2             q
 mixture weights: jsd (w_p, w_q) = (b, 1-b); skew_kl (a, 1-a); skew_reverse_kl (1-a, a).
 (kl and reverse_kl need no element pass in a single-teacher kernel: A1 is the cross term
 sum e^(t - m_t) ((t - m_t) - (s - c_s)) / d_t (kl) or sum e^(s - m_s) ((s - m_s) - (t - c_t)) / d_s
-(reverse_kl), the weights' side centred on its maximum and the other side on its logit at the
-weights' argmax (c_s = s at argmax t, c_t = t at argmax s; the other centre is the maximum), both
+(reverse_kl), the weights' side centred on its maximum and the other side, with ARGMAX_CENTRE
+(the two-pass kernel's reverse_kl), on its logit at the weights' argmax (c_t = t at argmax s;
+else, and for kl, whose gradient q - p never reads the cross term, on its maximum), both
 summed against running values and re-centred as they move (recentre_cross), and A2 = -shift (kl)
 or shift: terms of the size of the row's spread, where sum p (t - s) - (lse(s) - lse(t)) would
 cancel two of the size |z / T|. reverse_kl's gradient reads ls - lt - D as
@@ -37,7 +38,7 @@ cancel two of the size |z / T|. reverse_kl's gradient reads ls - lt - D as
 is one-hot (|z / T| ~ 1e4) s_minus_t = 0 at the argmax and A1 = 0 exactly, where centring t on
 its maximum rounded t - m_t twice, once per element and once through the re-centring, and the
 two differed by eps |t - m_t|, 10x float32 PyTorch's error. The argmax costs pass 1 a compare, a
-select and a max an element.)
+select and a max an element (modelled +12 % at V = 50257, nothing at 128256, where bytes bound it).)
 a q / M <= 1 is taken as exp(log a + ls - lM): no 0 * inf at a = 0; tvd's sign is 0 where p = q.
 jsd's lt - lM and ls - lM are taken against log M here, which near convergence rounds like
 float32 PyTorch's (D ~ r^2 / 8 against an eps |ls| rounding a term): the torch table forms them

@@ -43,8 +43,9 @@ pass repeats are "evict_last", the last pass's reads and the gradient store "evi
 import triton
 import triton.language as tl
 
-from .divergences import (JSD, cross_term_scalars, divergence_grad, element_terms, finish_row_statistics,
-                          fold_row_tile, init_row_statistics, log_ratio_shift, loss_scalars, mixture_log_prob, row_loss)
+from .divergences import (JSD, REVERSE_KL, cross_term_scalars, divergence_grad, element_terms,
+                          finish_row_statistics, fold_row_tile, init_row_statistics, log_ratio_shift, loss_scalars,
+                          mixture_log_prob, row_loss)
 from .row_stats import exp, row_label, store
 from .row_tiles import body_pointer, body_tile, edge_tile, load_teacher_tiles, load_tile, row_split, zero_row
 
@@ -150,6 +151,9 @@ def kd_forward_kernel(
     last_start = (tl.cdiv(n, BLOCK_V) - 1) * BLOCK_V
     ELEMENT_PASS: tl.constexpr = DIVERGENCE >= JSD or NUM_TEACHERS > 1
     Z_STATS: tl.constexpr = HAS_CE and not CE_FROM_STUDENT
+    # reverse_kl's gradient reads its cross term (divergences.py); kl's, q - p, does not, and
+    # centring it on the argmax would cost pass 1 three instructions an element.
+    ARGMAX_CENTRE: tl.constexpr = DIVERGENCE == REVERSE_KL
 
     label, valid = row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
@@ -159,14 +163,14 @@ def kd_forward_kernel(
         edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
         stats = fold_row_tile(init_row_statistics(BLOCK_V // VEC, ACC_DTYPE, NUM_TEACHERS), z_row, t_rows, edge,
                               edge_mask, inv_temperature, inv_teacher_temperature, ACC_DTYPE, "evict_last", DIVERGENCE,
-                              Z_STATS, NUM_TEACHERS, ARGMAX_CENTRE=True)
+                              Z_STATS, NUM_TEACHERS, ARGMAX_CENTRE=ARGMAX_CENTRE)
         for start in range(0, n, BLOCK_V):
             offsets, mask = body_tile(start, n, BLOCK_V, VEC)
             stats = fold_row_tile(stats, z_row, t_rows, offsets, mask, inv_temperature, inv_teacher_temperature,
                                   ACC_DTYPE, "evict_last", DIVERGENCE, Z_STATS, NUM_TEACHERS,
-                                  ARGMAX_CENTRE=True)
+                                  ARGMAX_CENTRE=ARGMAX_CENTRE)
         m_s, d_s, m_ts, d_ts, m_z, d_z, cross, centres = finish_row_statistics(stats, DIVERGENCE, Z_STATS,
-                                                                              NUM_TEACHERS, ARGMAX_CENTRE=True)
+                                                                              NUM_TEACHERS, ARGMAX_CENTRE=ARGMAX_CENTRE)
         if CE_FROM_STUDENT:
             m_z, d_z = m_s, d_s
         log_d_s = tl.log(d_s)
