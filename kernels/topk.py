@@ -15,13 +15,13 @@ so that comparing keys compares values first and, between equal values, puts the
 A running top-K_PAD (K_PAD = k rounded up to a power of two) is merged with each tile:
     tile top = tl.topk(tile keys, K_PAD);  running = tl.topk(join(running, tile top), K_PAD)
 unless the tile's largest float32 t is below ``floor``, the float32 value of the running K_PAD-th
-key (-inf while the running list still holds a column-less key): then no key of the tile can enter
-the list, and the tile costs its log-sum-exp and one float maximum. (The first tiles always merge,
-so the list holds k real keys by the end of any row of k <= V columns.) Columns past V get the smallest
-int64, below every real key (including -inf logits), so they are never selected while k <= V. Ties:
-equal values come out lowest column first, whatever order the tiles are visited in. Float64 logits
-are ranked by their float32 rounding (values equal in float32 are ordered by column); their
-log-probabilities are exact.
+key: then no key of the tile can enter the list, and the tile costs its log-sum-exp and one float
+maximum. ``floor`` is -inf while the list holds a column-less key, so no tile is skipped before the
+list holds K_PAD real keys (or all real keys of a row of fewer than K_PAD columns). Columns past V
+get the smallest int64, below every real key (including -inf logits), so they are never selected
+while k <= V. Ties: equal values come out lowest column first, whatever order the tiles are
+visited in. Float64 logits are ranked by their float32 rounding (values equal in float32 are
+ordered by column); their log-probabilities are exact.
 
 Bytes per row, b the logits' element size: b * V read once (the k winners are re-loaded from the
 row, which is in cache), 8 * k written. The merge costs O(BLOCK_V log^2 K_PAD) compare-exchanges on

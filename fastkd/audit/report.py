@@ -6,6 +6,7 @@ import csv
 import os
 from dataclasses import dataclass
 
+from ..backends.triton import MAX_REGISTERS
 from . import cases, model, sass
 
 MODEL_TEXT = (
@@ -281,8 +282,6 @@ def gate_findings(rows):
     """What the CI gate (tests/test_audit.py) would flag in ``rows`` of 16-aligned V: a spill, more
     registers than MAX_REGISTERS, a main loop whose widest load is under 128 bits, bytes per element
     over the budget."""
-    from ..backends.triton import MAX_REGISTERS
-
     found = []
     for row in rows:
         if row.v % 16 or not row.case.gate:
@@ -330,8 +329,6 @@ def markdown(rows, meta, headline_v, vs, aligned_v, unaligned_v, traffic_shape, 
         parts += [f"- {case_id} V={v}: {why}" for case_id, v, why in unavailable]
     findings = gate_findings(rows)
     parts += ["", "## What the CI gate flags (gated cases, 16-aligned V)", ""]
-    from ..backends.triton import MAX_REGISTERS
-
     parts += [f"- {line}" for line in findings] or [
         f"Nothing: no spill, at most {MAX_REGISTERS} registers, 128-bit loads, within budget."]
     if unaligned_v in vs and aligned_v in vs:
