@@ -21,8 +21,9 @@ MAX_TEACHERS = 4  # the dense kernel's mixture of teachers (kernels/kd_loss.py h
 MAX_TOPK_K = 1024  # teacher_topk keeps k keys on chip; larger k uses torch.topk (fastkd.functional)
 MAX_BLOCK_K = 1024
 # teacher_topk's tile and warps (and the MAX_REGISTERS cap): 8 columns a thread, the fewest that
-# load 16 bytes of bf16, keep its merge at 112 registers without a spill (k = 64, sm_90); a tile of
-# 4096 spills under the cap, and at 16 warps a tile models slower (more merge instructions).
+# load 16 bytes of bf16, keep its merge at 112 registers without a spill (k = 64, sm_90; fp32 91); a
+# tile of 4096 spills under the cap, and at 16 warps a tile models slower (more merge instructions).
+# float64 runs uncapped (182 registers; capped, it spills 164 B).
 TOPK_BLOCK_V = 2048
 TOPK_WARPS = 8
 # ptxas's ceiling on registers a thread (the `maxnreg` launch option) for the resident kernel, which
@@ -242,7 +243,8 @@ def teacher_topk(logits, k, temperature):
     topk.teacher_topk_kernel[(N,)](
         logits, logits.stride(0), logprobs, indices, k, V, k, 1.0 / temperature,
         ACC_DTYPE=_tl_dtype(acc), K_PAD=k_pad, BLOCK_V=block, num_warps=TOPK_WARPS if block >= TOPK_BLOCK_V else 4,
-        maxnreg=MAX_REGISTERS, **_row_walk(logits),
+        maxnreg=None if acc == torch.float64 else MAX_REGISTERS,
+        **_row_walk(logits),
     )
     return logprobs, indices
 
