@@ -21,7 +21,8 @@ list holds K_PAD real keys (or all real keys of a row of fewer than K_PAD column
 get the smallest int64, below every real key (including -inf logits), so they are never selected
 while k <= V. Ties: equal values come out lowest column first, whatever order the tiles are
 visited in. Float64 logits are ranked by their float32 rounding (values equal in float32 are
-ordered by column); their log-probabilities are exact.
+ordered by column); their log-probabilities are exact. A row with a NaN has NaN log-probabilities
+(at k distinct columns of the row: a tile whose maximum is NaN is merged, never skipped).
 
 Bytes per row, b the logits' element size: b * V read once (the k winners are re-loaded from the
 row, which is in cache), 8 * k written. The merge costs O(BLOCK_V log^2 K_PAD) compare-exchanges on

@@ -121,3 +121,16 @@ def test_teacher_topk_at_odd_widths_and_strides(V, k, dtype, layout):
     assert torch.equal(oracle, torch.topk(x, k, dim=-1).values)
     f32 = torch.log_softmax(t.float() / 2.0, dim=-1).gather(1, order)
     assert_close_to_oracle(lp, oracle, f32, dtype=dtype)
+
+
+def test_teacher_topk_of_nan_rows_and_no_rows():
+    """A row of NaN, or with one NaN, has NaN log-probabilities and lists k distinct columns of the row
+    (a NaN tile is merged, never skipped: the list never keeps a column-less key); N = 0 is empty."""
+    t = _view(logits(3, 53), 3)
+    t[0] = float("nan")
+    t[1, 40] = float("nan")
+    lp, idx = fastkd.teacher_topk(t, 6, backend="triton")
+    assert torch.isnan(lp[:2]).all() and torch.isfinite(lp[2]).all()
+    assert ((idx >= 0) & (idx < 53)).all() and all(len(set(row.tolist())) == 6 for row in idx)
+    lp, idx = fastkd.teacher_topk(torch.empty(0, 53), 6, backend="triton")
+    assert lp.shape == idx.shape == (0, 6)
