@@ -6,8 +6,8 @@ One row, t = logits / T, V columns:
 Nothing is differentiated: the teacher is a constant.
 
 The row is walked in whole 16-byte groups (row_tiles.py): its aligned body in tiles of BLOCK_V
-columns, then its head and tail in one edge tile, so the loads are 16 bytes wide at any V and row
-stride. Each tile (the edge tile too) is folded into the log-sum-exp and into the selection.
+columns, then its head and tail in one edge tile of max(K_PAD, 2 VEC) columns, so the loads are
+16 bytes wide at any V and row stride. Each tile is folded into the log-sum-exp and the selection.
 
 Selection. Every value is packed with its column into one int64 key,
     key = (order_preserving_bits(float32(t_j)) << 32) | (2**32 - 1 - j),
@@ -31,7 +31,7 @@ chip per tile that is not skipped: compute, not bandwidth, bounds large k.
 import triton
 import triton.language as tl
 
-from .row_stats import fold_tile, store, tile_rows_to_row
+from .row_stats import fold_tile, online_logsumexp_update, store, tile_rows_to_row
 from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split
 
 SMALLEST_KEY = tl.constexpr(-9223372036854775807 - 1)
@@ -62,15 +62,20 @@ def _floor(running):
 
 
 @triton.jit
+def _merge(running, keys, K_PAD: tl.constexpr):
+    """The top K_PAD of ``running`` and the 1-D ``keys``."""
+    return tl.topk(tl.reshape(tl.join(running, tl.topk(keys, K_PAD)), (2 * K_PAD,)), K_PAD)
+
+
+@triton.jit
 def _fold(m, d, running, floor, x_row, offsets, mask, head, inv_temperature, ACC_DTYPE: tl.constexpr,
           K_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One tile: per-tile-row log-sum-exp (m, d), and the running top K_PAD keys and their floor."""
+    """One body tile: per-tile-row log-sum-exp (m, d), and the running top K_PAD keys and their floor."""
     t = load_tile(x_row, offsets, mask, inv_temperature, ACC_DTYPE, "")
     m, d, _, _ = fold_tile(m, d, t)
     top = tl.max(tl.max(t, axis=1), axis=0).to(tl.float32)
     if (top >= floor) | (top != top):  # a NaN maximum merges too: never skip a tile on a NaN
-        keys = tl.reshape(_keys(t, head + offsets, mask), (BLOCK_V,))
-        running = tl.topk(tl.reshape(tl.join(running, tl.topk(keys, K_PAD)), (2 * K_PAD,)), K_PAD)
+        running = _merge(running, tl.reshape(_keys(t, head + offsets, mask), (BLOCK_V,)), K_PAD)
         floor = _floor(running)
     return m, d, running, floor
 
@@ -94,10 +99,13 @@ def teacher_topk_kernel(
         offsets, mask = body_tile(start, n, BLOCK_V, VEC)
         m, d, running, floor = _fold(m, d, running, floor, x_row, offsets, mask, head, inv_temperature, ACC_DTYPE,
                                      K_PAD, BLOCK_V)
-    edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)  # after the loop: its merge is then mostly skipped
-    m, d, running, floor = _fold(m, d, running, floor, x_row, edge, edge_mask, head, inv_temperature, ACC_DTYPE,
-                                 K_PAD, BLOCK_V)
     m, d = tile_rows_to_row(m, d)
+    # The head and the tail, fewer than 2 VEC columns, in a tile of EDGE columns: a smaller merge.
+    EDGE: tl.constexpr = K_PAD if K_PAD > 2 * VEC else 2 * VEC
+    edge, edge_mask = edge_tile(head, n, V, EDGE, VEC)
+    t = load_tile(x_row, edge, edge_mask, inv_temperature, ACC_DTYPE, "")
+    m, d = online_logsumexp_update(m, d, tl.reshape(t, (EDGE,)))
+    running = _merge(running, tl.reshape(_keys(t, head + edge, edge_mask), (EDGE,)), K_PAD)
     lse = m + tl.log(d)
 
     lanes = tl.arange(0, K_PAD)

@@ -21,7 +21,7 @@ MAX_TEACHERS = 4  # the dense kernel's mixture of teachers (kernels/kd_loss.py h
 MAX_TOPK_K = 1024  # teacher_topk keeps k keys on chip; larger k uses torch.topk (fastkd.functional)
 MAX_BLOCK_K = 1024
 # teacher_topk's tile and warps (and the MAX_REGISTERS cap): 8 columns a thread, the fewest that
-# load 16 bytes of bf16, keep its merge at 112 registers without a spill (k = 64, sm_90; fp32 91); a
+# load 16 bytes of bf16, keep its merge at 112 registers without a spill (k = 64 and 1024, sm_90); a
 # tile of 4096 spills under the cap, and at 16 warps a tile models slower (more merge instructions).
 # float64 runs uncapped (182 registers; capped, it spills 164 B).
 TOPK_BLOCK_V = 2048
