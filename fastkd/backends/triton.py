@@ -26,9 +26,10 @@ MAX_BLOCK_K = 1024
 # float64 runs uncapped (182 registers; capped, it spills 164 B).
 TOPK_BLOCK_V = 2048
 TOPK_WARPS = 8
-# ptxas's ceiling on registers a thread (the `maxnreg` launch option) for the resident kernel, which
-# would use up to 141, and for teacher_topk: 112 leaves 2 CTAs of 8 warps an SM (1 of 16 with room to
-# spare). The audit gate (tests/test_audit.py) fails a gated kernel above it or with any spill.
+# ptxas's ceiling on registers a thread (the `maxnreg` launch option) for the resident kernel (which
+# would use up to 141) and teacher_topk (184 at k = 64): 112 leaves 2 CTAs of 8 warps an SM (1 of 16
+# with room to spare). The audit gate (tests/test_audit.py) fails a gated kernel above it or with any
+# spill.
 MAX_REGISTERS = 112
 
 
