@@ -8,13 +8,14 @@ Gradient  = grad_scale * (soft_scale / T_s * dD/ds + hard_weight * (softmax(z) -
 
 One program (one CTA) holds a whole row as a tile of ``BLOCK_V >= V`` columns. Steps, with the
 row-wide reductions:
-    1. load z, t once; s = z / T_s, t = t / T_t
+    1. load z, t once; s = z / T_s, t = t / T_t; with the hard CE, the label's logit z_y (one
+       element, read again rather than picked out of the row: a sum over the row there cost the
+       registers that made the jsd family spill under MAX_REGISTERS)
     2. reduction 1: the maxima m_s, m_t (and m_z for the hard CE)
-    3. reduction 2: the sums of exps d_s, d_t (d_z), kl's or reverse_kl's cross term, and the
-       label's logit z_y taken from the resident row (no second read of it)
+    3. reduction 2: the sums of exps d_s, d_t (d_z), kl's or reverse_kl's cross term
     4. the divergences without a cross term: reduction 3, the row scalars A1, A2 (element_terms)
     5. the loss, and the gradient (divergence_grad) written once, each CTA its own slice
-Bytes moved per element: b_s + b_t + b_s (6 for bf16), every divergence.
+Bytes moved per element: b_s + b_t + b_s (6 for bf16), every divergence (and a few a row: the label, its logit).
 With ``inplace`` the gradient overwrites the student: the row is loaded before any store.
 Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading the logits; undefined
 rows (no finite log-sum-exp of s or t, or with the hard CE a label outside [0, V)) a NaN loss and
@@ -37,12 +38,11 @@ def row_maxima(s, t, z, HAS_CE: tl.constexpr):
 
 
 @triton.jit
-def row_sums(e_s, e_t, cross, e_z, z_y, WITH_CROSS: tl.constexpr, HAS_CE: tl.constexpr):
+def row_sums(e_s, e_t, cross, e_z, WITH_CROSS: tl.constexpr, HAS_CE: tl.constexpr):
     """The sums over the row of the operands each configuration needs (0 for the others)."""
     sum_cross = tl.sum(cross, 0) if WITH_CROSS else tl.zeros((), e_s.dtype)
     d_z = tl.sum(e_z, 0) if HAS_CE else tl.zeros((), e_s.dtype)
-    z_label = tl.sum(z_y, 0) if HAS_CE else tl.zeros((), e_s.dtype)
-    return tl.sum(e_s, 0), tl.sum(e_t, 0), sum_cross, d_z, z_label
+    return tl.sum(e_s, 0), tl.sum(e_t, 0), sum_cross, d_z
 
 
 @triton.jit
@@ -81,12 +81,15 @@ def kd_resident_kernel(
         z = load_tile(z_row, cols, mask, 1.0, ACC_DTYPE, "evict_first")
         s = z * inv_temperature
         t = load_tile(t_row, cols, mask, inv_teacher_temperature, ACC_DTYPE, "evict_first")
+        z_label = tl.zeros((), ACC_DTYPE)
+        if HAS_CE:  # the label's logit, read before the reductions' barriers (any in-place store is after them)
+            z_label = tl.load(z_row + label, mask=(label >= 0) & (label < V), other=float("nan")).to(ACC_DTYPE)
         m_s, m_t, m_z = row_maxima(s, t, z, HAS_CE)
         e_s = exp(s - finite(m_s))
         e_t = exp(t - finite(m_t))
-        d_s, d_t, cross, d_z, z_label = row_sums(
+        d_s, d_t, cross, d_z = row_sums(
             e_s, e_t, cross_term_elements(e_s, e_t, s - m_s, t - m_t, DIVERGENCE), exp(z - finite(m_z)),
-            tl.where(cols == label, z, 0.0), DIVERGENCE < JSD, HAS_CE)
+            DIVERGENCE < JSD, HAS_CE)
         log_d_s, log_d_t = tl.log(d_s), tl.log(d_t)
         shift = log_ratio_shift(d_s, d_t)
         defined = (tl.abs(m_s + log_d_s) < float("inf")) & (tl.abs(m_t + log_d_t) < float("inf"))

@@ -4,7 +4,7 @@ VEC - 1 columns on most rows of a contiguous tensor; a slice ``x[:, :V]`` of a w
 strides that agree with the gradient's modulo VEC (width V + 8: the aligned walk) or not (V + 3: the
 plain walk). Blocks of 16 columns (conftest) make several loop iterations; -inf columns sit in a
 head and a tail, and one row is ignored. Every kernel that walks rows is reached: two-pass kd_loss
-(and the backward's scale_rows), the vocabulary-parallel kernels, softmax, topk_kd_loss.
+(and the backward's scale_rows), the vocabulary-parallel kernels, softmax, topk_kd_loss, teacher_topk.
 """
 import pytest
 import torch
@@ -100,3 +100,37 @@ def test_topk_kd_loss_at_odd_widths_and_strides(tail, dtype, layout):
     f32, f32_grad = _grads(reference.topk_kd_loss, s.float(), logprobs.float(), indices, **kw)
     assert_close_to_oracle(loss, oracle, f32, dtype=dtype, grows_with=V)
     assert_close_to_oracle(grad, oracle_grad, f32_grad, dtype=dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("V, k", [(53, 6), (37, 20)])
+def test_teacher_topk_at_odd_widths_and_strides(V, k, dtype, layout):
+    """The top k of float64 log_softmax, ties lowest column first: three columns share each row's
+    largest value (bf16 ties many more), -inf sits in the head and the tail, and the last row has
+    fewer finite columns than k (its -inf columns are listed, lowest first). Blocks of 16 columns
+    (32 for k = 20) make several merges; the edge tile holds the head's tie."""
+    _, t, _ = _inputs(V, dtype, LAYOUTS[layout])
+    t[:, [2, 20, V - 3]] = 9.0
+    t[N - 1, 4:] = float("-inf")
+    lp, idx = fastkd.teacher_topk(t, k, temperature=2.0, backend="triton")
+    x = torch.log_softmax(t.double() / 2.0, dim=-1)
+    order = torch.sort(-x, dim=-1, stable=True).indices[:, :k]
+    assert torch.equal(idx.long(), order)
+    oracle = x.gather(1, order)
+    assert torch.equal(oracle, torch.topk(x, k, dim=-1).values)
+    f32 = torch.log_softmax(t.float() / 2.0, dim=-1).gather(1, order)
+    assert_close_to_oracle(lp, oracle, f32, dtype=dtype)
+
+
+def test_teacher_topk_of_nan_rows_and_no_rows():
+    """A row of NaN, or with one NaN, has NaN log-probabilities and lists k distinct columns of the row
+    (a NaN tile is merged, never skipped: the list never keeps a column-less key); N = 0 is empty."""
+    t = _view(logits(3, 53), 3)
+    t[0] = float("nan")
+    t[1, 40] = float("nan")
+    lp, idx = fastkd.teacher_topk(t, 6, backend="triton")
+    assert torch.isnan(lp[:2]).all() and torch.isfinite(lp[2]).all()
+    assert ((idx >= 0) & (idx < 53)).all() and all(len(set(row.tolist())) == 6 for row in idx)
+    lp, idx = fastkd.teacher_topk(torch.empty(0, 53), 6, backend="triton")
+    assert lp.shape == idx.shape == (0, 6)

@@ -6,6 +6,7 @@ import csv
 import os
 from dataclasses import dataclass
 
+from ..backends.triton import MAX_REGISTERS
 from . import cases, model, sass
 
 MODEL_TEXT = (
@@ -278,16 +279,20 @@ How the columns are counted, per element of the `[N, V]` inputs (a step's kernel
 
 
 def gate_findings(rows):
-    """What the CI gate (tests/test_audit.py) would flag in ``rows`` of 16-aligned V: a spill in a
-    loop, a main loop whose widest load is under 128 bits, bytes per element over the budget."""
+    """What the CI gate (tests/test_audit.py) would flag in ``rows`` of 16-aligned V: a spill, more
+    registers than MAX_REGISTERS, a main loop whose widest load is under 128 bits, bytes per element
+    over the budget."""
     found = []
     for row in rows:
         if row.v % 16 or not row.case.gate:
             continue
         for kernel, (_, loaded, stored), budget in zip(row.kernels, row.traffic, row.case.budget or ()):
             where = f"{row.case_id} V={row.v}: {_short(kernel.name)}"
-            if kernel.spill_in_loop:
-                found.append(f"{where} spills inside a loop")
+            if kernel.spill_store_bytes or kernel.spill_load_bytes:
+                found.append(f"{where} spills {kernel.spill_store_bytes} B / reloads {kernel.spill_load_bytes} B"
+                             + (" inside a loop" if kernel.spill_in_loop else ""))
+            if kernel.registers > MAX_REGISTERS:
+                found.append(f"{where} uses {kernel.registers} registers, over {MAX_REGISTERS}")
             if any(width < 128 for width in kernel.widest_loads):
                 found.append(f"{where} loads {kernel.widest_loads} bits at widest in its main loops")
             if loaded + stored > budget + cases.BUDGET_SLACK:
@@ -324,7 +329,8 @@ def markdown(rows, meta, headline_v, vs, aligned_v, unaligned_v, traffic_shape, 
         parts += [f"- {case_id} V={v}: {why}" for case_id, v, why in unavailable]
     findings = gate_findings(rows)
     parts += ["", "## What the CI gate flags (gated cases, 16-aligned V)", ""]
-    parts += [f"- {line}" for line in findings] or ["Nothing: no spill in a loop, 128-bit loads, within budget."]
+    parts += [f"- {line}" for line in findings] or [
+        f"Nothing: no spill, at most {MAX_REGISTERS} registers, 128-bit loads, within budget."]
     if unaligned_v in vs and aligned_v in vs:
         parts += ["", f"## Rows whose stride is not a multiple of 16 elements (V = {unaligned_v})", "",
                   "Triton specialises an int argument (here V and the row strides) as divisible by 16 or not; "

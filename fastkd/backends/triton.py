@@ -20,10 +20,16 @@ MAX_BLOCK_V = 4096
 MAX_TEACHERS = 4  # the dense kernel's mixture of teachers (kernels/kd_loss.py has as many weight slots)
 MAX_TOPK_K = 1024  # teacher_topk keeps k keys on chip; larger k uses torch.topk (fastkd.functional)
 MAX_BLOCK_K = 1024
-# ptxas's ceiling on registers a thread (the `maxnreg` launch option) for the resident kernel, which
-# would use up to 141: 112 leaves 2 CTAs of 8 warps an SM (1 of 16 with room to spare). The audit
-# gate (tests/test_audit.py) fails a gated kernel above it. (teacher_topk is not capped: at 112 its
-# merge spills in the loop.)
+# teacher_topk's tile and warps (and the MAX_REGISTERS cap): 8 columns a thread, the fewest that
+# load 16 bytes of bf16, keep its merge at 112 registers without a spill (k = 64 and 1024, sm_90); a
+# tile of 4096 spills under the cap, and at 16 warps a tile models slower (more merge instructions).
+# float64 runs uncapped (182 registers; capped, it spills 164 B).
+TOPK_BLOCK_V = 2048
+TOPK_WARPS = 8
+# ptxas's ceiling on registers a thread (the `maxnreg` launch option) for the resident kernel (which
+# would use up to 141) and teacher_topk (184 at k = 64): 112 leaves 2 CTAs of 8 warps an SM (1 of 16
+# with room to spare). The audit gate (tests/test_audit.py) fails a gated kernel above it or with any
+# spill.
 MAX_REGISTERS = 112
 
 
@@ -234,12 +240,12 @@ def teacher_topk(logits, k, temperature):
     if k > MAX_TOPK_K:
         raise ValueError(f"the Triton top-k kernel takes k <= {MAX_TOPK_K}, got k={k}")
     k_pad = max(2, _pow2(k))
-    block, warps = _block_and_warps(V)
-    block = max(block, k_pad)
-    warps = min(warps, 8)  # at 16 warps (128 registers a thread) the merge spills; 8: 184, none (k = 64)
+    block = max(min(MAX_BLOCK_V, TOPK_BLOCK_V, _pow2(V)), k_pad, 16)
     topk.teacher_topk_kernel[(N,)](
         logits, logits.stride(0), logprobs, indices, k, V, k, 1.0 / temperature,
-        ACC_DTYPE=_tl_dtype(acc), K_PAD=k_pad, BLOCK_V=block, num_warps=warps,
+        ACC_DTYPE=_tl_dtype(acc), K_PAD=k_pad, BLOCK_V=block, num_warps=TOPK_WARPS if block >= TOPK_BLOCK_V else 4,
+        maxnreg=None if acc == torch.float64 else MAX_REGISTERS,
+        **_row_walk(logits),
     )
     return logprobs, indices
 
