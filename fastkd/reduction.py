@@ -71,10 +71,9 @@ def reduce(row_loss, norm, reduction: Reduction, leading_shape):
     """The loss from the per-row losses ``[N]`` and the normaliser of ``normaliser``."""
     if reduction.kind == "none":
         return row_loss.reshape(leading_shape)
+    total = row_loss.sum()
     if norm is None:
-        return row_loss.sum()
+        return total
     if not isinstance(norm, torch.Tensor):
-        if norm == row_loss.numel():  # every row kept ("batchmean"): the mean, in one op
-            return row_loss.mean()
-        norm = constant(norm, dtype=row_loss.dtype, device=row_loss.device)
-    return row_loss.sum().div_(norm)
+        norm = constant(norm, dtype=total.dtype, device=total.device)
+    return total.div_(norm)

@@ -297,11 +297,11 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, acc, inplace, 
     # where the formulas do not keep a row's NaNs by themselves (the table's masked products clear them).
     defined = None
     if opts.divergence == "kl":
-        # The table's kl written out: dD/ds = q - p and D = sum p (lt - ls), where p = 0 contributes
-        # 0 (not the NaN of 0 * inf); a row without both distributions has NaN log-probabilities,
-        # so NaN in both.
+        # The table's kl written out: dD/ds = q - p, NaN exactly in the rows without both
+        # distributions; D = sum p (lt - ls) without the NaNs of 0 * inf (p = 0), plus 0 times
+        # q - p, which makes those rows NaN again (fewer ops than torch.where or a mask).
         dD = ls.exp().sub_(p)
-        D = (lt - ls).mul_(p).masked_fill_(p == 0, 0.0).sum(-1)
+        D = (lt - ls).mul_(p).nansum(-1).add_(dD[:, 0], alpha=0)
     else:
         defined = ~torch.isnan(ls[:, 0] + lt[:, 0])
         fresh = FreshBuffers(ls)
@@ -310,7 +310,7 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, acc, inplace, 
         A1, A2 = a1.sum(-1, keepdim=True), a2.sum(-1, keepdim=True)
         D = div.divergence_value(A1, A2, opts)[:, 0]
         dD = div.divergence_grad(x, A1, A2, opts, fresh.take()) if need_grad else None
-    row_loss = D if opts.soft_scale == 1 else D.mul_(opts.soft_scale)
+    row_loss = D if opts.soft_scale == 1 else D.mul_(constant(opts.soft_scale, dtype=acc, device=D.device))
     log_q = ls if log_q is None else log_q  # the student at T = 1, which nothing reads after the CE
     # Labels read on the host (CPU) that are all kept and in range need no row masks.
     masked = labels is not None and not _labels_all_kept(labels, ls.shape[-1], opts.ignore_index)
@@ -332,7 +332,7 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, acc, inplace, 
     # folded into the others where it is a cached constant (its value known on the host).
     host_scale = constant_value(grad_scale) if defined is None else None
     folded = 1.0 if host_scale is None else host_scale
-    g = dD.mul_(opts.soft_grad_scale * folded)
+    g = dD.mul_(constant(opts.soft_grad_scale * folded, dtype=acc, device=dD.device))
     if has_ce:
         index = labels.clamp(0, log_q.shape[-1] - 1) if masked else labels
         g.add_(_hard_ce_grad(log_q, index), alpha=opts.hard_weight * folded)
