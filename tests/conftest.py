@@ -187,6 +187,7 @@ def small_blocks(monkeypatch):
         monkeypatch.setattr(fastkd.backends.triton, "RESIDENT_BLOCK", 16)
         monkeypatch.setattr(fastkd.backends.triton, "RESIDENT_BLOCK_FLOAT64", 16)
     monkeypatch.setattr(fastkd.backends.torch, "CHUNK_BYTES", 4 * 64 * 3)
+    monkeypatch.setattr(fastkd.backends.torch, "TOPK_CHUNK_FACTOR", 1)
 
 
 @pytest.fixture
