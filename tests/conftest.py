@@ -14,6 +14,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # One torch thread: the background jobs (below) take the second core, where torch's ops on two
+    # threads would wait for it at the end of every parallel region (the suite ran 9 min against 6).
+    # The tests of the worker pool set two threads themselves (test_torch_backend.py).
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
