@@ -371,7 +371,8 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
     N, V = student.shape
     acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
     # A call within SMALL_ELEMENTS is one chunk of the default size.
-    ranges = [(0, N)] if chunk_bytes is None and 0 < N * V <= SMALL_ELEMENTS else chunks(N, V, chunk_bytes, student.device)
+    one_chunk_call = chunk_bytes is None and 0 < N * V <= SMALL_ELEMENTS
+    ranges = [(0, N)] if one_chunk_call else chunks(N, V, chunk_bytes, student.device)
     small = len(ranges) == 1 and N * V <= SMALL_ELEMENTS
     if small and len(teachers) == 1:
         return _small_kd_forward(student, teachers[0], labels, grad_scale, opts, acc, inplace, need_grad)
@@ -572,7 +573,8 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
                 g.addcmul_(ce_grad, scale, value=opts.hard_weight)
         _finish_rows(loss, grad, r0, r1, row_loss, g, defined, labels, opts.ignore_index)
 
-    chunk_bytes = TOPK_CHUNK_FACTOR * CHUNK_BYTES if chunk_bytes is None and student.device.type == "cpu" else chunk_bytes
+    if chunk_bytes is None and student.device.type == "cpu":
+        chunk_bytes = TOPK_CHUNK_FACTOR * CHUNK_BYTES
     for_each_chunk(chunks(N, V, chunk_bytes, student.device), V, acc, student.device, one_chunk)
     return loss, grad
 
