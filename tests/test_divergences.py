@@ -25,7 +25,7 @@ def _cases():
 
 
 @pytest.mark.parametrize("name,beta,skew", list(_cases()))
-@pytest.mark.parametrize("T,with_labels", list(itertools.product([0.5, 1.0, 3.0], [False, True])))
+@pytest.mark.parametrize("T,with_labels", list(itertools.product([0.5, 3.0], [False, True])))
 def test_gradcheck_through_triton(name, beta, skew, T, with_labels):
     s = logits(3, 19, dtype=torch.float64, scale=2.0).requires_grad_(True)
     t = logits(3, 19, dtype=torch.float64, scale=2.0)
@@ -38,11 +38,11 @@ def test_gradcheck_through_triton(name, beta, skew, T, with_labels):
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_full_gradcheck_multi_block(name):
-    s = logits(2, 21, dtype=torch.float64, scale=2.0).requires_grad_(True)
-    t = logits(2, 21, dtype=torch.float64, scale=2.0)
+    s = logits(2, 17, dtype=torch.float64, scale=2.0).requires_grad_(True)  # two blocks (conftest: 16 columns)
+    t = logits(2, 17, dtype=torch.float64, scale=2.0)
     assert torch.autograd.gradcheck(
         lambda s: fastkd.kd_loss(s, t, divergence=name, beta=0.3, skew=0.2, temperature=1.7,
-                                 labels=torch.tensor([1, 20]), hard_weight=0.2, backend="triton"), (s,))
+                                 labels=torch.tensor([1, 16]), hard_weight=0.2, backend="triton"), (s,))
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)

@@ -32,7 +32,7 @@ def test_forward_and_backward_match_oracle(log, dtype, V, device):
 
 @pytest.mark.parametrize("log", [False, True])
 def test_gradcheck_float64(log):
-    x = logits(3, 21, dtype=torch.float64).requires_grad_(True)
+    x = logits(2, 17, dtype=torch.float64).requires_grad_(True)  # rows of two blocks (conftest: 16 columns)
     fn = fastkd.log_softmax if log else fastkd.softmax
     assert torch.autograd.gradcheck(lambda x: fn(x, temperature=0.7, backend="triton"), (x,))
 
