@@ -77,15 +77,15 @@ def _save_and_reduce(ctx, row_loss, grad, norm, reduction, student, backend, hel
 def scaled_student_grad(ctx, grad_loss):
     """The saved student gradient (already divided by the normaliser) times the upstream gradient."""
     (grad,) = ctx.saved_tensors
-    upstream = grad_loss.reshape(-1)
     if ctx.held:  # compiled: grad is the token of the gradient the forward op holds
         V = ctx.shape[-1]
+        upstream = grad_loss.reshape(-1)
         return ops.take_grad(grad, upstream, ctx.shape.numel() // V, V, ctx.dtype, ctx.backend).view(ctx.shape)
     if torch.compiler.is_compiling():  # compiled with inplace=True: plain torch ops (module docstring)
-        return (grad * upstream[:, None]).to(grad.dtype).view(ctx.shape)
+        return (grad * grad_loss.reshape(-1, 1)).to(grad.dtype).view(ctx.shape)
     # The saved gradient is ours: scale it in place unless this graph may be run backward again.
     out = None if graph_is_kept() else grad
-    grad = implementation(ctx.backend).scale_rows(grad, upstream, out=out)
+    grad = implementation(ctx.backend).scale_rows(grad, grad_loss, out=out)
     return grad if grad.shape == ctx.shape else grad.view(ctx.shape)
 
 

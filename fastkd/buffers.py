@@ -59,11 +59,12 @@ def constant(value, *, dtype, device, shape=()):
     return _cached_constant(value, dtype, torch.device(device), shape)
 
 
-# The last host_label_range read: (weak reference to the labels' base tensor, the view's geometry and
-# version, (low, high)). One call reads its labels' range at up to three places (the range check,
-# the kept-row count, the small call's masks); a weak reference cannot be confused with a later
-# tensor at the same address, and the version counter (shared by a tensor and its views) sees writes.
-_last_label_range = (None, None, None)
+# The last host_label_range read: (weak reference to the labels tensor, its version, weak reference to
+# its base tensor, the view's geometry, (low, high)). One call reads its labels' range at up to three
+# places (the range check, the kept-row count, the small call's masks), most often through the same
+# tensor; a weak reference cannot be confused with a later tensor at the same address, and the
+# version counter (shared by a tensor and its views) sees writes.
+_last_label_range = (None, None, None, None, None)
 
 
 def host_label_range(labels):
@@ -71,13 +72,14 @@ def host_label_range(labels):
     ``torch.compile`` traces), or None when empty; an unchanged tensor (or view of the same base) is
     read once."""
     global _last_label_range
+    tensor_ref, version, base_ref, last_key, value = _last_label_range
+    if tensor_ref is not None and tensor_ref() is labels and version == labels._version:
+        return value
     if labels.numel() == 0:
         return None
     base = labels if labels._base is None else labels._base
     key = (labels.storage_offset(), labels.shape, labels.stride(), labels._version)
-    ref, last_key, value = _last_label_range
-    if ref is not None and ref() is base and last_key == key:
-        return value
-    value = tuple(int(x) for x in torch.aminmax(labels))
-    _last_label_range = (weakref.ref(base), key, value)
+    if not (base_ref is not None and base_ref() is base and last_key == key):
+        value = tuple(int(x) for x in torch.aminmax(labels))
+    _last_label_range = (weakref.ref(labels), labels._version, weakref.ref(base), key, value)
     return value

@@ -43,7 +43,7 @@ def check_label_range(labels, V, opts: KDOptions):
     """ValueError for a CPU label outside [0, V) that is not ignore_index, when the hard CE uses it."""
     if labels is None or opts.hard_weight == 0 or labels.device.type != "cpu" or torch.compiler.is_compiling():
         return
-    flat = labels.reshape(-1)
+    flat = labels if labels.dim() == 1 else labels.reshape(-1)
     label_range = host_label_range(flat)
     if label_range is None or (0 <= label_range[0] and label_range[1] < V):
         return

@@ -21,10 +21,12 @@ a few percent of the gradient. On a GPU chunks are GPU_CHUNK_FACTOR times larger
 Small calls. A call of one chunk and at most SMALL_ELEMENTS elements (a classifier's
 distillation, a few rows) runs on the calling thread in fresh tensors, by fused ops
 (``_small_kd_forward``): there each op costs its microseconds of Python and dispatch, not a pass
-over memory, so the fewest ops win: both sides' log-probabilities by log_softmax (``_log_softmax``;
-short rows up to STACK_ELEMENTS stack the student, the teacher and the hard CE's student at T = 1
-into one log-softmax of six ops), then one teacher's kl by the table's kl written out (about ten
-ops for value and gradient), the other divergences by the table itself; the hard CE by nll_loss;
+over memory, so the fewest ops win: the constants of a call's options are looked up once
+(``_small_constants``); every side's log-probabilities by log_softmax (``_small_distributions``;
+short rows take the softmax's steps as separate ops, the probabilities from the same exp, and up to
+STACK_ELEMENTS stack the student, the teacher and the hard CE's student at T = 1 into one), then
+one teacher's kl by the table's kl written out (about ten ops for value and gradient), the other
+divergences by the table itself; the hard CE by nll_loss, its gradient by one add and one scatter;
 CPU labels, read on the host once (``buffers.host_label_range``), that are all in [0, V) and none
 ignore_index need no row masks; a cached ``grad_scale`` (``buffers.constant``, its value known on
 the host) is folded into the gradient's other factors; a mixture of teachers runs the chunk's code
@@ -33,6 +35,7 @@ once.
 import functools
 import math
 import threading
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -152,6 +155,11 @@ def _scaled(x, temperature, out):
     return out.copy_(x).div_(temperature)
 
 
+def _int64(labels):
+    """``labels`` as int64 (itself when it is: ``long()`` would cost a dispatch)."""
+    return labels if labels.dtype == torch.int64 else labels.long()
+
+
 def _hard_ce(log_q, labels, need_grad):
     """Cross-entropy per row ``[rows]`` from the student's log-probabilities at T = 1, ``log_q``,
     its gradient q - one-hot (written over ``log_q``; None without ``need_grad``), and whether each
@@ -228,7 +236,7 @@ def _one_teacher_elements(s, t, opts, work):
 
 # torch's CPU log_softmax runs a row shorter than its vector width (16 floats with AVX-512) element
 # by element, several times slower than the same steps as separate ops (docs/benchmarks.md, "Sizes
-# of the torch backend"): for such rows, past a few, _log_softmax takes its steps as separate ops.
+# of the torch backend"): for such rows, past a few, a small call takes its steps as separate ops.
 SHORT_ROW = 16
 FEW_ROWS = 32
 
@@ -240,59 +248,82 @@ FEW_ROWS = 32
 STACK_ELEMENTS = 2**12
 
 
-def _tempered(x, temperature, dtype):
-    """``x / temperature`` in ``dtype`` (the accumulation dtype), out of place (``x`` itself at T = 1)."""
-    x = x if x.dtype == dtype else x.to(dtype)
-    return x if temperature == 1 else torch.div(x, constant(temperature, dtype=dtype, device=x.device))
-
-
 def _short_rows(x):
     """Whether ``x`` ``[N, V]`` has many short CPU rows (SHORT_ROW, FEW_ROWS)."""
     N, V = x.shape
     return V < SHORT_ROW and N > FEW_ROWS and x.device.type == "cpu"
 
 
-def _log_softmax(x, short):
-    """log_softmax(x) over the last dim, in fresh memory: torch's, or for ``short`` rows
-    (``_short_rows``) the same steps as separate ops. A row with a NaN or +inf, or entirely -inf,
-    is all NaN either way."""
-    if not short:
-        return torch.log_softmax(x, -1)
-    shifted = x - x.amax(-1, keepdim=True)
-    return shifted.sub_(shifted.exp().sum(-1, keepdim=True).log_())
+class _SmallConstants(NamedTuple):
+    """The cached operands of a small call (``_small_constants``): tensors of the accumulation dtype."""
+    temperatures: tuple  # of the sides: the student, the teacher, and with the hard CE at T != 1 the student at T = 1
+    stacked_temperatures: Optional[torch.Tensor]  # [sides, 1, 1], None when every side is at 1
+    side_temperatures: tuple  # per side a 0-d tensor, None at 1
+    soft_scale: Optional[torch.Tensor]  # 0-d, None at 1
+    soft_grad_factor: torch.Tensor  # 0-d: soft_grad_scale times the folded grad_scale
+    hard_grad_factor: float  # hard_weight times the folded grad_scale
 
 
 @functools.lru_cache(maxsize=64)
-def _small_temperatures(opts, hard_ce):
-    """The temperatures of the sides ``_small_log_probs`` takes, and whether any is not 1."""
-    temperatures = (opts.temperature, opts.teacher_T) + ((1.0,) if hard_ce and opts.temperature != 1 else ())
-    return temperatures, any(T != 1 for T in temperatures)
+def _small_constants(opts, dtype, device, has_ce, folded_scale):
+    """A small call's constants (``_SmallConstants``), looked up once per call; ``folded_scale``: the
+    grad_scale folded into the gradient's factors (its host value, or 1 when it is not known)."""
+    temperatures = (opts.temperature, opts.teacher_T) + ((1.0,) if has_ce and opts.temperature != 1 else ())
+
+    def operand(value, shape=()):
+        return None if value == 1 else constant(value, dtype=dtype, device=device, shape=shape)
+
+    tempered = any(T != 1 for T in temperatures)
+    return _SmallConstants(temperatures, constant(temperatures, dtype=dtype, device=device, shape=(-1, 1, 1))
+                           if tempered else None, tuple(map(operand, temperatures)), operand(opts.soft_scale),
+                           constant(opts.soft_grad_scale * folded_scale, dtype=dtype, device=device),
+                           opts.hard_weight * folded_scale)
 
 
-def _small_log_probs(student, teacher, opts, acc, hard_ce):
-    """(ls, lt, log_q): log_softmax of student / T, of teacher / T_t and, with ``hard_ce`` at
-    T != 1, of the student at T = 1 (else None), all ``[N, V]`` in ``acc``. Short rows up to
-    STACK_ELEMENTS stack the sides and run one log-softmax."""
-    temperatures, tempered = _small_temperatures(opts, hard_ce)
-    sides = (student, teacher, student)[:len(temperatures)]
-    short = _short_rows(student)
-    if short and student.numel() <= STACK_ELEMENTS:  # one short log-softmax's six ops, not six per side
-        z = torch.stack(sides).to(acc)
-        if tempered:
-            z.div_(constant(temperatures, dtype=acc, device=z.device, shape=(-1, 1, 1)))
-        logs = _log_softmax(z, short).unbind(0)
-    else:
-        logs = [_log_softmax(_tempered(x, T, acc), short) for x, T in zip(sides, temperatures)]
-    return (*logs, None)[:3]
+def _softmax_steps(z):
+    """(log_softmax(z), softmax(z)) over the last dim as separate ops, ``z`` (fresh) overwritten by
+    the first. A row with a NaN or +inf, or entirely -inf, is all NaN, as in torch's."""
+    z.sub_(z.amax(-1, keepdim=True))
+    e = z.exp()
+    d = e.sum(-1, keepdim=True)
+    return z.sub_(d.log()), e.div_(d)
+
+
+def _small_distributions(sides, c, acc):
+    """(log-probabilities, probabilities or None) of each side of a small call (``c``: its
+    ``_SmallConstants``), ``[N, V]`` in ``acc``, fresh. Short rows (``_short_rows``) take their
+    softmax as separate ops (``_softmax_steps``), the sides stacked up to STACK_ELEMENTS; other
+    rows take torch's log_softmax per side."""
+    short = _short_rows(sides[0])
+    if short and sides[0].numel() <= STACK_ELEMENTS:
+        z = torch.stack(sides)
+        z = z if z.dtype == acc else z.to(acc)
+        logs, probs = _softmax_steps(z if c.stacked_temperatures is None else z.div_(c.stacked_temperatures))
+        return logs.unbind(0), probs.unbind(0)
+    logs, probs = [], []
+    for x, T in zip(sides, c.side_temperatures):
+        x = x if x.dtype == acc else x.to(acc)
+        if short:
+            log_p, p = _softmax_steps(x.clone() if T is None else torch.div(x, T))
+            logs.append(log_p)
+            probs.append(p)
+        else:
+            logs.append(torch.log_softmax(x if T is None else torch.div(x, T), -1))
+    return logs, probs or None
 
 
 def _small_kd_forward(student, teacher, labels, grad_scale, opts, acc, inplace, need_grad):
     """``kd_forward`` of a small call with one teacher: the whole ``[N, V]`` at once by fused ops in
     fresh tensors (module docstring: Small calls), on the log-probabilities ls, lt; with ``inplace``
     the gradient is written into ``student`` last, after every read of it."""
+    V = student.shape[-1]
     has_ce = labels is not None and opts.hard_weight != 0
-    ls, lt, log_q = _small_log_probs(student, teacher, opts, acc, has_ce)
-    p = lt.exp()
+    host_scale = constant_value(grad_scale)
+    c = _small_constants(opts, acc, student.device, has_ce, 1.0 if host_scale is None else host_scale)
+    logs, probs = _small_distributions((student, teacher, student)[:len(c.temperatures)], c, acc)
+    ls, lt = logs[0], logs[1]
+    log_q = logs[2] if len(logs) == 3 else ls  # the student at T = 1 (read by the hard CE only)
+    q, p = (ls.exp(), lt.exp()) if probs is None else probs[:2]
     # The rows that have both distributions (a row without has NaN log-probabilities) and a label,
     # where the formulas do not keep a row's NaNs by themselves (the table's masked products clear them).
     defined = None
@@ -300,22 +331,21 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, acc, inplace, 
         # The table's kl written out: dD/ds = q - p, NaN exactly in the rows without both
         # distributions; D = sum p (lt - ls) without the NaNs of 0 * inf (p = 0), plus 0 times
         # q - p, which makes those rows NaN again (fewer ops than torch.where or a mask).
-        dD = ls.exp().sub_(p)
-        D = (lt - ls).mul_(p).nansum(-1).add_(dD[:, 0], alpha=0)
+        dD = torch.sub(q, p)
+        D = torch.sub(lt, ls).mul_(p).nansum(-1).add_(dD[:, 0], alpha=0)
     else:
         defined = ~torch.isnan(ls[:, 0] + lt[:, 0])
         fresh = FreshBuffers(ls)
-        x = div.Elements(opts, fresh, ls=ls, lt=lt, p=p, s_minus_t=lambda: ls - lt)
+        x = div.Elements(opts, fresh, ls=ls, lt=lt, q=q, p=p, s_minus_t=lambda: ls - lt)
         a1, a2 = div.element_terms(x, opts, fresh.take(), fresh.take())
         A1, A2 = a1.sum(-1, keepdim=True), a2.sum(-1, keepdim=True)
         D = div.divergence_value(A1, A2, opts)[:, 0]
         dD = div.divergence_grad(x, A1, A2, opts, fresh.take()) if need_grad else None
-    row_loss = D if opts.soft_scale == 1 else D.mul_(constant(opts.soft_scale, dtype=acc, device=D.device))
-    log_q = ls if log_q is None else log_q  # the student at T = 1, which nothing reads after the CE
+    row_loss = D if c.soft_scale is None else D.mul_(c.soft_scale)
     # Labels read on the host (CPU) that are all kept and in range need no row masks.
-    masked = labels is not None and not _labels_all_kept(labels, ls.shape[-1], opts.ignore_index)
+    masked = labels is not None and not _labels_all_kept(labels, V, opts.ignore_index)
     if has_ce and not masked:
-        row_loss = row_loss.add_(torch.nn.functional.nll_loss(log_q, labels.long(), reduction="none"),
+        row_loss = row_loss.add_(torch.nn.functional.nll_loss(log_q, _int64(labels), reduction="none"),
                                  alpha=opts.hard_weight)
     elif has_ce:
         ce, _, in_range = _hard_ce(log_q, labels, False)
@@ -330,14 +360,14 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, acc, inplace, 
         return row_loss, None
     # The gradient: (soft_grad_scale dD + hard_weight (q - onehot)) * grad_scale, the last factor
     # folded into the others where it is a cached constant (its value known on the host).
-    host_scale = constant_value(grad_scale) if defined is None else None
-    folded = 1.0 if host_scale is None else host_scale
-    g = dD.mul_(constant(opts.soft_grad_scale * folded, dtype=acc, device=dD.device))
+    g = dD.mul_(c.soft_grad_factor)
     if has_ce:
-        index = labels.clamp(0, log_q.shape[-1] - 1) if masked else labels
-        g.add_(_hard_ce_grad(log_q, index), alpha=opts.hard_weight * folded)
-    if host_scale is None:
-        g.mul_(grad_scale.to(acc) if defined is None else _row_factor(grad_scale.to(acc), defined))
+        q1 = q if log_q is ls else (log_q.exp() if probs is None else probs[2])
+        index = labels.clamp(0, V - 1) if masked else labels
+        g.add_(q1, alpha=c.hard_grad_factor).scatter_(1, _int64(index).unsqueeze(1), -c.hard_grad_factor, reduce="add")
+    if host_scale is None or defined is not None:
+        scale = constant(1.0, dtype=acc, device=g.device) if host_scale is not None else grad_scale.to(acc)
+        g.mul_(scale if defined is None else _row_factor(scale, defined))
     if ignored is not None:
         _zero_rows(g, ignored)
     if inplace:
@@ -418,12 +448,16 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
 
 
 def scale_rows(grad, scale, *, out=None):
-    """``grad * scale[:, None]``; ``out=grad`` scales in place, and nothing is done for a scale of 1
-    held in host memory (reading it there is free)."""
-    if out is grad and scale.numel() == 1 and scale.device.type == "cpu" and float(scale) == 1:
-        return grad
-    scale = scale.reshape(-1, 1)
-    return grad.mul_(scale) if out is grad else (grad * scale).to(grad.dtype)
+    """``grad * scale`` row by row (``scale``: one value per row, or one value, any shape);
+    ``out=grad`` scales in place, and a large gradient is left as it is for a scale of 1 held in
+    host memory (reading it there is free; for a small one the read costs more than the multiply)."""
+    # A 0-d factor of the gradient's dtype needs no view (one of another dtype would not promote).
+    factor = scale if scale.dim() == 0 and scale.dtype == grad.dtype else scale.reshape(-1, 1)
+    if out is grad:
+        if grad.numel() > SMALL_ELEMENTS and factor.numel() == 1 and factor.device.type == "cpu" and float(factor) == 1:
+            return grad
+        return grad.mul_(factor)
+    return (grad * factor).to(grad.dtype)
 
 
 # -------------------------------------------------------------------------------------------- softmax

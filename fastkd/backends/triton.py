@@ -186,11 +186,12 @@ def _launch(kernel, N, V, *args, opts=None, **meta):
 
 
 def scale_rows(grad, scale, *, out=None):
-    """``grad * scale[:, None]`` (``scale``: one value per row, or one value, read on the device),
-    written to ``out``, which may be ``grad`` itself: then an upstream gradient of 1 costs nothing."""
+    """``grad * scale`` row by row (``scale``: one value per row, or one value, any shape, read on the
+    device), written to ``out``, which may be ``grad`` itself: then an upstream gradient of 1 costs nothing."""
     from ..kernels import scale as scale_kernels
 
     N, V = grad.shape
+    scale = scale.reshape(-1)
     out = empty((N, V), dtype=grad.dtype, device=grad.device) if out is None else out
     if V == 0:
         return out
