@@ -19,7 +19,7 @@ from .backends import flat_labels, implementation, resolve_backend, rows
 from .distributed import check_group, check_vocab_start, group_name
 from .checks import (check_index_values, check_topk_values, check_values, debug_enabled,
                      without_repeated_indices)
-from .options import (IDENTITY, OPTION_NAMES, as_teachers, check_bool, check_chunk_size, check_dim, check_fused_inputs,
+from .options import (IDENTITY, as_teachers, check_bool, check_chunk_size, check_dim, check_fused_inputs,
                       check_inplace, check_k, check_kd_inputs, check_labels, check_logits, check_tail, check_temperature, check_topk_inputs,
                       check_teacher_weights, check_transforms, make_options, make_reduction)
 from .topk_values import TopK, topk_teacher
@@ -42,12 +42,8 @@ def _cached(make):
     return call
 
 
+# ``make_options`` cached; the entry points pass the options by position, in KDOptions' order.
 _options = _cached(make_options)
-
-
-def _options_of(arguments, **more):
-    """The cached ``make_options`` of the options among an entry point's ``arguments`` (its ``locals()``)."""
-    return _options(**{name: arguments[name] for name in OPTION_NAMES}, **more)
 _cached_reduction = _cached(make_reduction)
 
 
@@ -117,7 +113,8 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="kl",
     if dtensor.has_dtensor(student_logits, teacher_logits, labels):
         return dtensor.kd_loss(dict(locals()), kd_loss, vocab_parallel_kd_loss)
     teachers = as_teachers(teacher_logits)
-    opts = _options_of(locals(), teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))
+    opts = _options(temperature, divergence, beta, skew, hard_weight, soft_weight, t2_scale, ignore_index,
+                    teacher_temperature, check_teacher_weights(teacher_weights, len(teachers)))
     check_kd_inputs(student_logits, teachers, labels, opts)
     check_inplace(inplace, student_logits)
     check_values(student_logits, teachers, labels, opts, check_finite)
@@ -227,7 +224,8 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices=None, *, tail
     """
     if dtensor.has_dtensor(student_logits, teacher_logprobs, teacher_indices, labels):
         return dtensor.topk_kd_loss(dict(locals()), topk_kd_loss)
-    opts = _options_of(locals())
+    opts = _options(temperature, divergence, beta, skew, hard_weight, soft_weight, t2_scale, ignore_index,
+                    teacher_temperature)
     tail = check_tail(tail)
     teacher_logprobs, teacher_indices = topk_teacher(teacher_logprobs, teacher_indices, opts)
     check_topk_inputs(student_logits, teacher_logprobs, teacher_indices)
@@ -268,7 +266,8 @@ def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_st
     ``torch.compile(fullgraph=True)``: the rank's whole forward, collectives included, is one custom
     operator.
     """
-    opts = _options_of(locals())
+    opts = _options(temperature, divergence, beta, skew, hard_weight, soft_weight, t2_scale, ignore_index,
+                    teacher_temperature)
     if isinstance(teacher_shard, (list, tuple)):
         raise TypeError("vocab_parallel_kd_loss takes one teacher_shard (a tensor); a mixture of teachers is "
                         "kd_loss's and fused_linear_kd_loss's")
@@ -367,7 +366,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
         _autocast(x, dtype) for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                       teacher_bias))
-    opts = _options_of(locals())
+    opts = _options(temperature, divergence, beta, skew, hard_weight, soft_weight, t2_scale, ignore_index,
+                    teacher_temperature)
     teachers = check_fused_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                   teacher_bias, teacher_logits, labels, opts)
     opts = dataclasses.replace(opts, teacher_weights=check_teacher_weights(teacher_weights, len(teachers)))

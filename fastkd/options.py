@@ -180,10 +180,11 @@ def check_tail(tail):
     return _choice("tail", tail, TAILS)
 
 
-def make_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, ignore_index=-100,
-                 hard_weight=0.0, soft_weight=1.0, t2_scale=True, teacher_temperature=None, teacher_weights=(1.0,)):
+def make_options(temperature=1.0, divergence="kl", beta=0.5, skew=0.1, hard_weight=0.0, soft_weight=1.0,
+                 t2_scale=True, ignore_index=-100, teacher_temperature=None, teacher_weights=(1.0,)):
     """Validate the per-row KD options and return them as ``KDOptions`` (``teacher_weights``:
-    already checked by ``check_teacher_weights``)."""
+    already checked by ``check_teacher_weights``). The parameters are KDOptions' fields, in their
+    order: the entry points pass them by position (a cached call keyed by position costs less)."""
     entry = lookup(divergence)
     beta, skew = _real("beta", beta), _real("skew", skew)
     entry.check(beta=beta, skew=skew)

@@ -22,8 +22,10 @@ def _kd_kernels():
 
 
 def test_option_names_are_make_options_keywords():
-    keywords = set(inspect.signature(make_options).parameters)
-    assert set(OPTION_NAMES) | {"teacher_weights"} == keywords
+    """make_options takes KDOptions' fields in their order: the entry points pass them by position."""
+    keywords = tuple(inspect.signature(make_options).parameters)
+    assert keywords == tuple(f.name for f in dataclasses.fields(make_options()))
+    assert set(OPTION_NAMES) | {"teacher_weights"} == set(keywords)
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
