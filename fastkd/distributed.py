@@ -11,27 +11,33 @@ kl and the target logit z_y when it owns the label), then the ranks all-reduce a
 row; after that each rank computes its shard's gradient locally. Collectives, per call:
 
     divergence                      all-reduces   floats per row (MAX + SUM [+ SUM])   bytes per row
-    with a cross term (kl,          2             2 (m_s, m_t) + 3 (d_s, d_t, cross)    20
-      reverse kl)
+    kl                              2             2 (m_s, m_t) + 3 (d_s, d_t, cross)    20
+    reverse kl                      3             2 (m_s, m_t) + 3 (d_s, d_t, cross)    28
+                                                  + 2 (A1, A2; need the global lse's)
     the others (the JSD family,     3             2 (m_s, m_t) + 2 (d_s, d_t)           24
-      tvd)                                        + 2 (A1, A2; need the global lse's)
+      tvd)                                        + 2 (A1, A2)
     hard CE (hard_weight > 0)       +0            + 2 in the first SUM (d_z, z_y)       +8
 
 Floats are float32 (float64 for float64 input); a row costs a few floats whatever V and P are, and
 the number of collectives per call is fixed (2 or 3, whatever N is). The maximum of z needs no
-exchange (max z = T max s). V and the layout check (below) ride along as 3 floats per call. kl and
-reverse kl need nothing more: D = cross / d_t + log(d_s / d_t) (kl) or cross / d_s - log(d_s / d_t)
-(reverse kl), with the cross term centred on the row's maxima, and their gradients need only
-lse_s, lse_t and D. The JSD family and tvd need A1, A2: sums over the whole row of terms that
-depend on both global lse's, so they can only be summed after the second exchange; hence the
-third all-reduce.
+exchange (max z = T max s). V and the layout check (below) ride along as 3 floats per call. The
+loss of kl and reverse kl comes from the cross term: D = cross / d_t + log(d_s / d_t) (kl) or
+cross / d_s - log(d_s / d_t) (reverse kl), with the cross term centred on the row's maxima (terms
+of the size of the row's spread: no cancellation at large logits). kl's gradient, q - p, needs only
+lse_s and lse_t. Every other gradient reads A1, A2 (``KDOptions.grad_reads_row_scalars``): sums
+over the whole row of terms that depend on both global lse's, so they can only be summed after the
+second exchange; hence the third all-reduce. reverse kl takes it too: its gradient at a one-hot
+q (|logits| ~ 1e4) is exact only from A1, A2 whose terms round as the gradient's own; from the
+cross term it would need that term centred on the teacher's logit at the student's argmax, which
+one rank holds, and erred by ~1e4 eps there.
 
 Bytes per row, per rank, against an all-gather of the logits (P = 8 ranks, V = 128256, bf16):
     all-gather of student + teacher   receives 7/8 * V * (2 + 2) B = 449 kB, then holds 513 kB
     this module (ring all-reduce moves 2 (P - 1) / P of the payload per rank):
-        kl, reverse_kl                35 B   (49 B with the hard CE)
+        kl                            35 B   (49 B with the hard CE)
         the JSD family, tvd           42 B   (56 B with the hard CE)
-that is 8,000 to 12,800 times fewer bytes, and no [N, V] buffer. (One all-gather of every rank's
+        reverse_kl                    49 B   (63 B with the hard CE)
+that is 7,100 to 12,800 times fewer bytes, and no [N, V] buffer. (One all-gather of every rank's
 (m, d) pairs would save the MAX round trip at P times the bytes; all-reduces keep it independent
 of P.) The kernels read the shards in their own dtype: no float32 copy of a shard is made.
 
@@ -53,7 +59,7 @@ Several teachers (``fastkd.kd_loss`` on DTensor logits, ``fastkd.vocab_parallel_
 ``mixture_steps`` turns each rank's teacher shards into its columns of the mixture's log p, with 2
 all-reduces of the teachers' row log-sum-exps (``[N, teachers]`` floats each: 8 B per row and
 teacher in float32), and the loss above runs on that one teacher at T_t = 1. That is 4 all-reduces
-for kl / reverse_kl, 5 for the others, and one ``[N, W]`` buffer more (the log p, float32 for
+for kl, 5 for the others, and one ``[N, W]`` buffer more (the log p, float32 for
 float32 or bf16 shards); ``check_finite_shards`` is ``check_finite`` over the whole rows.
 
 Every rank of the group must pass the same rows and the same ``labels`` (global vocabulary ids); the
@@ -142,7 +148,7 @@ def forward_steps(student, teacher, labels, opts: KDOptions, backend, vocab_star
         defined &= (labels >= 0) & (labels < V)
     row[:, ROW["nan_row"]] = torch.where(defined, 0.0, float("nan"))
 
-    if not opts.has_cross_term:
+    if opts.grad_reads_row_scalars:
         # Exchange 3, SUM: the row scalars A1, A2, which need the global lse's.
         scalars = impl.row_scalars(student, teacher, labels, row, opts)
         yield scalars, "sum"

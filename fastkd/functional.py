@@ -262,7 +262,7 @@ def vocab_parallel_kd_loss(student_shard, teacher_shard, *, group=None, vocab_st
 
     Returns the same loss on every rank; its backward gives each rank the gradient of its own shard
     (in the shard's dtype, in its storage with ``inplace=True``). Collectives: 2 all-reduces for
-    kl / reverse_kl, 3 for the other divergences (``fastkd.distributed`` has the bytes). Works inside
+    kl, 3 for the other divergences (``fastkd.distributed`` has the bytes). Works inside
     ``torch.compile(fullgraph=True)``: the rank's whole forward, collectives included, is one custom
     operator.
     """

@@ -95,6 +95,15 @@ class KDOptions:
     def has_cross_term(self):
         return self.cross_term_side is not None
 
+    @property
+    def grad_reads_row_scalars(self):
+        """Whether dD/ds reads the row scalars A1, A2: every divergence but kl (whose gradient is
+        q - p). The vocabulary-parallel loss (``fastkd.distributed``) exchanges them for these, also
+        where its loss comes from the exchanged cross term: reverse_kl's gradient at a one-hot q is
+        exact only with A1, A2 whose terms round as its own (a cross term would need the teacher's
+        logit at the student's argmax for that, which one rank holds)."""
+        return self.divergence != "kl"
+
     @cached_property
     def mixture_weights(self):
         """(mix_weight, log w_p, log w_q) of the mixture M = w_p p + w_q q this divergence uses."""

@@ -5,8 +5,8 @@ Each rank of the vocab group holds rows [v0, v0 + W) of the student head (weight
 states ``[N, H]``. Chunk by chunk, as ``fastkd.fused_linear.chunked_pass`` runs the fused loss, each
 rank projects its vocabulary slice, z = h W^T + b ``[chunk, W]`` in float32, and
 ``fastkd.distributed.run_rank`` turns the shards' row statistics into the loss of the full
-vocabulary and this shard's logits gradient G (2 all-reduces per chunk for kl / reverse_kl, 3 for
-the JSD family and tvd, 20-32 bytes per row). G is folded at once into this rank's weight and bias
+vocabulary and this shard's logits gradient G (2 all-reduces per chunk for kl, 3 for the others,
+20-36 bytes per row). G is folded at once into this rank's weight and bias
 gradients (its own rows, no exchange) and into a partial hidden gradient G W; one all-reduce of the
 ``[N, H]`` hidden gradient per call sums the partials. No rank ever holds ``[N, V]`` logits or the
 whole head: the memory is the fused linear loss's with V replaced by W.

@@ -8,29 +8,29 @@ partial_stats_kernel (one pass over the shard; one row of STATS per row):
     m_s, m_t, m_z    shard maxima of s, t and z
     d_s, d_t, d_z    sum e^(s - m_s), sum e^(t - m_t), sum e^(z - m_z) over the shard
     cross            kl: sum e^(t - m_t) ((t - m_t) - (s - m_s)); reverse_kl: the same with s and t
-                     swapped; else 0 (divergences.fold_row_statistics, centred on the maxima: the
-                     single-device kernels' centre at the weights' argmax would need the other
-                     side's logit there from the rank that holds it, which the exchanges below do
-                     not carry; so at |z / T| ~ 1e4 reverse_kl's gradient keeps the rounding of
-                     the re-centring, ~1e4 eps)
+                     swapped; else 0 (divergences.fold_row_statistics, centred on the maxima)
     z_y              z at the label when this shard owns it, else 0
 The host combines these across ranks (fastkd/distributed.py) into ROW: with M the maximum over
 ranks, d = sum_r d_r e^(m_r - M), lse = M + log d, shift = (M_s - M_t) + log(d_s / d_t), and the
 cross term re-centred on the row's maxima (divergences.recentre_cross).
 
-row_scalars_kernel (the divergences without a cross term, after the global lse's are known):
-    the shard's part of the row scalars A1, A2; the host sums them across ranks into ROW.
+row_scalars_kernel (every divergence whose gradient reads A1, A2: all but kl; after the global
+lse's are known): the shard's part of the row scalars A1, A2; the host sums them across ranks into
+ROW. reverse_kl takes them too, though its loss comes from the cross term: its gradient at a
+one-hot q is exact only from A1, A2 whose terms round as its own (the single-device kernels'
+centre at the student's argmax would need the teacher's logit there from the one rank that holds it).
 
 shard_finish_kernel: the row loss (the same on every rank) and the shard's columns of the gradient
-of kd_loss.py, from ROW: D = divergence_value(A1, A2) (kl and reverse_kl take A1, A2 from the cross
-term, as kd_loss.py does), loss = soft_scale D + hard_weight (lse_z - z_y) + nan_row, gradient
+of kd_loss.py, from ROW: D = divergence_value(A1, A2) (for kl and reverse_kl with the scalars of the
+cross term, as kd_loss.py; the gradient reads ROW's A1, A2), loss = soft_scale D + hard_weight (lse_z - z_y) + nan_row, gradient
 grad_scale (soft_scale / T_s dD/ds_j + hard_weight (e^(z_j - lse_z) - [j == y])) + nan_row.
 nan_row is 0, or NaN for a row kd_loss makes NaN (no finite lse_s or lse_t, a label outside [0, V),
 or an inconsistent shard layout).
 
 Ignored rows (y == ignore_index) get neutral statistics (maxima -inf, sums 0), loss 0 and a zero
 gradient without reading the logits. Bytes moved per element are those of the fused single-GPU
-kernel: 2 (b_s + b_t) + b_s for kl and reverse_kl, 3 (b_s + b_t) + b_s for the others. Each loop
+kernel but reverse_kl's: 2 (b_s + b_t) + b_s for kl, 3 (b_s + b_t) + b_s for the others, reverse_kl
+included (its row_scalars_kernel pass). Each loop
 walks the shard's aligned body and then its head and tail, as kd_loss.py (row_tiles.py).
 """
 import triton
@@ -199,13 +199,14 @@ def shard_finish_kernel(
         lse_z = tl.load(values + LSE_Z)
         shift = tl.load(values + SHIFT)
         nan_row = tl.load(values + NAN_ROW)
-        A1_row = tl.load(values + A1)
+        A1_row = tl.load(values + A1)  # exchanged for every divergence but kl, whose gradient reads none
         A2_row = tl.load(values + A2)
-        if DIVERGENCE < JSD:
+        value_A1, value_A2 = A1_row, A2_row
+        if DIVERGENCE < JSD:  # kl's and reverse_kl's loss: from the cross term, centred (no cancellation)
             d_s, d_t = tl.load(values + ROW_D_S), tl.load(values + ROW_D_T)
-            A1_row, A2_row = cross_term_scalars(tl.load(values + ROW_CROSS), d_s, d_t, log_ratio_shift(d_s, d_t),
-                                                DIVERGENCE)
-        loss = soft_scale * divergence_value(A1_row, A2_row, mix_weight, DIVERGENCE) + nan_row
+            value_A1, value_A2 = cross_term_scalars(tl.load(values + ROW_CROSS), d_s, d_t,
+                                                    log_ratio_shift(d_s, d_t), DIVERGENCE)
+        loss = soft_scale * divergence_value(value_A1, value_A2, mix_weight, DIVERGENCE) + nan_row
         if HAS_CE:
             loss += hard_weight * (lse_z - tl.load(values + ROW_Z_Y))
         store(loss_ptr + row, loss)

@@ -699,10 +699,11 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
         r = row[rows]
         lse_s, lse_t, lse_z, shift, nan_row, A1, A2 = _row_values(
             r, "lse_s", "lse_t", "lse_z", "shift", "nan_row", "A1", "A2")
-        if opts.has_cross_term:
+        value_scalars = A1, A2  # exchanged (KDOptions.grad_reads_row_scalars); the loss of kl and reverse_kl
+        if opts.has_cross_term:  # comes from their cross term, centred on the maxima (no cancellation)
             cross, d_s, d_t = _row_values(r, "cross", "d_s", "d_t")
-            A1, A2 = div.cross_term_scalars(cross, d_s, d_t, div.log_ratio_shift(d_s, d_t), opts)
-        row_loss = opts.soft_scale * div.divergence_value(A1, A2, opts) + nan_row
+            value_scalars = div.cross_term_scalars(cross, d_s, d_t, div.log_ratio_shift(d_s, d_t), opts)
+        row_loss = opts.soft_scale * div.divergence_value(*value_scalars, opts) + nan_row
         if opts.hard_weight != 0:
             row_loss = row_loss + opts.hard_weight * (lse_z - _row_values(r, "z_y")[0])
         loss[rows] = torch.where(kept, row_loss[:, 0], 0.0)
