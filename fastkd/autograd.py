@@ -62,13 +62,6 @@ def _normalise(student, teacher_dtype, labels1, opts, reduction):
     return norm, grad_scale(norm, device=student.device, dtype=acc)
 
 
-def _for_writing(student, inplace):
-    """The student as the forward op reads it: detached with ``inplace``, so that the gradient
-    written into its storage is a plain write, not an autograd op (a read needs no detach: the
-    forward runs without grad mode)."""
-    return student.detach() if inplace else student
-
-
 def _hold_grad(inplace):
     """Whether the forward op holds the gradient for ``fastkd::take_grad`` (module docstring)."""
     return torch.compiler.is_compiling() and not inplace
@@ -109,7 +102,9 @@ class StudentGradFunction(torch.autograd.Function):
 class KDLossFunction(StudentGradFunction):
     @staticmethod
     def forward(ctx, student, teachers, labels, opts, reduction, backend, inplace):
-        s2, t2 = rows(_for_writing(student, inplace)), [rows(t) for t in teachers]
+        # Detached: the chunks may run on worker threads, where grad mode is on (it is thread-local),
+        # and a gradient written into the student's storage (inplace) must be a plain write.
+        s2, t2 = rows(student.detach()), [rows(t) for t in teachers]
         labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
         norm, scale = _normalise(student, accumulation_dtype(*(t.dtype for t in teachers)), labels1, opts, reduction)
@@ -122,7 +117,7 @@ class KDLossFunction(StudentGradFunction):
 class TopKKDLossFunction(StudentGradFunction):
     @staticmethod
     def forward(ctx, student, teacher_logprobs, teacher_indices, labels, opts, tail, reduction, backend, inplace):
-        s2 = rows(_for_writing(student, inplace))
+        s2 = rows(student.detach())
         lp2, idx2 = rows(teacher_logprobs), rows(teacher_indices)
         labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
@@ -136,7 +131,7 @@ class TopKKDLossFunction(StudentGradFunction):
 class VocabParallelKDLossFunction(StudentGradFunction):
     @staticmethod
     def forward(ctx, student, teacher, labels, opts, reduction, backend, inplace, group_name, vocab_start):
-        s2, t2 = rows(_for_writing(student, inplace)), rows(teacher)
+        s2, t2 = rows(student.detach()), rows(teacher)
         need_grad = ctx.needs_input_grad[0]
         held = need_grad and _hold_grad(inplace)
         row_loss, grad, norm = ops.vocab_parallel_forward(

@@ -9,6 +9,7 @@ import weakref
 import pytest
 import torch
 
+import fastkd
 from fastkd.backends import torch as torch_backend
 from fastkd.backends import workers as worker_pool
 from fastkd.backends import torch_divergences as div
@@ -63,6 +64,32 @@ def test_workers_give_the_calling_threads_results(divergence, two_threads, monke
     torch.testing.assert_close(inplace, _forward(s, t, labels, make_options(divergence=divergence), False,
                                                  monkeypatch, chunk_bytes=4 * 50 * 3)[1],
                                rtol=0, atol=0, equal_nan=True)
+
+
+@needs_workers
+def test_workers_take_a_student_that_requires_grad(two_threads, monkeypatch):
+    """The public entry points with the chunk loop on the workers, whose grad mode is on (it is
+    thread-local): a student that requires grad is read as a constant there (no autograd op, no
+    "out=... don't support automatic differentiation"), and every gradient is the calling thread's."""
+    monkeypatch.setattr(torch_backend, "SMALL_ELEMENTS", 0)
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 4 * 64 * 4)
+    monkeypatch.setattr(torch_backend, "TOPK_CHUNK_FACTOR", 1)
+    gen = torch.Generator().manual_seed(4)
+    s, t = torch.randn(40, 64, generator=gen), torch.randn(40, 64, generator=gen)
+    labels = torch.randint(0, 64, (40,), generator=gen)
+    topk = fastkd.teacher_topk(t, 8, backend="torch")
+    calls = [lambda x: fastkd.kd_loss(x, t, temperature=2.0, labels=labels, hard_weight=0.5, backend="torch"),
+             lambda x: fastkd.kd_loss(x, [t, t.flip(0)], divergence="jsd", backend="torch"),
+             lambda x: fastkd.topk_kd_loss(x, topk, labels=labels, hard_weight=0.5, backend="torch")]
+    for call in calls:
+        grads = []
+        for workers in (True, False):
+            with monkeypatch.context() as patch:
+                if not workers:
+                    patch.setattr(worker_pool, "_openmp_runtime", lambda: None)
+                x = s.clone().requires_grad_()
+                grads.append(torch.autograd.grad(call(x), x)[0])
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("short_rows", [False, True], ids=["log_softmax", "short-rows"])
