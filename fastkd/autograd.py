@@ -50,8 +50,10 @@ def graph_is_kept():
     ``torch.compile`` traces a backward ahead of time (so callers take their out-of-place path)."""
     if torch.compiler.is_compiling():
         return True
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if keep_graph is None else keep_graph()
+    return True if _KEEP_GRAPH is None else _KEEP_GRAPH()
+
+
+_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)  # absent: assume kept
 
 
 def _normalise(student, teacher_dtype, labels1, opts, reduction):

@@ -56,7 +56,7 @@ def constant(value, *, dtype, device, shape=()):
     with a Python number, which a small call notices. A fresh tensor while ``torch.compile`` traces."""
     if torch.compiler.is_compiling():
         return _constant(value, dtype, device, shape)
-    return _cached_constant(value, dtype, torch.device(device), shape)
+    return _cached_constant(value, dtype, device if isinstance(device, torch.device) else torch.device(device), shape)
 
 
 # The last host_label_range read: (weak reference to the labels tensor, its version, weak reference to

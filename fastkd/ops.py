@@ -89,10 +89,13 @@ def traced():
     return torch.compiler.is_compiling()
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds nothing
+
+
 def autocast_off(device):
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
 
 
 def _fake_row_loss(student, *teachers):
