@@ -56,12 +56,13 @@ def graph_is_kept():
 _KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)  # absent: assume kept
 
 
-def _normalise(student, teacher_dtype, labels1, opts, reduction):
-    """(normaliser or None, the kernels' grad_scale [1]) of ``student`` [..., V]'s rows."""
-    acc = accumulation_dtype(student.dtype, teacher_dtype)
-    N, V = student.numel() // max(student.shape[-1], 1), student.shape[-1]
-    norm = normaliser(reduction, labels1, N, V, opts.ignore_index, device=student.device, dtype=acc, host=True)
-    return norm, grad_scale(norm, device=student.device, dtype=acc)
+def _normalise(student_rows, teacher_dtype, labels1, opts, reduction):
+    """(normaliser or None, the kernels' grad_scale [1]) of the student's rows ``[N, V]``."""
+    acc = accumulation_dtype(student_rows.dtype, teacher_dtype)
+    N, V = student_rows.shape
+    device = student_rows.device
+    norm = normaliser(reduction, labels1, N, V, opts.ignore_index, device=device, dtype=acc, host=True)
+    return norm, grad_scale(norm, device=device, dtype=acc)
 
 
 def _hold_grad(inplace):
@@ -109,7 +110,7 @@ class KDLossFunction(StudentGradFunction):
         s2, t2 = rows(student.detach()), [rows(t) for t in teachers]
         labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
-        norm, scale = _normalise(student, accumulation_dtype(*(t.dtype for t in teachers)), labels1, opts, reduction)
+        norm, scale = _normalise(s2, accumulation_dtype(*(t.dtype for t in teachers)), labels1, opts, reduction)
         held = need_grad and _hold_grad(inplace)
         row_loss, grad = ops.kd_forward(s2, t2, labels1, scale, opts, backend, inplace=inplace and need_grad,
                                         need_grad=need_grad, hold_grad=held)
@@ -123,7 +124,7 @@ class TopKKDLossFunction(StudentGradFunction):
         lp2, idx2 = rows(teacher_logprobs), rows(teacher_indices)
         labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
-        norm, scale = _normalise(student, teacher_logprobs.dtype, labels1, opts, reduction)
+        norm, scale = _normalise(s2, teacher_logprobs.dtype, labels1, opts, reduction)
         held = need_grad and _hold_grad(inplace)
         row_loss, grad = ops.topk_kd_forward(s2, lp2, idx2, labels1, scale, opts, tail, backend,
                                              inplace=inplace and need_grad, need_grad=need_grad, hold_grad=held)
