@@ -148,8 +148,9 @@ def forward_steps(student, teacher, labels, opts: KDOptions, backend, vocab_star
         defined &= (labels >= 0) & (labels < V)
     row[:, ROW["nan_row"]] = torch.where(defined, 0.0, float("nan"))
 
-    if opts.grad_reads_row_scalars:
-        # Exchange 3, SUM: the row scalars A1, A2, which need the global lse's.
+    if opts.grad_reads_row_scalars or not opts.has_cross_term:
+        # Exchange 3, SUM: the row scalars A1, A2 (the gradient's, or the loss's without a cross term),
+        # which need the global lse's.
         scalars = impl.row_scalars(student, teacher, labels, row, opts)
         yield scalars, "sum"
         row[:, ROW["A1"]], row[:, ROW["A2"]] = scalars[:, 0], scalars[:, 1]
