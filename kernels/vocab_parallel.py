@@ -22,16 +22,17 @@ centre at the student's argmax would need the teacher's logit there from the one
 
 shard_finish_kernel: the row loss (the same on every rank) and the shard's columns of the gradient
 of kd_loss.py, from ROW: D = divergence_value(A1, A2) (for kl and reverse_kl with the scalars of the
-cross term, as kd_loss.py; the gradient reads ROW's A1, A2), loss = soft_scale D + hard_weight (lse_z - z_y) + nan_row, gradient
-grad_scale (soft_scale / T_s dD/ds_j + hard_weight (e^(z_j - lse_z) - [j == y])) + nan_row.
+cross term, as kd_loss.py; the gradient reads ROW's A1, A2), loss = soft_scale D + hard_weight
+(lse_z - z_y) + nan_row, gradient grad_scale (soft_scale / T_s dD/ds_j + hard_weight (e^(z_j -
+lse_z) - [j == y])) + nan_row.
 nan_row is 0, or NaN for a row kd_loss makes NaN (no finite lse_s or lse_t, a label outside [0, V),
 or an inconsistent shard layout).
 
 Ignored rows (y == ignore_index) get neutral statistics (maxima -inf, sums 0), loss 0 and a zero
 gradient without reading the logits. Bytes moved per element are those of the fused single-GPU
 kernel but reverse_kl's: 2 (b_s + b_t) + b_s for kl, 3 (b_s + b_t) + b_s for the others, reverse_kl
-included (its row_scalars_kernel pass). Each loop
-walks the shard's aligned body and then its head and tail, as kd_loss.py (row_tiles.py).
+included (its row_scalars_kernel pass). Each loop walks the shard's aligned body and then its head
+and tail, as kd_loss.py (row_tiles.py).
 """
 import triton
 import triton.language as tl

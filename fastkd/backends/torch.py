@@ -167,13 +167,14 @@ def _hard_ce(log_q, labels, need_grad):
     NaN)."""
     index = labels.clamp(0, log_q.shape[-1] - 1)
     in_range = index == labels
-    ce = log_q.gather(1, index.long().unsqueeze(1)).neg_()[:, 0]
-    return ce, _hard_ce_grad(log_q, index) if need_grad else None, in_range
+    ce = log_q.gather(1, _int64(index).unsqueeze(1)).neg_()[:, 0]
+    return ce, _sub_one_hot(log_q.exp_(), index, 1.0) if need_grad else None, in_range
 
 
-def _hard_ce_grad(log_q, index):
-    """The cross-entropy's gradient q - one-hot(``index``, labels in [0, V)), written over ``log_q``."""
-    return log_q.exp_().scatter_(1, index.long().unsqueeze(1), -1.0, reduce="add")
+def _sub_one_hot(g, index, weight):
+    """``g`` ``[rows, V]`` minus ``weight`` at each row's column ``index`` (in [0, V)), in place: the
+    cross-entropy gradient's one-hot part."""
+    return g.scatter_(1, _int64(index).unsqueeze(1), -weight, reduce="add")
 
 
 def _labels_all_kept(labels, V, ignore_index):
@@ -256,9 +257,9 @@ def _short_rows(x):
 
 class _SmallConstants(NamedTuple):
     """The cached operands of a small call (``_small_constants``): tensors of the accumulation dtype."""
-    temperatures: tuple  # of the sides: the student, the teacher, and with the hard CE at T != 1 the student at T = 1
-    stacked_temperatures: Optional[torch.Tensor]  # [sides, 1, 1], None when every side is at 1
+    # The sides: the student, the teacher, and with the hard CE at T != 1 the student at T = 1.
     side_temperatures: tuple  # per side a 0-d tensor, None at 1
+    stacked_temperatures: Optional[torch.Tensor]  # [sides, 1, 1], None when every side is at 1
     soft_scale: Optional[torch.Tensor]  # 0-d, None at 1
     soft_grad_factor: torch.Tensor  # 0-d: soft_grad_scale times the folded grad_scale
     hard_grad_factor: float  # hard_weight times the folded grad_scale
@@ -273,9 +274,10 @@ def _small_constants(opts, dtype, device, has_ce, folded_scale):
     def operand(value, shape=()):
         return None if value == 1 else constant(value, dtype=dtype, device=device, shape=shape)
 
-    tempered = any(T != 1 for T in temperatures)
-    return _SmallConstants(temperatures, constant(temperatures, dtype=dtype, device=device, shape=(-1, 1, 1))
-                           if tempered else None, tuple(map(operand, temperatures)), operand(opts.soft_scale),
+    stacked = any(T != 1 for T in temperatures)
+    return _SmallConstants(tuple(map(operand, temperatures)),
+                           constant(temperatures, dtype=dtype, device=device, shape=(-1, 1, 1)) if stacked else None,
+                           operand(opts.soft_scale),
                            constant(opts.soft_grad_scale * folded_scale, dtype=dtype, device=device),
                            opts.hard_weight * folded_scale)
 
@@ -320,7 +322,7 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, acc, inplace, 
     has_ce = labels is not None and opts.hard_weight != 0
     host_scale = constant_value(grad_scale)
     c = _small_constants(opts, acc, student.device, has_ce, 1.0 if host_scale is None else host_scale)
-    logs, probs = _small_distributions((student, teacher, student)[:len(c.temperatures)], c, acc)
+    logs, probs = _small_distributions((student, teacher, student)[:len(c.side_temperatures)], c, acc)
     ls, lt = logs[0], logs[1]
     log_q = logs[2] if len(logs) == 3 else ls  # the student at T = 1 (read by the hard CE only)
     q, p = (ls.exp(), lt.exp()) if probs is None else probs[:2]
@@ -364,7 +366,7 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, acc, inplace, 
     if has_ce:
         q1 = q if log_q is ls else (log_q.exp() if probs is None else probs[2])
         index = labels.clamp(0, V - 1) if masked else labels
-        g.add_(q1, alpha=c.hard_grad_factor).scatter_(1, _int64(index).unsqueeze(1), -c.hard_grad_factor, reduce="add")
+        _sub_one_hot(g.add_(q1, alpha=c.hard_grad_factor), index, c.hard_grad_factor)
     if host_scale is None or defined is not None:
         scale = constant(1.0, dtype=acc, device=g.device) if host_scale is not None else grad_scale.to(acc)
         g.mul_(scale if defined is None else _row_factor(scale, defined))
@@ -699,8 +701,10 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
         r = row[rows]
         lse_s, lse_t, lse_z, shift, nan_row, A1, A2 = _row_values(
             r, "lse_s", "lse_t", "lse_z", "shift", "nan_row", "A1", "A2")
-        value_scalars = A1, A2  # exchanged (KDOptions.grad_reads_row_scalars); the loss of kl and reverse_kl
-        if opts.has_cross_term:  # comes from their cross term, centred on the maxima (no cancellation)
+        # A1, A2 are exchanged where the gradient or the loss reads them (distributed.forward_steps); the
+        # loss of kl and reverse_kl comes from their cross term, centred on the maxima (no cancellation).
+        value_scalars = A1, A2
+        if opts.has_cross_term:
             cross, d_s, d_t = _row_values(r, "cross", "d_s", "d_t")
             value_scalars = div.cross_term_scalars(cross, d_s, d_t, div.log_ratio_shift(d_s, d_t), opts)
         row_loss = opts.soft_scale * div.divergence_value(*value_scalars, opts) + nan_row
