@@ -65,6 +65,12 @@ def _normalise(student_rows, teacher_dtype, labels1, opts, reduction):
     return norm, grad_scale(norm, device=device, dtype=acc)
 
 
+def _student_rows(student, inplace):
+    """The student as ``[N, V]`` rows for the forward op; with ``inplace`` detached, so that the
+    gradient written into its storage, which the op returns, is a tensor of its own, not the leaf."""
+    return rows(student.detach() if inplace else student)
+
+
 def _hold_grad(inplace):
     """Whether the forward op holds the gradient for ``fastkd::take_grad`` (module docstring)."""
     return torch.compiler.is_compiling() and not inplace
@@ -105,12 +111,10 @@ class StudentGradFunction(torch.autograd.Function):
 class KDLossFunction(StudentGradFunction):
     @staticmethod
     def forward(ctx, student, teachers, labels, opts, reduction, backend, inplace):
-        # Detached: the chunks may run on worker threads, where grad mode is on (it is thread-local),
-        # and a gradient written into the student's storage (inplace) must be a plain write.
-        s2, t2 = rows(student.detach()), [rows(t) for t in teachers]
+        s2, t2 = _student_rows(student, inplace), [rows(t) for t in teachers]
         labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
-        norm, scale = _normalise(s2, accumulation_dtype(*(t.dtype for t in teachers)), labels1, opts, reduction)
+        norm, scale = _normalise(s2, accumulation_dtype(*[t.dtype for t in teachers]), labels1, opts, reduction)
         held = need_grad and _hold_grad(inplace)
         row_loss, grad = ops.kd_forward(s2, t2, labels1, scale, opts, backend, inplace=inplace and need_grad,
                                         need_grad=need_grad, hold_grad=held)
@@ -120,7 +124,7 @@ class KDLossFunction(StudentGradFunction):
 class TopKKDLossFunction(StudentGradFunction):
     @staticmethod
     def forward(ctx, student, teacher_logprobs, teacher_indices, labels, opts, tail, reduction, backend, inplace):
-        s2 = rows(student.detach())
+        s2 = _student_rows(student, inplace)
         lp2, idx2 = rows(teacher_logprobs), rows(teacher_indices)
         labels1 = flat_labels(labels)
         need_grad = ctx.needs_input_grad[0]
@@ -134,7 +138,7 @@ class TopKKDLossFunction(StudentGradFunction):
 class VocabParallelKDLossFunction(StudentGradFunction):
     @staticmethod
     def forward(ctx, student, teacher, labels, opts, reduction, backend, inplace, group_name, vocab_start):
-        s2, t2 = rows(student.detach()), rows(teacher)
+        s2, t2 = _student_rows(student, inplace), rows(teacher)
         need_grad = ctx.needs_input_grad[0]
         held = need_grad and _hold_grad(inplace)
         row_loss, grad, norm = ops.vocab_parallel_forward(

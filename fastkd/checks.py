@@ -41,7 +41,7 @@ def _describe_row(name, row, shape, reason):
 
 def check_label_range(labels, V, opts: KDOptions):
     """ValueError for a CPU label outside [0, V) that is not ignore_index, when the hard CE uses it."""
-    if labels is None or opts.hard_weight == 0 or labels.device.type != "cpu" or torch.compiler.is_compiling():
+    if labels is None or opts.hard_weight == 0 or not labels.is_cpu or torch.compiler.is_compiling():
         return
     flat = labels if labels.dim() == 1 else labels.reshape(-1)
     label_range = host_label_range(flat)
@@ -141,7 +141,7 @@ def check_topk_values(student, logprobs, labels, opts: KDOptions, check_finite):
     labels, and ``teacher_logprobs`` are log-probabilities (``_check_logprob_rows``) on CPU tensors
     and under ``check_finite``, on kept rows (ignored rows may hold anything)."""
     check_values(student, (), labels, opts, check_finite)
-    if not (check_finite or logprobs.device.type == "cpu") or torch.compiler.is_compiling():
+    if not (check_finite or logprobs.is_cpu) or torch.compiler.is_compiling():
         return
     k = logprobs.shape[-1]
     flat = logprobs.reshape(-1, k)

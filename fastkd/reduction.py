@@ -24,7 +24,7 @@ from .options import Reduction
 
 def _in_host_memory(labels):
     """CPU labels outside ``torch.compile``'s tracing: the host reads them without a synchronisation."""
-    return labels.device.type == "cpu" and not torch.compiler.is_compiling()
+    return labels.is_cpu and not torch.compiler.is_compiling()
 
 
 def _host_kept_count(labels, ignore_index):

@@ -68,9 +68,10 @@ def test_workers_give_the_calling_threads_results(divergence, two_threads, monke
 
 @needs_workers
 def test_workers_take_a_student_that_requires_grad(two_threads, monkeypatch):
-    """The public entry points with the chunk loop on the workers, whose grad mode is on (it is
-    thread-local): a student that requires grad is read as a constant there (no autograd op, no
-    "out=... don't support automatic differentiation"), and every gradient is the calling thread's."""
+    """The public entry points with the chunk loop on the workers (grad mode is a setting of each
+    thread; the workers turn theirs off): a student that requires grad is read as a constant there
+    (no autograd op, no "out=... don't support automatic differentiation"), in place too, and every
+    gradient is the calling thread's."""
     monkeypatch.setattr(torch_backend, "SMALL_ELEMENTS", 0)
     monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 4 * 64 * 4)
     monkeypatch.setattr(torch_backend, "TOPK_CHUNK_FACTOR", 1)
@@ -80,7 +81,8 @@ def test_workers_take_a_student_that_requires_grad(two_threads, monkeypatch):
     topk = fastkd.teacher_topk(t, 8, backend="torch")
     calls = [lambda x: fastkd.kd_loss(x, t, temperature=2.0, labels=labels, hard_weight=0.5, backend="torch"),
              lambda x: fastkd.kd_loss(x, [t, t.flip(0)], divergence="jsd", backend="torch"),
-             lambda x: fastkd.topk_kd_loss(x, topk, labels=labels, hard_weight=0.5, backend="torch")]
+             lambda x: fastkd.topk_kd_loss(x, topk, labels=labels, hard_weight=0.5, backend="torch"),
+             lambda x: fastkd.kd_loss(x, t, divergence="reverse_kl", inplace=True, backend="torch")]
     for call in calls:
         grads = []
         for workers in (True, False):

@@ -39,7 +39,7 @@ def triton_can_run(tensor):
     """Triton runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``."""
     if not triton_installed():
         return False
-    return tensor.is_cuda or (tensor.device.type == "cpu" and interpreter_enabled())
+    return tensor.is_cuda or (tensor.is_cpu and interpreter_enabled())
 
 
 def resolve_backend(backend, tensor):

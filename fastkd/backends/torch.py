@@ -26,11 +26,11 @@ over memory, so the fewest ops win: the constants of a call's options are looked
 short rows take the softmax's steps as separate ops, the probabilities from the same exp, and up to
 STACK_ELEMENTS stack the student, the teacher and the hard CE's student at T = 1 into one), then
 one teacher's kl by the table's kl written out (about ten ops for value and gradient), the other
-divergences by the table itself; the hard CE by nll_loss, its gradient by one add and one scatter;
-CPU labels, read on the host once (``buffers.host_label_range``), that are all in [0, V) and none
-ignore_index need no row masks; a cached ``grad_scale`` (``buffers.constant``, its value known on
-the host) is folded into the gradient's other factors; a mixture of teachers runs the chunk's code
-once.
+divergences by the table itself; the hard CE by one gather, its gradient by one add and one
+scatter at the same label column; CPU labels, read on the host once (``buffers.host_label_range``),
+that are all in [0, V) and none ignore_index need no row masks; a cached ``grad_scale``
+(``buffers.constant``, its value known on the host) is folded into the gradient's other factors; a
+mixture of teachers runs the chunk's code once.
 """
 import functools
 import math
@@ -155,9 +155,10 @@ def _scaled(x, temperature, out):
     return out.copy_(x).div_(temperature)
 
 
-def _int64(labels):
-    """``labels`` as int64 (itself when it is: ``long()`` would cost a dispatch)."""
-    return labels if labels.dtype == torch.int64 else labels.long()
+def _label_column(index):
+    """Labels ``[rows]`` in [0, V) as the int64 column ``[rows, 1]`` that gather and scatter take
+    (``long()`` only where they are not int64: it would cost a dispatch)."""
+    return (index if index.dtype == torch.int64 else index.long()).unsqueeze(1)
 
 
 def _hard_ce(log_q, labels, need_grad):
@@ -167,20 +168,21 @@ def _hard_ce(log_q, labels, need_grad):
     NaN)."""
     index = labels.clamp(0, log_q.shape[-1] - 1)
     in_range = index == labels
-    ce = log_q.gather(1, _int64(index).unsqueeze(1)).neg_()[:, 0]
-    return ce, _sub_one_hot(log_q.exp_(), index, 1.0) if need_grad else None, in_range
+    column = _label_column(index)
+    ce = log_q.gather(1, column).neg_()[:, 0]
+    return ce, _sub_one_hot(log_q.exp_(), column, 1.0) if need_grad else None, in_range
 
 
-def _sub_one_hot(g, index, weight):
-    """``g`` ``[rows, V]`` minus ``weight`` at each row's column ``index`` (in [0, V)), in place: the
-    cross-entropy gradient's one-hot part."""
-    return g.scatter_(1, _int64(index).unsqueeze(1), -weight, reduce="add")
+def _sub_one_hot(g, column, weight):
+    """``g`` ``[rows, V]`` minus ``weight`` at each row's label (``column``, ``_label_column``), in
+    place: the cross-entropy gradient's one-hot part."""
+    return g.scatter_(1, column, -weight, reduce="add")
 
 
 def _labels_all_kept(labels, V, ignore_index):
     """True when the CPU ``labels`` (read on the host: no synchronisation) all lie in [0, V) and
     none can be ``ignore_index``: then a small call needs no row masks. False elsewhere."""
-    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
+    if not labels.is_cpu or labels.numel() == 0 or torch.compiler.is_compiling():
         return False
     low, high = host_label_range(labels)
     return 0 <= low and high < V and not low <= ignore_index <= high
@@ -190,7 +192,7 @@ def _zero_rows(g, rows):
     """``g[rows] = 0`` for a bool mask ``rows``: on a GPU by masked_fill_; on the CPU, where
     masked_fill_ costs some thirty passes of a copy, by index_fill_ at the mask's nonzero rows (host
     memory: no synchronisation)."""
-    if g.device.type == "cpu":
+    if g.is_cpu:
         g.index_fill_(0, rows.nonzero()[:, 0], 0.0)
     else:
         g.masked_fill_(rows[:, None], 0.0)
@@ -252,7 +254,7 @@ STACK_ELEMENTS = 2**12
 def _short_rows(x):
     """Whether ``x`` ``[N, V]`` has many short CPU rows (SHORT_ROW, FEW_ROWS)."""
     N, V = x.shape
-    return V < SHORT_ROW and N > FEW_ROWS and x.device.type == "cpu"
+    return V < SHORT_ROW and N > FEW_ROWS and x.is_cpu
 
 
 class _SmallConstants(NamedTuple):
@@ -346,9 +348,9 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, acc, inplace, 
     row_loss = D if c.soft_scale is None else D.mul_(c.soft_scale)
     # Labels read on the host (CPU) that are all kept and in range need no row masks.
     masked = labels is not None and not _labels_all_kept(labels, V, opts.ignore_index)
+    column = _label_column(labels.clamp(0, V - 1) if masked else labels) if has_ce else None
     if has_ce and not masked:
-        row_loss = row_loss.add_(torch.nn.functional.nll_loss(log_q, _int64(labels), reduction="none"),
-                                 alpha=opts.hard_weight)
+        row_loss = row_loss.sub_(log_q.gather(1, column).view(-1), alpha=opts.hard_weight)
     elif has_ce:
         ce, _, in_range = _hard_ce(log_q, labels, False)
         row_loss = row_loss.add_(ce, alpha=opts.hard_weight)
@@ -365,8 +367,7 @@ def _small_kd_forward(student, teacher, labels, grad_scale, opts, acc, inplace, 
     g = dD.mul_(c.soft_grad_factor)
     if has_ce:
         q1 = q if log_q is ls else (log_q.exp() if probs is None else probs[2])
-        index = labels.clamp(0, V - 1) if masked else labels
-        _sub_one_hot(g.add_(q1, alpha=c.hard_grad_factor), index, c.hard_grad_factor)
+        _sub_one_hot(g.add_(q1, alpha=c.hard_grad_factor), column, c.hard_grad_factor)
     if host_scale is None or defined is not None:
         scale = constant(1.0, dtype=acc, device=g.device) if host_scale is not None else grad_scale.to(acc)
         g.mul_(scale if defined is None else _row_factor(scale, defined))
@@ -401,7 +402,7 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
     """Per-row loss ``[N]`` and student gradient ``[N, V]``, as ``fastkd.backends.triton.kd_forward``."""
     teachers = as_teachers(teachers)
     N, V = student.shape
-    acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
+    acc = accumulation_dtype(student.dtype, *[t.dtype for t in teachers])
     # A call within SMALL_ELEMENTS is one chunk of the default size.
     one_chunk_call = chunk_bytes is None and 0 < N * V <= SMALL_ELEMENTS
     ranges = [(0, N)] if one_chunk_call else chunks(N, V, chunk_bytes, student.device)
@@ -456,7 +457,7 @@ def scale_rows(grad, scale, *, out=None):
     # A 0-d factor of the gradient's dtype needs no view (one of another dtype would not promote).
     factor = scale if scale.dim() == 0 and scale.dtype == grad.dtype else scale.reshape(-1, 1)
     if out is grad:
-        if grad.numel() > SMALL_ELEMENTS and factor.numel() == 1 and factor.device.type == "cpu" and float(factor) == 1:
+        if grad.numel() > SMALL_ELEMENTS and factor.numel() == 1 and factor.is_cpu and float(factor) == 1:
             return grad
         return grad.mul_(factor)
     return (grad * factor).to(grad.dtype)
@@ -609,7 +610,7 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
                 g.addcmul_(ce_grad, scale, value=opts.hard_weight)
         _finish_rows(loss, grad, r0, r1, row_loss, g, defined, labels, opts.ignore_index)
 
-    if chunk_bytes is None and student.device.type == "cpu":
+    if chunk_bytes is None and student.is_cpu:
         chunk_bytes = TOPK_CHUNK_FACTOR * CHUNK_BYTES
     for_each_chunk(chunks(N, V, chunk_bytes, student.device), V, acc, student.device, one_chunk)
     return loss, grad

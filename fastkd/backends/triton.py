@@ -142,7 +142,7 @@ def kd_forward(student, teachers, labels, grad_scale, opts: KDOptions, *, inplac
 
     teachers = as_teachers(teachers)
     N, V = student.shape
-    acc = accumulation_dtype(student.dtype, *(t.dtype for t in teachers))
+    acc = accumulation_dtype(student.dtype, *[t.dtype for t in teachers])
     loss = empty(N, dtype=acc, device=student.device)
     grad = gradient_buffer(student, inplace, need_grad)
     choice = kd_kernel(V, acc, num_teachers=len(teachers), three_pass=not opts.has_cross_term)

@@ -50,6 +50,9 @@ class _Workers:
         def serve():
             torch.get_num_threads()  # torch's set-up of this thread first: it sets the thread count
             openmp.omp_set_num_threads(1)
+            # Grad mode is a setting of each thread, on by default: off here, as on the calling thread
+            # inside an autograd Function's forward (the backend's gradients never come from autograd).
+            torch.set_grad_enabled(False)
             ready.wait()
             while True:
                 task, done = self.tasks.get()
