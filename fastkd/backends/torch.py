@@ -526,11 +526,10 @@ def _point_terms(lp, lq, opts):
     return div.divergence_value(a1, a2, opts), h, g
 
 
-# A top-k chunk costs some two hundred small ops on its rows' k listed columns (about 0.3 ms on a
-# CPU, whatever V), beside its few passes over [rows, V], which it takes in the gradient's own rows
-# (a float32 student without the hard CE needs no workspace buffer): its chunks are this many times
-# larger on the CPU. N = 32, V = 128256, fp32, 2 threads, 2 alternating runs: 2 MiB chunks 0.69-0.97x
-# eager's speed, 16 MiB 0.97-1.41x.
+# A top-k chunk costs some sixty small ops on its rows' k listed columns (about 0.2 ms on a CPU,
+# whatever V), beside its few passes over [rows, V], which it takes in the gradient's own rows (a
+# float32 student without the hard CE needs no workspace buffer): its chunks are this many times
+# larger on the CPU (the measurements: docs/benchmarks.md, "Sizes of the torch backend").
 TOPK_CHUNK_FACTOR = 8
 
 

@@ -16,20 +16,36 @@ import threading
 import torch
 
 
+def _loaded_libraries(prefixes):
+    """Those of the shared libraries loaded in this process whose names start with one of
+    ``prefixes``, torch's own first ([] without /proc/self/maps: not Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        return []
+    torch_dir = os.path.dirname(torch.__file__)
+    found = [path for path in paths if os.path.basename(path).startswith(prefixes)]
+    return sorted(found, key=lambda path: not path.startswith(torch_dir))
+
+
+def _first_symbol(paths, name):
+    """The function ``name`` of the first library of ``paths`` that exports it, through ctypes, or None."""
+    for path in paths:
+        try:
+            return getattr(ctypes.CDLL(path), name)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _openmp_runtime():
     """The OpenMP runtime that torch's CPU ops run on, through ctypes, or None: torch built without
     OpenMP, or no /proc/self/maps to find the loaded library in (not Linux)."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/" in line}
-    except OSError:
-        return None
-    torch_dir = os.path.dirname(torch.__file__)
-    found = [path for path in paths if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp"))]
-    for path in sorted(found, key=lambda path: not path.startswith(torch_dir)):  # torch's own first
+    for path in _loaded_libraries(("libgomp", "libiomp", "libomp")):
         try:
             return ctypes.CDLL(path)
         except OSError:
@@ -37,19 +53,37 @@ def _openmp_runtime():
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _mkl_set_num_threads_local():
+    """MKL's ``MKL_Set_Num_Threads_Local`` (the thread count of the calling thread's MKL calls),
+    from the library that holds torch's MKL (libtorch_cpu, or libmkl_rt where it is linked
+    dynamically), or None: torch built without MKL, or not found."""
+    if not torch.backends.mkl.is_available():
+        return None
+    return _first_symbol(_loaded_libraries(("libtorch_cpu", "libmkl_rt")), "MKL_Set_Num_Threads_Local")
+
+
 class _Workers:
     """``count`` daemon threads whose torch ops run on one thread each. OpenMP's thread count is a
     setting of each thread, set here in the runtime itself: torch.set_num_threads would also change
     settings that all threads share (torch's default for threads started later, MKL's), and after
-    it the calling thread's small ops were measured 2000 times slower."""
+    it the calling thread's small ops were measured 2000 times slower. MKL keeps a count of its own,
+    which torch sets for all threads: its vector math (torch's exp and log on the CPU) would start
+    an OpenMP team of torch's thread count on each worker, and with more OpenMP threads than cores
+    the runtime stops spinning between parallel regions, so that every parallel op of every thread,
+    the caller's too, waits for a woken thread (a 32 x 1024 sum on the calling thread went from 4
+    to 60 µs, 2 cores, once a worker had run an exp). So each worker sets MKL's count for its own
+    thread to 1 as well."""
 
-    def __init__(self, count, openmp):
+    def __init__(self, count, openmp, mkl_threads):
         self.tasks = queue.SimpleQueue()
         ready = threading.Barrier(count + 1)
 
         def serve():
             torch.get_num_threads()  # torch's set-up of this thread first: it sets the thread count
             openmp.omp_set_num_threads(1)
+            if mkl_threads is not None:
+                mkl_threads(1)
             # Grad mode is a setting of each thread, on by default: off here, as on the calling thread
             # inside an autograd Function's forward (the backend's gradients never come from autograd).
             torch.set_grad_enabled(False)
@@ -89,7 +123,7 @@ os.register_at_fork(after_in_child=_WORKERS.clear)  # threads do not survive a f
 def _workers(count):
     with _WORKERS_LOCK:
         if count not in _WORKERS:
-            _WORKERS[count] = _Workers(count, _openmp_runtime())
+            _WORKERS[count] = _Workers(count, _openmp_runtime(), _mkl_set_num_threads_local())
         return _WORKERS[count]
 
 
