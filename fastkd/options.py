@@ -154,7 +154,10 @@ def _may_overlap(x):
     """True when two elements of ``x`` may share memory (a stride-0 dimension, an ``as_strided``
     view that folds onto itself), from its sizes and strides alone: no data is read. Dimensions of
     more than one element, by increasing stride, must each step past all the earlier ones span;
-    a layout that interleaves its dimensions passes no such test and counts as overlapping."""
+    a layout that interleaves its dimensions passes no such test and counts as overlapping. An
+    empty tensor has no two elements, whatever its strides."""
+    if x.numel() == 0:
+        return False
     span = 0
     for stride, size in sorted((abs(st), sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
         if stride <= span:

@@ -176,6 +176,18 @@ def test_inplace_on_an_overlapping_student_is_refused(entry, view, backend):
         INPLACE_CALLS[entry](student, backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("entry", list(INPLACE_CALLS))
+def test_inplace_on_an_empty_student(entry, backend, request):
+    """No rows, no two elements to overlap, whatever the strides (an expand of an empty tensor has a
+    0 stride): inplace=True is taken, and the loss of no rows is 0."""
+    if entry == "vocab_parallel_kd_loss":
+        request.getfixturevalue("one_rank_group")
+    student = torch.randn(1, 0, 8).expand(2, 0, 8)
+    assert student.stride()[0] == 0
+    assert INPLACE_CALLS[entry](student, backend).item() == 0
+
+
 NON_OVERLAPPING = {"row-strided": lambda base: base[:, :10], "every other column": lambda base: base[:, ::2],
                    "transposed": lambda base: base[:, :4].t(), "a new size-1 dim": lambda base: base[0].expand(1, 20)}
 
