@@ -12,7 +12,8 @@ Four kinds, all outside the hot path:
   synchronises with the device. Unchecked, ``without_repeated_indices`` makes a row that repeats an
   index NaN on the device instead (no synchronisation).
 - the top-k teacher's log-probabilities (``check_topk_values``: every value and each row's
-  log-sum-exp <= 0, within rounding) on CPU tensors, and anywhere under ``check_finite=True``.
+  log-sum-exp <= 0, within rounding: PRODUCER_ROUNDING) on CPU tensors, and anywhere under
+  ``check_finite=True``.
 Ignored rows are never read by the kernels, so they are never checked either.
 """
 import os
@@ -111,9 +112,17 @@ def check_values(student, teachers, labels, opts: KDOptions, check_finite):
         check_finite_inputs(student, teachers, labels, opts)
 
 
+# How far above 0 a value or a row's log-sum-exp may be from the rounding of whatever computed the
+# log-probabilities: ``t - logsumexp(t)`` in float32 (t = logits / T) rounds each by a few ulps of
+# |t|, a scale the values do not show; this allows for |t| up to about 4096 (2 * 2**-23 * 4096).
+# ``teacher_topk`` and ``log_softmax`` subtract the row's maximum first and stay far below it.
+PRODUCER_ROUNDING = 2**-10
+
+
 def _check_logprob_rows(logprobs, keep, shape, check_nan):
     """ValueError naming the first kept row of ``logprobs`` ``[N, k]`` (leading dims ``shape``) with
-    a value or a log-sum-exp above 0, beyond the rounding of its dtype (or a NaN, with ``check_nan``)."""
+    a value or a log-sum-exp above 0, beyond the rounding of its dtype and PRODUCER_ROUNDING (or a
+    NaN, with ``check_nan``)."""
     x = logprobs.detach()[keep].to(torch.float64 if logprobs.dtype == torch.float64 else torch.float32)
     if x.numel() == 0:
         return
@@ -122,7 +131,7 @@ def _check_logprob_rows(logprobs, keep, shape, check_nan):
     eps = torch.finfo(logprobs.dtype).eps
     weights = torch.softmax(x, -1).nan_to_num(0.0)
     spread = (weights * torch.where(x.isfinite(), x.abs(), 0.0)).sum(-1)
-    tolerance = 2 * eps * (1 + spread)
+    tolerance = 2 * eps * (1 + spread) + PRODUCER_ROUNDING
     lse = torch.logsumexp(x, -1)
     reasons = [("holds a value above 0: not log-probabilities (probabilities, or shifted values?)",
                 (x > tolerance[:, None]).any(-1)),

@@ -210,9 +210,11 @@ def topk_kd_loss(student_logits, teacher_logprobs, teacher_indices=None, *, tail
 
     Value checks (kept rows only). On CPU tensors, and anywhere with ``check_finite=True`` (which
     synchronises with the device), ``teacher_logprobs`` must be log-probabilities: every value <= 0
-    and each row's log-sum-exp <= 0, within their dtype's rounding (probabilities, or shifted
-    values, are a ValueError). ``check_finite=True`` also raises ValueError for a NaN there and for
-    what ``kd_loss``'s ``check_finite`` reports of the student and the labels.
+    and each row's log-sum-exp <= 0, within rounding: their dtype's, and 2**-10 for that of whatever
+    computed them (``fastkd.checks.PRODUCER_ROUNDING``: ``t - logsumexp(t)`` in float32 rounds at
+    the scale of t = logits / T). Probabilities, or shifted values, are a ValueError.
+    ``check_finite=True`` also raises ValueError for a NaN there and for what ``kd_loss``'s
+    ``check_finite`` reports of the student and the labels.
 
     Index checks read the indices (a device synchronisation), so they run on the torch backend,
     and on the Triton path only with ``validate_indices=True`` or ``FASTKD_DEBUG=1`` in the

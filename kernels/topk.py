@@ -1,8 +1,10 @@
 """Top-k log-probabilities of a tempered softmax in one read of the logits (``fastkd.teacher_topk``).
 
-One row, t = logits / T, V columns:
-    lse(t) = log sum_j exp(t_j)          (online max / sum-of-exps per tile row, folded once a row)
-    out_i  = t_{j_i} - lse(t)            for the k columns j_1..j_k of the largest t, largest first
+One row, t = logits / T, V columns, m = max_j t_j:
+    d      = sum_j exp(t_j - m)          (online max / sum-of-exps per tile row, folded once a row)
+    out_i  = (t_{j_i} - m) - log d       for the k columns j_1..j_k of the largest t, largest first
+(= t_{j_i} - lse(t), but no term rounds at the scale of t itself: the first is -log d, and the k
+log-probabilities sum to at most 1 within a few ulps however large the logits are.)
 Nothing is differentiated: the teacher is a constant.
 
 The row is walked in whole 16-byte groups (row_tiles.py): its aligned body in tiles of BLOCK_V
@@ -106,12 +108,11 @@ def teacher_topk_kernel(
     t = load_tile(x_row, edge, edge_mask, inv_temperature, ACC_DTYPE, "")
     m, d = online_logsumexp_update(m, d, tl.reshape(t, (EDGE,)))
     running = _merge(running, tl.reshape(_keys(t, head + edge, edge_mask), (EDGE,)), K_PAD)
-    lse = m + tl.log(d)
 
     lanes = tl.arange(0, K_PAD)
     keep = lanes < K
     index = LOW_32_BITS - (running & LOW_32_BITS)
     t_top = tl.load(x_ptr + row * x_row_stride + index, mask=keep, other=0.0).to(ACC_DTYPE) * inv_temperature
     out = row * out_row_stride + lanes
-    store(logprobs_ptr + out, t_top - lse, mask=keep)
+    store(logprobs_ptr + out, (t_top - m) - tl.log(d), mask=keep)
     store(indices_ptr + out, index, mask=keep)

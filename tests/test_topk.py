@@ -415,7 +415,7 @@ def test_probabilities_or_shifted_values_are_refused_on_cpu(backend):
     s = logits(4, 50)
     lp, idx = fastkd.teacher_topk(logits(4, 50), 8, temperature=2.0)
     positive = lp.clone()
-    positive[0, 3] = 1e-3
+    positive[0, 3] = 1e-2
     for bad, row, match in ((lp.exp(), 0, "above 0"), (lp + 1, 0, "above 0"), (positive, 0, "a value above 0"),
                             (lp - lp.amax(-1, keepdim=True), 0, "a log-sum-exp above 0"),
                             (torch.where(torch.arange(4)[:, None] == 2, lp.exp(), lp), 2, "above 0")):
@@ -434,6 +434,14 @@ def test_probabilities_or_shifted_values_are_refused_on_cpu(backend):
     masked = lp.clone()
     masked[1, 4:] = float("-inf")
     fastkd.topk_kd_loss(s, masked, idx, temperature=2.0, backend=backend)
+    # The textbook t - logsumexp(t) in float32 rounds at the scale of t = logits / T: this row of
+    # logits around 3000 sums to a log-sum-exp of 6.2e-5 (an ulp of 3000 is 2.4e-4), which is
+    # rounding, not a wrong input (teacher_topk subtracts the row's maximum first: exact here).
+    t = 3000 - torch.tensor([[0.0, 2.0, 3.5, 7.0, 8.0, 9.0, 12.0, 20.0] + [40.0] * 42]).expand(4, 50)
+    naive = t - t.logsumexp(-1, keepdim=True)
+    assert float(naive.logsumexp(-1).max()) > 1e-5
+    fastkd.topk_kd_loss(s, *naive.topk(8, -1), temperature=1.0, backend=backend)
+    assert float(fastkd.teacher_topk(t, 50, backend=backend)[0].logsumexp(-1).max()) <= 1e-6
     # k = V of a uniform teacher: log(1/3072) = -8.030 rounds to -8.0 in bf16, which makes the row's
     # log-sum-exp 0.030 (4 eps of bf16); rounding is not refused (the checks run before the backend)
     V = 3072
