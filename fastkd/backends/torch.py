@@ -478,8 +478,9 @@ def softmax(x, temperature, dim, *, log):
 
 def teacher_topk(logits, k, temperature, *, chunk_bytes=None):
     """As ``fastkd.backends.triton.teacher_topk``, with ``torch.topk`` (whose order among equal
-    values is not specified) and ``torch.logsumexp``: (t - m) - log sum exp(t - m), t = logits / T
-    and m its row maximum (the kernel's formula, kernels/topk.py)."""
+    values is not specified): (t - m) - log sum exp(t - m), t = logits / T and m its row maximum,
+    the first of the top-k values (the kernel's formula, kernels/topk.py); the sum in place in the
+    chunk's buffer, three passes (``logsumexp`` would find the maximum again)."""
     N, V = logits.shape
     acc = accumulation_dtype(logits.dtype)
     logprobs = empty((N, k), dtype=acc, device=logits.device)
@@ -489,7 +490,7 @@ def teacher_topk(logits, k, temperature, *, chunk_bytes=None):
         t = _scaled(logits[r0:r1], temperature, work.take())
         values, columns = t.topk(k, dim=-1, largest=True, sorted=True)
         m = values[:, :1]
-        logprobs[r0:r1] = (values - m) - t.sub_(m).logsumexp(-1, keepdim=True)
+        logprobs[r0:r1] = (values - m) - t.sub_(m).exp_().sum(-1, keepdim=True).log_()
         indices[r0:r1] = columns
 
     for_each_chunk(chunks(N, V, chunk_bytes, logits.device), V, acc, logits.device, one_chunk)
