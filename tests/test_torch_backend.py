@@ -17,7 +17,7 @@ from fastkd.backends import torch_divergences as div
 from fastkd.options import make_options
 from helpers import DIVERGENCES
 
-needs_workers = pytest.mark.skipif(worker_pool._openmp_runtime() is None,
+needs_workers = pytest.mark.skipif(worker_pool._omp_set_num_threads() is None,
                                    reason="the workers need torch built with OpenMP, on Linux")
 
 
@@ -32,7 +32,7 @@ def two_threads():
 def _forward(student, teachers, labels, opts, workers, monkeypatch, **kw):
     with monkeypatch.context() as patch:
         if not workers:
-            patch.setattr(worker_pool, "_openmp_runtime", lambda: None)
+            patch.setattr(worker_pool, "_omp_set_num_threads", lambda: None)
         return torch_backend.kd_forward(student, teachers, labels, torch.tensor([0.25]), opts, **kw)
 
 
@@ -89,7 +89,7 @@ def test_workers_take_a_student_that_requires_grad(two_threads, monkeypatch):
         for workers in (True, False):
             with monkeypatch.context() as patch:
                 if not workers:
-                    patch.setattr(worker_pool, "_openmp_runtime", lambda: None)
+                    patch.setattr(worker_pool, "_omp_set_num_threads", lambda: None)
                 x = s.clone().requires_grad_()
                 grads.append(torch.autograd.grad(call(x), x)[0])
         torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -40,17 +40,13 @@ def _first_symbol(paths, name):
 
 
 @functools.lru_cache(maxsize=None)
-def _openmp_runtime():
-    """The OpenMP runtime that torch's CPU ops run on, through ctypes, or None: torch built without
-    OpenMP, or no /proc/self/maps to find the loaded library in (not Linux)."""
+def _omp_set_num_threads():
+    """``omp_set_num_threads`` (the calling thread's OpenMP thread count) of the OpenMP runtime that
+    torch's CPU ops run on, or None: torch built without OpenMP, or no /proc/self/maps to find the
+    loaded library in (not Linux)."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
-    for path in _loaded_libraries(("libgomp", "libiomp", "libomp")):
-        try:
-            return ctypes.CDLL(path)
-        except OSError:
-            continue
-    return None
+    return _first_symbol(_loaded_libraries(("libgomp", "libiomp", "libomp")), "omp_set_num_threads")
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,13 +71,13 @@ class _Workers:
     to 60 µs, 2 cores, once a worker had run an exp). So each worker sets MKL's count for its own
     thread to 1 as well."""
 
-    def __init__(self, count, openmp, mkl_threads):
+    def __init__(self, count, omp_threads, mkl_threads):
         self.tasks = queue.SimpleQueue()
         ready = threading.Barrier(count + 1)
 
         def serve():
             torch.get_num_threads()  # torch's set-up of this thread first: it sets the thread count
-            openmp.omp_set_num_threads(1)
+            omp_threads(1)
             if mkl_threads is not None:
                 mkl_threads(1)
             # Grad mode is a setting of each thread, on by default: off here, as on the calling thread
@@ -123,7 +119,7 @@ os.register_at_fork(after_in_child=_WORKERS.clear)  # threads do not survive a f
 def _workers(count):
     with _WORKERS_LOCK:
         if count not in _WORKERS:
-            _WORKERS[count] = _Workers(count, _openmp_runtime(), _mkl_set_num_threads_local())
+            _WORKERS[count] = _Workers(count, _omp_set_num_threads(), _mkl_set_num_threads_local())
         return _WORKERS[count]
 
 
@@ -131,7 +127,7 @@ def count(device):
     """How many workers run the chunks of a call on ``device``: 1 (the calling thread) off the CPU,
     with one intra-op thread, or without an OpenMP runtime to give each worker one thread."""
     wanted = min(torch.get_num_threads(), MAX_WORKERS)
-    if device.type != "cpu" or wanted == 1 or _openmp_runtime() is None:
+    if device.type != "cpu" or wanted == 1 or _omp_set_num_threads() is None:
         return 1
     return wanted
 
