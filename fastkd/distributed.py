@@ -13,7 +13,7 @@ row; after that each rank computes its shard's gradient locally. Collectives, pe
     divergence                      all-reduces   floats per row (MAX + SUM [+ SUM])   bytes per row
     kl                              2             2 (m_s, m_t) + 3 (d_s, d_t, cross)    20
     reverse kl                      3             2 (m_s, m_t) + 3 (d_s, d_t, cross)    28
-                                                  + 2 (A1, A2; need the global lse's)
+                                                  + 2 (A1, A2; need the global sums)
     the others (the JSD family,     3             2 (m_s, m_t) + 2 (d_s, d_t)           24
       tvd)                                        + 2 (A1, A2)
     hard CE (hard_weight > 0)       +0            + 2 in the first SUM (d_z, z_y)       +8
@@ -24,12 +24,14 @@ exchange (max z = T max s). V and the layout check (below) ride along as 3 float
 loss of kl and reverse kl comes from the cross term: D = cross / d_t + log(d_s / d_t) (kl) or
 cross / d_s - log(d_s / d_t) (reverse kl), with the cross term centred on the row's maxima (terms
 of the size of the row's spread: no cancellation at large logits). kl's gradient, q - p, needs only
-lse_s and lse_t. Every other gradient reads A1, A2 (``KDOptions.grad_reads_row_scalars``): sums
-over the whole row of terms that depend on both global lse's, so they can only be summed after the
-second exchange; hence the third all-reduce. reverse kl takes it too: its gradient at a one-hot
-q (|logits| ~ 1e4) is exact only from A1, A2 whose terms round as the gradient's own; from the
-cross term it would need that term centred on the teacher's logit at the student's argmax, which
-one rank holds, and erred by ~1e4 eps there.
+the row's maxima and sums of exps (log-probabilities are taken as (s - m_s) - log d_s, never as
+s - lse(s), which rounds at the scale of |m_s|). Every other gradient reads A1, A2
+(``KDOptions.grad_reads_row_scalars``): sums over the whole row of terms that depend on both
+global distributions, so they can only be summed after the second exchange; hence the third
+all-reduce. reverse kl takes it too: its gradient at a one-hot q (|logits| ~ 1e4) is exact only
+from A1, A2 whose terms round as the gradient's own; from the cross term it would need that term
+centred on the teacher's logit at the student's argmax, which one rank holds, and erred by ~1e4
+eps there.
 
 Bytes per row, per rank, against an all-gather of the logits (P = 8 ranks, V = 128256, bf16):
     all-gather of student + teacher   receives 7/8 * V * (2 + 2) B = 449 kB, then holds 513 kB
@@ -133,18 +135,18 @@ def forward_steps(student, teacher, labels, opts: KDOptions, backend, vocab_star
     summed = dict(zip(columns, sums[: N * k].view(N, k).unbind(1)))
     V = sums[N * k]
 
+    # The row's maxima (the centres every sum of exps was rescaled to) and its sums: the kernels take
+    # log-probabilities as (s - m_s) - log d_s, never s - lse(s) (which rounds at the scale of |m_s|).
     row = stats.new_zeros(N, len(ROW))
-    row[:, ROW["lse_s"]] = max_s + summed["d_s"].log()
-    row[:, ROW["lse_t"]] = max_t + summed["d_t"].log()
-    row[:, ROW["shift"]] = (max_s - max_t) + torch.log(summed["d_s"] / summed["d_t"])
-    for name in ("d_s", "d_t", "cross", "z_y"):
+    row[:, ROW["m_s"]], row[:, ROW["m_t"]] = _finite(max_s), _finite(max_t)
+    for name in ("d_s", "d_t", "d_z", "cross", "z_y"):
         if name in summed:
             row[:, ROW[name]] = summed[name]
     # NaN rows, as kd_loss: no student or teacher distribution, a label outside [0, V), a bad layout.
-    defined = torch.isfinite(row[:, ROW["lse_s"]]) & torch.isfinite(row[:, ROW["lse_t"]])
+    defined = torch.isfinite(max_s + summed["d_s"].log()) & torch.isfinite(max_t + summed["d_t"].log())
     defined &= (maxima[2 * N] == V) & (maxima[2 * N + 1] == 0)
     if has_ce:
-        row[:, ROW["lse_z"]] = opts.temperature * max_s + summed["d_z"].log()
+        row[:, ROW["m_z"]] = _finite(opts.temperature * max_s)
         defined &= (labels >= 0) & (labels < V)
     row[:, ROW["nan_row"]] = torch.where(defined, 0.0, float("nan"))
 
@@ -183,31 +185,34 @@ def mixture_steps(teachers, opts: KDOptions, dtype):
     p = sum_i w_i softmax(t_i / T_t) over the whole vocabulary (``opts.teacher_T``,
     ``opts.teacher_weights``), as a generator of exchanges like ``forward_steps``.
 
-    The k teachers' row log-sum-exps over all V take two all-reduces of ``[N, k]``: MAX of the
-    shards' own log-sum-exps, then SUM of their exps against that maximum. Then, column by column,
-    log p = logsumexp_i(log w_i + t_i / T_t - lse_i), as ``kd_loss`` forms it (``mixture_log_prob``),
-    row chunk by row chunk: the result is the one ``[N, W]`` buffer, the rest chunk-sized. A row
+    The k teachers' row statistics over all V take two all-reduces of ``[N, k]``: MAX of the
+    shards' maxima m_i, then SUM of their sums of exps d_i against it. Then, column by column,
+    log p = logsumexp_i(log w_i + (t_i / T_t - m_i) - log d_i), as ``kd_loss`` forms it
+    (``mixture_log_prob``), row chunk by row chunk: the result is the one ``[N, W]`` buffer, the rest chunk-sized. A row
     where some teacher has no finite log-sum-exp (as ``kd_loss``: NaN, +inf, or entirely -inf over
     all V) is NaN on every rank, so that ``forward_steps`` makes its loss and gradient NaN."""
     N, W = teachers[0].shape
     device = teachers[0].device
     ranges = chunks(N, W, device=device)
-    shard_lse = empty((N, len(teachers)), dtype=dtype, device=device)
+    maxima = empty((N, len(teachers)), dtype=dtype, device=device)
     for i, t in enumerate(teachers):
         for r0, r1 in ranges:
-            shard_lse[r0:r1, i] = torch.logsumexp(t[r0:r1].to(dtype) / opts.teacher_T, -1)
-    maxima = shard_lse.clone()
+            maxima[r0:r1, i] = (t[r0:r1].to(dtype) / opts.teacher_T).amax(-1) if W else float("-inf")
     yield maxima, "max"
-    sums = torch.exp(shard_lse - _finite(maxima))
+    centres = _finite(maxima)
+    sums = torch.zeros_like(maxima)
+    for i, t in enumerate(teachers):
+        for r0, r1 in ranges:
+            sums[r0:r1, i] = (t[r0:r1].to(dtype) / opts.teacher_T).sub_(centres[r0:r1, i: i + 1]).exp_().sum(-1)
     yield sums, "sum"
-    lse = _finite(maxima) + sums.log()
+    log_sums = sums.log()
     out = empty((N, W), dtype=dtype, device=device)
     for r0, r1 in ranges:
         lts = [out[r0:r1]] + [empty((r1 - r0, W), dtype=dtype, device=device) for _ in teachers[1:]]
         for i, (lt, t) in enumerate(zip(lts, teachers)):
-            lt.copy_(t[r0:r1]).div_(opts.teacher_T).sub_(lse[r0:r1, i: i + 1])
+            lt.copy_(t[r0:r1]).div_(opts.teacher_T).sub_(centres[r0:r1, i: i + 1]).sub_(log_sums[r0:r1, i: i + 1])
         mixture_log_prob(lts, opts.log_teacher_weights, FreshBuffers(lts[0]))  # into lts[0], out's rows
-    return out.masked_fill_(~torch.isfinite(lse).all(-1, keepdim=True), float("nan"))
+    return out.masked_fill_(~torch.isfinite(maxima + log_sums).all(-1, keepdim=True), float("nan"))
 
 
 def mixture_teacher(teachers, opts: KDOptions, dtype, group_name):

@@ -58,7 +58,7 @@ tvd               g = -sign(p - q) / 2            h = q g
 import triton
 import triton.language as tl
 
-from .row_stats import exp, finite, fold_tile, log, log_add_exp, tile_rows_to_row
+from .row_stats import exp, finite, fold_tile, log, log_add_exp, log_prob, tile_rows_to_row
 from .row_tiles import load_teacher_tiles, load_tile
 
 # Codes of fastkd.divergences.DIVERGENCES, in its order (a test checks the correspondence). Every
@@ -226,16 +226,19 @@ def finish_row_statistics(stats, DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
 
 
 @triton.jit
-def mixture_log_prob(ts, lse_ts, log_teacher_weights, NUM_TEACHERS: tl.constexpr):
+def mixture_log_prob(ts, m_ts, log_d_ts, log_teacher_weights, NUM_TEACHERS: tl.constexpr):
     """log p of the teachers' mixture p = sum_i w_i softmax(t_i), in log space:
-    logsumexp_i(log w_i + t_i - lse_i) (-inf where every teacher's p is 0)."""
-    hi = log_teacher_weights[0] + ts[0] - lse_ts[0]
+    logsumexp_i(log w_i + lt_i), lt_i = log_prob(t_i, m_i, log_d_i) (-inf where every teacher's p is 0)."""
+    lts = ()
+    for i in tl.static_range(NUM_TEACHERS):
+        lts = lts + (log_teacher_weights[i] + log_prob(ts[i], m_ts[i], log_d_ts[i]),)
+    hi = lts[0]
     for i in tl.static_range(1, NUM_TEACHERS):
-        hi = tl.maximum(hi, log_teacher_weights[i] + ts[i] - lse_ts[i])
+        hi = tl.maximum(hi, lts[i])
     hi_safe = finite(hi)
     total = tl.zeros_like(hi)
     for i in tl.static_range(NUM_TEACHERS):
-        total += exp(log_teacher_weights[i] + ts[i] - lse_ts[i] - hi_safe)
+        total += exp(lts[i] - hi_safe)
     return tl.where(hi == float("-inf"), float("-inf"), hi_safe + log(total))
 
 
@@ -328,14 +331,14 @@ def divergence_value(A1, A2, mix_weight, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def row_loss(A1, A2, mix_weight, soft_scale, hard_weight, lse_z, z_label, label, V, defined,
+def row_loss(A1, A2, mix_weight, soft_scale, hard_weight, m_z, log_d_z, z_label, label, V, defined,
              DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr):
-    """A row's loss soft_scale D + hard_weight (lse(z) - z_y), and row_nan: 0, or NaN where the row
-    is undefined (``defined`` false, or with the hard CE a label outside [0, V)), to be added to the
-    loss and to every gradient element."""
+    """A row's loss soft_scale D + hard_weight CE, and row_nan: 0, or NaN where the row is undefined
+    (``defined`` false, or with the hard CE a label outside [0, V)), to be added to the loss and to
+    every gradient element. CE = -log_prob(z_y) = (m_z - z_y) + log d_z (row_stats.log_prob)."""
     loss = soft_scale * divergence_value(A1, A2, mix_weight, DIVERGENCE)
     if HAS_CE:
-        loss += hard_weight * (lse_z - z_label)
+        loss -= hard_weight * log_prob(z_label, m_z, log_d_z)
         defined = defined & (label >= 0) & (label < V)
     row_nan = tl.where(defined, 0.0, float("nan"))
     return loss + row_nan, row_nan

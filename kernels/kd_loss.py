@@ -75,10 +75,7 @@ def _log_probs(s, ts, m_s, d_s, log_d_s, m_ts, d_ts, log_d_ts, centres, shift, l
         s_minus_t = (s - centres[0]) - (t - centres[1])
         row_shift = shift
     else:
-        lse_ts = ()
-        for i in tl.static_range(NUM_TEACHERS):
-            lse_ts = lse_ts + (m_ts[i] + log_d_ts[i],)
-        lt = mixture_log_prob(ts, lse_ts, log_teacher_weights, NUM_TEACHERS)
+        lt = mixture_log_prob(ts, m_ts, log_d_ts, log_teacher_weights, NUM_TEACHERS)
         p = exp(lt)
         s_minus_t = ls - lt
         row_shift = 0.0
@@ -201,7 +198,8 @@ def kd_forward_kernel(
         if HAS_CE:
             z_label = tl.load(z_row + (label - head), mask=(label >= 0) & (label < V), other=float("nan"))
             z_label = z_label.to(ACC_DTYPE)
-        loss, row_nan = row_loss(A1, A2, mix_weight, soft_scale, hard_weight, m_z + tl.log(d_z), z_label, label, V,
+        log_d_z = tl.log(d_z)
+        loss, row_nan = row_loss(A1, A2, mix_weight, soft_scale, hard_weight, m_z, log_d_z, z_label, label, V,
                                  defined, DIVERGENCE, HAS_CE)
         store(loss_ptr + row, loss)
 
@@ -210,7 +208,6 @@ def kd_forward_kernel(
             grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
             soft_grad_scale = grad_scale * soft_scale * inv_temperature
             hard_grad_scale = grad_scale * hard_weight
-            log_d_z = tl.log(d_z)
             for start in range(0, n, BLOCK_V):
                 offsets, mask = body_tile(_block_start(start, last_start, ELEMENT_PASS), n, BLOCK_V, VEC)
                 _gradient_tile(g_row, z_row, t_rows, offsets, mask, head + offsets, label, inv_temperature,

@@ -104,7 +104,7 @@ def kd_resident_kernel(
             A1, A2 = row_scalars(a1, a2)  # columns past V load -inf: every term is 0 there
         else:
             A1, A2 = cross_term_scalars(cross, d_s, d_t, shift, DIVERGENCE)
-        loss, row_nan = row_loss(A1, A2, mix_weight, soft_scale, hard_weight, m_z + tl.log(d_z), z_label, label, V,
+        loss, row_nan = row_loss(A1, A2, mix_weight, soft_scale, hard_weight, m_z, tl.log(d_z), z_label, label, V,
                                  defined, DIVERGENCE, HAS_CE)
         store(loss_ptr + row, loss)
 

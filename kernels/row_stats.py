@@ -70,6 +70,14 @@ def fold_tile(m, d, x):
 
 
 @triton.jit
+def log_prob(x, m, log_d):
+    """A log-probability of a row from its maximum m and log_d = log(sum exp(x - m)): (x - m) - log_d,
+    each step exact to a few ulps of its own size. Never x - (m + log_d): that sum rounds at |m|, so
+    a log-probability near 0 (a peaked or converged row) and exp of it would err by eps |m|."""
+    return (x - m) - log_d
+
+
+@triton.jit
 def tile_rows_to_row(m, d):
     """The row's maximum and sum of exps from the per-tile-row ones: M = max m, D = sum d e^(m - M)
     (once per row: the only reduction across threads)."""

@@ -2,21 +2,23 @@
 
 Math, per row x of length V at temperature T (s = x / T):
 
-    forward      y_j  = softmax(s)_j     = exp(s_j - lse(s))
-                 ly_j = log_softmax(s)_j = s_j - lse(s)
+    forward      y_j  = softmax(s)_j     = exp(ly_j)
+                 ly_j = log_softmax(s)_j = (s_j - m) - log d,  m = max s, d = sum_i exp(s_i - m)
     backward     dx_j = y_j * (dy_j - sum_i dy_i * y_i) / T        (softmax)
                  dx_j = (dy_j - exp(ly_j) * sum_i dy_i) / T        (log_softmax)
 
-lse(s) comes from an online max / sum-of-exps over vocabulary blocks, kept per tile row and folded
-across threads once per row, so any V works with one program per row. Each loop walks the row's
-aligned body, then its head and tail in one edge tile (row_tiles.py): 16-byte loads at any V and
-row stride. Bytes per element: forward reads x twice (the second read usually hits cache when a row
-fits in L2) and writes y once; backward reads y and dy twice and writes dx once.
+m and d come from an online max / sum-of-exps over vocabulary blocks, kept per tile row and folded
+across threads once per row, so any V works with one program per row. (Never s_j - lse(s): lse
+rounds at the scale of |m|, which moves a log-probability near 0, and its gradient, by eps |m|.)
+Each loop walks the row's aligned body, then its head and tail in one edge tile (row_tiles.py):
+16-byte loads at any V and row stride. Bytes per element: forward reads x twice (the second read
+usually hits cache when a row fits in L2) and writes y once; backward reads y and dy twice and
+writes dx once.
 """
 import triton
 import triton.language as tl
 
-from .row_stats import exp, fold_tile, store, tile_rows_to_row
+from .row_stats import exp, fold_tile, log_prob, store, tile_rows_to_row
 from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split
 
 
@@ -27,8 +29,9 @@ def _fold(m, d, x_row, offsets, mask, inv_temperature, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _forward_tile(y_row, x_row, offsets, mask, inv_temperature, lse, LOG: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    out = load_tile(x_row, offsets, mask, inv_temperature, ACC_DTYPE, "") - lse
+def _forward_tile(y_row, x_row, offsets, mask, inv_temperature, m, log_d, LOG: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr):
+    out = log_prob(load_tile(x_row, offsets, mask, inv_temperature, ACC_DTYPE, ""), m, log_d)
     if not LOG:
         out = exp(out)
     store(y_row + offsets, out, mask=mask)
@@ -53,13 +56,13 @@ def softmax_forward_kernel(
     edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)  # here and below: not live across a loop
     m, d = _fold(m, d, x_row, edge, edge_mask, inv_temperature, ACC_DTYPE)
     m, d = tile_rows_to_row(m, d)
-    lse = m + tl.log(d)
+    log_d = tl.log(d)
 
     for start in range(0, n, BLOCK_V):
         offsets, mask = body_tile(start, n, BLOCK_V, VEC)
-        _forward_tile(y_row, x_row, offsets, mask, inv_temperature, lse, LOG, ACC_DTYPE)
+        _forward_tile(y_row, x_row, offsets, mask, inv_temperature, m, log_d, LOG, ACC_DTYPE)
     edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
-    _forward_tile(y_row, x_row, edge, edge_mask, inv_temperature, lse, LOG, ACC_DTYPE)
+    _forward_tile(y_row, x_row, edge, edge_mask, inv_temperature, m, log_d, LOG, ACC_DTYPE)
 
 
 @triton.jit

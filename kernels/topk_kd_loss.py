@@ -1,7 +1,9 @@
 """KD loss against a sparse top-k teacher: per-row loss and the dense student gradient in one kernel.
 
 Notation (one row): z student logits, s = z / T, V columns, ls = log q = s - lse(s) over the full
-vocabulary. The teacher is k listed columns j_1..j_k with log-probabilities lt_i (already at
+vocabulary, computed as (s - max s) - log(sum exp(s - max s)) (row_stats.log_prob), as every
+log-probability here (the hard CE's, the renormalised teacher's): s - lse(s) would round at the
+scale of |lse(s)|. The teacher is k listed columns j_1..j_k with log-probabilities lt_i (already at
 temperature T, as ``teacher_topk`` returns them). The divergence is taken between two distributions
 on a few points b, with log-masses lp_b (teacher) and lq_b (student):
 
@@ -51,7 +53,7 @@ import triton
 import triton.language as tl
 
 from .divergences import divergence_value, element_terms, loss_scalars, point_grad
-from .row_stats import exp, fold_tile, online_max_update, row_label, store, tile_rows_to_row
+from .row_stats import exp, fold_tile, log_prob, online_max_update, row_label, store, tile_rows_to_row
 from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split, zero_row
 
 BUCKET = tl.constexpr(0)
@@ -108,14 +110,24 @@ def _row_sums(sums, z_row, offsets, mask, inv_temperature, s_floor, ACC_DTYPE: t
 
 
 @triton.jit
-def _unlisted_gradient(g_row, z_row, offsets, mask, columns, label, inv_temperature, lse_s, lse_z, c_tail,
-                       soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE: tl.constexpr, HAS_CE: tl.constexpr):
+def _teacher_point(lt, m_kt, log_d_kt, TAIL: tl.constexpr):
+    """lp of the listed points: lt, renormalised over them with ``renormalize`` (m_kt, d_kt: the
+    maximum and sum of exps of the listed lt)."""
+    if TAIL == RENORMALIZE:
+        return log_prob(lt, m_kt, log_d_kt)
+    return lt
+
+
+@triton.jit
+def _unlisted_gradient(g_row, z_row, offsets, mask, columns, label, inv_temperature, m_s, log_d_s, m_z, log_d_z,
+                       c_tail, soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE: tl.constexpr,
+                       HAS_CE: tl.constexpr):
     """Pass (2) on one tile: q_j (g_tail - S) (and the hard CE's gradient) at its columns."""
     z = load_tile(z_row, offsets, mask, 1.0, ACC_DTYPE, "")
-    q = exp(z * inv_temperature - lse_s)
+    q = exp(log_prob(z * inv_temperature, m_s, log_d_s))
     grad = soft_grad_scale * tl.where(q > 0, q * c_tail, 0.0) + row_nan
     if HAS_CE:
-        grad += hard_grad_scale * (exp(z - lse_z) - tl.where(columns == label, 1.0, 0.0))
+        grad += hard_grad_scale * (exp(log_prob(z, m_z, log_d_z)) - tl.where(columns == label, 1.0, 0.0))
     store(g_row + offsets, grad, mask=mask)
 
 
@@ -167,8 +179,8 @@ def topk_kd_forward_kernel(
             m_kt, safe_kt, alpha_kt = online_max_update(m_kt, lt)
             d_kt = d_kt * alpha_kt + tl.sum(exp(lt - safe_kt), axis=0)
             n_bad += tl.sum(bad.to(tl.int32), axis=0)
-        lse_ks = m_ks + tl.log(d_ks)
-        lse_kt = m_kt + tl.log(d_kt)
+        log_d_ks = tl.log(d_ks)
+        log_d_kt = tl.log(d_kt)
 
         # (1) One pass over the row: lse(s), the surely-unlisted mass d_low, lse(z).
         sums = (tl.full((BLOCK_V // VEC,), float("-inf"), ACC_DTYPE), tl.zeros((BLOCK_V // VEC,), ACC_DTYPE),
@@ -183,20 +195,17 @@ def topk_kd_forward_kernel(
         _, d_low = tile_rows_to_row(m_s, d_low)
         m_s, d_s = tile_rows_to_row(m_s, d_s)
         m_z, d_z = tile_rows_to_row(m_z, d_z)
-        lse_s = m_s + tl.log(d_s)
-        lse_z = m_z + tl.log(d_z)
+        log_d_s = tl.log(d_s)
+        log_d_z = tl.log(d_z)
 
-        # The teacher's shift (renormalize) and the tail point (bucket).
-        lt_shift = 0.0
-        if TAIL == RENORMALIZE:
-            lt_shift = lse_kt
+        # The tail point (bucket).
         lp_tail = tl.full((), float("-inf"), ACC_DTYPE)
         lq_tail = tl.full((), float("-inf"), ACC_DTYPE)
         if TAIL == BUCKET:
             if K < V:
-                lp_tail = log1mexp(lse_kt)
+                lp_tail = log1mexp(m_kt + log_d_kt)
                 m_s_safe = tl.where(m_s == float("-inf"), 0.0, m_s)
-                d_listed = exp(lse_ks - m_s_safe)
+                d_listed = exp((m_ks - m_s_safe) + log_d_ks)
                 d_tail = d_low + tl.maximum(d_s - d_low - d_listed, 0.0)
                 lq_tail = tl.log(d_tail) - tl.log(d_s)
 
@@ -205,7 +214,8 @@ def topk_kd_forward_kernel(
         S = tl.zeros((), ACC_DTYPE)
         for k0 in range(0, K, BLOCK_K):
             live, index, bad, z, s, lt = _listed(z_row, lt_row, idx_row, k0, lanes, K, V, inv_temperature, ACC_DTYPE)
-            term, h, g = point_terms(lt - lt_shift, s - lse_s, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+            term, h, g = point_terms(_teacher_point(lt, m_kt, log_d_kt, TAIL), log_prob(s, m_s, log_d_s), mix_weight,
+                                     log_weight_p, log_weight_q, DIVERGENCE)
             D += tl.sum(tl.where(live, term, 0.0), axis=0)
             S += tl.sum(tl.where(live, h, 0.0), axis=0)
         g_tail = 0.0
@@ -218,11 +228,11 @@ def topk_kd_forward_kernel(
         c_tail = g_tail - S
 
         loss = soft_scale * D
-        defined = (tl.abs(lse_s) < float("inf")) & (n_bad == 0)
+        defined = (tl.abs(m_s + log_d_s) < float("inf")) & (n_bad == 0)
         if HAS_CE:
             in_range = (label >= 0) & (label < V)
             z_label = tl.load(z_row + label, mask=in_range, other=float("nan")).to(ACC_DTYPE)
-            loss += hard_weight * (lse_z - z_label)
+            loss -= hard_weight * log_prob(z_label, m_z, log_d_z)
             defined = defined & in_range
         row_nan = tl.where(defined, 0.0, float("nan"))  # added to the loss and every gradient element
         loss += row_nan
@@ -236,22 +246,24 @@ def topk_kd_forward_kernel(
             for k0 in range(0, K, BLOCK_K):
                 live, index, bad, z, s, lt = _listed(
                     z_row, lt_row, idx_row, k0, lanes, K, V, inv_temperature, ACC_DTYPE)
-                lq = s - lse_s
-                term, h, g = point_terms(lt - lt_shift, lq, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+                lq = log_prob(s, m_s, log_d_s)
+                term, h, g = point_terms(_teacher_point(lt, m_kt, log_d_kt, TAIL), lq, mix_weight, log_weight_p,
+                                         log_weight_q, DIVERGENCE)
                 q = exp(lq)
                 grad = soft_grad_scale * (h - tl.where(q > 0, q * S, 0.0)) + row_nan
                 if HAS_CE:
-                    grad += hard_grad_scale * (exp(z - lse_z) - tl.where(index == label, 1.0, 0.0))
+                    grad += hard_grad_scale * (exp(log_prob(z, m_z, log_d_z)) - tl.where(index == label, 1.0, 0.0))
                 store(scratch_row + k0 + lanes, grad, mask=live)
 
             # (2) The unlisted-column gradient at every column.
             for start in range(0, n, BLOCK_V):
                 offsets, mask = body_tile(start, n, BLOCK_V, VEC)
-                _unlisted_gradient(g_body, z_body, offsets, mask, head + offsets, label, inv_temperature, lse_s,
-                                   lse_z, c_tail, soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, HAS_CE)
+                _unlisted_gradient(g_body, z_body, offsets, mask, head + offsets, label, inv_temperature, m_s,
+                                   log_d_s, m_z, log_d_z, c_tail, soft_grad_scale, hard_grad_scale, row_nan,
+                                   ACC_DTYPE, HAS_CE)
             edge, edge_mask = edge_tile(head, n, V, BLOCK_V, VEC)
-            _unlisted_gradient(g_body, z_body, edge, edge_mask, head + edge, label, inv_temperature, lse_s, lse_z,
-                               c_tail, soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, HAS_CE)
+            _unlisted_gradient(g_body, z_body, edge, edge_mask, head + edge, label, inv_temperature, m_s, log_d_s,
+                               m_z, log_d_z, c_tail, soft_grad_scale, hard_grad_scale, row_nan, ACC_DTYPE, HAS_CE)
 
             # (D) The listed gradients over it: every store of pass 2 lands first.
             tl.debug_barrier()

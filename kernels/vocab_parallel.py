@@ -10,12 +10,16 @@ partial_stats_kernel (one pass over the shard; one row of STATS per row):
     cross            kl: sum e^(t - m_t) ((t - m_t) - (s - m_s)); reverse_kl: the same with s and t
                      swapped; else 0 (divergences.fold_row_statistics, centred on the maxima)
     z_y              z at the label when this shard owns it, else 0
-The host combines these across ranks (fastkd/distributed.py) into ROW: with M the maximum over
-ranks, d = sum_r d_r e^(m_r - M), lse = M + log d, shift = (M_s - M_t) + log(d_s / d_t), and the
-cross term re-centred on the row's maxima (divergences.recentre_cross).
+The host combines these across ranks (fastkd/distributed.py) into ROW, the same columns for the
+whole row: the maxima M over ranks (0 for a row entirely -inf), d = sum_r d_r e^(m_r - M), the
+cross term re-centred on the row's maxima (divergences.recentre_cross), z_y; then A1, A2, nan_row.
+Every log-probability is taken from them as (s - M_s) - log d_s (row_stats.log_prob), never as
+s - lse(s), which rounds at the scale of |M_s|; the log-ratio from s_minus_t = s - t and the shift
+(M_s - M_t) + log(d_s / d_t) (centring on the maxima would add the rounding of t - M_t, twice |t|
+when one side's logits are large: a teacher of scale 1e4 under a unit student).
 
-row_scalars_kernel (every divergence whose gradient reads A1, A2: all but kl; after the global
-lse's are known): the shard's part of the row scalars A1, A2; the host sums them across ranks into
+row_scalars_kernel (every divergence whose gradient reads A1, A2: all but kl; after the row's
+maxima and sums are known): the shard's part of the row scalars A1, A2; the host sums them across ranks into
 ROW. reverse_kl takes them too, though its loss comes from the cross term: its gradient at a
 one-hot q is exact only from A1, A2 whose terms round as its own (the single-device kernels'
 centre at the student's argmax would need the teacher's logit there from the one rank that holds it).
@@ -25,7 +29,7 @@ of kd_loss.py, from ROW: D = divergence_value(A1, A2) (for kl and reverse_kl wit
 cross term, as kd_loss.py; the gradient reads ROW's A1, A2), loss = soft_scale D + hard_weight
 (lse_z - z_y) + nan_row, gradient grad_scale (soft_scale / T_s dD/ds_j + hard_weight (e^(z_j -
 lse_z) - [j == y])) + nan_row.
-nan_row is 0, or NaN for a row kd_loss makes NaN (no finite lse_s or lse_t, a label outside [0, V),
+nan_row is 0, or NaN for a row kd_loss makes NaN (no student or teacher distribution, a label outside [0, V),
 or an inconsistent shard layout).
 
 Ignored rows (y == ignore_index) get neutral statistics (maxima -inf, sums 0), loss 0 and a zero
@@ -40,14 +44,14 @@ import triton.language as tl
 from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, divergence_value,
                           element_terms, finish_row_statistics, fold_row_tile, init_row_statistics, log_ratio_shift,
                           loss_scalars)
-from .row_stats import exp, row_label, store
+from .row_stats import exp, log_prob, row_label, store
 from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split, zero_row
 
-# Columns of STATS [N, 8] and ROW [N, 11], in the order of fastkd.backends.VOCAB_PARALLEL_STATS and
-# VOCAB_PARALLEL_ROW (a test checks the correspondence). (constexpr: jit code reads only those.)
+# Columns of STATS [N, 8] and ROW [N, 11] (STATS's, then three), in the order of
+# fastkd.backends.VOCAB_PARALLEL_STATS and VOCAB_PARALLEL_ROW (a test checks the correspondence).
+# (constexpr: jit code reads only those.)
 M_S, M_T, M_Z, D_S, D_T, D_Z, CROSS, Z_Y = (tl.constexpr(i) for i in range(8))
-LSE_S, LSE_T, LSE_Z, SHIFT, ROW_D_S, ROW_D_T, ROW_CROSS, ROW_Z_Y, A1, A2, NAN_ROW = (
-    tl.constexpr(i) for i in range(11))
+A1, A2, NAN_ROW = (tl.constexpr(i) for i in range(8, 11))
 STATS_WIDTH = tl.constexpr(8)
 ROW_WIDTH = tl.constexpr(11)
 
@@ -102,31 +106,48 @@ def partial_stats_kernel(
 
 
 @triton.jit
-def _shard_terms(a1, a2, z_row, t_row, offsets, mask, inv_temperature, inv_teacher_temperature, lse_s, lse_t, shift,
-                 mix_weight, log_weight_p, log_weight_q, ACC_DTYPE: tl.constexpr, DIVERGENCE: tl.constexpr):
+def _shard_log_probs(s, t, m_s, log_d_s, m_t, log_d_t):
+    """ls, lt and s_minus_t = s - t of a tile, from the row's maxima and log sums of exps."""
+    return log_prob(s, m_s, log_d_s), log_prob(t, m_t, log_d_t), s - t
+
+
+@triton.jit
+def _row_statistics(values):
+    """A row's maxima m_s, m_t, the logs of its sums of exps and the shift of s_minus_t = s - t,
+    (m_s - m_t) + log(d_s / d_t), from ROW."""
+    m_s, m_t = tl.load(values + M_S), tl.load(values + M_T)
+    d_s, d_t = tl.load(values + D_S), tl.load(values + D_T)
+    return m_s, tl.log(d_s), m_t, tl.log(d_t), (m_s - m_t) + log_ratio_shift(d_s, d_t)
+
+
+@triton.jit
+def _shard_terms(a1, a2, z_row, t_row, offsets, mask, inv_temperature, inv_teacher_temperature, m_s, log_d_s, m_t,
+                 log_d_t, shift, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE: tl.constexpr,
+                 DIVERGENCE: tl.constexpr):
     """a1, a2 plus one tile's element terms (0 where masked: the tile loads -inf, p = q = 0)."""
     s = load_tile(z_row, offsets, mask, inv_temperature, ACC_DTYPE, "")
     t = load_tile(t_row, offsets, mask, inv_teacher_temperature, ACC_DTYPE, "")
-    ls, lt = s - lse_s, t - lse_t
-    b1, b2 = element_terms(ls, lt, exp(ls), exp(lt), s - t, shift, mix_weight, log_weight_p, log_weight_q, DIVERGENCE)
+    ls, lt, s_minus_t = _shard_log_probs(s, t, m_s, log_d_s, m_t, log_d_t)
+    b1, b2 = element_terms(ls, lt, exp(ls), exp(lt), s_minus_t, shift, mix_weight, log_weight_p, log_weight_q,
+                           DIVERGENCE)
     return a1 + b1, a2 + b2
 
 
 @triton.jit
-def _shard_gradient(g_row, z_row, t_row, offsets, mask, columns, label, inv_temperature, inv_teacher_temperature, lse_s,
-                    lse_t, lse_z, shift, A1, A2, mix_weight, log_weight_p, log_weight_q, soft_grad_scale,
-                    hard_grad_scale, nan_row, ACC_DTYPE: tl.constexpr, DIVERGENCE: tl.constexpr,
+def _shard_gradient(g_row, z_row, t_row, offsets, mask, columns, label, inv_temperature, inv_teacher_temperature, m_s,
+                    log_d_s, m_t, log_d_t, shift, m_z, log_d_z, A1, A2, mix_weight, log_weight_p, log_weight_q,
+                    soft_grad_scale, hard_grad_scale, nan_row, ACC_DTYPE: tl.constexpr, DIVERGENCE: tl.constexpr,
                     HAS_CE: tl.constexpr):
     """One tile of the shard's gradient (``columns`` and ``label`` local to the shard)."""
     z = load_tile(z_row, offsets, mask, 1.0, ACC_DTYPE, "")
     s = z * inv_temperature
     t = load_tile(t_row, offsets, mask, inv_teacher_temperature, ACC_DTYPE, "")
-    ls, lt = s - lse_s, t - lse_t
-    g = soft_grad_scale * divergence_grad(ls, lt, exp(ls), exp(lt), s - t, shift, A1, A2, mix_weight, log_weight_p,
-                                          log_weight_q, DIVERGENCE)
+    ls, lt, s_minus_t = _shard_log_probs(s, t, m_s, log_d_s, m_t, log_d_t)
+    g = soft_grad_scale * divergence_grad(ls, lt, exp(ls), exp(lt), s_minus_t, shift, A1, A2, mix_weight,
+                                          log_weight_p, log_weight_q, DIVERGENCE)
     g += nan_row
     if HAS_CE:
-        g += hard_grad_scale * (exp(z - lse_z) - tl.where(columns == label, 1.0, 0.0))
+        g += hard_grad_scale * (exp(log_prob(z, m_z, log_d_z)) - tl.where(columns == label, 1.0, 0.0))
     store(g_row + offsets, g, mask=mask)
 
 
@@ -135,7 +156,7 @@ def row_scalars_kernel(
     z_ptr, z_row_stride,            # student shard [N, W]
     t_ptr, t_row_stride,            # teacher shard [N, W]
     labels_ptr, labels_stride,      # global labels [N] (HAS_LABELS)
-    row_ptr,                        # ROW [N, 11] (lse_s, lse_t, shift read), accumulation dtype
+    row_ptr,                        # ROW [N, 11] (m_s, m_t, d_s, d_t read), accumulation dtype
     scalars_ptr,                    # the shard's A1, A2 [N, 2], accumulation dtype
     W, inv_temperature: tl.float64, inv_teacher_temperature: tl.float64, mix_weight: tl.float64,
     log_weight_p: tl.float64, log_weight_q: tl.float64, ignore_index,
@@ -153,17 +174,16 @@ def row_scalars_kernel(
     a1 = tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE)
     a2 = tl.zeros((BLOCK_V // VEC, VEC), ACC_DTYPE)
     if kept:
-        values = row_ptr + row * ROW_WIDTH
-        lse_s = tl.load(values + LSE_S)
-        lse_t = tl.load(values + LSE_T)
-        shift = tl.load(values + SHIFT)
+        m_s, log_d_s, m_t, log_d_t, shift = _row_statistics(row_ptr + row * ROW_WIDTH)
         for start in range(0, n, BLOCK_V):
             offsets, mask = body_tile(start, n, BLOCK_V, VEC)
             a1, a2 = _shard_terms(a1, a2, z_row, t_row, offsets, mask, inv_temperature, inv_teacher_temperature,
-                                  lse_s, lse_t, shift, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE)
+                                  m_s, log_d_s, m_t, log_d_t, shift, mix_weight, log_weight_p, log_weight_q,
+                                  ACC_DTYPE, DIVERGENCE)
         edge, edge_mask = edge_tile(head, n, W, BLOCK_V, VEC)
         a1, a2 = _shard_terms(a1, a2, z_row, t_row, edge, edge_mask, inv_temperature, inv_teacher_temperature,
-                              lse_s, lse_t, shift, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE, DIVERGENCE)
+                              m_s, log_d_s, m_t, log_d_t, shift, mix_weight, log_weight_p, log_weight_q, ACC_DTYPE,
+                              DIVERGENCE)
     store(scalars_ptr + row * 2, tl.sum(tl.sum(a1, axis=1), axis=0))
     store(scalars_ptr + row * 2 + 1, tl.sum(tl.sum(a2, axis=1), axis=0))
 
@@ -195,21 +215,19 @@ def shard_finish_kernel(
 
     if kept:
         values = row_ptr + row * ROW_WIDTH
-        lse_s = tl.load(values + LSE_S)
-        lse_t = tl.load(values + LSE_T)
-        lse_z = tl.load(values + LSE_Z)
-        shift = tl.load(values + SHIFT)
+        m_s, log_d_s, m_t, log_d_t, shift = _row_statistics(values)
+        m_z, log_d_z = tl.load(values + M_Z), tl.log(tl.load(values + D_Z))
         nan_row = tl.load(values + NAN_ROW)
         A1_row = tl.load(values + A1)  # exchanged for every divergence but kl, whose gradient reads none
         A2_row = tl.load(values + A2)
         value_A1, value_A2 = A1_row, A2_row
         if DIVERGENCE < JSD:  # kl's and reverse_kl's loss: from the cross term, centred (no cancellation)
-            d_s, d_t = tl.load(values + ROW_D_S), tl.load(values + ROW_D_T)
-            value_A1, value_A2 = cross_term_scalars(tl.load(values + ROW_CROSS), d_s, d_t,
-                                                    log_ratio_shift(d_s, d_t), DIVERGENCE)
+            d_s, d_t = tl.load(values + D_S), tl.load(values + D_T)  # the cross term is centred on the maxima
+            value_A1, value_A2 = cross_term_scalars(tl.load(values + CROSS), d_s, d_t, log_ratio_shift(d_s, d_t),
+                                                    DIVERGENCE)
         loss = soft_scale * divergence_value(value_A1, value_A2, mix_weight, DIVERGENCE) + nan_row
         if HAS_CE:
-            loss += hard_weight * (lse_z - tl.load(values + ROW_Z_Y))
+            loss -= hard_weight * log_prob(tl.load(values + Z_Y), m_z, log_d_z)
         store(loss_ptr + row, loss)
         if WRITE_GRAD:
             grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
@@ -219,14 +237,14 @@ def shard_finish_kernel(
             for start in range(0, n, BLOCK_V):
                 offsets, mask = body_tile(start, n, BLOCK_V, VEC)
                 _shard_gradient(g_row, z_row, t_row, offsets, mask, head + offsets, local_label, inv_temperature,
-                                inv_teacher_temperature, lse_s, lse_t, lse_z, shift, A1_row, A2_row, mix_weight,
-                                log_weight_p, log_weight_q, soft_grad_scale, hard_grad_scale, nan_row, ACC_DTYPE,
-                                DIVERGENCE, HAS_CE)
+                                inv_teacher_temperature, m_s, log_d_s, m_t, log_d_t, shift, m_z, log_d_z, A1_row,
+                                A2_row, mix_weight, log_weight_p, log_weight_q, soft_grad_scale, hard_grad_scale,
+                                nan_row, ACC_DTYPE, DIVERGENCE, HAS_CE)
             edge, edge_mask = edge_tile(head, n, W, BLOCK_V, VEC)
             _shard_gradient(g_row, z_row, t_row, edge, edge_mask, head + edge, local_label, inv_temperature,
-                            inv_teacher_temperature, lse_s, lse_t, lse_z, shift, A1_row, A2_row, mix_weight,
-                            log_weight_p, log_weight_q, soft_grad_scale, hard_grad_scale, nan_row, ACC_DTYPE,
-                            DIVERGENCE, HAS_CE)
+                            inv_teacher_temperature, m_s, log_d_s, m_t, log_d_t, shift, m_z, log_d_z, A1_row,
+                            A2_row, mix_weight, log_weight_p, log_weight_q, soft_grad_scale, hard_grad_scale,
+                            nan_row, ACC_DTYPE, DIVERGENCE, HAS_CE)
     else:
         store(loss_ptr + row, tl.zeros((), ACC_DTYPE))
         if WRITE_GRAD:

@@ -118,3 +118,77 @@ def test_large_logits_no_less_accurate_than_float32_pytorch(divergence, kernel, 
             largest_probability = max(float(torch.softmax(x[r].double(), -1).max()) for x in (student, teacher))
             _check(grad[r], truth_grad[r], eager_grad[r], max(largest_probability, truth_grad[r].abs().max()), dtype,
                    f"{case} gradient")
+
+
+# Logits offset far above their spread (z + 500, a model's logits need not be centred) and a student
+# close to its teacher: a log-probability near 0 formed as z - lse(z) rounds at |lse(z)| ~ 500,
+# 30 times the float32 error, and the gradients built on it; every kernel forms (z - max) - log d
+# (row_stats.log_prob). Softmax, the hard CE, a mixture of teachers and the top-k loss here; the
+# vocabulary-parallel shards in tests/test_distributed.py.
+def _offset_case(seed, rows=3, V=61, offset=500.0):
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(rows, V, generator=gen, dtype=torch.float64) * 30 + offset
+    student = teacher + 0.01 * torch.randn(rows, V, generator=gen, dtype=torch.float64)
+    return student, teacher, teacher.argmax(-1)
+
+
+def _offset_checks(fn, fastkd_fn, student, others, scale_value, grad_scale, **kw):
+    """Values and gradients of ``fastkd_fn`` against ``fn`` in float64 (truth) and float32 (eager)."""
+    results = {}
+    for name, f, x in (("truth", fn, student), ("eager", fn, student.float()), ("fastkd", fastkd_fn, student.float())):
+        x = x.clone().requires_grad_()
+        out = f(x, *[o.to(x.dtype) if o.is_floating_point() else o for o in others], **kw)
+        upstream = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view(out.shape)
+        (grad,) = torch.autograd.grad(out, x, upstream)
+        results[name] = out.detach().double(), grad.double()
+    (truth, truth_grad), (eager, eager_grad), (out, grad) = results["truth"], results["eager"], results["fastkd"]
+    _check(out, truth, eager, scale_value, torch.float32, "value")
+    _check(grad, truth_grad, eager_grad, grad_scale, torch.float32, "gradient")
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_offset_logits_softmax(log, backend, device):
+    student, _, _ = _offset_case(1)
+    plain = torch.log_softmax if log else torch.softmax
+    fn = (lambda x, T: plain(x / T, -1))
+    mine = (lambda x, T: (fastkd.log_softmax if log else fastkd.softmax)(x, T, backend=backend))
+    _offset_checks(fn, mine, student.to(device), (), 1.0, 2.0, T=0.5)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "two_pass", "resident"])
+@pytest.mark.parametrize("teachers", [1, 2])
+def test_offset_logits_hard_ce_and_mixture(teachers, kernel, monkeypatch, device):
+    if kernel == "resident" and teachers > 1:
+        pytest.skip("the resident kernel takes one teacher")
+    if kernel == "resident":
+        monkeypatch.setattr(fastkd.backends.triton, "RESIDENT_BLOCK", 64)  # one CTA holds the row
+    monkeypatch.setattr(fastkd.config, "kd_kernel", "auto" if kernel == "torch" else kernel)
+    backend = "torch" if kernel == "torch" else "triton"
+    student, teacher, labels = (x.to(device) for x in _offset_case(2))
+    others = [teacher] if teachers == 1 else [teacher, teacher.flip(-1)]
+    kw = dict(labels=labels, hard_weight=0.5, reduction="none", temperature=1.0)
+
+    def fn(x, *t, **kw):
+        return reference.kd_loss(x, list(t), **kw)
+
+    def mine(x, *t, **kw):
+        return fastkd.kd_loss(x, list(t), backend=backend, **kw)
+
+    _offset_checks(fn, mine, student, others, 1.0, 1.0, **kw)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize", "ignore"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_offset_logits_topk(tail, backend, device):
+    student, teacher, labels = (x.to(device) for x in _offset_case(3))
+    logprobs, indices = fastkd.teacher_topk(teacher, 8, backend="torch")
+    kw = dict(tail=tail, labels=labels, hard_weight=0.3, reduction="none")
+
+    def fn(x, lp, **kw):
+        return reference.topk_kd_loss(x, lp, indices, **kw)
+
+    def mine(x, lp, **kw):
+        return fastkd.topk_kd_loss(x, lp.float(), indices, backend=backend, **kw)
+
+    _offset_checks(fn, mine, student, [logprobs], 1.0, 1.0, **kw)

@@ -71,6 +71,19 @@ def test_masked_entries_and_empty_input():
     assert empty.grad.shape == (0, 9)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape, dim", [((0, 5), 0), ((2, 0, 3), 1), ((5, 0), -1), ((0, 5), -1)])
+def test_empty_dimensions_as_pytorch(shape, dim, backend):
+    """A softmax over a dimension of size 0, or over rows of which there are none: empty, as in PyTorch
+    (the kernels' rows once reshaped to (-1, 0), which PyTorch refuses as ambiguous)."""
+    x = torch.zeros(shape, requires_grad=True)
+    for fn in (fastkd.softmax, fastkd.log_softmax):
+        out = fn(x, 2.0, dim=dim, backend=backend)
+        assert out.shape == shape
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert grad.shape == shape
+
+
 def test_torch_backend_matches_triton():
     x = logits(4, 33, dtype=torch.bfloat16)
     torch.testing.assert_close(fastkd.softmax(x, 1.5, backend="torch"), fastkd.softmax(x, 1.5, backend="triton"))

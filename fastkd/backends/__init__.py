@@ -9,6 +9,7 @@ makes that view), labels 1-D ``[N]`` of any stride; every output comes from ``fa
 """
 import functools
 import importlib.util
+import math
 import os
 
 from ..options import check_backend
@@ -62,7 +63,7 @@ def rows(x):
     """``x`` as ``[N, V]`` with a unit column stride, without a copy where a view exists."""
     if x.dim() == 2 and x.stride(-1) == 1:
         return x
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: ambiguous for a last dim of 0
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
@@ -83,8 +84,9 @@ def implementation(backend):
 
 
 # Columns of the vocabulary-parallel per-row tables (kernels/vocab_parallel.py defines the same
-# order as constexprs; a test checks it). STATS: one shard's statistics of a row. ROW: the row's
-# values after the exchanges (global lse's, the shift lse_s - lse_t, the summed sums of exps, cross
-# term and target logit, the row scalars, and nan_row: 0, or NaN for a row whose loss is NaN).
+# order as constexprs; a test checks it). STATS: one shard's statistics of a row (maxima, sums of
+# exps against them, cross term, target logit). ROW: the same columns after the exchanges (the
+# row's maxima, 0 for one entirely -inf, and its sums against them, ...), then the row scalars and
+# nan_row: 0, or NaN for a row whose loss is NaN.
 VOCAB_PARALLEL_STATS = ("m_s", "m_t", "m_z", "d_s", "d_t", "d_z", "cross", "z_y")
-VOCAB_PARALLEL_ROW = ("lse_s", "lse_t", "lse_z", "shift", "d_s", "d_t", "cross", "z_y", "A1", "A2", "nan_row")
+VOCAB_PARALLEL_ROW = VOCAB_PARALLEL_STATS + ("A1", "A2", "nan_row")

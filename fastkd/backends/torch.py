@@ -388,9 +388,9 @@ def _mixture_elements(s, teachers, r0, r1, opts, work):
     lts, defined = [], torch.isfinite(m_s + d_s.log())[:, 0]
     for teacher in teachers:
         t = _scaled(teacher[r0:r1], opts.teacher_T, work.take())
-        lse = t.logsumexp(-1, keepdim=True)
-        defined = defined & torch.isfinite(lse[:, 0])
-        lts.append(t.sub_(lse))  # lt_i = t_i - lse(t_i), as the kernel
+        lts.append(torch.log_softmax(t, -1, out=work.take()))  # (t - max) - log d, as the kernel (log_prob)
+        work.give_back(t)
+        defined = defined & ~torch.isnan(lts[-1][:, 0])  # a row without a distribution is all NaN
     lt = div.mixture_log_prob(lts, opts.log_teacher_weights, work)
     x = div.Elements(opts, work, torch.zeros_like(m_s), ls=ls, lt=lt, q=lambda: e_s.mul_(d_s.reciprocal()),
                      s_minus_t=lambda: torch.sub(ls, lt, out=work.take()))
@@ -582,10 +582,10 @@ def topk_kd_forward(student, teacher_logprobs, teacher_indices, labels, grad_sca
         e.scatter_(1, index, 0.0)
         d_tail = e.sum(-1, keepdim=True)  # the unlisted columns' part of d = sum e^(s - m)
         d = d_tail + (s_listed - m).exp().sum(-1, keepdim=True)
-        lse_s = m + d.log()
-        defined = defined & torch.isfinite(lse_s[:, 0])
-        lq = s_listed - lse_s
-        lp = lt - lt.logsumexp(-1, keepdim=True) if tail == "renormalize" else lt
+        log_d = d.log()
+        defined = defined & torch.isfinite(m + log_d)[:, 0]
+        lq = (s_listed - m).sub_(log_d)  # not s - (m + log d), which rounds at |m| (row_stats.log_prob)
+        lp = torch.log_softmax(lt, -1) if tail == "renormalize" else lt
         term, h, _ = _point_terms(lp, lq, opts)
         D, S = term.sum(-1), h.sum(-1)
         c_tail = -S
@@ -640,11 +640,13 @@ def _for_each_shard_chunk(student, teacher, labels, opts, body):
     for_each_chunk(ranges, W, accumulation_dtype(student.dtype, teacher.dtype), student.device, one_chunk)
 
 
-def _shard_elements(s, t, lse_s, lse_t, shift, opts, work):
-    """The chunk's Elements from the global log-sum-exps: ls = s - lse(s), lt = t - lse(t), and
-    q = exp(ls), p = exp(lt), as the kernels."""
-    return div.Elements(opts, work, shift, ls=lambda: torch.sub(s, lse_s, out=work.take()),
-                        lt=lambda: torch.sub(t, lse_t, out=work.take()),
+def _shard_elements(s, t, m_s, d_s, m_t, d_t, opts, work):
+    """The chunk's Elements from the row's maxima and sums of exps, as the kernels: ls = (s - m_s) -
+    log d_s and lt likewise (never s - lse(s), which rounds at |m_s|), q = exp(ls), p = exp(lt),
+    and s_minus_t = s - t with the shift (m_s - m_t) + log(d_s / d_t)."""
+    return div.Elements(opts, work, (m_s - m_t) + div.log_ratio_shift(d_s, d_t),
+                        ls=lambda: torch.sub(s, m_s, out=work.take()).sub_(d_s.log()),
+                        lt=lambda: torch.sub(t, m_t, out=work.take()).sub_(d_t.log()),
                         s_minus_t=lambda: torch.sub(s, t, out=work.take()))
 
 
@@ -684,7 +686,7 @@ def row_scalars(student, teacher, labels, row, opts: KDOptions):
     scalars = empty((student.shape[0], 2), dtype=row.dtype, device=student.device)
 
     def body(rows, s, t, kept, work):
-        x = _shard_elements(s, t, *_row_values(row[rows], "lse_s", "lse_t", "shift"), opts, work)
+        x = _shard_elements(s, t, *_row_values(row[rows], "m_s", "d_s", "m_t", "d_t"), opts, work)
         a1, a2 = div.element_terms(x, opts, work.take(), work.take())
         scalars[rows] = torch.where(kept[:, None], torch.stack([a1.sum(-1), a2.sum(-1)], 1), 0.0)
 
@@ -702,17 +704,17 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
 
     def body(rows, s, t, kept, work):
         r = row[rows]
-        lse_s, lse_t, lse_z, shift, nan_row, A1, A2 = _row_values(
-            r, "lse_s", "lse_t", "lse_z", "shift", "nan_row", "A1", "A2")
+        m_s, d_s, m_t, d_t, m_z, d_z, nan_row, A1, A2 = _row_values(
+            r, "m_s", "d_s", "m_t", "d_t", "m_z", "d_z", "nan_row", "A1", "A2")
         # A1, A2 are exchanged where the gradient or the loss reads them (distributed.forward_steps); the
         # loss of kl and reverse_kl comes from their cross term, centred on the maxima (no cancellation).
         value_scalars = A1, A2
         if opts.has_cross_term:
-            cross, d_s, d_t = _row_values(r, "cross", "d_s", "d_t")
+            (cross,) = _row_values(r, "cross")
             value_scalars = div.cross_term_scalars(cross, d_s, d_t, div.log_ratio_shift(d_s, d_t), opts)
         row_loss = opts.soft_scale * div.divergence_value(*value_scalars, opts) + nan_row
         if opts.hard_weight != 0:
-            row_loss = row_loss + opts.hard_weight * (lse_z - _row_values(r, "z_y")[0])
+            row_loss = row_loss + opts.hard_weight * ((m_z - _row_values(r, "z_y")[0]) + d_z.log())  # -log q(y)
         loss[rows] = torch.where(kept, row_loss[:, 0], 0.0)
         if grad is None:
             return
@@ -720,9 +722,9 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
         if opts.hard_weight != 0:  # read before the gradient, which may overwrite the student (inplace)
             local = labels[rows].long() - vocab_start
             owned = ((local >= 0) & (local < W)).to(s.dtype)
-            ce_grad = torch.sub(student[rows].to(s.dtype), lse_z, out=work.take()).exp_()
+            ce_grad = torch.sub(student[rows].to(s.dtype), m_z, out=work.take()).sub_(d_z.log()).exp_()
             ce_grad.scatter_add_(1, local.clamp(0, W - 1)[:, None], -owned[:, None])
-        x = _shard_elements(s, t, lse_s, lse_t, shift, opts, work)
+        x = _shard_elements(s, t, m_s, d_s, m_t, d_t, opts, work)
         g = div.divergence_grad(x, A1, A2, opts, _grad_out(grad, rows.start, rows.stop, work),
                                 scale=soft_grad_scale + nan_row)
         if ce_grad is not None:
