@@ -133,9 +133,11 @@ def _offset_case(seed, rows=3, V=61, offset=500.0):
 
 
 def _offset_checks(fn, fastkd_fn, student, others, scale_value, grad_scale, **kw):
-    """Values and gradients of ``fastkd_fn`` against ``fn`` in float64 (truth) and float32 (eager)."""
+    """Values and gradients of ``fastkd_fn`` against ``fn`` in float64 (truth) and float32 (eager),
+    all on the same float32 inputs."""
+    student, others = student.float(), [o.float() if o.is_floating_point() else o for o in others]
     results = {}
-    for name, f, x in (("truth", fn, student), ("eager", fn, student.float()), ("fastkd", fastkd_fn, student.float())):
+    for name, f, x in (("truth", fn, student.double()), ("eager", fn, student), ("fastkd", fastkd_fn, student)):
         x = x.clone().requires_grad_()
         out = f(x, *[o.to(x.dtype) if o.is_floating_point() else o for o in others], **kw)
         upstream = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view(out.shape)
