@@ -14,9 +14,9 @@ The host combines these across ranks (fastkd/distributed.py) into ROW, the same 
 whole row: the maxima M over ranks (0 for a row entirely -inf), d = sum_r d_r e^(m_r - M), the
 cross term re-centred on the row's maxima (divergences.recentre_cross), z_y; then A1, A2, nan_row.
 Every log-probability is taken from them as (s - M_s) - log d_s (row_stats.log_prob), never as
-s - lse(s), which rounds at the scale of |M_s|; the log-ratio from s_minus_t = s - t and the shift
-(M_s - M_t) + log(d_s / d_t) (centring on the maxima would add the rounding of t - M_t, twice |t|
-when one side's logits are large: a teacher of scale 1e4 under a unit student).
+s - lse(s), which rounds at the scale of |M_s|; the log-ratio from s_minus_t = (s - M_s) - (t - M_t)
+and the shift log(d_s / d_t), centred as kd_loss.py centres kl (s - t would round at the scale of
+the logits' offsets, which differ between s and t at T_s != T_t).
 
 row_scalars_kernel (every divergence whose gradient reads A1, A2: all but kl; after the row's
 maxima and sums are known): the shard's part of the row scalars A1, A2; the host sums them across ranks into
@@ -107,17 +107,18 @@ def partial_stats_kernel(
 
 @triton.jit
 def _shard_log_probs(s, t, m_s, log_d_s, m_t, log_d_t):
-    """ls, lt and s_minus_t = s - t of a tile, from the row's maxima and log sums of exps."""
-    return log_prob(s, m_s, log_d_s), log_prob(t, m_t, log_d_t), s - t
+    """ls, lt and s_minus_t = (s - m_s) - (t - m_t) of a tile, from the row's maxima and log sums
+    of exps."""
+    return log_prob(s, m_s, log_d_s), log_prob(t, m_t, log_d_t), (s - m_s) - (t - m_t)
 
 
 @triton.jit
 def _row_statistics(values):
-    """A row's maxima m_s, m_t, the logs of its sums of exps and the shift of s_minus_t = s - t,
-    (m_s - m_t) + log(d_s / d_t), from ROW."""
+    """A row's maxima m_s, m_t, the logs of its sums of exps and the shift of the centred
+    s_minus_t, log(d_s / d_t), from ROW."""
     m_s, m_t = tl.load(values + M_S), tl.load(values + M_T)
     d_s, d_t = tl.load(values + D_S), tl.load(values + D_T)
-    return m_s, tl.log(d_s), m_t, tl.log(d_t), (m_s - m_t) + log_ratio_shift(d_s, d_t)
+    return m_s, tl.log(d_s), m_t, tl.log(d_t), log_ratio_shift(d_s, d_t)
 
 
 @triton.jit
@@ -222,9 +223,8 @@ def shard_finish_kernel(
         A2_row = tl.load(values + A2)
         value_A1, value_A2 = A1_row, A2_row
         if DIVERGENCE < JSD:  # kl's and reverse_kl's loss: from the cross term, centred (no cancellation)
-            d_s, d_t = tl.load(values + D_S), tl.load(values + D_T)  # the cross term is centred on the maxima
-            value_A1, value_A2 = cross_term_scalars(tl.load(values + CROSS), d_s, d_t, log_ratio_shift(d_s, d_t),
-                                                    DIVERGENCE)
+            value_A1, value_A2 = cross_term_scalars(tl.load(values + CROSS), tl.load(values + D_S),
+                                                    tl.load(values + D_T), shift, DIVERGENCE)
         loss = soft_scale * divergence_value(value_A1, value_A2, mix_weight, DIVERGENCE) + nan_row
         if HAS_CE:
             loss -= hard_weight * log_prob(tl.load(values + Z_Y), m_z, log_d_z)

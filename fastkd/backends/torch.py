@@ -641,12 +641,14 @@ def _for_each_shard_chunk(student, teacher, labels, opts, body):
 
 
 def _shard_elements(s, t, m_s, d_s, m_t, d_t, opts, work):
-    """The chunk's Elements from the row's maxima and sums of exps, as the kernels: ls = (s - m_s) -
-    log d_s and lt likewise (never s - lse(s), which rounds at |m_s|), q = exp(ls), p = exp(lt),
-    and s_minus_t = s - t with the shift (m_s - m_t) + log(d_s / d_t)."""
-    return div.Elements(opts, work, (m_s - m_t) + div.log_ratio_shift(d_s, d_t),
-                        ls=lambda: torch.sub(s, m_s, out=work.take()).sub_(d_s.log()),
-                        lt=lambda: torch.sub(t, m_t, out=work.take()).sub_(d_t.log()),
+    """The chunk's Elements from the row's maxima and sums of exps, as the kernels: s and t centred
+    on the maxima (in place), ls = (s - m_s) - log d_s and lt likewise (never s - lse(s), which
+    rounds at |m_s|), q = exp(ls), p = exp(lt), s_minus_t = (s - m_s) - (t - m_t) with the shift
+    log(d_s / d_t)."""
+    s, t = s.sub_(m_s), t.sub_(m_t)
+    return div.Elements(opts, work, div.log_ratio_shift(d_s, d_t),
+                        ls=lambda: torch.sub(s, d_s.log(), out=work.take()),
+                        lt=lambda: torch.sub(t, d_t.log(), out=work.take()),
                         s_minus_t=lambda: torch.sub(s, t, out=work.take()))
 
 
