@@ -515,19 +515,23 @@ def test_large_logits_reverse_kl_gradient(backend, monkeypatch):
         assert (grad - truth).abs().max() <= allowed, f"seed {seed}"
 
 
+@pytest.mark.parametrize("temperatures", [(1.0, None), (0.5, 3.0)], ids=["T=1", "T=0.5,T_t=3"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_offset_logits_near_convergence_no_less_accurate_than_float32_pytorch(divergence, backend, monkeypatch):
+def test_offset_logits_near_convergence_no_less_accurate_than_float32_pytorch(divergence, backend, temperatures,
+                                                                              monkeypatch):
     """Logits offset far above their spread (z + 500) and a student close to its teacher, with the hard
     CE: the shards take log-probabilities as (s - M_s) - log d_s from the row's maxima and sums, where
-    s - lse(s) rounded at |lse| ~ 500 (gradients 50 to 300 times float32 PyTorch's error)."""
+    s - lse(s) rounded at |lse| ~ 500 (gradients 50 to 300 times float32 PyTorch's error); and the
+    log-ratio centred on the maxima, where s - t rounded at the offsets, which differ at T != T_t."""
     monkeypatch.setattr(fastkd.backends.triton, "MAX_BLOCK_V", 16)
     widths, starts = (40, 23, 40), (0, 40, 63)
     gen = torch.Generator().manual_seed(4)
     teacher = torch.randn(4, sum(widths), generator=gen, dtype=torch.float64) * 30 + 500
     student = (teacher + 0.01 * torch.randn(teacher.shape, generator=gen, dtype=torch.float64)).float()
     teacher, labels = teacher.float(), teacher.argmax(-1)
-    kw = dict(divergence=divergence, beta=0.3, skew=0.2, hard_weight=0.5)
+    T, T_t = temperatures
+    kw = dict(divergence=divergence, beta=0.3, skew=0.2, hard_weight=0.5, temperature=T, teacher_temperature=T_t)
     results, _ = simulate(student, teacher, labels, starts, widths, make_options(**kw), backend)
     rows, grad = results[0][0].double(), torch.cat([g for _, g, _ in results], 1).double()
     truth, truth_grad = oracle_rows(student, teacher, labels, **kw)
