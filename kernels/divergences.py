@@ -89,6 +89,14 @@ def loss_scalars(inv_temperature, inv_teacher_temperature, mix_weight, log_weigh
 
 
 @triton.jit
+def gradient_factors(grad_scale_ptr, soft_scale, inv_temperature, hard_weight, ACC_DTYPE: tl.constexpr):
+    """The factors of dD/ds and of the hard CE's softmax(z) - onehot(y) in the gradient, each times
+    grad_scale (read from device memory: 1 / the reduction's normaliser): soft_scale / T_s, hard_weight."""
+    grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
+    return grad_scale * soft_scale * inv_temperature, grad_scale * hard_weight
+
+
+@triton.jit
 def cross_term_elements(e_s, e_t, s_c, t_c, DIVERGENCE: tl.constexpr):
     """The terms of kl's cross term e^(t - m_t) ((t - m_t) - (s - m_s)), or reverse_kl's
     e^(s - m_s) ((s - m_s) - (t - m_t)), from the centred s_c = s - m_s, t_c = t - m_t; 0 where the

@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 
 from .divergences import (JSD, REVERSE_KL, cross_term_scalars, divergence_grad, element_terms,
-                          finish_row_statistics, fold_row_tile, init_row_statistics, log_ratio_shift, loss_scalars,
-                          mixture_log_prob, row_loss)
+                          finish_row_statistics, fold_row_tile, gradient_factors, init_row_statistics, log_ratio_shift,
+                          loss_scalars, mixture_log_prob, row_loss)
 from .row_stats import exp, row_label, store
 from .row_tiles import body_pointer, body_tile, edge_tile, load_teacher_tiles, load_tile, row_split, zero_row
 
@@ -205,9 +205,8 @@ def kd_forward_kernel(
 
         # The gradient pass, in the direction opposite to the previous pass.
         if WRITE_GRAD:
-            grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
-            soft_grad_scale = grad_scale * soft_scale * inv_temperature
-            hard_grad_scale = grad_scale * hard_weight
+            soft_grad_scale, hard_grad_scale = gradient_factors(grad_scale_ptr, soft_scale, inv_temperature, hard_weight,
+                                                                ACC_DTYPE)
             for start in range(0, n, BLOCK_V):
                 offsets, mask = body_tile(_block_start(start, last_start, ELEMENT_PASS), n, BLOCK_V, VEC)
                 _gradient_tile(g_row, z_row, t_rows, offsets, mask, head + offsets, label, inv_temperature,

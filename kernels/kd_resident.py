@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from .divergences import (JSD, cross_term_elements, cross_term_scalars, divergence_grad, element_terms,
-                          log_ratio_shift, loss_scalars, row_loss)
-from .row_stats import exp, finite, row_label, store
+                          gradient_factors, log_ratio_shift, loss_scalars, row_loss)
+from .row_stats import exp, finite, log_prob, row_label, store
 from .row_tiles import load_tile
 
 
@@ -104,17 +104,19 @@ def kd_resident_kernel(
             A1, A2 = row_scalars(a1, a2)  # columns past V load -inf: every term is 0 there
         else:
             A1, A2 = cross_term_scalars(cross, d_s, d_t, shift, DIVERGENCE)
-        loss, row_nan = row_loss(A1, A2, mix_weight, soft_scale, hard_weight, m_z, tl.log(d_z), z_label, label, V,
+        log_d_z = tl.log(d_z)
+        loss, row_nan = row_loss(A1, A2, mix_weight, soft_scale, hard_weight, m_z, log_d_z, z_label, label, V,
                                  defined, DIVERGENCE, HAS_CE)
         store(loss_ptr + row, loss)
 
         if WRITE_GRAD:
-            grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
+            soft_grad_scale, hard_grad_scale = gradient_factors(grad_scale_ptr, soft_scale, inv_temperature, hard_weight,
+                                                                ACC_DTYPE)
             g = divergence_grad(ls, lt, q, p, s_minus_t, shift, A1, A2, mix_weight, log_weight_p, log_weight_q,
                                 DIVERGENCE)
-            g = (grad_scale * soft_scale * inv_temperature) * g + row_nan
+            g = soft_grad_scale * g + row_nan
             if HAS_CE:
-                g += (grad_scale * hard_weight) * (exp((z - m_z) - tl.log(d_z)) - tl.where(cols == label, 1.0, 0.0))
+                g += hard_grad_scale * (exp(log_prob(z, m_z, log_d_z)) - tl.where(cols == label, 1.0, 0.0))
             store(g_row + cols, g, mask=mask, eviction_policy="evict_first")
     else:
         if WRITE_GRAD:

@@ -52,7 +52,7 @@ Ignored rows (y == ignore_index) get loss 0 and gradient 0 without reading anyth
 import triton
 import triton.language as tl
 
-from .divergences import divergence_value, element_terms, loss_scalars, point_grad
+from .divergences import divergence_value, element_terms, gradient_factors, loss_scalars, point_grad
 from .row_stats import exp, fold_tile, log_prob, online_max_update, row_label, store, tile_rows_to_row
 from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split, zero_row
 
@@ -239,9 +239,8 @@ def topk_kd_forward_kernel(
         store(loss_ptr + row, loss)
 
         if WRITE_GRAD:
-            grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
-            soft_grad_scale = grad_scale * soft_scale * inv_temperature
-            hard_grad_scale = grad_scale * hard_weight
+            soft_grad_scale, hard_grad_scale = gradient_factors(grad_scale_ptr, soft_scale, inv_temperature, hard_weight,
+                                                                ACC_DTYPE)
             # (C) The listed gradients, to scratch (before pass 2 may overwrite the logits in place).
             for k0 in range(0, K, BLOCK_K):
                 live, index, bad, z, s, lt = _listed(

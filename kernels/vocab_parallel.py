@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from .divergences import (JSD, cross_term_scalars, divergence_grad, divergence_scalars, divergence_value,
-                          element_terms, finish_row_statistics, fold_row_tile, init_row_statistics, log_ratio_shift,
-                          loss_scalars)
+                          element_terms, finish_row_statistics, fold_row_tile, gradient_factors, init_row_statistics,
+                          log_ratio_shift, loss_scalars)
 from .row_stats import exp, log_prob, row_label, store
 from .row_tiles import body_pointer, body_tile, edge_tile, load_tile, row_split, zero_row
 
@@ -230,9 +230,8 @@ def shard_finish_kernel(
             loss -= hard_weight * log_prob(tl.load(values + Z_Y), m_z, log_d_z)
         store(loss_ptr + row, loss)
         if WRITE_GRAD:
-            grad_scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
-            soft_grad_scale = grad_scale * soft_scale * inv_temperature
-            hard_grad_scale = grad_scale * hard_weight
+            soft_grad_scale, hard_grad_scale = gradient_factors(grad_scale_ptr, soft_scale, inv_temperature, hard_weight,
+                                                                ACC_DTYPE)
             local_label = label - vocab_start
             for start in range(0, n, BLOCK_V):
                 offsets, mask = body_tile(start, n, BLOCK_V, VEC)

@@ -56,7 +56,8 @@ def test_the_torch_table_mirrors_the_kernel_table():
     torch_only = {"finite", "mixture_log_ratios"}
     torch_side = [name for name in _functions_in_order(torch_divergences) if name not in torch_only]
     assert [name for name in kernel if name in torch_side] == torch_side
-    plumbing = {"divergence_scalars", "loss_scalars", "init_row_statistics", "fold_row_tile", "finish_row_statistics", "row_loss"}
+    plumbing = {"divergence_scalars", "loss_scalars", "gradient_factors", "init_row_statistics", "fold_row_tile",
+                "finish_row_statistics", "row_loss"}
     assert set(kernel) - set(torch_side) <= plumbing, set(kernel) - set(torch_side)
 
 
