@@ -121,8 +121,8 @@ def test_large_logits_no_less_accurate_than_float32_pytorch(divergence, kernel, 
 
 
 # Logits offset far above their spread (z + 500, a model's logits need not be centred) and a student
-# close to its teacher: a log-probability near 0 formed as z - lse(z) rounds at |lse(z)| ~ 500,
-# 30 times the float32 error, and the gradients built on it; every kernel forms (z - max) - log d
+# close to its teacher: a log-probability near 0 formed as z - lse(z) errs by eps |lse(z)| (~500),
+# not eps |log-probability|, and so do the gradients built on it; every kernel forms (z - max) - log d
 # (row_stats.log_prob). Softmax, the hard CE, a mixture of teachers and the top-k loss here; the
 # vocabulary-parallel shards in tests/test_distributed.py.
 def _offset_case(seed, rows=3, V=61, offset=500.0):
