@@ -382,6 +382,13 @@ def check_topk_inputs(student, logprobs, indices):
 # ------------------------------------------------------------------------- fused linear + KD loss
 
 
+def check_hidden_size(name, hidden):
+    """A linear layer's input ``[..., H]`` with H > 0 (with H = 0 the logits would be the bias alone)."""
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty hidden dimension (H = 0, shape {tuple(hidden.shape)}); the fused "
+                         "losses take the hidden states that the LM head multiplies")
+
+
 def _check_tensor(name, x, dim=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -389,6 +396,8 @@ def _check_tensor(name, x, dim=None):
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if dim is None and x.dim() == 0:
         raise ValueError(f"{name} must have a hidden dimension [..., H], got a 0-d tensor")
+    if dim is None:
+        check_hidden_size(name, x)
     if dim is not None and x.dim() != dim:
         raise ValueError(f"{name} must be {dim}-d, got shape {tuple(x.shape)}")
 

@@ -31,7 +31,7 @@ from .backends import flat_labels, implementation, resolve_backend, rows
 from .backends.torch import chunks, for_each_chunk
 from .buffers import accumulation_dtype, gradient_buffer
 from .divergences import lookup
-from .options import (KDOptions, _real, check_inplace, check_int, check_labels, check_logits,
+from .options import (KDOptions, _real, check_hidden_size, check_inplace, check_int, check_labels, check_logits,
                       check_teacher_constant, check_temperature, make_options, make_reduction)
 from .reduction import grad_scale, normaliser, reduce
 from .topk_values import TopK, topk_teacher
@@ -461,6 +461,7 @@ def fused_linear_uld_loss(student_hidden, student_weight, teacher_logits, *, stu
     from .fused_linear import default_chunk_size
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
         check_logits(name, x)
+    check_hidden_size("student_hidden", student_hidden)
     if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
         raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V_s, H] with H = "
                          f"student_hidden's last dimension ({student_hidden.shape[-1]})")

@@ -542,3 +542,22 @@ def test_offset_logits_near_convergence_no_less_accurate_than_float32_pytorch(di
     eps = torch.finfo(torch.float32).eps
     assert (rows - truth).abs().max() <= 2 * (eager - truth).abs().max() + 4 * eps * truth.abs().max()
     assert (grad - truth_grad).abs().max() <= 2 * (eager_grad - truth_grad).abs().max() + 4 * eps
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("widths", [(5, 0, 4), (0, 9), (9, 0)], ids=["middle", "first", "last"])
+def test_a_rank_with_no_columns(widths, backend):
+    """A rank whose shard is empty (an uneven split of a small vocabulary): neutral statistics, no
+    label owned, an empty gradient; the loss and the other shards' gradients those of kd_loss."""
+    starts = [sum(widths[:r]) for r in range(len(widths))]
+    gen = torch.Generator().manual_seed(5)
+    student, teacher = (torch.randn(3, 9, generator=gen, dtype=torch.float64) for _ in range(2))
+    labels = torch.tensor([1, 8, -100])
+    for divergence in ("kl", "jsd"):
+        kw = dict(divergence=divergence, hard_weight=0.5)
+        results, _ = simulate(student, teacher, labels, starts, widths, make_options(**kw), backend)
+        rows, grad = oracle_rows(student.clone(), teacher, labels, **kw)
+        for row_loss, _, V in results:
+            assert V == 9
+            torch.testing.assert_close(row_loss, rows, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(torch.cat([g for _, g, _ in results], 1), grad, rtol=1e-10, atol=1e-12)

@@ -121,6 +121,8 @@ def test_bad_input_names_the_argument():
         fastkd.uld_loss(s, t.detach(), labels=torch.zeros(2, 3))
     with pytest.raises(TypeError, match="k must"):
         fastkd.uld_loss(s, t.detach(), k=2.5)
+    with pytest.raises(ValueError, match=r"student_hidden has an empty hidden dimension \(H = 0"):
+        fastkd.fused_linear_uld_loss(torch.zeros(2, 0), torch.zeros(V_S, 0), t.detach())
 
 
 def test_equals_trl_gold_uld():

@@ -657,6 +657,9 @@ def partial_stats(student, teacher, labels, opts: KDOptions, vocab_start):
     N, W = student.shape
     stats = empty((N, len(VOCAB_PARALLEL_STATS)), dtype=accumulation_dtype(student.dtype, teacher.dtype),
                   device=student.device)
+    if W == 0:  # a rank with no columns: every row's statistics neutral (maxima -inf, sums 0), as the kernel's
+        stats.zero_()[:, : _STATS["d_s"]] = float("-inf")
+        return stats
 
     def body(rows, s, t, kept, work):
         x = div.Elements(opts, work, s_minus_t=lambda: torch.sub(s, t, out=work.take()))
@@ -725,7 +728,8 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
             local = labels[rows].long() - vocab_start
             owned = ((local >= 0) & (local < W)).to(s.dtype)
             ce_grad = torch.sub(student[rows].to(s.dtype), m_z, out=work.take()).sub_(d_z.log()).exp_()
-            ce_grad.scatter_add_(1, local.clamp(0, W - 1)[:, None], -owned[:, None])
+            if W:  # a rank with no columns owns no label
+                ce_grad.scatter_add_(1, local.clamp(0, W - 1)[:, None], -owned[:, None])
         x = _shard_elements(s, t, m_s, d_s, m_t, d_t, opts, work)
         g = div.divergence_grad(x, A1, A2, opts, _grad_out(grad, rows.start, rows.stop, work),
                                 scale=soft_grad_scale + nan_row)
