@@ -121,9 +121,10 @@ def uld_topk_forward(student, teacher, labels, scale, k, T, T_t, ignore_index, *
         return loss, bound, None
     index = index.long()
     c = (q_top * g_top).sum(-1)
-    lse = student.gather(1, index[:, :1]).to(acc)[:, 0] / T - lq[:, 0].to(acc)  # lq_0 = z_0 / T - lse
+    # The student's largest logit z_0 and -lq_0 = log sum exp(s - z_0 / T): its softmax as (s - m) - log d.
+    z_max, log_d = student.gather(1, index[:, :1]).to(acc)[:, 0], -lq[:, 0].to(acc)
     factor = torch.where(keep, scale / T, 0.0)
-    impl.uld_topk_gradient(student, lse, (-c * factor).contiguous(), T, out=grad)
+    impl.uld_topk_gradient(student, z_max, log_d.contiguous(), (-c * factor).contiguous(), T, out=grad)
     top = torch.where(keep[:, None], q_top * (g_top - c[:, None]) * factor[:, None], 0.0)
     # put_, not scatter_: torch's CPU scatter_ into a half-precision tensor copies all of it to float32.
     at = index + torch.arange(grad.shape[0], device=grad.device)[:, None] * grad.shape[1]

@@ -134,7 +134,7 @@ def _offset_case(seed, rows=3, V=61, offset=500.0):
 
 def _offset_checks(fn, fastkd_fn, student, others, scale_value, grad_scale, **kw):
     """Values and gradients of ``fastkd_fn`` against ``fn`` in float64 (truth) and float32 (eager),
-    all on the same float32 inputs."""
+    all on the same float32 inputs; ``grad_scale`` None: the truth's largest gradient element."""
     student, others = student.float(), [o.float() if o.is_floating_point() else o for o in others]
     results = {}
     for name, f, x in (("truth", fn, student.double()), ("eager", fn, student), ("fastkd", fastkd_fn, student)):
@@ -145,6 +145,7 @@ def _offset_checks(fn, fastkd_fn, student, others, scale_value, grad_scale, **kw
         results[name] = out.detach().double(), grad.double()
     (truth, truth_grad), (eager, eager_grad), (out, grad) = results["truth"], results["eager"], results["fastkd"]
     _check(out, truth, eager, scale_value, torch.float32, "value")
+    grad_scale = truth_grad.abs().max() if grad_scale is None else grad_scale
     _check(grad, truth_grad, eager_grad, grad_scale, torch.float32, "gradient")
 
 
@@ -194,3 +195,20 @@ def test_offset_logits_topk(tail, backend, device):
         return fastkd.topk_kd_loss(x, lp.float(), indices, backend=backend, **kw)
 
     _offset_checks(fn, mine, student, [logprobs], 1.0, 1.0, **kw)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_offset_logits_uld_topk(backend, device):
+    """The top-K ULD loss's gradient outside the student's top K, coef * q_j, at flat rows offset by
+    500 (where those columns hold most of the mass): q_j = exp((s - m) - log d), not exp(s - lse)."""
+    gen = torch.Generator().manual_seed(4)
+    student = (torch.randn(4, 64, generator=gen, dtype=torch.float64) + 500).to(device)
+    teacher = torch.randn(4, 40, generator=gen, dtype=torch.float64).to(device)
+
+    def fn(x, t, **kw):
+        return reference.uld_loss(x, t, **kw)
+
+    def mine(x, t, **kw):
+        return fastkd.uld_loss(x, t, backend=backend, **kw)
+
+    _offset_checks(fn, mine, student, [teacher], 1.0, None, k=8, reduction="none")

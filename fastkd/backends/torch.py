@@ -497,20 +497,23 @@ def teacher_topk(logits, k, temperature, *, chunk_bytes=None):
     return logprobs, indices
 
 
-def uld_topk_gradient(student, lse, coef, temperature, *, out=None, chunk_bytes=None):
-    """As ``fastkd.backends.triton.uld_topk_gradient``: each chunk's exp(s / T - lse) * coef
-    computed in the gradient's own rows where it has the accumulation dtype."""
+def uld_topk_gradient(student, z_max, log_d, coef, temperature, *, out=None, chunk_bytes=None):
+    """As ``fastkd.backends.triton.uld_topk_gradient``: each chunk's exp((s - m) - log d) * coef,
+    m = z_max / T as s = z / T is scaled (never s - lse, which rounds at |lse|), computed in the
+    gradient's own rows where it has the accumulation dtype."""
     N, V = student.shape
     out = empty((N, V), dtype=student.dtype, device=student.device) if out is None else out
+    m = z_max / temperature
 
     def one_chunk(r0, r1, work):
         g = _grad_out(out, r0, r1, work)
-        _scaled(student[r0:r1], temperature, g).sub_(lse[r0:r1, None]).exp_().mul_(coef[r0:r1, None])
+        s = _scaled(student[r0:r1], temperature, g)
+        s.sub_(m[r0:r1, None]).sub_(log_d[r0:r1, None]).exp_().mul_(coef[r0:r1, None])
         _zero_rows(g, coef[r0:r1] == 0)
         if g.data_ptr() != out[r0:r1].data_ptr():
             out[r0:r1] = g
 
-    for_each_chunk(chunks(N, V, chunk_bytes, student.device), V, lse.dtype, student.device, one_chunk)
+    for_each_chunk(chunks(N, V, chunk_bytes, student.device), V, log_d.dtype, student.device, one_chunk)
     return out
 
 

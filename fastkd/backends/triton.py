@@ -252,16 +252,17 @@ def teacher_topk(logits, k, temperature):
     return logprobs, indices
 
 
-def uld_topk_gradient(student, lse, coef, temperature, *, out=None):
-    """``coef[:, None] * softmax(student / T)`` ``[N, V]`` in the student's dtype, with ``lse`` [N] the
-    log-sum-exp of student / T; rows whose ``coef`` is 0 are 0 (``kernels/uld.py``). Written into
-    ``out`` (a fresh tensor if None), which may be ``student`` itself."""
+def uld_topk_gradient(student, z_max, log_d, coef, temperature, *, out=None):
+    """``coef[:, None] * softmax(student / T)`` ``[N, V]`` in the student's dtype, from each row's
+    largest logit ``z_max`` [N] and ``log_d`` [N], the log of its sum of exp(s - z_max / T); rows
+    whose ``coef`` is 0 are 0 (``kernels/uld.py``). Written into ``out`` (a fresh tensor if None),
+    which may be ``student`` itself."""
     from ..kernels import uld
 
     N, V = student.shape
     out = empty((N, V), dtype=student.dtype, device=student.device) if out is None else out
-    _launch(uld.uld_topk_grad_kernel, N, V, student, student.stride(0), out, out.stride(0), lse, coef, V,
-            1.0 / temperature, ACC_DTYPE=_tl_dtype(lse.dtype), **_row_walk(student, out))
+    _launch(uld.uld_topk_grad_kernel, N, V, student, student.stride(0), out, out.stride(0), z_max, log_d, coef, V,
+            1.0 / temperature, ACC_DTYPE=_tl_dtype(log_d.dtype), **_row_walk(student, out))
     return out
 
 
