@@ -498,17 +498,16 @@ def teacher_topk(logits, k, temperature, *, chunk_bytes=None):
 
 
 def uld_topk_gradient(student, z_max, log_d, coef, temperature, *, out=None, chunk_bytes=None):
-    """As ``fastkd.backends.triton.uld_topk_gradient``: each chunk's exp((s - m) - log d) * coef,
-    m = z_max / T as s = z / T is scaled (never s - lse, which rounds at |lse|), computed in the
-    gradient's own rows where it has the accumulation dtype."""
+    """As ``fastkd.backends.triton.uld_topk_gradient``: each chunk's exp(s - m) * (coef / d),
+    m = z_max / T as s = z / T is scaled (never exp(s - lse), which rounds at |lse|; four passes,
+    as that took), computed in the gradient's own rows where it has the accumulation dtype."""
     N, V = student.shape
     out = empty((N, V), dtype=student.dtype, device=student.device) if out is None else out
-    m = z_max / temperature
+    m, factor = z_max / temperature, coef * torch.exp(-log_d)
 
     def one_chunk(r0, r1, work):
         g = _grad_out(out, r0, r1, work)
-        s = _scaled(student[r0:r1], temperature, g)
-        s.sub_(m[r0:r1, None]).sub_(log_d[r0:r1, None]).exp_().mul_(coef[r0:r1, None])
+        _scaled(student[r0:r1], temperature, g).sub_(m[r0:r1, None]).exp_().mul_(factor[r0:r1, None])
         _zero_rows(g, coef[r0:r1] == 0)
         if g.data_ptr() != out[r0:r1].data_ptr():
             out[r0:r1] = g
