@@ -19,8 +19,8 @@ and the shift log(d_s / d_t), centred as kd_loss.py centres kl (s - t would roun
 the logits' offsets, which differ between s and t at T_s != T_t).
 
 row_scalars_kernel (every divergence whose gradient reads A1, A2: all but kl; after the row's
-maxima and sums are known): the shard's part of the row scalars A1, A2; the host sums them across ranks into
-ROW. reverse_kl takes them too, though its loss comes from the cross term: its gradient at a
+maxima and sums are known): the shard's part of the row scalars A1, A2; the host sums them across
+ranks into ROW. reverse_kl takes them too, though its loss comes from the cross term: its gradient at a
 one-hot q is exact only from A1, A2 whose terms round as its own (the single-device kernels'
 centre at the student's argmax would need the teacher's logit there from the one rank that holds it).
 
@@ -29,8 +29,8 @@ of kd_loss.py, from ROW: D = divergence_value(A1, A2) (for kl and reverse_kl wit
 cross term, as kd_loss.py; the gradient reads ROW's A1, A2), loss = soft_scale D + hard_weight
 (lse_z - z_y) + nan_row, gradient grad_scale (soft_scale / T_s dD/ds_j + hard_weight (e^(z_j -
 lse_z) - [j == y])) + nan_row.
-nan_row is 0, or NaN for a row kd_loss makes NaN (no student or teacher distribution, a label outside [0, V),
-or an inconsistent shard layout).
+nan_row is 0, or NaN for a row kd_loss makes NaN (no student or teacher distribution, a label
+outside [0, V), or an inconsistent shard layout).
 
 Ignored rows (y == ignore_index) get neutral statistics (maxima -inf, sums 0), loss 0 and a zero
 gradient without reading the logits. Bytes moved per element are those of the fused single-GPU

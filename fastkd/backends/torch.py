@@ -729,14 +729,16 @@ def shard_finish(student, teacher, labels, row, grad_scale, opts: KDOptions, voc
         if opts.hard_weight != 0:  # read before the gradient, which may overwrite the student (inplace)
             local = labels[rows].long() - vocab_start
             owned = ((local >= 0) & (local < W)).to(s.dtype)
-            ce_grad = torch.sub(student[rows].to(s.dtype), m_z, out=work.take()).sub_(d_z.log()).exp_()
+            # softmax(z) - onehot(y) as (e^(z - m_z) - d_z onehot(y)) / d_z, the division folded into the
+            # factor below: no pass for log d_z (never z - lse(z), which rounds at |lse|)
+            ce_grad = torch.sub(student[rows].to(s.dtype), m_z, out=work.take()).exp_()
             if W:  # a rank with no columns owns no label
-                ce_grad.scatter_add_(1, local.clamp(0, W - 1)[:, None], -owned[:, None])
+                ce_grad.scatter_add_(1, local.clamp(0, W - 1)[:, None], -owned[:, None] * d_z)
         x = _shard_elements(s, t, m_s, d_s, m_t, d_t, opts, work)
         g = div.divergence_grad(x, A1, A2, opts, _grad_out(grad, rows.start, rows.stop, work),
                                 scale=soft_grad_scale + nan_row)
         if ce_grad is not None:
-            g.add_(ce_grad.mul_(grad_scale.to(s.dtype) * opts.hard_weight))
+            g.add_(ce_grad.mul_(grad_scale.to(s.dtype) * opts.hard_weight / d_z))
         _zero_rows(g, ~kept)
         if g.data_ptr() != grad[rows].data_ptr():  # not computed in place
             grad[rows] = g
